@@ -1,0 +1,360 @@
+"""TFLite / LiteRT backend for YOLOv8/YOLO11 detection models.
+
+The interpreter comes from ``ai-edge-litert`` (the maintained successor, wheels for
+current Pythons) or, failing that, ``tflite-runtime`` (older Raspberry Pi images).
+It is imported when a detector is built, never at module import, so the agent runs
+on machines that only have another runtime.
+
+Per frame the work is: resize into a reused buffer, BGR->RGB into a reused grey
+canvas, one ``cv2.LUT`` pass that maps 0..255 pixels straight to the model's input
+values (int8 quantised or float 0..1; the quantisation parameters are fixed, so a
+256-entry table replaces float maths over 640x640x3), written directly into the
+interpreter's input tensor; invoke; decode on the raw output.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..detections import Detections
+from ..labels import COCO_80, load_labels
+from .base import Detector, ModelError, ModelInfo
+from .yolo import (
+    LetterboxParams,
+    OutputShapeError,
+    decode_yolov8,
+    letterbox_params,
+    quantize,
+    unletterbox,
+    yolov8_layout,
+)
+
+# Ultralytics TFLite exports append a zip holding their metadata (a dict repr with
+# `names`); TFLite Model Maker ones can carry a label file. Bigger members are not ours.
+_MAX_METADATA_BYTES = 1 << 20
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def import_interpreter():
+    """Return ``(Interpreter class, package name)`` from ai-edge-litert or tflite-runtime.
+
+    Raises:
+        ImportError: neither runtime is installed.
+    """
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter, "ai-edge-litert"
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime.interpreter import Interpreter
+
+        return Interpreter, "tflite-runtime"
+    except ImportError:
+        raise ImportError(
+            "no TFLite runtime installed (pip install ai-edge-litert, or tflite-runtime "
+            "on older Raspberry Pi OS)"
+        ) from None
+
+
+def embedded_labels(path: str | Path) -> tuple[str, ...] | None:
+    """Labels stored inside a TFLite file, or None.
+
+    Reads Ultralytics metadata (``names`` in a JSON or Python-dict text member of the
+    zip appended to the flatbuffer) or a label text member (``*label*.txt``). Any
+    problem reading optional metadata yields None rather than an error.
+    """
+    try:
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as zf:
+            members = [i for i in zf.infolist() if 0 < i.file_size <= _MAX_METADATA_BYTES]
+            for info in members:
+                name = info.filename.lower()
+                if not name.endswith((".txt", ".json", ".yaml")) or "label" in name:
+                    continue
+                text = zf.read(info).decode("utf-8", errors="replace")
+                meta = None
+                for parse in (json.loads, ast.literal_eval):
+                    try:
+                        meta = parse(text)
+                        break
+                    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                        continue
+                names = meta.get("names") if isinstance(meta, dict) else None
+                if isinstance(names, dict) and names:
+                    by_id = {int(k): str(v) for k, v in names.items()}
+                    return tuple(by_id.get(i, f"class{i}") for i in range(max(by_id) + 1))
+                if isinstance(names, list) and names:
+                    return tuple(str(n) for n in names)
+            for info in members:
+                name = info.filename.lower()
+                if "label" in name and name.endswith(".txt"):
+                    lines = zf.read(info).decode("utf-8", errors="replace").splitlines()
+                    labels = tuple(ln.strip() for ln in lines if ln.strip())
+                    if labels:
+                        return labels
+    except (OSError, zipfile.BadZipFile, ValueError, KeyError, EOFError):
+        return None
+    return None
+
+
+def resolve_labels(
+    model_path: str | Path, labels: str | Path | None, num_classes: int
+) -> tuple[tuple[str, ...], str]:
+    """Pick the label vocabulary for a model with ``num_classes`` outputs.
+
+    Order: an explicit label file; labels embedded in the model file; COCO-80 when
+    the head has 80 classes; ``class0..classN-1``.
+
+    Returns:
+        ``(labels, source)`` with source one of ``file``, ``embedded``, ``coco80``,
+        ``generic``.
+
+    Raises:
+        ModelError: the label file is unreadable/empty or its count does not match.
+    """
+    if labels is not None:
+        try:
+            names = load_labels(labels)
+        except OSError as e:
+            raise ModelError(
+                f"{labels}: cannot read label file for model {model_path}: "
+                f"{e.strerror or _one_line(e)}"
+            ) from e
+        except ValueError as e:
+            raise ModelError(f"{_one_line(e)} (labels for model {model_path})") from e
+        if len(names) != num_classes:
+            raise ModelError(
+                f"{labels}: label file has {len(names)} names but model {model_path} "
+                f"outputs {num_classes} classes"
+            )
+        return names, "file"
+    names = embedded_labels(model_path)
+    if names is not None and len(names) == num_classes:
+        return names, "embedded"
+    if num_classes == len(COCO_80):
+        return COCO_80, "coco80"
+    return tuple(f"class{i}" for i in range(num_classes)), "generic"
+
+
+class TFLiteDetector(Detector):
+    """YOLOv8/YOLO11 detector on the TFLite (LiteRT) interpreter.
+
+    Handles full-integer models (int8/uint8 input and output, quantised with the
+    tensors' own scale and zero point) and float-I/O models (float32 input 0..1,
+    e.g. dynamic-range quantised weights). Not thread-safe: one detector per thread.
+
+    Args:
+        path: the ``.tflite`` file.
+        labels: optional label file (see ``resolve_labels`` for the fallbacks).
+        threads: interpreter CPU threads.
+        conf_threshold: minimum class score kept.
+        iou_threshold: NMS IoU threshold.
+        agnostic_nms: suppress overlapping boxes across classes (one box per object).
+        max_det: maximum detections per frame.
+
+    Raises:
+        ModelError: (one line naming the file) the file cannot be loaded, has an
+            input/output layout no decoder here handles, or labels do not fit.
+    """
+
+    runtime = "tflite"
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        labels: str | Path | None = None,
+        threads: int = 2,
+        conf_threshold: float = 0.1,
+        iou_threshold: float = 0.45,
+        agnostic_nms: bool = False,
+        max_det: int = 300,
+    ) -> None:
+        self.path = Path(path)
+        if not 0.0 <= conf_threshold <= 1.0:
+            raise ValueError(f"conf_threshold must be in 0..1, got {conf_threshold}")
+        if not 0.0 < iou_threshold <= 1.0:
+            raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
+        if int(threads) < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.conf_threshold = float(conf_threshold)
+        self.iou_threshold = float(iou_threshold)
+        self.agnostic_nms = bool(agnostic_nms)
+        self.max_det = int(max_det)
+        self.threads = int(threads)
+
+        try:
+            interpreter_cls, self.runtime_package = import_interpreter()
+        except ImportError as e:
+            raise ModelError(f"{self.path}: {e}") from None
+        try:
+            interp = interpreter_cls(model_path=str(self.path), num_threads=self.threads)
+            interp.allocate_tensors()
+        # The runtimes raise ValueError for bad flatbuffers and RuntimeError for ops
+        # or tensors they cannot prepare; re-word both as one line with the file name.
+        except (ValueError, RuntimeError, OSError) as e:
+            raise ModelError(f"{self.path}: cannot load TFLite model: {_one_line(e)}") from e
+        self._interp = interp
+
+        inputs = interp.get_input_details()
+        outputs = interp.get_output_details()
+        # Output check first: it names the model family we do not decode yet, which
+        # says more than the input layout that usually comes with it.
+        out_shapes = tuple(tuple(int(d) for d in o["shape"]) for o in outputs)
+        if any("TFLite_Detection_PostProcess" in o["name"] for o in outputs):
+            raise ModelError(
+                f"{self.path}: SSD-style TFLite_Detection_PostProcess outputs "
+                f"{[list(s) for s in out_shapes]} are not supported yet (YOLOv8/YOLO11 only)"
+            )
+        if len(inputs) != 1:
+            names = ", ".join(d["name"] for d in inputs)
+            raise ModelError(
+                f"{self.path}: model has {len(inputs)} inputs ({names}); only single-image "
+                "detectors are supported"
+            )
+        inp = inputs[0]
+        in_shape = tuple(int(d) for d in inp["shape"])
+        if len(in_shape) != 4 or in_shape[0] != 1 or in_shape[3] != 3:
+            raise ModelError(
+                f"{self.path}: input shape {list(in_shape)} not supported: expected "
+                "[1, height, width, 3] (NHWC RGB)"
+            )
+        self.input_size = (in_shape[1], in_shape[2])  # (height, width)
+        self._in_dtype = np.dtype(inp["dtype"])
+        in_scale, in_zp = inp["quantization"]
+        self.input_quantization = (float(in_scale), int(in_zp)) if in_scale else None
+        try:
+            self._lut = self._build_lut(self._in_dtype, self.input_quantization)
+        except ValueError as e:
+            raise ModelError(f"{self.path}: {e}") from None
+        self._in_index = inp["index"]
+
+        if len(outputs) != 1:
+            raise ModelError(
+                f"{self.path}: model has {len(outputs)} outputs {[list(s) for s in out_shapes]}; "
+                "expected one YOLOv8/YOLO11 detection head [1, 4+C, N]"
+            )
+        out = outputs[0]
+        try:
+            _, num_classes, _ = yolov8_layout(out_shapes[0], self.input_size)
+        except OutputShapeError as e:
+            raise ModelError(f"{self.path}: {e}") from None
+        self._out_index = out["index"]
+        out_scale, out_zp = out["quantization"]
+        self.output_quantization = (float(out_scale), int(out_zp)) if out_scale else None
+
+        names, self.label_source = resolve_labels(self.path, labels, num_classes)
+        self.info = ModelInfo(
+            path=str(self.path),
+            runtime=self.runtime,
+            input_shape=in_shape,
+            input_dtype=self._in_dtype.name,
+            output_shapes=out_shapes,
+            labels=names,
+        )
+        self._input_tensor = interp.tensor(self._in_index)
+        self._plan_key: tuple[int, int] | None = None
+
+    # -- preprocessing -------------------------------------------------------------
+
+    @staticmethod
+    def _build_lut(dtype: np.dtype, quant: tuple[float, int] | None) -> np.ndarray:
+        """256-entry table: uint8 pixel value -> model input value."""
+        unit = np.arange(256, dtype=np.float64) / 255.0
+        if np.issubdtype(dtype, np.integer):
+            if quant is not None:
+                return quantize(unit, quant[0], quant[1], dtype)
+            if dtype == np.uint8:
+                return np.arange(256, dtype=np.uint8)  # raw 0..255 pixels
+            raise ValueError(f"unquantised {dtype} input is not supported")
+        # cv2.LUT has no float16 table; build float32 and cast on copy.
+        return unit.astype(np.float32)
+
+    def _plan(self, frame_shape: tuple[int, ...]) -> LetterboxParams:
+        """Letterbox geometry and buffers for this frame size (rebuilt only on change)."""
+        key = (int(frame_shape[0]), int(frame_shape[1]))
+        if key != self._plan_key:
+            h, w = self.input_size
+            p = letterbox_params(frame_shape, self.input_size)
+            # The grey border is painted once; each frame only overwrites the image area.
+            self._canvas = np.full((h, w, 3), 114, dtype=np.uint8)
+            self._canvas_roi = self._canvas[
+                p.pad_y : p.pad_y + p.new_h, p.pad_x : p.pad_x + p.new_w
+            ]
+            self._resized = np.empty((p.new_h, p.new_w, 3), dtype=np.uint8)
+            self._params = p
+            self._plan_key = key
+        return self._params
+
+    def _set_input(self, frame_bgr: np.ndarray) -> LetterboxParams:
+        p = self._plan(frame_bgr.shape)
+        if (p.new_w, p.new_h) == (frame_bgr.shape[1], frame_bgr.shape[0]):
+            src = frame_bgr
+        else:
+            src = cv2.resize(frame_bgr, (p.new_w, p.new_h), dst=self._resized)
+        cv2.cvtColor(src, cv2.COLOR_BGR2RGB, dst=self._canvas_roi)
+        # Write straight into the interpreter's input buffer; the view must be dropped
+        # before invoke() (the runtime refuses to run while numpy holds its memory).
+        view = self._input_tensor()[0]
+        if view.dtype == self._lut.dtype:
+            res = cv2.LUT(self._canvas, self._lut, dst=view)
+            if res.ctypes.data != view.ctypes.data:  # OpenCV reallocated: copy over
+                np.copyto(view, res)
+        else:
+            np.copyto(view, cv2.LUT(self._canvas, self._lut), casting="unsafe")
+        del view
+        return p
+
+    @staticmethod
+    def _check_frame(frame: np.ndarray) -> np.ndarray:
+        if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8:
+            raise ValueError("frame must be a uint8 numpy array (H, W, 3) in BGR order")
+        if frame.ndim == 2:
+            return cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+        if frame.ndim == 3 and frame.shape[2] == 4:
+            return cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
+        if frame.ndim != 3 or frame.shape[2] != 3 or frame.shape[0] == 0 or frame.shape[1] == 0:
+            raise ValueError(f"frame must be (H, W, 3) BGR, got shape {frame.shape}")
+        return frame
+
+    # -- Detector API ------------------------------------------------------------------
+
+    def detect(self, frame_bgr: np.ndarray) -> Detections:
+        """Detect objects in one BGR frame; boxes in the frame's pixels, ``names`` = labels."""
+        frame = self._check_frame(frame_bgr)
+        p = self._set_input(frame)
+        self._interp.invoke()
+        out = self._interp.get_tensor(self._out_index)
+        dec = decode_yolov8(
+            out,
+            input_size=self.input_size,
+            conf_threshold=self.conf_threshold,
+            iou_threshold=self.iou_threshold,
+            quantization=self.output_quantization,
+            agnostic=self.agnostic_nms,
+            max_det=self.max_det,
+        )
+        boxes = unletterbox(dec.boxes, p.scale, (p.pad_x, p.pad_y), frame.shape)
+        return Detections(boxes, dec.scores, dec.class_ids, names=self.info.labels)
+
+    def invoke_raw(self) -> None:
+        """One ``invoke()`` on whatever input is set (raw model rate, no pre/post)."""
+        self._interp.invoke()
+
+    def close(self) -> None:
+        """Drop the interpreter; the detector cannot be used afterwards."""
+        self._input_tensor = None  # type: ignore[assignment]
+        self._interp = None  # type: ignore[assignment]

@@ -1,0 +1,266 @@
+"""The wire contract between agents and the registry.
+
+This is the only module both sides import. It owns the MQTT topic layout and the
+payload schemas; `docs/protocol.md` documents the same thing for third parties and
+must change together with this file.
+
+Topic layout (``{root}`` is ``flowfleet/v1`` unless configured otherwise)::
+
+    {root}/devices/{device}/status    device -> registry  retained  QoS 1
+    {root}/devices/{device}/counts    device -> registry            QoS 1
+    {root}/devices/{device}/health    device -> registry            QoS 1
+    {root}/commands/{device}/desired  registry -> device  retained  QoS 1
+
+A device publishes only under ``{root}/devices/{its id}/`` and reads only
+``{root}/commands/{its id}/``, so a broker ACL can enforce that a device speaks
+only for itself. The registry takes the device id from the topic, never from the
+payload alone: a payload whose ``device`` field disagrees with its topic is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+DEFAULT_ROOT = "flowfleet/v1"
+QOS = 1
+MAX_PAYLOAD_BYTES = 128 * 1024
+
+# Device, camera, line and zone names travel inside topics and URLs: keep them to a
+# conservative alphabet so they never contain MQTT wildcards or path separators.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+Count = Annotated[int, Field(ge=0)]
+Seq = Annotated[int, Field(ge=1)]
+
+DEVICE_KINDS = ("status", "counts", "health")
+COMMAND_KINDS = ("desired",)
+
+
+class ContractError(ValueError):
+    """A payload or topic that does not satisfy the contract; the message says why."""
+
+
+def is_valid_name(name: str) -> bool:
+    return bool(_NAME_RE.match(name))
+
+
+def check_name(name: str, what: str) -> str:
+    """Return ``name`` or raise ContractError naming ``what`` was wrong."""
+    if not is_valid_name(name):
+        raise ContractError(
+            f"{what} {name!r} is not a valid name (letters, digits, '_', '.', '-'; "
+            "starts with a letter or digit; at most 64 characters)"
+        )
+    return name
+
+
+class Topics:
+    """Builds and parses every topic; nothing else in the code base formats topics."""
+
+    def __init__(self, root: str = DEFAULT_ROOT) -> None:
+        self.root = root.rstrip("/")
+
+    def device(self, device: str, kind: str) -> str:
+        if kind not in DEVICE_KINDS:
+            raise ValueError(f"unknown device topic kind {kind!r}")
+        return f"{self.root}/devices/{check_name(device, 'device id')}/{kind}"
+
+    def command(self, device: str, kind: str) -> str:
+        if kind not in COMMAND_KINDS:
+            raise ValueError(f"unknown command topic kind {kind!r}")
+        return f"{self.root}/commands/{check_name(device, 'device id')}/{kind}"
+
+    def status(self, device: str) -> str:
+        return self.device(device, "status")
+
+    def counts(self, device: str) -> str:
+        return self.device(device, "counts")
+
+    def health(self, device: str) -> str:
+        return self.device(device, "health")
+
+    def desired(self, device: str) -> str:
+        return self.command(device, "desired")
+
+    def all_devices(self) -> str:
+        """Subscription filter for everything devices publish."""
+        return f"{self.root}/devices/+/+"
+
+    def parse_device_topic(self, topic: str) -> tuple[str, str]:
+        """Split a device topic into (device id, kind) or raise ContractError."""
+        prefix = f"{self.root}/devices/"
+        if not topic.startswith(prefix):
+            raise ContractError(f"topic {topic!r} is not under {prefix}")
+        parts = topic[len(prefix) :].split("/")
+        if len(parts) != 2:
+            raise ContractError(f"topic {topic!r} is not {prefix}<device>/<kind>")
+        device, kind = parts
+        check_name(device, "device id in topic")
+        if kind not in DEVICE_KINDS:
+            raise ContractError(f"topic {topic!r} has unknown kind {kind!r}")
+        return device, kind
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_: Literal[1] = Field(SCHEMA_VERSION, alias="schema")
+    device: Name
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(by_alias=True, exclude_none=True).encode()
+
+
+class Status(_Payload):
+    """Availability. Retained; the broker publishes the `offline` form as Last Will."""
+
+    kind: Literal["status"] = "status"
+    state: Literal["online", "offline"]
+    ts: float | None = Field(None, description="seconds since the Unix epoch, UTC")
+    agent_version: str | None = None
+
+
+class LineCount(BaseModel):
+    """Crossings of one line by one class during one window."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    camera: Name
+    line: Name
+    class_: Annotated[str, Field(alias="class", min_length=1, max_length=64)]
+    in_: Count = Field(alias="in")
+    out: Count
+
+
+class ZoneCount(BaseModel):
+    """Zone activity of one class during one window."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    camera: Name
+    zone: Name
+    class_: Annotated[str, Field(alias="class", min_length=1, max_length=64)]
+    entries: Count
+    exits: Count
+    peak_occupancy: Count
+    dwell_s_sum: Annotated[float, Field(ge=0)] = 0.0
+    dwell_n: Count = 0
+
+
+class CountBin(_Payload):
+    """Counts of one device over one time window [start, end).
+
+    ``seq`` is the device's count-bin sequence number: it starts at 1, grows by
+    exactly one per bin and is never reused, so (device, seq) identifies a bin and a
+    gap means a bin that has not arrived (yet).
+    """
+
+    kind: Literal["counts"] = "counts"
+    seq: Seq
+    start: float = Field(description="window start, seconds since the Unix epoch, UTC")
+    end: float = Field(description="window end (exclusive), seconds since the Unix epoch")
+    lines: tuple[LineCount, ...] = ()
+    zones: tuple[ZoneCount, ...] = ()
+
+    @model_validator(mode="after")
+    def _window_ordered(self) -> CountBin:
+        if self.end < self.start:
+            raise ValueError(f"window end {self.end} is before start {self.start}")
+        return self
+
+
+class CameraHealth(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    camera: Name
+    state: Literal["running", "starting", "failed", "stopped"]
+    fps: Annotated[float, Field(ge=0)] = 0.0
+    inference_ms: Annotated[float, Field(ge=0)] = 0.0
+    frames: Count = 0
+    dropped_frames: Count = 0
+    model: str | None = None
+    error: str | None = None
+
+
+class Health(_Payload):
+    """Periodic health beat. ``seq`` is a separate per-device sequence for beats."""
+
+    kind: Literal["health"] = "health"
+    seq: Seq
+    ts: float
+    uptime_s: Annotated[float, Field(ge=0)]
+    outbox_depth: Count = 0
+    cameras: tuple[CameraHealth, ...] = ()
+
+
+class ModelRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Name
+    version: Annotated[int, Field(ge=1)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    url: str
+    signature: str | None = None
+
+
+class Desired(_Payload):
+    """Registry -> device desired state (retained). ``version`` grows with every change."""
+
+    kind: Literal["desired"] = "desired"
+    version: Annotated[int, Field(ge=1)]
+    models: dict[Name, ModelRef] = Field(default_factory=dict, description="camera -> model")
+
+
+PAYLOADS: dict[str, type[_Payload]] = {
+    "status": Status,
+    "counts": CountBin,
+    "health": Health,
+    "desired": Desired,
+}
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "payload"
+    return f"field {where!r}: {err['msg']}"
+
+
+def parse_payload(kind: str, raw: bytes, *, device: str | None = None) -> _Payload:
+    """Decode and validate a payload of the given kind.
+
+    ``device`` is the id the transport authenticated (taken from the topic); when
+    given, a payload claiming another device is refused. Raises ContractError with a
+    one-line reason naming the offending field.
+    """
+    if kind not in PAYLOADS:
+        raise ContractError(f"unknown payload kind {kind!r}")
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise ContractError(f"payload is {len(raw)} bytes, over the {MAX_PAYLOAD_BYTES} limit")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ContractError(f"payload is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ContractError(f"payload is a JSON {type(data).__name__}, not an object")
+    schema = data.get("schema")
+    if schema != SCHEMA_VERSION:
+        raise ContractError(f"field 'schema': unsupported version {schema!r} (want 1)")
+    data.setdefault("kind", kind)
+    if data["kind"] != kind:
+        raise ContractError(f"field 'kind': {data['kind']!r} sent on the {kind!r} topic")
+    try:
+        payload = PAYLOADS[kind].model_validate(data)
+    except ValidationError as exc:
+        raise ContractError(_first_error(exc)) from None
+    if device is not None and payload.device != device:
+        raise ContractError(
+            f"field 'device': payload says {payload.device!r} but was published by {device!r}"
+        )
+    return payload

@@ -1,0 +1,195 @@
+"""The one place that talks to paho-mqtt.
+
+Agent and registry both use `MqttConnection`. It reports "connected" only after the
+broker accepted the session (CONNACK success), hands every PUBACK to a callback so
+the agent's outbox can delete exactly what the broker acknowledged, and reconnects
+with exponential backoff on its own network thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[str, bytes], None]
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_file is not None
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    retain: bool = True
+    qos: int = 1
+
+
+class MqttConnection:
+    """A long-lived MQTT 5 session on paho's background thread.
+
+    Args:
+        client_id: unique per connection; the registry uses a fixed id with a
+            persistent session so the broker queues messages while it is down.
+        persistent: keep the broker-side session (and its queued QoS 1 messages)
+            across disconnects for ``session_expiry`` seconds.
+        on_ack: called with the message id of every publish the broker acknowledged.
+        on_connect / on_disconnect: called on paho's thread after state changes.
+    """
+
+    def __init__(
+        self,
+        client_id: str,
+        address: BrokerAddress,
+        *,
+        will: Will | None = None,
+        persistent: bool = False,
+        session_expiry: int = 7 * 24 * 3600,
+        keepalive: int = 30,
+        on_ack: Callable[[int], None] | None = None,
+        on_connect: Callable[[], None] | None = None,
+        on_disconnect: Callable[[str], None] | None = None,
+        max_inflight: int = 20,
+        manual_ack: bool = False,
+    ) -> None:
+        self.address = address
+        self.client_id = client_id
+        self.persistent = persistent
+        self.session_expiry = session_expiry if persistent else 0
+        self.keepalive = keepalive
+        self.on_ack = on_ack
+        self._on_connect_cb = on_connect
+        self._on_disconnect_cb = on_disconnect
+        self._handlers: list[tuple[str, int, MessageHandler]] = []
+        self.connected = threading.Event()
+        self._client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=manual_ack,
+        )
+        self._client.max_inflight_messages_set(max_inflight)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        if address.username is not None:
+            self._client.username_pw_set(address.username, address.password)
+        if address.tls:
+            self._client.tls_set(
+                ca_certs=address.ca_file,
+                certfile=address.cert_file,
+                keyfile=address.key_file,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        self._client.on_connect = self._handle_connect
+        self._client.on_disconnect = self._handle_disconnect
+        self._client.on_publish = self._handle_publish
+        self._client.on_message = self._handle_message
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background; returns at once. Watch ``connected``."""
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.session_expiry
+        self._client.connect_async(
+            self.address.host,
+            self.address.port,
+            keepalive=self.keepalive,
+            clean_start=not self.persistent,
+            properties=props,
+        )
+        self._client.loop_start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    def stop(self) -> None:
+        """Disconnect cleanly (the broker does not publish the Last Will) and stop."""
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+            self.connected.clear()
+
+    # -- publish / subscribe -----------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:
+        """Send a message; returns its message id, or None if not connected now.
+
+        Callers that must not lose the message keep it until ``on_ack(mid)``.
+        """
+        if not self.connected.is_set():
+            return None
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return None
+        return info.mid
+
+    def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None:
+        """Register a handler; (re)subscribed on every connect."""
+        self._handlers.append((topic_filter, qos, handler))
+        if self.connected.is_set():
+            self._client.subscribe(topic_filter, qos=qos)
+
+    def ack(self, mid: int, qos: int) -> None:
+        """Acknowledge a received message (only with manual_ack=True)."""
+        self._client.ack(mid, qos)
+
+    # -- paho callbacks (network thread) -------------------------------------------
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("broker %s refused the connection: %s", self.address, reason_code)
+            return
+        for topic_filter, qos, _ in self._handlers:
+            client.subscribe(topic_filter, qos=qos)
+        self.connected.set()
+        log.info("connected to %s as %s", self.address, self.client_id)
+        if self._on_connect_cb:
+            self._on_connect_cb()
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was = self.connected.is_set()
+        self.connected.clear()
+        if was:
+            log.warning("disconnected from %s: %s", self.address, reason_code)
+        if self._on_disconnect_cb:
+            self._on_disconnect_cb(str(reason_code))
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        if self.on_ack and not reason_code.is_failure:
+            self.on_ack(mid)
+
+    def _handle_message(self, client, userdata, message) -> None:
+        for topic_filter, _, handler in self._handlers:
+            if mqtt.topic_matches_sub(topic_filter, message.topic):
+                try:
+                    handler(message.topic, message.payload)
+                except Exception:  # a handler bug must not kill the network thread
+                    log.exception("handler for %s failed on %s", topic_filter, message.topic)

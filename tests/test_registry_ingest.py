@@ -1,0 +1,403 @@
+"""Registry ingest against a real mosquitto and a real SQLite file.
+
+Messages are published by a plain paho client, exactly as an agent (or anything
+else on the network) would, and the assertions read what the registry stored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import peewee as pw
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from flowfleet.contract import CountBin, Health, LineCount, Status, Topics, ZoneCount
+from flowfleet.mqtt import BrokerAddress
+from flowfleet.registry import db as regdb
+from flowfleet.registry.ingest import DEAD_LETTER, DUPLICATE, ERROR, STORED, Ingestor, IngestWorker
+from flowfleet.registry.web import devices, totals
+
+TOPICS = Topics()
+DEVICE = "cam-1"
+
+# -- factories -------------------------------------------------------------------
+
+
+def make_bin(device: str = DEVICE, seq: int = 1, *, lines=None, zones=None) -> CountBin:
+    if lines is None:
+        lines = [line_count(in_=seq % 3 + 1, out=seq % 2)]
+    start = 1_700_000_000.0 + 60 * seq
+    return CountBin(
+        device=device,
+        seq=seq,
+        start=start,
+        end=start + 60,
+        lines=tuple(lines),
+        zones=tuple(zones or ()),
+    )
+
+
+def line_count(camera="front", line="door", cls="person", in_=1, out=0) -> LineCount:
+    return LineCount(camera=camera, line=line, class_=cls, in_=in_, out=out)
+
+
+def zone_count(camera="front", zone="lobby", cls="person", entries=1, exits=1) -> ZoneCount:
+    return ZoneCount(
+        camera=camera,
+        zone=zone,
+        class_=cls,
+        entries=entries,
+        exits=exits,
+        peak_occupancy=entries,
+        dwell_s_sum=2.5 * exits,
+        dwell_n=exits,
+    )
+
+
+def varied_bins(device: str, n: int) -> list[CountBin]:
+    """N bins spread over two cameras, lines and classes, with zones on some."""
+    bins = []
+    for seq in range(1, n + 1):
+        lines = [
+            line_count("front", "door", "person", in_=seq % 4, out=(seq * 3) % 5),
+            line_count("front", "door", "bicycle", in_=seq % 2, out=0),
+            line_count("back", "gate", "car", in_=(seq * 7) % 3, out=seq % 3),
+        ]
+        zones = [zone_count(entries=seq % 3, exits=seq % 2)] if seq % 2 else []
+        bins.append(make_bin(device, seq, lines=lines, zones=zones))
+    return bins
+
+
+def expected_line_totals(bins: list[CountBin]) -> dict[tuple, tuple[int, int]]:
+    acc: Counter = Counter()
+    for b in bins:
+        for lc in b.lines:
+            key = (b.device, lc.camera, lc.line, lc.class_)
+            acc[(*key, "in")] += lc.in_
+            acc[(*key, "out")] += lc.out
+    keys = {k[:4] for k in acc}
+    return {k: (acc[(*k, "in")], acc[(*k, "out")]) for k in keys}
+
+
+def line_totals_by_key(result: dict) -> dict[tuple, tuple[int, int]]:
+    return {
+        (r["device"], r["camera"], r["line"], r["class"]): (r["in"], r["out"])
+        for r in result["lines"]
+    }
+
+
+def raw(message) -> dict:
+    return json.loads(message.to_json())
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+class Publisher:
+    """A plain paho client, standing in for an agent."""
+
+    def __init__(self, broker, client_id: str = "test-publisher") -> None:
+        self.client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+        )
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        info.wait_for_publish(10)
+        assert info.is_published(), f"broker did not acknowledge {topic}"
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def wait_until(predicate, timeout: float = 15.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def stored_bins(device: str | None = None) -> int:
+    query = regdb.CountBin.select()
+    if device is not None:
+        query = query.where(regdb.CountBin.device == device)
+    return query.count()
+
+
+def wait_subscribed(pub: Publisher, device: str = DEVICE) -> None:
+    """Block until the worker's subscription is live.
+
+    A retained status reaches the worker whenever its subscription takes effect, so
+    seeing it stored proves that later publishes will be delivered too.
+    """
+    pub.publish(TOPICS.status(device), Status(device=device, state="online").to_json(), True)
+    wait_until(lambda: regdb.Device.get_or_none(id=device, state="online"), what="subscription")
+
+
+@pytest.fixture
+def address(broker) -> BrokerAddress:
+    return BrokerAddress(host=broker.host, port=broker.port)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "registry.db"
+
+
+@pytest.fixture
+def worker(db_path, address):
+    w = IngestWorker(db_path, address, TOPICS, client_id="registry-under-test")
+    assert w.start(wait=10), "registry did not connect to the broker"
+    yield w
+    w.stop()
+
+
+@pytest.fixture
+def publisher(broker, worker):
+    pub = Publisher(broker)
+    wait_subscribed(pub)
+    yield pub
+    pub.close()
+
+
+# -- over MQTT -------------------------------------------------------------------
+
+
+def test_published_bins_are_stored_and_totals_equal_the_sums(worker, publisher):
+    bins = varied_bins(DEVICE, 40) + varied_bins("cam-2", 15)
+    for b in bins:
+        publisher.publish(TOPICS.counts(b.device), b.to_json())
+
+    wait_until(lambda: stored_bins() == len(bins), what="all bins stored")
+
+    assert line_totals_by_key(totals()) == expected_line_totals(bins)
+    zones = {(r["device"], r["zone"]): r for r in totals()["zones"]}
+    mine = [z for b in bins if b.device == DEVICE for z in b.zones]
+    assert zones[(DEVICE, "lobby")]["entries"] == sum(z.entries for z in mine)
+    assert zones[(DEVICE, "lobby")]["dwell_n"] == sum(z.dwell_n for z in mine)
+    by_device = {d["device"]: d for d in devices()}
+    assert by_device[DEVICE]["bins"] == 40
+    assert by_device[DEVICE]["highest_seq"] == 40
+    assert by_device[DEVICE]["gaps"] == 0
+    assert by_device["cam-2"]["state"] == "unknown"  # auto-created, no status yet
+    assert worker.outcomes[DEAD_LETTER] == 0
+
+
+def test_messages_delivered_twice_are_stored_once(worker, publisher):
+    bins = varied_bins(DEVICE, 20)
+    beats = [Health(device=DEVICE, seq=s, ts=1e9 + s, uptime_s=s) for s in (1, 2, 3)]
+    for _ in range(2):
+        for msg in bins:
+            publisher.publish(TOPICS.counts(DEVICE), msg.to_json())
+        for msg in beats:
+            publisher.publish(TOPICS.health(DEVICE), msg.to_json())
+
+    wait_until(lambda: worker.outcomes[DUPLICATE] == len(bins) + len(beats), what="duplicates")
+
+    assert stored_bins() == len(bins)
+    assert regdb.HealthBeat.select().count() == len(beats)
+    assert line_totals_by_key(totals()) == expected_line_totals(bins)
+    assert regdb.DeadLetter.select().count() == 0
+
+
+def _wrong_schema() -> bytes:
+    return json.dumps({**raw(make_bin()), "schema": 2}).encode()
+
+
+def _negative_count() -> bytes:
+    body = raw(make_bin())
+    body["lines"][0]["in"] = -3
+    return json.dumps(body).encode()
+
+
+MALFORMED = [
+    # id, topic, payload, words the reason must contain
+    ("non-json", TOPICS.counts(DEVICE), b"\xffnot json{", ["not JSON"]),
+    ("json-array", TOPICS.counts(DEVICE), b"[1, 2]", ["list", "not an object"]),
+    ("schema-version", TOPICS.counts(DEVICE), _wrong_schema(), ["'schema'", "version 2"]),
+    ("negative-count", TOPICS.counts(DEVICE), _negative_count(), ["lines.0.in", "greater"]),
+    (
+        "device-mismatch",
+        TOPICS.counts(DEVICE),
+        make_bin(device="cam-9").to_json(),
+        ["'device'", "cam-9", DEVICE],
+    ),
+    (
+        "unknown-kind",
+        f"{TOPICS.root}/devices/{DEVICE}/bogus",
+        make_bin().to_json(),
+        ["unknown kind", "bogus"],
+    ),
+    (
+        "kind-mismatch",
+        TOPICS.health(DEVICE),
+        make_bin().to_json(),
+        ["'kind'", "counts"],
+    ),
+    ("oversize", TOPICS.counts(DEVICE), b"x" * (200 * 1024), ["over the", "limit"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "words"),
+    [case[1:] for case in MALFORMED],
+    ids=[case[0] for case in MALFORMED],
+)
+def test_malformed_message_is_dead_lettered_and_ingest_goes_on(
+    worker, publisher, topic, payload, words
+):
+    publisher.publish(TOPICS.counts(DEVICE), make_bin(seq=1).to_json())
+    publisher.publish(topic, payload)
+    publisher.publish(TOPICS.counts(DEVICE), make_bin(seq=2).to_json())
+
+    wait_until(lambda: stored_bins() == 2, what="valid bins after the bad one")
+
+    letters = list(regdb.DeadLetter.select())
+    assert len(letters) == 1
+    letter = letters[0]
+    assert letter.topic == topic
+    assert letter.device == DEVICE
+    for word in words:
+        assert word in letter.reason, f"{word!r} not in reason {letter.reason!r}"
+    assert letter.payload_size == len(payload)
+    assert bytes(letter.payload) == payload[: regdb.DEAD_LETTER_MAX_BYTES]
+    assert worker.outcomes[DEAD_LETTER] == 1
+
+
+def test_registry_restart_receives_what_was_published_while_down(broker, db_path, address):
+    first = IngestWorker(db_path, address, TOPICS, client_id="registry-restart")
+    assert first.start(wait=10)
+    pub = Publisher(broker)
+    try:
+        wait_subscribed(pub)
+        first.stop()
+
+        bins = varied_bins(DEVICE, 30)
+        for b in bins:
+            pub.publish(TOPICS.counts(DEVICE), b.to_json())
+        time.sleep(0.3)
+        assert stored_bins() == 0, "nothing is stored while the registry is down"
+
+        second = IngestWorker(db_path, address, TOPICS, client_id="registry-restart")
+        assert second.start(wait=10)
+        try:
+            wait_until(lambda: stored_bins() == len(bins), what="queued bins after restart")
+            assert line_totals_by_key(totals()) == expected_line_totals(bins)
+        finally:
+            second.stop()
+    finally:
+        pub.close()
+
+
+# -- Ingestor directly (no broker): edge cases of storage ------------------------
+
+
+@pytest.fixture
+def ingestor(db_path) -> Ingestor:
+    return Ingestor(regdb.open_database(db_path), TOPICS)
+
+
+def test_same_seq_with_different_content_keeps_the_first(ingestor):
+    first = make_bin(seq=7, lines=[line_count(in_=5)])
+    second = make_bin(seq=7, lines=[line_count(in_=6)])
+
+    assert ingestor.handle(TOPICS.counts(DEVICE), first.to_json()) == STORED
+    assert ingestor.handle(TOPICS.counts(DEVICE), second.to_json()) == DEAD_LETTER
+    assert ingestor.handle(TOPICS.counts(DEVICE), first.to_json()) == DUPLICATE
+
+    assert totals()["lines"][0]["in"] == 5
+    (letter,) = regdb.DeadLetter.select()
+    assert "seq 7" in letter.reason and "different content" in letter.reason
+
+
+def test_equivalent_json_is_a_duplicate_not_a_conflict(ingestor):
+    bin_ = make_bin(seq=3)
+    reordered = json.dumps(dict(reversed(list(raw(bin_).items()))), indent=2).encode()
+
+    assert ingestor.handle(TOPICS.counts(DEVICE), bin_.to_json()) == STORED
+    assert ingestor.handle(TOPICS.counts(DEVICE), reordered) == DUPLICATE
+
+
+@pytest.mark.parametrize(
+    ("sequence", "state", "version"),
+    [
+        ([("online", "1.2.0")], "online", "1.2.0"),
+        ([("online", "1.2.0"), ("offline", None)], "offline", "1.2.0"),
+        ([("offline", None), ("online", "2.0")], "online", "2.0"),
+    ],
+)
+def test_status_updates_the_device_in_arrival_order(ingestor, sequence, state, version):
+    for st, ver in sequence:
+        msg = Status(device=DEVICE, state=st, ts=1e9, agent_version=ver)
+        assert ingestor.handle(TOPICS.status(DEVICE), msg.to_json()) == STORED
+    dev = regdb.Device.get_by_id(DEVICE)
+    assert (dev.state, dev.agent_version) == (state, version)
+    assert dev.last_seen is not None and dev.first_seen <= dev.last_seen
+
+
+def test_gaps_count_missing_sequence_numbers(ingestor):
+    for seq in (1, 2, 5, 9):
+        assert ingestor.handle(TOPICS.counts(DEVICE), make_bin(seq=seq).to_json()) == STORED
+    (dev,) = devices()
+    assert (dev["bins"], dev["highest_seq"], dev["gaps"]) == (4, 9, 5)
+
+
+def test_database_errors_are_dead_lettered_not_raised(ingestor, db_path):
+    db = ingestor.db
+    db.execute_sql('DROP TABLE "line_total"')  # storing a bin now fails mid-transaction
+
+    outcome = ingestor.handle(TOPICS.counts(DEVICE), make_bin(seq=1).to_json())
+
+    assert outcome == DEAD_LETTER
+    (letter,) = regdb.DeadLetter.select()
+    assert "database error" in letter.reason and "line_total" in letter.reason
+    assert stored_bins() == 0, "the failed transaction left no half-stored bin"
+
+    db.execute_sql('DROP TABLE "dead_letter"')
+    assert ingestor.handle(TOPICS.counts(DEVICE), make_bin(seq=2).to_json()) == ERROR
+
+
+# -- database opening ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["path", "url"])
+def test_open_database_accepts_paths_and_sqlite_urls(tmp_path, form):
+    path = tmp_path / "sub" / "r.db"
+    db = regdb.open_database(path if form == "path" else f"sqlite:///{path}")
+    assert path.exists()
+    assert db.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute_sql("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert set(db.get_tables()) >= {"device", "count_bin", "line_total", "dead_letter"}
+    assert regdb.open_database(path) is db
+
+
+@pytest.mark.parametrize(
+    ("url", "error", "words"),
+    [
+        ("postgresql://u@h/db", NotImplementedError, "PostgreSQL"),
+        ("mysql://u@h/db", ValueError, "unsupported database URL"),
+        (":memory:", ValueError, "in-memory"),
+    ],
+)
+def test_open_database_refuses_what_it_cannot_serve(url, error, words):
+    with pytest.raises(error, match=words):
+        regdb.open_database(url)
+
+
+def test_unbound_database_is_refused(tmp_path):
+    other = pw.SqliteDatabase(str(tmp_path / "x.db"))
+    with pytest.raises(RuntimeError, match="open_database"):
+        Ingestor(other, TOPICS)

@@ -1,0 +1,274 @@
+"""Registry web UI and JSON API on a real SQLite database.
+
+The database is filled through the real ingest path (`Ingestor.handle`), and the
+last test runs the whole service (`run_registry`) against a real mosquitto.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from flowfleet.contract import CountBin, Health, LineCount, Status, Topics, ZoneCount
+from flowfleet.mqtt import BrokerAddress
+from flowfleet.registry.db import open_database
+from flowfleet.registry.ingest import STORED, Ingestor
+from flowfleet.registry.service import run_registry
+from flowfleet.registry.web import create_app
+
+TOPICS = Topics()
+
+
+def make_bin(device: str, seq: int, lines=(), zones=()) -> CountBin:
+    start = 1_700_000_000.0 + 60 * seq
+    return CountBin(device=device, seq=seq, start=start, end=start + 60, lines=lines, zones=zones)
+
+
+def lc(camera: str, line: str, cls: str, in_: int, out: int) -> LineCount:
+    return LineCount(camera=camera, line=line, class_=cls, in_=in_, out=out)
+
+
+def zc(zone: str, cls: str, entries: int, exits: int, dwell: float) -> ZoneCount:
+    return ZoneCount(
+        camera="front",
+        zone=zone,
+        class_=cls,
+        entries=entries,
+        exits=exits,
+        peak_occupancy=entries,
+        dwell_s_sum=dwell,
+        dwell_n=exits,
+    )
+
+
+# What the fixture ingests: (topic, payload). cam-1 misses seq 3 (one gap).
+MESSAGES = [
+    (TOPICS.status("cam-1"), Status(device="cam-1", state="online", agent_version="0.1.0")),
+    (TOPICS.counts("cam-1"), make_bin("cam-1", 1, (lc("front", "door", "person", 3, 1),))),
+    (
+        TOPICS.counts("cam-1"),
+        make_bin(
+            "cam-1",
+            2,
+            (lc("front", "door", "person", 2, 2), lc("front", "door", "car", 1, 0)),
+            (zc("lobby", "person", 4, 2, 30.0),),
+        ),
+    ),
+    (TOPICS.counts("cam-1"), make_bin("cam-1", 4, (lc("front", "door", "person", 5, 0),))),
+    (TOPICS.health("cam-1"), Health(device="cam-1", seq=1, ts=1e9, uptime_s=12.5)),
+    (TOPICS.counts("cam-2"), make_bin("cam-2", 1, (lc("yard", "gate", "truck", 1, 1),))),
+]
+
+
+@pytest.fixture
+def db(tmp_path: Path):
+    database = open_database(tmp_path / "registry.db")
+    ingestor = Ingestor(database, TOPICS)
+    for topic, message in MESSAGES:
+        assert ingestor.handle(topic, message.to_json()) == STORED
+    for n in range(3):
+        ingestor.handle(TOPICS.counts("cam-2"), f"garbage {n}".encode())
+    return database
+
+
+@pytest.fixture
+def client(db):
+    return create_app(db).test_client()
+
+
+def test_totals_sum_every_bin_per_device_camera_line_class(client):
+    resp = client.get("/api/totals")
+
+    assert resp.status_code == 200
+    body = resp.get_json()
+    assert body["device"] is None
+    assert body["lines"] == [
+        {"device": "cam-1", "camera": "front", "line": "door", "class": "car", "in": 1, "out": 0},
+        {
+            "device": "cam-1",
+            "camera": "front",
+            "line": "door",
+            "class": "person",
+            "in": 10,
+            "out": 3,
+        },
+        {"device": "cam-2", "camera": "yard", "line": "gate", "class": "truck", "in": 1, "out": 1},
+    ]
+    assert body["zones"] == [
+        {
+            "device": "cam-1",
+            "camera": "front",
+            "zone": "lobby",
+            "class": "person",
+            "entries": 4,
+            "exits": 2,
+            "peak_occupancy": 4,
+            "dwell_s_sum": 30.0,
+            "dwell_n": 2,
+            "dwell_s_avg": 15.0,
+        }
+    ]
+
+
+def test_totals_device_filter(client):
+    body = client.get("/api/totals?device=cam-2").get_json()
+
+    assert body["device"] == "cam-2"
+    assert [(r["device"], r["class"], r["in"]) for r in body["lines"]] == [("cam-2", "truck", 1)]
+    assert body["zones"] == []
+
+
+def test_devices_report_state_bins_and_gaps(client):
+    body = client.get("/api/devices").get_json()
+
+    by_id = {d["device"]: d for d in body["devices"]}
+    assert list(by_id) == ["cam-1", "cam-2"]
+    one = by_id["cam-1"]
+    assert one["state"] == "online"
+    assert one["agent_version"] == "0.1.0"
+    assert (one["bins"], one["highest_seq"], one["gaps"]) == (3, 4, 1)
+    assert one["health_beats"] == 1 and one["last_health"]["uptime_s"] == 12.5
+    assert isinstance(one["last_seen"], float)
+    two = by_id["cam-2"]
+    assert (two["state"], two["bins"], two["gaps"], two["dead_letters"]) == ("unknown", 1, 0, 3)
+
+
+def test_dead_letters_newest_first_with_limit(client):
+    body = client.get("/api/dead-letters?limit=2").get_json()
+
+    letters = body["dead_letters"]
+    assert [d["payload"] for d in letters] == ["garbage 2", "garbage 1"]
+    assert all("not JSON" in d["reason"] and d["device"] == "cam-2" for d in letters)
+    assert letters[0]["id"] > letters[1]["id"]
+
+
+@pytest.mark.parametrize(
+    ("url", "status", "code", "field"),
+    [
+        ("/api/totals?device=no/such", 400, "invalid_parameter", "device"),
+        ("/api/totals?devcie=cam-1", 400, "unknown_parameter", "devcie"),
+        ("/api/totals?device=cam-1&device=cam-2", 400, "invalid_parameter", "device"),
+        ("/api/totals?device=cam-404", 404, "unknown_device", "device"),
+        ("/api/devices?verbose=1", 400, "unknown_parameter", "verbose"),
+        ("/api/dead-letters?limit=0", 400, "invalid_parameter", "limit"),
+        ("/api/dead-letters?limit=ten", 400, "invalid_parameter", "limit"),
+        ("/api/dead-letters?limit=100000", 400, "invalid_parameter", "limit"),
+        ("/api/nope", 404, "not_found", None),
+    ],
+)
+def test_api_errors_are_json(client, url, status, code, field):
+    resp = client.get(url)
+
+    assert resp.status_code == status
+    assert resp.is_json
+    error = resp.get_json()["error"]
+    assert (error["code"], error["field"]) == (code, field)
+    assert error["message"]
+
+
+def test_wrong_method_under_api_is_a_json_405(client):
+    resp = client.post("/api/totals")
+    assert resp.status_code == 405
+    assert resp.get_json()["error"]["code"] == "method_not_allowed"
+
+
+def test_healthz(client):
+    resp = client.get("/healthz")
+    assert resp.status_code == 200
+    assert resp.get_json() == {"status": "ok", "database": "ok"}
+
+
+def test_dashboard_renders_devices_and_totals_offline(client):
+    resp = client.get("/")
+
+    assert resp.status_code == 200
+    page = resp.get_data(as_text=True)
+    for text in ("cam-1", "cam-2", "person", "truck", "lobby", "online"):
+        assert text in page
+    # Everything is inline: the registry machine may have no internet access.
+    assert "<script src" not in page and "stylesheet" not in page
+    assert "/api/totals" in page and "setTimeout(refresh, 2000)" in page
+
+
+def test_dashboard_renders_an_empty_registry(tmp_path):
+    resp = create_app(open_database(tmp_path / "empty.db")).test_client().get("/")
+    assert resp.status_code == 200
+    assert "no devices yet" in resp.get_data(as_text=True)
+
+
+# -- the whole service -------------------------------------------------------------
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def test_run_registry_ingests_serves_and_stops(broker, tmp_path):
+    stop = threading.Event()
+    ready: list[str] = []
+    address = BrokerAddress(host=broker.host, port=broker.port)
+    thread = threading.Thread(
+        target=run_registry,
+        kwargs={
+            "db_path": tmp_path / "service.db",
+            "broker": address,
+            "http_host": "127.0.0.1",
+            "http_port": 0,
+            "topics_root": TOPICS.root,
+            "stop_event": stop,
+            "client_id": "registry-service-test",
+            "on_ready": ready.append,
+        },
+    )
+    thread.start()
+    pub = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id="service-test-publisher",
+        protocol=mqtt.MQTTv5,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not ready and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready, "run_registry did not report ready"
+        url = ready[0]
+        assert _get_json(url + "healthz")["ingest"]["connected"] is True
+
+        pub.connect(broker.host, broker.port)
+        pub.loop_start()
+        # Retained, so it arrives whenever the registry's subscription takes effect.
+        status = Status(device="cam-7", state="online").to_json()
+        pub.publish(TOPICS.status("cam-7"), status, qos=1, retain=True).wait_for_publish(5)
+        bins = [make_bin("cam-7", s, (lc("front", "door", "person", s, 1),)) for s in range(1, 11)]
+        for b in bins:
+            pub.publish(TOPICS.counts("cam-7"), b.to_json(), qos=1).wait_for_publish(5)
+
+        def person_in() -> int:
+            try:
+                lines = _get_json(url + "api/totals?device=cam-7")["lines"]
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 404  # the device is not known yet
+                return 0
+            return lines[0]["in"] if lines else 0
+
+        deadline = time.monotonic() + 15
+        while person_in() != sum(range(1, 11)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert person_in() == 55
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            assert "cam-7" in resp.read().decode()
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        stop.set()
+        thread.join(15)
+    assert not thread.is_alive(), "run_registry did not stop"
