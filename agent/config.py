@@ -103,12 +103,13 @@ class AgentConfig(_Strict):
 
 
 def _describe(exc: ValidationError, source: str) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    return f"{source}: {where}: {msg}"
+    """All problems on one line, unknown keys first: 'file: key: problem; key: ...'."""
+    problems = []
+    for err in sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden"):
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        problems.append(f"{where}: {msg}")
+    return f"{source}: " + "; ".join(problems)
 
 
 def load_agent_config(path: str | Path) -> AgentConfig:

@@ -173,6 +173,13 @@ class CountBin(_Payload):
     def _window_ordered(self) -> CountBin:
         if self.end < self.start:
             raise ValueError(f"window end {self.end} is before start {self.start}")
+        for rows, key in ((self.lines, "line"), (self.zones, "zone")):
+            seen = set()
+            for row in rows:
+                k = (row.camera, getattr(row, key), row.class_)
+                if k in seen:
+                    raise ValueError(f"{key}s has {k} more than once; one row per key")
+                seen.add(k)
         return self
 
 

@@ -24,6 +24,14 @@ log = logging.getLogger(__name__)
 MessageHandler = Callable[[str, bytes], None]
 
 
+class NotAcknowledged(Exception):
+    """Raised by a message handler that could not commit a message.
+
+    The message is then not acknowledged, so the broker keeps it in the (persistent)
+    session and delivers it again when the client reconnects.
+    """
+
+
 @dataclass(frozen=True)
 class BrokerAddress:
     host: str = "127.0.0.1"
@@ -75,7 +83,6 @@ class MqttConnection:
         on_connect: Callable[[], None] | None = None,
         on_disconnect: Callable[[str], None] | None = None,
         max_inflight: int = 20,
-        manual_ack: bool = False,
     ) -> None:
         self.address = address
         self.client_id = client_id
@@ -91,7 +98,9 @@ class MqttConnection:
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv5,
-            manual_ack=manual_ack,
+            # We acknowledge a received QoS 1 message only after every handler has
+            # committed it, so a crash or a refused message is redelivered, not lost.
+            manual_ack=True,
         )
         self._client.max_inflight_messages_set(max_inflight)
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -157,10 +166,6 @@ class MqttConnection:
         if self.connected.is_set():
             self._client.subscribe(topic_filter, qos=qos)
 
-    def ack(self, mid: int, qos: int) -> None:
-        """Acknowledge a received message (only with manual_ack=True)."""
-        self._client.ack(mid, qos)
-
     # -- paho callbacks (network thread) -------------------------------------------
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -187,9 +192,23 @@ class MqttConnection:
             self.on_ack(mid)
 
     def _handle_message(self, client, userdata, message) -> None:
+        committed = True
         for topic_filter, _, handler in self._handlers:
-            if mqtt.topic_matches_sub(topic_filter, message.topic):
+            if mqtt.topic_matches_sub(_strip_share(topic_filter), message.topic):
                 try:
                     handler(message.topic, message.payload)
+                except NotAcknowledged as exc:
+                    committed = False
+                    log.error("not acknowledging %s: %s", message.topic, exc)
                 except Exception:  # a handler bug must not kill the network thread
+                    committed = False
                     log.exception("handler for %s failed on %s", topic_filter, message.topic)
+        if committed and message.qos > 0:
+            client.ack(message.mid, message.qos)
+
+
+def _strip_share(topic_filter: str) -> str:
+    """`$share/group/a/b` -> `a/b`: shared subscriptions deliver plain topics."""
+    if topic_filter.startswith("$share/"):
+        return topic_filter.split("/", 2)[2]
+    return topic_filter

@@ -29,7 +29,7 @@ from flowfleet.contract import (
 from flowfleet.contract import CountBin as CountBinPayload
 from flowfleet.contract import Health as HealthPayload
 from flowfleet.contract import Status as StatusPayload
-from flowfleet.mqtt import BrokerAddress, MqttConnection
+from flowfleet.mqtt import BrokerAddress, MqttConnection, NotAcknowledged
 
 from .db import (
     DEAD_LETTER_MAX_BYTES,
@@ -327,6 +327,10 @@ class IngestWorker:
         outcome = self.ingestor.handle(topic, payload)
         with self._lock:
             self._outcomes[outcome] += 1
+        if outcome == ERROR:
+            # Neither stored nor dead-lettered (database unusable): withhold the ack so
+            # the broker keeps the message for redelivery after reconnect.
+            raise NotAcknowledged("the database could not store or dead-letter it")
 
     def __enter__(self) -> IngestWorker:
         self.start()

@@ -1,0 +1,120 @@
+"""`flowfleet` CLI: exit codes and one-line errors that name the bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def flowfleet(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flowfleet.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, data):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "notes.tflite").write_text("this is a text file, not a model\n")
+    good = (data / "models" / "yolov8n_full_integer_quant.tflite").read_bytes()
+    (d / "half.tflite").write_bytes(good[: len(good) // 2])
+    (d / "video.mp4").write_text("not a video")
+    return d
+
+
+@pytest.mark.parametrize(
+    ("case", "argv", "code", "must_name"),
+    [
+        ("missing model", ["{video}", "--model", "{tmp}/absent.tflite"], 1, "absent.tflite"),
+        ("text renamed .tflite", ["{video}", "--model", "{tmp}/notes.tflite"], 1, "notes.tflite"),
+        ("truncated model", ["{video}", "--model", "{tmp}/half.tflite"], 1, "half.tflite"),
+        (
+            "output no decoder knows",
+            ["{video}", "--model", "{models}/automl_traffic_lstm.tflite"],
+            1,
+            "automl_traffic_lstm.tflite",
+        ),
+        ("missing video", ["{tmp}/absent.mp4", "--model", "{model}"], 1, "absent.mp4"),
+        ("unreadable video", ["{tmp}/video.mp4", "--model", "{model}"], 1, "video.mp4"),
+        (
+            "line with one point",
+            ["{video}", "--model", "{model}", "--line", "door:10,10"],
+            2,
+            "--line",
+        ),
+        (
+            "zone with two points",
+            ["{video}", "--model", "{model}", "--zone", "z:1,1;2,2"],
+            2,
+            "--zone",
+        ),
+        (
+            "unknown class",
+            ["{video}", "--model", "{model}", "--classes", "person,unicorn"],
+            2,
+            "unicorn",
+        ),
+    ],
+)
+def test_bad_input_gives_one_line_error(case, argv, code, must_name, bad_files, data):
+    subst = {
+        "video": str(data / "videos" / "traffic_frames.mp4"),
+        "model": str(data / "models" / "yolov8n_full_integer_quant.tflite"),
+        "models": str(data / "models"),
+        "tmp": str(bad_files),
+    }
+    result = flowfleet("count", *[a.format(**subst) for a in argv])
+    assert result.returncode == code, result.stderr
+    errors = [ln for ln in result.stderr.splitlines() if "error" in ln]
+    assert len(errors) == 1, result.stderr
+    assert must_name in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_help_and_version():
+    assert flowfleet("--help").returncode == 0
+    assert "count" in flowfleet("--help").stdout
+    assert flowfleet("count", "--help").returncode == 0
+    assert flowfleet("--version").stdout.startswith("flowfleet ")
+
+
+def test_count_traffic_vehicles(data):
+    result = flowfleet(
+        "count",
+        str(data / "videos" / "traffic_frames.mp4"),
+        "--line",
+        "gantry:480,280,480,540",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["frames"] == 20
+    gantry = report["lines"]["gantry"]
+    vehicles = sum(gantry["classes"][c]["in"] for c in ("car", "truck", "bus"))
+    assert vehicles >= 2 and gantry["total"]["out"] == 0
+    assert gantry["classes"]["person"] == {"in": 0, "out": 0}
+
+
+def test_count_all_classes_accepts_any_label(data):
+    result = flowfleet(
+        "count",
+        str(data / "videos" / "traffic_frames.mp4"),
+        "--line",
+        "gantry:480,280,480,540",
+        "--classes",
+        "all",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "toothbrush" in json.loads(result.stdout)["lines"]["gantry"]["classes"]
+
+
+def test_agent_check_config_names_file_and_key(tmp_path):
+    bad = tmp_path / "agent.toml"
+    bad.write_text('device_id = "x"\nwrong_key = 1\n')
+    result = flowfleet("agent", "check-config", "--config", str(bad))
+    assert result.returncode == 2
+    assert str(bad) in result.stderr and "wrong_key" in result.stderr
