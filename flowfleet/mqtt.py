@@ -94,6 +94,7 @@ class MqttConnection:
         self._on_disconnect_cb = on_disconnect
         self._handlers: list[tuple[str, int, MessageHandler]] = []
         self.connected = threading.Event()
+        self._stopping = False
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -140,6 +141,7 @@ class MqttConnection:
 
     def stop(self) -> None:
         """Disconnect cleanly (the broker does not publish the Last Will) and stop."""
+        self._stopping = True
         try:
             self._client.disconnect()
         finally:
@@ -183,7 +185,8 @@ class MqttConnection:
         was = self.connected.is_set()
         self.connected.clear()
         if was:
-            log.warning("disconnected from %s: %s", self.address, reason_code)
+            level = logging.INFO if self._stopping else logging.WARNING
+            log.log(level, "disconnected from %s: %s", self.address, reason_code)
         if self._on_disconnect_cb:
             self._on_disconnect_cb(str(reason_code))
 

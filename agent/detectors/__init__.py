@@ -38,6 +38,7 @@ def load_detector(
     conf_threshold: float = 0.1,
     iou_threshold: float = 0.45,
     agnostic_nms: bool = False,
+    warmup: int = 2,
 ) -> Detector:
     """Load a detection model, choosing the runtime by file content.
 
@@ -51,6 +52,9 @@ def load_detector(
         iou_threshold: NMS IoU threshold.
         agnostic_nms: NMS across classes (one box per object even if car and truck
             both fire), useful when counting.
+        warmup: invocations run at load, so the runtime's one-off set-up cost
+            (XNNPACK packs weights on the first invoke) is not paid by the first frame
+            and a model that cannot run fails here rather than mid-stream.
 
     Raises:
         ModelError: one line naming the file: missing, empty, truncated or corrupt,
@@ -76,7 +80,7 @@ def load_detector(
     if runtime == "tflite":
         from .tflite import TFLiteDetector
 
-        return TFLiteDetector(
+        detector = TFLiteDetector(
             p,
             labels=labels,
             threads=threads,
@@ -84,6 +88,12 @@ def load_detector(
             iou_threshold=iou_threshold,
             agnostic_nms=agnostic_nms,
         )
+        try:
+            for _ in range(warmup):
+                detector.invoke_raw()
+        except (RuntimeError, ValueError) as e:
+            raise ModelError(f"{p}: model failed its warm-up inference: {e}") from e
+        return detector
     if runtime == "onnx":
         raise ModelError(f"{p}: ONNX models are not supported yet (no ONNX Runtime backend)")
     if runtime == "eim":
