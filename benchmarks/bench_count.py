@@ -59,7 +59,9 @@ def pipeline_rate(video: Path, model: Path, threads: int, lines) -> tuple[float,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", type=Path, default=models_dir() / "yolov8n_full_integer_quant.tflite")
+    ap.add_argument(
+        "--model", type=Path, default=models_dir() / "yolov8n_full_integer_quant.tflite"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/count.json"))
