@@ -8,6 +8,7 @@ that scene. Ctrl-C (or SIGTERM) stops the agents, the registry and the broker.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from flowfleet.cliutil import CliError, setup_logging
 from flowfleet.data import videos_dir
 
 log = logging.getLogger("flowfleet.demo")
@@ -229,3 +231,32 @@ def _terminate(name: str, proc: subprocess.Popen, timeout: float = 15.0) -> None
             log.warning("%s did not stop in %.0fs; killing it", name, timeout)
             proc.kill()
             proc.wait()
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="broker, registry and one agent per sample video, all local",
+    )
+    p.add_argument("--workdir", default=".demo", help="where state and logs go (default .demo)")
+    p.add_argument("--http-port", type=int, default=8080, help="registry web port (default 8080)")
+    p.add_argument("--broker", metavar="HOST:PORT", help="use this broker instead of starting one")
+    p.add_argument("--bin-seconds", type=float, default=10.0, help="count bin length (default 10)")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    setup_logging(args.verbose)
+    try:
+        run_demo(
+            workdir=Path(args.workdir),
+            http_port=args.http_port,
+            broker=args.broker,
+            bin_seconds=args.bin_seconds,
+            duration=args.duration,
+        )
+    except DemoError as exc:
+        raise CliError(str(exc)) from None
+    return 0

@@ -1,0 +1,176 @@
+"""`flowfleet count` and `flowfleet agent`: the device side of the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+
+from flowfleet.cliutil import EXIT_USAGE, CliError, setup_logging, stop_on_signals
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "count",
+        help="count line crossings and zone visits in a video file",
+        description=(
+            "Count a whole video file as fast as possible and print totals. Coordinates "
+            "are source-image pixels. A line A->B counts 'in' for objects crossing from "
+            "its left to its right as seen on the image (for a line drawn left to right, "
+            "moving down the image is 'in')."
+        ),
+    )
+    p.add_argument("video", help="video file")
+    p.add_argument("--model", help="model file (default: the catalog's default model)")
+    p.add_argument("--labels", help="labels file (one per line, or a .pbtxt label map)")
+    p.add_argument(
+        "--line",
+        action="append",
+        default=[],
+        metavar="NAME:x1,y1,x2,y2",
+        help="a counting line (repeatable)",
+    )
+    p.add_argument(
+        "--zone",
+        action="append",
+        default=[],
+        metavar="NAME:x1,y1;x2,y2;...",
+        help="a polygon zone, at least 3 points (repeatable)",
+    )
+    p.add_argument(
+        "--classes",
+        metavar="LIST",
+        help="comma-separated classes to count, or 'all' (default: person, bicycle, car, "
+        "motorcycle, bus, truck)",
+    )
+    p.add_argument(
+        "--anchor",
+        default="bottom_center",
+        choices=["bottom_center", "center", "top_center"],
+        help="box point that crosses lines / sits in zones (default: bottom_center)",
+    )
+    p.add_argument("--threads", type=int, default=2, help="inference threads (default: 2)")
+    p.add_argument("--conf", type=float, default=0.1, help="lowest detection score (default 0.1)")
+    p.add_argument("--json", action="store_true", help="print the totals as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_count)
+
+    p = sub.add_parser("agent", help="run the device agent (or check its config)")
+    p.add_argument("action", nargs="?", default="run", choices=["run", "check-config"])
+    p.add_argument("--config", default="/etc/flowfleet/agent.toml", help="agent TOML file")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_agent)
+
+
+def _default_model() -> str:
+    from flowfleet.models.catalog import CatalogError, default_entry, resolve
+
+    try:
+        return str(resolve(default_entry().name, download=False))
+    except CatalogError as exc:
+        raise CliError(f"--model not given and no default model available: {exc}", 2) from None
+
+
+def cmd_count(args: argparse.Namespace) -> int:
+    from flowfleet.agent.config import ConfigError, parse_line, parse_zone
+    from flowfleet.agent.detectors.base import ModelError
+    from flowfleet.agent.offline import count_video
+    from flowfleet.agent.sources import SourceError
+
+    try:
+        lines = [parse_line(s) for s in args.line]
+        zones = [parse_zone(s) for s in args.zone]
+    except ConfigError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    names = [s.name for s in lines] + [s.name for s in zones]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise CliError(f"--line/--zone names must be unique: {', '.join(dupes)}", EXIT_USAGE)
+    classes = _parse_classes(args.classes)
+    model = args.model or _default_model()
+    try:
+        report = count_video(
+            args.video,
+            model,
+            lines=lines,
+            zones=zones,
+            classes=classes,
+            labels=args.labels,
+            anchor=args.anchor,
+            threads=args.threads,
+            conf_threshold=args.conf,
+            progress=False if args.json or args.no_progress else None,
+        )
+    except (SourceError, ModelError) as exc:
+        raise CliError(str(exc)) from None
+    except ValueError as exc:  # unknown class names and the like
+        raise CliError(f"--classes: {exc}", EXIT_USAGE) from None
+    data = report.to_dict()
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        _print_report(data)
+    return 0
+
+
+def _parse_classes(value: str | None):
+    if value is None:
+        return None
+    if value.strip() == "all":
+        return "all"
+    names = [c.strip() for c in value.split(",") if c.strip()]
+    if not names:
+        raise CliError("--classes: give class names separated by commas, or 'all'", EXIT_USAGE)
+    return tuple(names)
+
+
+def _print_report(data: dict) -> None:
+    print(
+        f"{data['video']}: {data['frames']} frames ({data['video_seconds']:.1f} s of video) "
+        f"in {data['elapsed_s']:.1f} s, {data['fps']:.1f} frames/s"
+    )
+    if not data["lines"] and not data["zones"]:
+        print("no --line or --zone given: nothing to count")
+    for name, line in data["lines"].items():
+        total = line["total"]
+        print(f"line {name}: in {total['in']}, out {total['out']}")
+        for cls, c in line["classes"].items():
+            if c["in"] or c["out"]:
+                print(f"  {cls:<12} in {c['in']:>5}  out {c['out']:>5}")
+    for name, zone in data["zones"].items():
+        print(f"zone {name}:")
+        for cls, z in zone["classes"].items():
+            if z["entries"] or z["peak_occupancy"]:
+                dwell = "-" if z["mean_dwell_s"] is None else f"{z['mean_dwell_s']:.1f} s"
+                print(
+                    f"  {cls:<12} entries {z['entries']:>4}  peak {z['peak_occupancy']:>3}  "
+                    f"mean dwell {dwell}"
+                )
+
+
+def _load_agent_config(path: str):
+    from flowfleet.agent.config import ConfigError, load_agent_config
+
+    try:
+        return load_agent_config(path)
+    except ConfigError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    config = _load_agent_config(args.config)
+    if args.action == "check-config":
+        print(f"{args.config}: ok ({len(config.cameras)} camera(s), device {config.device_id})")
+        return 0
+    from flowfleet.agent.service import AgentService
+
+    setup_logging(args.verbose)
+    service = AgentService(config)
+    stop = threading.Event()
+    stop_on_signals(stop)
+    service.start()
+    try:
+        stop.wait()
+    finally:
+        service.stop()
+    return 0
