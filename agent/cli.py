@@ -12,15 +12,16 @@ from flowfleet.cliutil import EXIT_USAGE, CliError, setup_logging, stop_on_signa
 def register(sub) -> None:
     p = sub.add_parser(
         "count",
-        help="count line crossings and zone visits in a video file",
+        help="count line crossings, zone visits and speeds in a video file",
         description=(
-            "Count a whole video file as fast as possible and print totals. Coordinates "
-            "are source-image pixels. A line A->B counts 'in' for objects crossing from "
-            "its left to its right as seen on the image (for a line drawn left to right, "
-            "moving down the image is 'in')."
+            "Count a whole video file (or image folder) as fast as possible and print "
+            "totals per class and over all classes. Coordinates are source-image pixels. "
+            "A line A->B counts 'in' for objects crossing from its left to its right as "
+            "seen on the image (for a line drawn left to right, moving down the image is "
+            "'in'). See docs/counting.md."
         ),
     )
-    p.add_argument("video", help="video file")
+    p.add_argument("video", help="video file, or a folder of images (see --fps)")
     p.add_argument("--model", help="model file (default: the catalog's default model)")
     p.add_argument("--labels", help="labels file (one per line, or a .pbtxt label map)")
     p.add_argument(
@@ -51,6 +52,35 @@ def register(sub) -> None:
     )
     p.add_argument("--threads", type=int, default=2, help="inference threads (default: 2)")
     p.add_argument("--conf", type=float, default=0.1, help="lowest detection score (default 0.1)")
+    p.add_argument(
+        "--homography",
+        metavar="x,y:X,Y;x,y:X,Y;x,y:X,Y;x,y:X,Y",
+        help="measure speeds: 4 ground points, each image pixels : ground metres "
+        "(no three on a line)",
+    )
+    p.add_argument(
+        "--speed-window",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="seconds each speed sample spans (default 1.0)",
+    )
+    p.add_argument(
+        "--speed-min-samples",
+        type=int,
+        default=3,
+        metavar="N",
+        help="samples a track needs for a speed; fewer is 'insufficient samples' (default 3)",
+    )
+    p.add_argument(
+        "--stationary",
+        metavar="PX,S",
+        help="leave out tracks that moved less than PX pixels over S seconds (parked "
+        "cars), e.g. 10,30 (default: off)",
+    )
+    p.add_argument(
+        "--fps", type=float, default=10.0, help="frame rate of an image folder (default 10)"
+    )
     p.add_argument("--json", action="store_true", help="print the totals as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_count)
@@ -87,6 +117,8 @@ def cmd_count(args: argparse.Namespace) -> int:
     if dupes:
         raise CliError(f"--line/--zone names must be unique: {', '.join(dupes)}", EXIT_USAGE)
     classes = _parse_classes(args.classes)
+    speed = _parse_speed(args)
+    stationary = _parse_stationary(args.stationary)
     model = args.model or _default_model()
     try:
         report = count_video(
@@ -100,6 +132,9 @@ def cmd_count(args: argparse.Namespace) -> int:
             threads=args.threads,
             conf_threshold=args.conf,
             progress=False if args.json or args.no_progress else None,
+            speed=speed,
+            stationary=stationary,
+            fps=args.fps,
         )
     except (SourceError, ModelError) as exc:
         raise CliError(str(exc)) from None
@@ -111,6 +146,48 @@ def cmd_count(args: argparse.Namespace) -> int:
     else:
         _print_report(data)
     return 0
+
+
+def _parse_speed(args: argparse.Namespace):
+    if args.homography is None:
+        return None
+    from pydantic import ValidationError
+
+    from flowfleet.agent.speed import HomographyError, SpeedSpec, parse_homography
+
+    try:
+        homography = parse_homography(args.homography)
+    except HomographyError as exc:
+        raise CliError(f"--homography: {exc}", EXIT_USAGE) from None
+    try:
+        return SpeedSpec(
+            homography=homography,
+            window_s=args.speed_window,
+            min_samples=args.speed_min_samples,
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        flag = {"window_s": "--speed-window", "min_samples": "--speed-min-samples"}
+        raise CliError(
+            f"{flag.get(err['loc'][0], '--homography')}: {err['msg']}", EXIT_USAGE
+        ) from None
+
+
+def _parse_stationary(value: str | None):
+    if value is None:
+        return None
+    from pydantic import ValidationError
+
+    from flowfleet.agent.counting import StationarySpec
+
+    try:
+        px, s = (float(v) for v in value.split(","))
+        return StationarySpec(min_move_px=px, window_s=s)
+    except (ValueError, ValidationError):
+        raise CliError(
+            f"--stationary {value!r}: expected PX,S (pixels > 0, seconds in (0, 3600])",
+            EXIT_USAGE,
+        ) from None
 
 
 def _parse_classes(value: str | None):
@@ -129,23 +206,63 @@ def _print_report(data: dict) -> None:
         f"{data['video']}: {data['frames']} frames ({data['video_seconds']:.1f} s of video) "
         f"in {data['elapsed_s']:.1f} s, {data['fps']:.1f} frames/s"
     )
-    if not data["lines"] and not data["zones"]:
-        print("no --line or --zone given: nothing to count")
+    if not data["lines"] and not data["zones"] and "speed" not in data:
+        print("no --line, --zone or --homography given: nothing to count")
     for name, line in data["lines"].items():
         total = line["total"]
         print(f"line {name}: in {total['in']}, out {total['out']}")
-        for cls, c in line["classes"].items():
-            if c["in"] or c["out"]:
-                print(f"  {cls:<12} in {c['in']:>5}  out {c['out']:>5}")
+        rows = [(cls, c) for cls, c in line["classes"].items() if c["in"] or c["out"]]
+        for cls, c in [*rows, ("total", total)] if len(rows) > 1 else rows:
+            print(f"  {cls:<12} in {c['in']:>5}  out {c['out']:>5}")
     for name, zone in data["zones"].items():
-        print(f"zone {name}:")
-        for cls, z in zone["classes"].items():
-            if z["entries"] or z["peak_occupancy"]:
-                dwell = "-" if z["mean_dwell_s"] is None else f"{z['mean_dwell_s']:.1f} s"
-                print(
-                    f"  {cls:<12} entries {z['entries']:>4}  peak {z['peak_occupancy']:>3}  "
-                    f"mean dwell {dwell}"
-                )
+        total = zone.get("total")
+        if total:
+            print(
+                f"zone {name}: entries {total['entries']}, exits {total['exits']}, "
+                f"peak {total['peak_occupancy']}"
+            )
+        else:
+            print(f"zone {name}:")
+        rows = [(c, z) for c, z in zone["classes"].items() if z["entries"] or z["peak_occupancy"]]
+        for cls, z in [*rows, ("total", total)] if len(rows) > 1 and total else rows:
+            print(
+                f"  {cls:<12} entries {z['entries']:>4}  peak {z['peak_occupancy']:>3}  "
+                f"dwell {_dwell(z)}"
+            )
+    if "speed" in data:
+        _print_speeds(data["speed"])
+
+
+def _secs(v) -> str:
+    return "-" if v is None else f"{v:.1f} s"
+
+
+def _dwell(z: dict) -> str:
+    text = f"mean {_secs(z['mean_dwell_s'])}"
+    if z.get("p50_dwell_s") is not None:
+        text += f", p50 {_secs(z['p50_dwell_s'])}, p90 {_secs(z['p90_dwell_s'])}"
+    return text
+
+
+def _print_speeds(speed: dict) -> None:
+    print(f"speed (km/h, {speed['window_s']:g} s window):")
+    scopes = [("all tracks", speed["tracks"])]
+    scopes += [(f"line {name}", entry) for name, entry in speed["lines"].items()]
+    for scope, entry in scopes:
+        classes = entry.get("classes", {})
+        rows = list(classes.items())
+        if len(rows) > 1:
+            rows.append(("total", entry["total"]))
+        if not rows:
+            print(f"  {scope:<16} no tracks")
+        for cls, s in rows:
+            if s["n"]:
+                text = f"n {s['n']:>4}  mean {s['mean_kmh']:6.1f}  p85 {s['p85_kmh']:6.1f}"
+            else:
+                text = "n    0"
+            if s["insufficient"]:
+                text += f"  ({s['insufficient']} with insufficient samples)"
+            print(f"  {scope:<16} {cls:<12} {text}")
 
 
 def _load_agent_config(path: str):
@@ -162,13 +279,25 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if args.action == "check-config":
         print(f"{args.config}: ok ({len(config.cameras)} camera(s), device {config.device_id})")
         return 0
+    from flowfleet.agent.config import ConfigError
+    from flowfleet.agent.metrics import MetricsUnavailable
     from flowfleet.agent.service import AgentService
 
     setup_logging(args.verbose)
-    service = AgentService(config)
+    try:
+        service = AgentService(config)
+    except ConfigError as exc:
+        raise CliError(f"{args.config}: {exc}", EXIT_USAGE) from None
     stop = threading.Event()
     stop_on_signals(stop)
-    service.start()
+    try:
+        service.start()
+    except MetricsUnavailable as exc:
+        service.stop(drain_timeout=0)
+        raise CliError(str(exc), EXIT_USAGE) from None
+    except OSError as exc:  # the metrics port is taken, most likely
+        service.stop(drain_timeout=0)
+        raise CliError(f"cannot start the agent: {exc}") from None
     try:
         stop.wait()
     finally:

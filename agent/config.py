@@ -12,13 +12,24 @@ those into the same typed values.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from flowfleet.contract import DEFAULT_ROOT, NAME_PATTERN, check_name
+
+from .counting import StationarySpec
+from .speed import SpeedSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -59,7 +70,10 @@ class ZoneSpec(_Strict):
 
 class CameraConfig(_Strict):
     name: Name
-    source: str = Field(description="video file path (RTSP / devices come later)")
+    source: str = Field(
+        description="video file or image folder (relative to the config file), stream URL "
+        "(rtsp://...), camera (0, /dev/video0) or GStreamer pipeline"
+    )
     model: str = Field(description="model file (.tflite)")
     labels: str | None = None
     classes: Literal["all"] | tuple[str, ...] | None = None
@@ -71,6 +85,11 @@ class CameraConfig(_Strict):
     fps_cap: float | None = Field(None, gt=0)
     threads: int = Field(2, ge=1, le=16)
     conf_threshold: float = Field(0.1, ge=0, le=1)
+    fps: float = Field(10.0, gt=0, description="frame rate of an image-folder source")
+    speed: SpeedSpec | None = Field(None, description="ground homography and smoothing")
+    stationary: StationarySpec | None = Field(
+        None, description="exclude parked objects from flow counts"
+    )
 
 
 class BrokerConfig(_Strict):
@@ -78,10 +97,87 @@ class BrokerConfig(_Strict):
     port: int = Field(1883, ge=1, le=65535)
     topic_root: str = DEFAULT_ROOT
     username: str | None = None
+    # The password never sits in the config itself: it comes from a file (mode 0600,
+    # e.g. /etc/flowfleet/password) or from an environment variable (systemd's
+    # EnvironmentFile= / LoadCredential=). It is never logged.
     password_file: str | None = None
+    password_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    reconnect_min_s: float = Field(1.0, gt=0, le=60)
+    reconnect_max_s: float = Field(30.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.password_file and self.password_env:
+            raise ValueError("give password_file or password_env, not both")
+        if (self.password_file or self.password_env) and not self.username:
+            raise ValueError("a password needs a username")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together (the device certificate)")
+        if self.cert_file and not self.ca_file:
+            raise ValueError("a client certificate needs ca_file (TLS)")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s is below reconnect_min_s")
+        return self
+
+
+class OutboxConfig(_Strict):
+    """Limits of the local outbox and how fast a backlog drains.
+
+    Policy when a limit is hit: ``keep_counts`` (default) drops the oldest health
+    beats first, then the oldest events, and never drops a count bin (the outbox then
+    grows past ``max_messages`` rather than lose a count); ``drop_oldest`` drops the
+    oldest messages of any kind, count bins included. Every drop is logged, sent as an
+    ``outbox_dropped`` event and counted in the health beat's ``outbox_dropped``.
+    """
+
+    max_messages: int = Field(100_000, ge=10)
+    max_age_s: float = Field(7 * 24 * 3600.0, gt=0, description="for droppable messages")
+    policy: Literal["keep_counts", "drop_oldest"] = "keep_counts"
+    send_rate: float = Field(5000.0, gt=0, description="messages/s while draining a backlog")
+    inflight: int = Field(20, ge=1, le=1000, description="unacknowledged publishes at once")
+
+
+class MetricsConfig(_Strict):
+    """Prometheus endpoint; off unless ``port`` is set."""
+
+    port: int | None = Field(None, ge=1, le=65535)
+    host: str = "127.0.0.1"
+
+
+class RegistryConfig(_Strict):
+    """Where model updates come from and how a new model is judged before it counts.
+
+    Off unless ``url`` is set. The API token comes from a file or an environment
+    variable (never the config itself, never logged); ``keys_file`` is the public key
+    bundle from ``flowfleet registry keys export``: without it nothing can be verified,
+    so it is required with ``url``.
+    """
+
+    url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/\S*)?$")
+    token_file: str | None = None
+    token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    keys_file: str | None = None
+    models_dir: str | None = Field(None, description="default: <state_dir>/models")
+    timeout_s: float = Field(30.0, gt=0, le=600, description="per HTTP request")
+    download_attempts: int = Field(5, ge=1, le=100)
+    gate_latency_factor: float = Field(
+        5.0, gt=0, description="budget: this times the current model's median latency"
+    )
+    gate_max_ms: float | None = Field(None, gt=0, description="fixed latency budget (ms)")
+    probation_frames: int = Field(100, ge=1, description="frames watched after a swap")
+    max_errors: int = Field(3, ge=1, description="detector errors in probation -> roll back")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.token_file and self.token_env:
+            raise ValueError("give token_file or token_env, not both")
+        if self.url and not self.keys_file:
+            raise ValueError("url needs keys_file (the registry's public key bundle)")
+        return self
 
 
 class AgentConfig(_Strict):
@@ -89,7 +185,11 @@ class AgentConfig(_Strict):
     state_dir: str = "/var/lib/flowfleet"
     bin_seconds: float = Field(60.0, gt=0, le=3600)
     health_seconds: float = Field(30.0, gt=0, le=3600)
+    drift_seconds: float = Field(300.0, ge=0, le=86400, description="0: no drift summaries")
     broker: BrokerConfig = BrokerConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    registry: RegistryConfig = RegistryConfig()
     cameras: tuple[CameraConfig, ...] = Field(min_length=1)
 
     @field_validator("cameras")
@@ -108,6 +208,7 @@ def _describe(exc: ValidationError, source: str) -> str:
     for err in sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden"):
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = msg.removeprefix("Value error, ")
         problems.append(f"{where}: {msg}")
     return f"{source}: " + "; ".join(problems)
 
@@ -132,13 +233,113 @@ def load_agent_config(path: str | Path) -> AgentConfig:
     def rel(p: str | None) -> str | None:
         return None if p is None else str(base / Path(p).expanduser())
 
+    def rel_source(spec: str) -> str:
+        # Streams (rtsp://...), camera indices, /dev/videoN and GStreamer pipelines
+        # are not file paths; only plain paths resolve against the config's folder.
+        s = spec.strip()
+        if "://" in s or "!" in s or s.isdigit() or s.startswith("/dev/"):
+            return s
+        return rel(s)
+
     cameras = tuple(
         c.model_copy(
-            update={"source": rel(c.source), "model": rel(c.model), "labels": rel(c.labels)}
+            update={
+                "source": rel_source(c.source),
+                "model": rel(c.model),
+                "labels": rel(c.labels),
+            }
         )
         for c in config.cameras
     )
-    return config.model_copy(update={"cameras": cameras, "state_dir": rel(config.state_dir)})
+    b = config.broker
+    files = ("password_file", "ca_file", "cert_file", "key_file")
+    broker = b.model_copy(update={k: rel(getattr(b, k)) for k in files})
+    problems = []
+    for key in files:
+        value = getattr(broker, key)
+        if value is not None and not os.access(value, os.R_OK):
+            why = "file not found" if not Path(value).exists() else "file not readable"
+            problems.append(f"broker.{key}: {why}: {value}")
+    if broker.password_env and broker.password_env not in os.environ:
+        problems.append(
+            f"broker.password_env: environment variable {broker.password_env} is not set"
+        )
+    r = config.registry
+    registry = r.model_copy(
+        update={k: rel(getattr(r, k)) for k in ("token_file", "keys_file", "models_dir")}
+    )
+    for key in ("token_file", "keys_file"):
+        value = getattr(registry, key)
+        if value is not None and not os.access(value, os.R_OK):
+            why = "file not found" if not Path(value).exists() else "file not readable"
+            problems.append(f"registry.{key}: {why}: {value}")
+    if registry.token_env and registry.token_env not in os.environ:
+        problems.append(f"registry.token_env: environment variable {registry.token_env} is not set")
+    if registry.keys_file and os.access(registry.keys_file, os.R_OK):
+        problem = check_key_bundle(registry.keys_file)
+        if problem:
+            problems.append(f"registry.keys_file: {problem}")
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems))
+    return config.model_copy(
+        update={
+            "cameras": cameras,
+            "broker": broker,
+            "registry": registry,
+            "state_dir": rel(config.state_dir),
+        }
+    )
+
+
+def check_key_bundle(path: str) -> str | None:
+    """None if ``path`` is a usable key bundle, else why not (one line)."""
+    import json
+
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"not a JSON key bundle: {exc}: {path}"
+    keys = doc.get("keys") if isinstance(doc, dict) else None
+    if not isinstance(keys, list) or not keys:
+        return f'no keys in the bundle (want {{"keys": [...]}}): {path}'
+    for entry in keys:
+        if not isinstance(entry, dict) or not {"key_id", "public_key"} <= entry.keys():
+            return f"a key entry lacks key_id or public_key: {path}"
+    return None
+
+
+def read_token(registry: RegistryConfig) -> str | None:
+    """The registry API token from its file or environment variable (never logged)."""
+    if registry.token_file:
+        try:
+            return Path(registry.token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"registry.token_file: cannot read: {exc.strerror}") from None
+    if registry.token_env:
+        value = os.environ.get(registry.token_env)
+        if value is None:
+            raise ConfigError(
+                f"registry.token_env: environment variable {registry.token_env} is not set"
+            )
+        return value.strip()
+    return None
+
+
+def read_password(broker: BrokerConfig) -> str | None:
+    """The broker password from its file or environment variable (never logged)."""
+    if broker.password_file:
+        try:
+            return Path(broker.password_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"broker.password_file: cannot read: {exc.strerror}") from None
+    if broker.password_env:
+        value = os.environ.get(broker.password_env)
+        if value is None:
+            raise ConfigError(
+                f"broker.password_env: environment variable {broker.password_env} is not set"
+            )
+        return value
+    return None
 
 
 def _floats(text: str, what: str) -> list[float]:

@@ -15,13 +15,21 @@ Robustness rules (the bugs users of other counters hit):
   infinite extension;
 - each track counts at most once per line and direction, so a person loitering on
   the line (in, out, in, ...) gives at most one "in" and one "out".
+
+Stationary objects (parked cars) can be kept out of every count with
+`StationaryFilter` (off by default): a track whose anchor stayed within
+``min_move_px`` pixels for ``window_s`` seconds is hidden from the counters until
+it moves again. See docs/counting.md.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from .detections import Detections
 
@@ -45,11 +53,7 @@ class ZoneEvent:
     dwell_s: float = 0.0
 
 
-@dataclass
-class _LineTrack:
-    side: int = 0  # -1 left, +1 right, 0 not established
-    counted: set[str] = field(default_factory=set)
-    last_seen: float = 0.0
+_IN, _OUT = 1, 2  # bits of a track's "already counted" mask
 
 
 class LineCounter:
@@ -78,7 +82,13 @@ class LineCounter:
         self.anchor = anchor
         self.margin = segment_margin
         self.forget_after_s = forget_after_s
-        self._tracks: dict[int, _LineTrack] = {}
+        # Per-track state in flat dicts (this runs for every track on every frame):
+        # established side (-1 left, +1 right; absent = not established yet), the
+        # directions already counted (bit mask), and when the track was last seen.
+        self._side: dict[int, int] = {}
+        self._counted: dict[int, int] = {}
+        self._seen: dict[int, float] = {}
+        self._next_forget = float("-inf")
 
     def _geometry(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Signed distance (positive = right of A->B) and position along the segment 0..1."""
@@ -91,36 +101,44 @@ class LineCounter:
         events: list[Crossing] = []
         tracked = dets.tracker_id >= 0
         if tracked.any():
-            points = dets.anchors(self.anchor)[tracked]
-            signed, along = self._geometry(points)
-            ids = dets.tracker_id[tracked]
-            names = np.asarray(dets.names, dtype=object)[dets.class_id[tracked]]
-            for tid, dist, pos, cname in zip(ids, signed, along, names, strict=True):
-                events.extend(self._step(int(tid), float(dist), float(pos), str(cname), ts))
-        self._forget(ts)
+            rows = np.flatnonzero(tracked)
+            signed, along = self._geometry(dets.anchors(self.anchor)[rows])
+            # Plain Python numbers: numpy scalars would dominate this per-track loop.
+            ids = dets.tracker_id[rows].tolist()
+            h, lo, hi = self.hysteresis, -self.margin, 1 + self.margin
+            sides, seen = self._side, self._seen
+            for k, (tid, dist, pos) in enumerate(
+                zip(ids, signed.tolist(), along.tolist(), strict=True)
+            ):
+                seen[tid] = ts
+                if -h < dist < h:
+                    continue  # inside the dead band: neither side, nothing changes
+                side = 1 if dist > 0 else -1
+                previous = sides.get(tid, 0)
+                if previous == side:
+                    continue
+                sides[tid] = side
+                if previous == 0 or not (lo <= pos <= hi):
+                    continue  # first side seen, or crossed the line's extension
+                bit = _IN if side > 0 else _OUT
+                done = self._counted.get(tid, 0)
+                if done & bit:
+                    continue
+                self._counted[tid] = done | bit
+                cname = dets.names[int(dets.class_id[rows[k]])]
+                events.append(Crossing(self.name, cname, "in" if side > 0 else "out", tid, ts))
+        if ts >= self._next_forget:
+            self._forget(ts)
         return events
 
-    def _step(self, tid: int, dist: float, pos: float, cname: str, ts: float) -> list[Crossing]:
-        state = self._tracks.setdefault(tid, _LineTrack())
-        state.last_seen = ts
-        if abs(dist) < self.hysteresis:
-            return []  # inside the dead band: neither side, nothing changes
-        side = 1 if dist > 0 else -1
-        previous, state.side = state.side, side
-        if previous == 0 or previous == side:
-            return []
-        if not (-self.margin <= pos <= 1 + self.margin):
-            return []  # crossed the line's extension, not the segment
-        direction = "in" if side > 0 else "out"
-        if direction in state.counted:
-            return []
-        state.counted.add(direction)
-        return [Crossing(self.name, cname, direction, tid, ts)]
-
     def _forget(self, ts: float) -> None:
-        stale = [t for t, s in self._tracks.items() if ts - s.last_seen > self.forget_after_s]
+        """Drop tracks unseen for forget_after_s; runs at most once per second of ts."""
+        self._next_forget = ts + 1.0
+        stale = [t for t, last in self._seen.items() if ts - last > self.forget_after_s]
         for t in stale:
-            del self._tracks[t]
+            del self._seen[t]
+            self._side.pop(t, None)
+            self._counted.pop(t, None)
 
 
 def points_in_polygon(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
@@ -204,3 +222,89 @@ class ZoneCounter:
         state = self._inside.pop(tid)
         dwell = max(0.0, state.last_seen - state.entered)
         return ZoneEvent(self.name, state.class_name, "exit", tid, state.last_seen, dwell_s=dwell)
+
+
+class StationarySpec(BaseModel):
+    """Config value: exclude stationary tracks (parked cars) from flow counts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_move_px: Annotated[float, Field(gt=0)] = 10.0
+    window_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+
+
+@dataclass
+class _Still:
+    last_seen: float
+    history: deque = field(default_factory=deque)  # (ts, x, y), thinned to ~32 points
+
+
+class StationaryFilter:
+    """Hides tracks whose anchor moved less than ``min_move_px`` over ``window_s``.
+
+    A track is judged once it has been seen for ``window_s``: before that it counts
+    as moving, so a car driving through is never delayed. While stationary its rows
+    are removed from what the counters see (no line side change, no zone presence, no
+    speed); when it moves again (``min_move_px`` from where it stood) it is back.
+    So a car parked in a zone ends its visit after the zone's exit delay, and one
+    already parked when counting starts enters the zone at most once, in the first
+    ``window_s``.
+    """
+
+    def __init__(
+        self,
+        min_move_px: float = 10.0,
+        window_s: float = 30.0,
+        *,
+        anchor: str = "bottom_center",
+        forget_after_s: float = 60.0,
+    ) -> None:
+        self.min_move_px = min_move_px
+        self.window_s = window_s
+        self.anchor = anchor
+        self.forget_after_s = forget_after_s
+        self._sample_dt = window_s / 32
+        self._tracks: dict[int, _Still] = {}
+        self.stationary: set[int] = set()
+
+    @classmethod
+    def from_spec(cls, spec: StationarySpec, *, anchor: str = "bottom_center"):
+        return cls(spec.min_move_px, spec.window_s, anchor=anchor)
+
+    def apply(self, dets: Detections, ts: float) -> Detections:
+        """``dets`` without the rows of stationary tracks (untracked rows are kept)."""
+        keep = np.ones(len(dets), bool)
+        rows = np.flatnonzero(dets.tracker_id >= 0)
+        if len(rows):
+            points = dets.anchors(self.anchor)[rows]
+            for row, tid, (x, y) in zip(rows, dets.tracker_id[rows].tolist(), points, strict=True):
+                keep[row] = not self._step(tid, float(x), float(y), ts)
+        stale = [t for t, s in self._tracks.items() if ts - s.last_seen > self.forget_after_s]
+        for t in stale:
+            del self._tracks[t]
+            self.stationary.discard(t)
+        return dets if keep.all() else dets[keep]
+
+    def _step(self, tid: int, x: float, y: float, ts: float) -> bool:
+        state = self._tracks.get(tid)
+        if state is None:
+            state = self._tracks[tid] = _Still(ts)
+        state.last_seen = ts
+        h = state.history
+        if not h or ts - h[-1][0] >= self._sample_dt:
+            h.append((ts, x, y))
+        # Keep exactly one point at or before the window's start, so the history
+        # covers the whole window.
+        while len(h) > 1 and ts - h[1][0] >= self.window_s:
+            h.popleft()
+        covered = ts - h[0][0] >= self.window_s
+        pts = np.asarray([(px, py) for _, px, py in h])
+        moved = float(np.hypot(pts[:, 0] - x, pts[:, 1] - y).max())
+        still = covered and moved < self.min_move_px
+        if still:
+            self.stationary.add(tid)
+        elif tid in self.stationary and moved >= self.min_move_px:
+            self.stationary.discard(tid)
+            h.clear()
+            h.append((ts, x, y))  # judged afresh: moving until proven still again
+        return tid in self.stationary

@@ -205,3 +205,135 @@ class ClassFilter:
                 "built for; build the filter from the detector's labels"
             )
         return dets[self.keep_mask(dets.class_id)]
+
+
+# -- label maps: model vocabularies -> flow classes ------------------------------------
+
+FLOW_SYNONYMS: dict[str, str] = {
+    # Google AutoML Video on-device traffic model (automl_traffic_label_map.pbtxt).
+    "sedan": "car",
+    "pickup_suv_van": "car",
+    "large_veh_bus": "bus",
+    # Common names in other detection vocabularies (VOC, custom traffic models).
+    "pedestrian": "person",
+    "people": "person",
+    "bike": "bicycle",
+    "cyclist": "bicycle",
+    "motorbike": "motorcycle",
+    "suv": "car",
+    "van": "car",
+    "pickup": "car",
+    "lorry": "truck",
+}
+"""The built-in label map (``label_map="flow"``): other models' labels -> flow classes."""
+
+LabelMapSpec = None | str | Path | dict
+
+
+def load_label_map(spec: LabelMapSpec) -> dict[str, str] | None:
+    """Resolve a label-map spec to ``{model label: target name}``.
+
+    ``None`` -> None (no mapping); ``"flow"`` -> ``FLOW_SYNONYMS``; a dict as is; a
+    path to a text file with one ``model label = target`` (or ``:``, ``->``) per line,
+    ``#`` comments allowed, or a TOML file with a ``[labels]`` table.
+
+    Raises:
+        ValueError: malformed file (names the file and the line).
+        OSError: unreadable file.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, dict):
+        return {str(k): str(v) for k, v in spec.items()}
+    if isinstance(spec, str) and spec.strip().lower() == "flow":
+        return dict(FLOW_SYNONYMS)
+    path = Path(spec)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".toml":
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: {e}") from None
+        table = data.get("labels", data)
+        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+            raise ValueError(f"{path}: expected a [labels] table of 'model label = \"target\"'")
+        return {str(k): v for k, v in table.items()}
+    out: dict[str, str] = {}
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.match(r"^(.+?)\s*(?:->|=|:)\s*(.+)$", line)
+        if not m:
+            raise ValueError(f"{path}:{n}: expected 'model label = target', got {raw.strip()!r}")
+        out[m.group(1).strip().strip("\"'")] = m.group(2).strip().strip("\"'")
+    if not out:
+        raise ValueError(f"{path}: label map holds no entries")
+    return out
+
+
+class LabelMap:
+    """Re-index detections from a model's labels into another vocabulary.
+
+    Labels named in ``mapping`` (case-insensitive) become their target; others keep
+    their own name. The new vocabulary lists each name once, in the order it first
+    appears when walking the model's labels, so ``sedan, pickup_suv_van,
+    large_veh_bus`` becomes ``car, bus``.
+
+    Attributes:
+        source_labels: the model's labels.
+        labels: the mapped vocabulary.
+        lut: ``lut[model class id]`` -> mapped class id.
+        merges: True when two or more model labels share one target.
+    """
+
+    def __init__(self, mapping: dict[str, str], labels: Sequence[str]) -> None:
+        self.source_labels = tuple(labels)
+        norm = {_norm(k): v.strip() for k, v in mapping.items()}
+        targets: list[str] = []
+        index: dict[str, int] = {}
+        lut = []
+        for label in self.source_labels:
+            target = norm.get(_norm(label), label)
+            key = _norm(target)
+            if key not in index:
+                index[key] = len(targets)
+                targets.append(target)
+            lut.append(index[key])
+        self.labels = tuple(targets)
+        self.lut = np.asarray(lut, dtype=np.int32)
+        self.merges = len(self.labels) < len(self.source_labels)
+
+    @property
+    def identity(self) -> bool:
+        return self.labels == self.source_labels
+
+    def __repr__(self) -> str:
+        pairs = [
+            f"{a}->{self.labels[i]}" for a, i in zip(self.source_labels, self.lut, strict=True)
+        ]
+        return f"LabelMap({', '.join(pairs)})"
+
+    def apply(self, dets: Detections) -> Detections:
+        """A new ``Detections`` with class ids and ``names`` in the mapped vocabulary."""
+        ids = np.asarray(dets.class_id)
+        ok = (ids >= 0) & (ids < len(self.lut))
+        mapped = np.where(ok, self.lut[np.clip(ids, 0, max(len(self.lut) - 1, 0))], -1)
+        return Detections(dets.xyxy, dets.confidence, mapped, dets.tracker_id, self.labels)
+
+
+def auto_label_map(labels: Sequence[str]) -> LabelMap | None:
+    """The built-in flow map, when a model's labels need it, else None.
+
+    Applied only when the model names none of the flow classes itself but some of its
+    labels are known synonyms (the AutoML traffic model's ``sedan`` etc.); COCO models
+    and models that already speak the flow vocabulary are left untouched.
+    """
+    names = {_norm(n) for n in labels}
+    if names & {_norm(n) for n in FLOW_CLASSES}:
+        return None
+    if not names & {_norm(k) for k in FLOW_SYNONYMS}:
+        return None
+    return LabelMap(FLOW_SYNONYMS, labels)

@@ -1,7 +1,8 @@
-"""Offline counting of a whole video file: `flowfleet count`.
+"""Offline counting of a whole video file or image folder: `flowfleet count`.
 
 Reads the file as fast as the detector allows (decoding overlaps inference on a
-reader thread) and returns final totals per line / class / direction and per zone.
+reader thread) and returns final totals per line / class / direction and per zone,
+each with a class-agnostic total, and ground speeds when a calibration is given.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .pipeline import build_pipeline
-from .sources import VideoFileSource
-from .tally import Tally
+from .sources import SourceError, open_source, source_kind
+from .tally import Tally, ZoneAgg
 
 CAMERA = "video"
 
@@ -27,6 +28,7 @@ class CountReport:
     elapsed_s: float
     inference_s: float
     tally: Tally
+    speed_window_s: float | None = None  # set when speed was measured
 
     @property
     def fps(self) -> float:
@@ -41,14 +43,10 @@ class CountReport:
             entry["total"]["out"] += n_out
         zones: dict[str, dict] = {}
         for (_, zone, cls), agg in sorted(self.tally.zones.items()):
-            mean = agg.mean_dwell_s
-            zones.setdefault(zone, {"classes": {}})["classes"][cls] = {
-                "entries": agg.entries,
-                "exits": agg.exits,
-                "peak_occupancy": agg.peak_occupancy,
-                "mean_dwell_s": None if mean is None else round(mean, 2),
-            }
-        return {
+            zones.setdefault(zone, {"classes": {}})["classes"][cls] = _zone_dict(agg)
+        for (_, zone), agg in sorted(self.tally.zone_totals.items()):
+            zones.setdefault(zone, {"classes": {}})["total"] = _zone_dict(agg)
+        data = {
             "video": self.video,
             "model": self.model,
             "frames": self.frames,
@@ -59,6 +57,33 @@ class CountReport:
             "lines": lines,
             "zones": zones,
         }
+        if self.speed_window_s is not None:
+            data["speed"] = self._speed_dict()
+        return data
+
+    def _speed_dict(self) -> dict:
+        """Per class and in total: every measured track, and per line at its crossing."""
+        out: dict = {"window_s": self.speed_window_s, "tracks": {"classes": {}}, "lines": {}}
+        for (_, line, cls), agg in sorted(self.tally.speeds.items(), key=lambda i: i[0][2]):
+            entry = (
+                out["tracks"] if line is None else out["lines"].setdefault(line, {"classes": {}})
+            )
+            entry["classes"][cls] = agg.to_dict()
+        for (_, line), agg in self.tally.speed_totals().items():
+            entry = out["tracks"] if line is None else out["lines"][line]
+            entry["total"] = agg.to_dict()
+        out["tracks"].setdefault("total", {"n": 0, "insufficient": 0})
+        out["lines"] = dict(sorted(out["lines"].items()))
+        return out
+
+
+def _zone_dict(agg: ZoneAgg) -> dict:
+    return {
+        "entries": agg.entries,
+        "exits": agg.exits,
+        "peak_occupancy": agg.peak_occupancy,
+        **agg.dwell_summary(),
+    }
 
 
 def count_video(
@@ -73,9 +98,23 @@ def count_video(
     threads: int = 2,
     conf_threshold: float = 0.1,
     progress: bool | None = None,
+    speed=None,
+    stationary=None,
+    fps: float = 10.0,
+    start_frame: int = 0,
 ) -> CountReport:
-    """Count a video file end to end. Raises SourceError / ModelError / ValueError."""
-    source = VideoFileSource(video, realtime=False)
+    """Count a video file or image folder end to end.
+
+    ``speed`` (a `SpeedSpec`) adds ground speeds; ``stationary`` (a `StationarySpec`)
+    keeps parked objects out of the counts; ``fps`` stamps image-folder frames.
+    Raises SourceError / ModelError / ValueError.
+    """
+    if source_kind(str(video)) not in ("file", "folder"):
+        raise SourceError(
+            f"{video}: flowfleet count reads video files and image folders; "
+            "live streams and cameras are counted by the agent"
+        )
+    source = open_source(str(video), realtime=False, fps=fps, start_frame=start_frame)
     pipeline = build_pipeline(
         CAMERA,
         model=str(model),
@@ -87,6 +126,8 @@ def count_video(
         threads=threads,
         conf_threshold=conf_threshold,
         fps=source.fps,
+        speed=speed,
+        stationary=stationary,
     )
     tally = Tally()
     for spec in lines:
@@ -111,12 +152,16 @@ def count_video(
             tally.add_zone_event(CAMERA, ev)
         for zone, by_class in result.occupancy.items():
             tally.note_occupancy(CAMERA, zone, by_class)
+        for ev in result.speeds:
+            tally.add_speed(CAMERA, ev)
         frames += 1
         last_ts = frame.ts
         if bar is not None:
             bar.update(1)
     for ev in pipeline.flush(last_ts):
         tally.add_zone_event(CAMERA, ev)
+    for ev in pipeline.flush_speeds(last_ts):
+        tally.add_speed(CAMERA, ev)
     elapsed = time.perf_counter() - start
     if bar is not None:
         bar.close()
@@ -129,4 +174,5 @@ def count_video(
         elapsed_s=elapsed,
         inference_s=pipeline.stats.inference_s,
         tally=tally,
+        speed_window_s=None if speed is None else speed.window_s,
     )

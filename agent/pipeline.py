@@ -1,5 +1,9 @@
 """One camera's per-frame work: detect -> filter classes -> track -> count.
 
+Counting: stationary tracks are dropped first (when configured), then lines, zones
+and speed see the same tracked Detections. A line crossing also records the
+track's speed at that moment when the camera measures speed.
+
 `CameraPipeline.process` takes a frame and returns what happened in it; the caller
 (the offline counter or the agent service) decides where the counts go.
 """
@@ -11,10 +15,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .counting import Crossing, LineCounter, ZoneCounter, ZoneEvent
+from .counting import (
+    Crossing,
+    LineCounter,
+    StationaryFilter,
+    StationarySpec,
+    ZoneCounter,
+    ZoneEvent,
+)
 from .detections import Detections
 from .detectors.base import Detector
 from .labels import ClassFilter
+from .speed import SpeedEstimator, SpeedEvent, SpeedSpec
 from .tracker import ByteTracker, TrackerConfig
 
 
@@ -25,6 +37,7 @@ class FrameResult:
     zone_events: list[ZoneEvent]
     occupancy: dict[str, dict[str, int]]  # zone -> class -> objects inside now
     inference_s: float
+    speeds: list[SpeedEvent] = field(default_factory=list)  # ended tracks, line crossings
 
 
 @dataclass
@@ -44,12 +57,17 @@ class CameraPipeline:
         lines: list[LineCounter],
         zones: list[ZoneCounter],
         tracker_config: TrackerConfig | None = None,
+        *,
+        speed: SpeedEstimator | None = None,
+        stationary: StationaryFilter | None = None,
     ) -> None:
         self.name = name
         self.detector = detector
         self.class_filter = class_filter
         self.lines = lines
         self.zones = zones
+        self.speed = speed
+        self.stationary = stationary
         self.tracker = ByteTracker(tracker_config)
         self.stats = PipelineStats()
 
@@ -62,19 +80,27 @@ class CameraPipeline:
         dets = self.class_filter.apply(self.detector.detect(image))
         infer = time.perf_counter() - t0
         tracked = self.tracker.update(dets)
+        counted = tracked if self.stationary is None else self.stationary.apply(tracked, ts)
+        speeds: list[SpeedEvent] = []
+        if self.speed is not None:
+            speeds.extend(self.speed.update(counted, ts))
         crossings: list[Crossing] = []
         for line in self.lines:
-            crossings.extend(line.update(tracked, ts))
+            crossings.extend(line.update(counted, ts))
+        if self.speed is not None:
+            speeds.extend(
+                self.speed.crossing(c.track_id, c.class_name, c.line, ts) for c in crossings
+            )
         zone_events: list[ZoneEvent] = []
         occupancy: dict[str, dict[str, int]] = {}
         for zone in self.zones:
-            zone_events.extend(zone.update(tracked, ts))
+            zone_events.extend(zone.update(counted, ts))
             occupancy[zone.name] = zone.occupancy_by_class()
         self.stats.frames += 1
         self.stats.inference_s += infer
         self.stats.last_inference_s = infer
         self.stats.detections += len(dets)
-        return FrameResult(tracked, crossings, zone_events, occupancy, infer)
+        return FrameResult(tracked, crossings, zone_events, occupancy, infer, speeds)
 
     def flush(self, ts: float) -> list[ZoneEvent]:
         """Close open zone visits (end of file or shutdown)."""
@@ -82,6 +108,10 @@ class CameraPipeline:
         for zone in self.zones:
             events.extend(zone.flush(ts))
         return events
+
+    def flush_speeds(self, ts: float) -> list[SpeedEvent]:
+        """End every track's speed measurement (end of file or shutdown)."""
+        return [] if self.speed is None else self.speed.flush(ts)
 
 
 def build_pipeline(
@@ -96,8 +126,11 @@ def build_pipeline(
     threads: int = 2,
     conf_threshold: float = 0.1,
     fps: float = 25.0,
+    speed: SpeedSpec | None = None,
+    stationary: StationarySpec | None = None,
 ) -> CameraPipeline:
-    """Assemble a pipeline from config values (LineSpec / ZoneSpec sequences).
+    """Assemble a pipeline from config values (LineSpec / ZoneSpec sequences,
+    optional `SpeedSpec` and `StationarySpec`).
 
     Raises ModelError for an unusable model and ValueError for an unknown class.
     """
@@ -118,6 +151,18 @@ def build_pipeline(
         )
         for s in zones
     ]
+    lost_s = tracker_config.lost_buffer / fps
     return CameraPipeline(
-        name, detector, class_filter, line_counters, zone_counters, tracker_config
+        name,
+        detector,
+        class_filter,
+        line_counters,
+        zone_counters,
+        tracker_config,
+        speed=None
+        if speed is None
+        else SpeedEstimator(speed, anchor=anchor, forget_after_s=max(lost_s, 0.5)),
+        stationary=None
+        if stationary is None
+        else StationaryFilter.from_spec(stationary, anchor=anchor),
     )

@@ -2,9 +2,15 @@
 
 Each camera runs its pipeline on its own thread; all cameras share one open bin,
 one outbox and one MQTT connection. Every ``bin_seconds`` (aligned to the wall
-clock) the open bin is closed and enqueued with the next count sequence number, and
-every ``health_seconds`` a health beat is enqueued. A camera that fails is reported
-in the health beat and restarted with exponential backoff while the others count on.
+clock) the open bin is closed and enqueued with the next count sequence number,
+together with how far each file camera had read (so a restarted agent resumes there
+instead of counting the file again), and every ``health_seconds`` a health beat is
+enqueued. A camera that fails is reported (health beat and event) and restarted with
+exponential backoff while the others count on.
+
+A housekeeping thread applies the outbox cap once a second (reporting every drop as
+a log line, an ``outbox_dropped`` event and the health beat's ``outbox_dropped``),
+and pings the systemd watchdog while the agent's threads are alive.
 """
 
 from __future__ import annotations
@@ -13,20 +19,27 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flowfleet import __version__
-from flowfleet.contract import CameraHealth, CountBin, Health, Status, Topics
+from flowfleet.contract import CameraHealth, CountBin, Event, Health, Status, SystemHealth, Topics
 from flowfleet.mqtt import BrokerAddress, MqttConnection, Will
 
-from .config import AgentConfig, CameraConfig
+from .config import AgentConfig, CameraConfig, read_password
+from .drift import DriftWindow, RecordingDetector
+from .outbox import Dropped, Position
 from .pipeline import CameraPipeline, build_pipeline
 from .publisher import Publisher
-from .sources import VideoFileSource
+from .resume import is_resumable, open_camera_source, source_size
+from .sdnotify import Notifier
+from .system_stats import SystemStats
 from .tally import Tally
 
 log = logging.getLogger(__name__)
+
+DROP_REPORT_EVERY_S = 30.0  # at most one outbox_dropped event per this long
 
 
 @dataclass
@@ -35,16 +48,34 @@ class CameraState:
     state: str = "starting"
     error: str | None = None
     frames: int = 0
+    dropped_frames: int = 0
     fps: float = 0.0
     inference_ms: float = 0.0
     restarts: int = 0
     classes: tuple[str, ...] = ()  # what the camera counts, known once its model loaded
+    position: Position | None = None  # next frame to read once the open bin is stored
+    latencies: deque = field(default_factory=lambda: deque(maxlen=512))
+    drift: DriftWindow | None = None
+    # The model file the camera runs (the config's, or one a model update activated),
+    # the running pipeline, and the lock a model swap takes between two frames.
+    model_path: str = ""
+    labels_path: str | None = None
+    pipeline: CameraPipeline | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_frame: object = None  # the newest frame, for a new model's health gate
+
+    def p95_ms(self) -> float | None:
+        if not self.latencies:
+            return None
+        ordered = sorted(self.latencies)
+        return round(1000.0 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 2)
 
 
 class AgentService:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, notifier: Notifier | None = None) -> None:
         self.config = config
         self.device = config.device_id
+        self.version = __version__
         self.topics = Topics(config.broker.topic_root)
         state_dir = Path(config.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -52,26 +83,37 @@ class AgentService:
         from .outbox import Outbox
 
         self.outbox = Outbox(state_dir / "outbox.sqlite")
-        self.publisher = Publisher(self.outbox)
+        ob = config.outbox
+        self.publisher = Publisher(self.outbox, window=ob.inflight, rate=ob.send_rate)
         self.cameras = {c.name: CameraState(c) for c in config.cameras}
+        self._saved_positions = self.outbox.positions()
         self._tally = Tally()
         self._tally_lock = threading.Lock()
         self._bin_start = time.time()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._sources: dict[str, VideoFileSource] = {}
+        self._sources: dict[str, object] = {}
         self.started = time.monotonic()
+        self.notifier = notifier or Notifier()
+        self.system = SystemStats(state_dir)
+        self.last_system: SystemHealth | None = None
+        self.metrics = None
+        self._pending_drops: dict[str, list[int]] = {}  # stream -> [n, first, last]
+        self._last_drop_event = 0.0
+        self._over_cap_reported = False
         self.connection = self._make_connection()
+        from .updater import ModelUpdater
+
+        self.updater = ModelUpdater(self)
+        for cam in self.cameras.values():
+            cam.model_path, cam.labels_path = self.updater.model_for(cam.config)
 
     # -- wiring ----------------------------------------------------------------------
 
     def _make_connection(self) -> MqttConnection:
         b = self.config.broker
-        password = None
-        if b.password_file:
-            password = Path(b.password_file).read_text().strip()
         address = BrokerAddress(
-            b.host, b.port, b.username, password, b.ca_file, b.cert_file, b.key_file
+            b.host, b.port, b.username, read_password(b), b.ca_file, b.cert_file, b.key_file
         )
         offline = Status(device=self.device, state="offline").to_json()
         conn = MqttConnection(
@@ -79,6 +121,10 @@ class AgentService:
             address,
             will=Will(self.topics.status(self.device), offline),
             on_connect=self._on_connect,
+            keepalive=b.keepalive_s,
+            max_inflight=self.config.outbox.inflight,
+            reconnect_min_s=b.reconnect_min_s,
+            reconnect_max_s=b.reconnect_max_s,
         )
         self.publisher.attach(conn)
         return conn
@@ -88,6 +134,7 @@ class AgentService:
             device=self.device, state="online", ts=time.time(), agent_version=__version__
         )
         self.connection.publish(self.topics.status(self.device), online.to_json(), retain=True)
+        self.updater.publish_reported()
         self.publisher.on_connect()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -101,12 +148,24 @@ class AgentService:
             self.outbox.depth(),
             self.outbox.last_seq("counts") + 1,
         )
+        if self.config.metrics.port:
+            from .metrics import MetricsServer
+
+            self.metrics = MetricsServer(self, self.config.metrics.host, self.config.metrics.port)
+        if self.updater.enabled:
+            # Retained: the broker hands over the current desired state on subscribe.
+            self.connection.subscribe(self.topics.desired(self.device), self.updater.on_desired)
+            self.updater.start()
         self.connection.start()
         self.publisher.start()
         for cam in self.cameras.values():
             self._spawn(self._camera_loop, cam, name=f"camera-{cam.config.name}")
         self._spawn(self._bin_loop, name="bins")
         self._spawn(self._health_loop, name="health")
+        if self.config.drift_seconds:
+            self._spawn(self._drift_loop, name="drift")
+        self._spawn(self._housekeeping_loop, name="housekeeping")
+        self.notifier.ready(f"counting with {len(self.cameras)} camera(s)")
 
     def _spawn(self, target, *args, name: str) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -124,31 +183,55 @@ class AgentService:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def uptime(self) -> float:
+        return time.monotonic() - self.started
+
     def stop(self, drain_timeout: float = 5.0) -> None:
-        """Finish frames, enqueue the open bin, send what we can, disconnect cleanly."""
+        """Finish the current frames, enqueue the open bin, send what we can, disconnect.
+
+        The clean disconnect means the broker does not publish the Last Will; the
+        agent publishes its retained ``offline`` status itself.
+        """
+        self.notifier.stopping("flushing the open bin")
         self._stop.set()
+        self.updater.stop()
         for src in list(self._sources.values()):
             src.stop()
         for t in self._threads:
             t.join(10)
         self.close_bin()
+        if self.config.drift_seconds:
+            self.close_drift_windows()
+        self._report_drops(force=True)
         if self.connection.connected.is_set():
             self.publisher.wait_drained(drain_timeout)
             offline = Status(device=self.device, state="offline", ts=time.time())
-            self.connection.publish(self.topics.status(self.device), offline.to_json(), retain=True)
+            mid = self.connection.publish(
+                self.topics.status(self.device), offline.to_json(), retain=True
+            )
+            if mid is not None:
+                time.sleep(0.1)  # let paho's thread write it before the DISCONNECT
         self.publisher.stop()
         self.connection.stop()
+        if self.metrics is not None:
+            self.metrics.close()
         self.outbox.close()
+        self.notifier.close()
         log.info("agent %s stopped", self.device)
 
-    # -- bins and health -------------------------------------------------------------
+    # -- bins, events and health -------------------------------------------------------
 
     def close_bin(self) -> CountBin | None:
-        """Enqueue the open bin (even if empty: zero is a count) and open the next."""
+        """Enqueue the open bin (even if empty: zero is a count) and open the next.
+
+        The bin, the cumulative totals and each file camera's read position are
+        committed (fsync) in one transaction.
+        """
         now = time.time()
         with self._tally_lock:
             tally, self._tally = self._tally, Tally()
             start, self._bin_start = self._bin_start, now
+            positions = {name: cam.position for name, cam in self.cameras.items() if cam.position}
         self._declare_zero_rows(tally)
         count_bin = self.outbox.enqueue_bin(
             self.topics.counts(self.device),
@@ -159,7 +242,9 @@ class AgentService:
                 end=round(now, 3),
                 lines=tally.line_counts(),
                 zones=tally.zone_counts(),
+                speeds=tally.speed_counts(),
             ),
+            positions=positions,
         )
         self.publisher.notify()
         return count_bin
@@ -170,6 +255,36 @@ class AgentService:
             for line in cam.config.lines:
                 tally.declare_line(cam.config.name, line.name, list(cam.classes))
 
+    def event(
+        self,
+        type_: str,
+        message: str,
+        *,
+        severity: str = "info",
+        camera: str | None = None,
+        **data,
+    ) -> int:
+        """Log an event and enqueue it for the registry; returns its seq."""
+        level = {"info": logging.INFO, "warning": logging.WARNING}.get(severity, logging.ERROR)
+        log.log(level, "event %s: %s", type_, message)
+        ts = time.time()
+        seq = self.outbox.enqueue(
+            "events",
+            self.topics.events(self.device),
+            lambda seq: Event(
+                device=self.device,
+                seq=seq,
+                ts=round(ts, 3),
+                type=type_,
+                severity=severity,
+                camera=camera,
+                message=message[:1024],
+                data=data,
+            ).to_json(),
+        )
+        self.publisher.notify()
+        return seq
+
     def _bin_loop(self) -> None:
         period = self.config.bin_seconds
         while True:
@@ -177,97 +292,325 @@ class AgentService:
             boundary = math.floor(now / period) * period + period
             if self._stop.wait(boundary - now):
                 return
-            self.close_bin()
+            try:
+                self.close_bin()
+            except Exception:  # a full disk must not kill the loop; the next bin retries
+                log.exception("could not enqueue the count bin; its counts move to the next")
+
+    def close_drift_windows(self) -> int:
+        """Enqueue each camera's drift summary for the window now ending; returns how many."""
+        now = time.time()
+        n = 0
+        for cam in self.cameras.values():
+            summary = cam.drift.take(self.device, now) if cam.drift else None
+            if summary is None:
+                continue
+            self.outbox.enqueue(
+                "drift",
+                self.topics.drift(self.device),
+                lambda seq, s=summary: s.model_copy(update={"seq": seq}).to_json(),
+            )
+            n += 1
+        if n:
+            self.publisher.notify()
+        return n
+
+    def _drift_loop(self) -> None:
+        period = self.config.drift_seconds
+        while True:
+            now = time.time()
+            boundary = math.floor(now / period) * period + period
+            if self._stop.wait(boundary - now):
+                return
+            try:
+                self.close_drift_windows()
+            except Exception:
+                log.exception("could not enqueue drift summaries")
+
+    def _camera_state(self, name: str, cam: CameraState) -> tuple[str, str | None]:
+        """A live stream that is (re)connecting reports `starting` with the reason."""
+        source = self._sources.get(name)
+        live_state = getattr(source, "state", None)
+        if cam.state == "running" and live_state in ("connecting", "reconnecting"):
+            return "starting", getattr(source, "error", None) or live_state
+        return cam.state, cam.error
 
     def health(self) -> Health:
+        states = {name: self._camera_state(name, c) for name, c in self.cameras.items()}
         cams = tuple(
             CameraHealth(
                 camera=name,
-                state=c.state,
+                state=states[name][0],
                 fps=round(c.fps, 2),
                 inference_ms=round(c.inference_ms, 2),
+                inference_p95_ms=c.p95_ms(),
                 frames=c.frames,
-                model=Path(c.config.model).name,
-                error=c.error,
+                dropped_frames=c.dropped_frames,
+                model=Path(c.model_path).name,
+                error=states[name][1],
+                restarts=c.restarts,
             )
             for name, c in self.cameras.items()
         )
+        try:
+            self.last_system = self.system.sample()
+        except Exception:  # odd /proc contents must not cost the beat
+            log.debug("system stats failed", exc_info=True)
+        dropped = sum(n for k, n in self.outbox.counters().items() if k.startswith("dropped."))
         return Health(
             device=self.device,
             seq=1,
-            ts=time.time(),
-            uptime_s=round(time.monotonic() - self.started, 1),
+            ts=round(time.time(), 3),
+            uptime_s=round(self.uptime(), 1),
             outbox_depth=self.outbox.depth(),
+            outbox_dropped=dropped,
             cameras=cams,
+            system=self.last_system,
+            agent_version=self.version,
         )
 
     def _health_loop(self) -> None:
-        while not self._stop.wait(self.config.health_seconds):
-            beat = self.health()
-            self.outbox.enqueue(
-                "health",
-                self.topics.health(self.device),
-                lambda seq, beat=beat: beat.model_copy(update={"seq": seq}).to_json(),
+        # The first beat goes out as soon as every camera has started (or failed),
+        # at most 2 s after start, so the fleet sees a new agent at once.
+        first_by = time.monotonic() + min(2.0, self.config.health_seconds)
+        while time.monotonic() < first_by and any(
+            c.state == "starting" for c in self.cameras.values()
+        ):
+            if self._stop.wait(0.05):
+                return
+        wait = 0.0
+        while not self._stop.wait(wait):
+            wait = self.config.health_seconds
+            try:
+                beat = self.health()
+                self.outbox.enqueue(
+                    "health",
+                    self.topics.health(self.device),
+                    lambda seq, beat=beat: beat.model_copy(update={"seq": seq}).to_json(),
+                )
+                self.publisher.notify()
+            except Exception:
+                log.exception("could not enqueue a health beat")
+
+    # -- outbox cap and watchdog ---------------------------------------------------------
+
+    def enforce_outbox_limits(self) -> list[Dropped]:
+        ob = self.config.outbox
+        dropped = self.outbox.enforce_limits(
+            ob.max_messages, ob.max_age_s, ob.policy, exclude=self.publisher.busy_rows()
+        )
+        for d in dropped:
+            log.warning(
+                "outbox %s: dropped %d %s message(s), seq %d..%d (policy %s)",
+                d.reason,
+                d.n,
+                d.stream,
+                d.first_seq,
+                d.last_seq,
+                ob.policy,
             )
-            self.publisher.notify()
+            agg = self._pending_drops.setdefault(d.stream, [0, d.first_seq, d.last_seq])
+            agg[0] += d.n
+            agg[1], agg[2] = min(agg[1], d.first_seq), max(agg[2], d.last_seq)
+        depth = self.outbox.depth()
+        if depth > ob.max_messages and not self._over_cap_reported:
+            self._over_cap_reported = True
+            self.event(
+                "outbox_over_cap",
+                f"outbox holds {depth} messages, over max_messages={ob.max_messages}; "
+                f"policy {ob.policy} keeps count bins",
+                severity="warning",
+                depth=depth,
+                max_messages=ob.max_messages,
+            )
+        elif depth <= ob.max_messages:
+            self._over_cap_reported = False
+        self._report_drops()
+        return dropped
+
+    def _report_drops(self, force: bool = False) -> None:
+        if not self._pending_drops:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_drop_event < DROP_REPORT_EVERY_S:
+            return
+        drops, self._pending_drops = self._pending_drops, {}
+        self._last_drop_event = now
+        for stream, (n, first, last) in sorted(drops.items()):
+            self.event(
+                "outbox_dropped",
+                f"outbox cap dropped {n} {stream} message(s), seq {first}..{last} "
+                f"(policy {self.config.outbox.policy})",
+                severity="warning",
+                stream=stream,
+                n=n,
+                first_seq=first,
+                last_seq=last,
+                policy=self.config.outbox.policy,
+            )
+
+    def _alive(self) -> bool:
+        """The loops the watchdog vouches for: bins, health and the publisher."""
+        named = {t.name: t for t in self._threads}
+        publisher = self.publisher._thread
+        return (
+            all(named[n].is_alive() for n in ("bins", "health") if n in named)
+            and publisher is not None
+            and publisher.is_alive()
+        )
+
+    def _housekeeping_loop(self) -> None:
+        wd = self.notifier.watchdog_s
+        interval = min(1.0, wd / 3) if wd else 1.0
+        while not self._stop.wait(interval):
+            try:
+                self.enforce_outbox_limits()
+            except Exception:
+                log.exception("outbox housekeeping failed")
+            if wd and self._alive():
+                self.notifier.watchdog()
 
     # -- cameras ---------------------------------------------------------------------
 
     def _camera_loop(self, cam: CameraState) -> None:
         backoff = 1.0
         while not self._stop.is_set():
+            frames_before = cam.frames
             try:
                 self._run_camera(cam)
                 if not cam.config.loop:
                     cam.state = "stopped"
                     return
             except Exception as exc:  # one camera's failure must not stop the others
+                previous = cam.error
                 cam.state, cam.error = "failed", f"{type(exc).__name__}: {exc}"
                 cam.restarts += 1
+                if cam.frames > frames_before:
+                    backoff = 1.0  # it ran since the last failure: start the backoff over
                 log.error("camera %s failed: %s; retrying in %.0fs", cam.config.name, exc, backoff)
+                # An event for a new error, then every 10th retry of the same one.
+                if cam.error != previous or cam.restarts % 10 == 0:
+                    self._camera_failed_event(cam, backoff)
                 if self._stop.wait(backoff):
                     return
                 backoff = min(backoff * 2, 60.0)
 
+    def _camera_failed_event(self, cam: CameraState, backoff: float) -> None:
+        try:
+            self.event(
+                "camera_failed",
+                f"camera {cam.config.name} failed: {cam.error}; retrying in {backoff:.0f}s",
+                severity="error",
+                camera=cam.config.name,
+                restarts=cam.restarts,
+            )
+        except Exception:
+            log.exception("could not record the camera failure event")
+
+    def _start_position(self, cam: CameraState) -> int:
+        """Where to start reading: the open bin's position, else the persisted one."""
+        c = cam.config
+        size = source_size(c.source)
+        current = cam.position or self._saved_positions.get(c.name)
+        if current is None:
+            return 0
+        if current.source != c.source or current.source_size != size:
+            log.info("camera %s: source changed since the last run; starting over", c.name)
+            return 0
+        return current.pos
+
     def _run_camera(self, cam: CameraState) -> None:
         c = cam.config
-        source = VideoFileSource(c.source, loop=c.loop, realtime=c.realtime, fps_cap=c.fps_cap)
+        start_frame = self._start_position(cam)
+        source = open_camera_source(
+            c.source,
+            start_frame=start_frame,
+            loop=c.loop,
+            realtime=c.realtime,
+            fps_cap=c.fps_cap,
+            fps=c.fps,
+        )
         self._sources[c.name] = source
+        resumable = is_resumable(source)
         pipeline: CameraPipeline = build_pipeline(
             c.name,
-            model=c.model,
+            model=cam.model_path,
             lines=c.lines,
             zones=c.zones,
             classes=c.classes,
-            labels=c.labels,
+            labels=cam.labels_path,
             anchor=c.anchor,
             threads=c.threads,
             conf_threshold=c.conf_threshold,
             fps=source.delivered_fps,
+            speed=c.speed,
+            stationary=c.stationary,
         )
         cam.classes = tuple(pipeline.counted_classes)
+        recorder = None
+        if self.config.drift_seconds:
+            recorder = RecordingDetector(pipeline.detector)
+            pipeline.detector = recorder
+            if cam.drift is None:
+                cam.drift = DriftWindow(c.name, Path(cam.model_path).name, time.time())
+        was_failed = cam.state == "failed"
         cam.state, cam.error = "running", None
-        log.info("camera %s running: %s with %s", c.name, c.source, Path(c.model).name)
+        size = source_size(c.source)
+        if resumable and start_frame:
+            log.info(
+                "camera %s resuming %s at frame %d of %s",
+                c.name,
+                c.source,
+                start_frame,
+                source.frame_count or "?",
+            )
+            with self._tally_lock:
+                cam.position = Position(c.source, size, start_frame)
+        with cam.lock:
+            cam.pipeline = pipeline
+        log.info("camera %s running: %s with %s", c.name, c.source, Path(cam.model_path).name)
+        if was_failed:
+            self.event("camera_running", f"camera {c.name} runs again", camera=c.name)
         window_t, window_n = time.monotonic(), 0
+        last_ts = time.time()
         try:
             for frame in source:
                 if self._stop.is_set():
                     break
-                result = pipeline.process(frame.image, frame.ts)
-                if result.crossings or result.zone_events or result.occupancy:
-                    with self._tally_lock:
-                        for ev in result.crossings:
-                            self._tally.add_crossing(c.name, ev)
-                        for ev in result.zone_events:
-                            self._tally.add_zone_event(c.name, ev)
-                        for zone, by_class in result.occupancy.items():
-                            self._tally.note_occupancy(c.name, zone, by_class)
+                last_ts = frame.ts
+                with cam.lock:  # a model swap happens between frames, never within one
+                    result = pipeline.process(frame.image, frame.ts)
+                cam.last_frame = frame.image
+                with self._tally_lock:
+                    for ev in result.crossings:
+                        self._tally.add_crossing(c.name, ev)
+                    for ev in result.zone_events:
+                        self._tally.add_zone_event(c.name, ev)
+                    for zone, by_class in result.occupancy.items():
+                        self._tally.note_occupancy(c.name, zone, by_class)
+                    for ev in result.speeds:
+                        self._tally.add_speed(c.name, ev)
+                    if resumable:
+                        cam.position = Position(c.source, size, frame.index + 1)
                 cam.frames += 1
+                cam.dropped_frames = int(getattr(source, "dropped_frames", 0))
                 cam.inference_ms = 0.9 * cam.inference_ms + 100 * result.inference_s
+                cam.latencies.append(result.inference_s)
+                if recorder is not None:
+                    cam.drift.add(recorder.last, frame.image, result.inference_s)
                 window_n += 1
                 elapsed = time.monotonic() - window_t
                 if elapsed >= 2.0:
                     cam.fps, window_t, window_n = window_n / elapsed, time.monotonic(), 0
+            # End of the file or shutdown: close open zone visits and speed tracks so
+            # entries are matched by exits and measured speeds reach the last bin.
+            with self._tally_lock:
+                for ev in pipeline.flush(last_ts):
+                    self._tally.add_zone_event(c.name, ev)
+                for ev in pipeline.flush_speeds(last_ts):
+                    self._tally.add_speed(c.name, ev)
         finally:
             source.stop()
+            with cam.lock:
+                cam.pipeline = None
             pipeline.detector.close()

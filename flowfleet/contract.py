@@ -9,6 +9,9 @@ Topic layout (``{root}`` is ``flowfleet/v1`` unless configured otherwise)::
     {root}/devices/{device}/status    device -> registry  retained  QoS 1
     {root}/devices/{device}/counts    device -> registry            QoS 1
     {root}/devices/{device}/health    device -> registry            QoS 1
+    {root}/devices/{device}/events    device -> registry            QoS 1
+    {root}/devices/{device}/drift     device -> registry            QoS 1
+    {root}/devices/{device}/reported  device -> registry  retained  QoS 1
     {root}/commands/{device}/desired  registry -> device  retained  QoS 1
 
 A device publishes only under ``{root}/devices/{its id}/`` and reads only
@@ -39,7 +42,7 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 Count = Annotated[int, Field(ge=0)]
 Seq = Annotated[int, Field(ge=1)]
 
-DEVICE_KINDS = ("status", "counts", "health")
+DEVICE_KINDS = ("status", "counts", "health", "events", "drift", "reported")
 COMMAND_KINDS = ("desired",)
 
 
@@ -85,6 +88,15 @@ class Topics:
 
     def health(self, device: str) -> str:
         return self.device(device, "health")
+
+    def events(self, device: str) -> str:
+        return self.device(device, "events")
+
+    def drift(self, device: str) -> str:
+        return self.device(device, "drift")
+
+    def reported(self, device: str) -> str:
+        return self.device(device, "reported")
 
     def desired(self, device: str) -> str:
         return self.command(device, "desired")
@@ -154,6 +166,27 @@ class ZoneCount(BaseModel):
     dwell_n: Count = 0
 
 
+class SpeedCount(BaseModel):
+    """Ground speeds of one class during one window, from a camera's speed calibration.
+
+    ``line`` absent: every track of the camera that ended in the window (its mean
+    speed); ``line`` given: the speed of each track at the moment it crossed the line.
+    ``n`` counts measured tracks; ``insufficient`` counts tracks too short to measure
+    (never reported as 0 km/h). The means and p85 are None when ``n`` is 0.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    camera: Name
+    line: Name | None = None
+    class_: Annotated[str, Field(alias="class", min_length=1, max_length=64)]
+    n: Count
+    mean_kmh: Annotated[float, Field(ge=0)] | None = None
+    p85_kmh: Annotated[float, Field(ge=0)] | None = None
+    max_kmh: Annotated[float, Field(ge=0)] | None = None
+    insufficient: Count = 0
+
+
 class CountBin(_Payload):
     """Counts of one device over one time window [start, end).
 
@@ -168,11 +201,20 @@ class CountBin(_Payload):
     end: float = Field(description="window end (exclusive), seconds since the Unix epoch")
     lines: tuple[LineCount, ...] = ()
     zones: tuple[ZoneCount, ...] = ()
+    # Optional (absent unless a camera of the device measures speed), so bins without
+    # speeds are byte-for-byte what schema 1 agents always sent.
+    speeds: tuple[SpeedCount, ...] | None = None
 
     @model_validator(mode="after")
     def _window_ordered(self) -> CountBin:
         if self.end < self.start:
             raise ValueError(f"window end {self.end} is before start {self.start}")
+        seen_speeds = set()
+        for row in self.speeds or ():
+            k = (row.camera, row.line, row.class_)
+            if k in seen_speeds:
+                raise ValueError(f"speeds has {k} more than once; one row per key")
+            seen_speeds.add(k)
         for rows, key in ((self.lines, "line"), (self.zones, "zone")):
             seen = set()
             for row in rows:
@@ -194,6 +236,28 @@ class CameraHealth(BaseModel):
     dropped_frames: Count = 0
     model: str | None = None
     error: str | None = None
+    restarts: Count = 0
+    inference_p95_ms: Annotated[float, Field(ge=0)] | None = None
+
+
+class SystemHealth(BaseModel):
+    """The device's own figures; each is absent where the platform does not expose it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    load_1m: Annotated[float, Field(ge=0)] | None = None
+    cpu_percent: Annotated[float, Field(ge=0)] | None = None
+    cpu_count: Annotated[int, Field(ge=1)] | None = None
+    mem_total_bytes: Count | None = None
+    mem_available_bytes: Count | None = None
+    process_rss_bytes: Count | None = None
+    disk_free_bytes: Count | None = None
+    disk_total_bytes: Count | None = None
+    soc_temp_c: float | None = None
+    throttled: Count | None = Field(None, description="vcgencmd get_throttled bit mask (Pi)")
+    throttled_flags: tuple[str, ...] | None = None
+    gpu_percent: Annotated[float, Field(ge=0)] | None = None
+    gpu_temp_c: float | None = None
 
 
 class Health(_Payload):
@@ -204,10 +268,40 @@ class Health(_Payload):
     ts: float
     uptime_s: Annotated[float, Field(ge=0)]
     outbox_depth: Count = 0
+    outbox_dropped: Count = Field(0, description="messages the outbox cap dropped, lifetime")
     cameras: tuple[CameraHealth, ...] = ()
+    system: SystemHealth | None = None
+    agent_version: str | None = None
+
+
+EventValue = str | int | float | bool | None
+
+
+class Event(_Payload):
+    """Something that happened on a device (outbox drop, camera failure, resume, ...).
+
+    ``seq`` is a third per-device sequence with the same rules as the others.
+    """
+
+    kind: Literal["events"] = "events"
+    seq: Seq
+    ts: float
+    type: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+    severity: Literal["info", "warning", "error"] = "info"
+    camera: Name | None = None
+    message: Annotated[str, Field(max_length=1024)] = ""
+    data: dict[Annotated[str, Field(max_length=64)], EventValue] = Field(default_factory=dict)
 
 
 class ModelRef(BaseModel):
+    """One model version a camera should run, with what the device needs to verify it.
+
+    ``manifest`` is the base64 of the registry's signed manifest bytes, exactly as
+    signed (see `flowfleet.signing`); ``signature`` is the base64 ed25519 signature
+    over those bytes by the key ``key_id``. ``url`` may be relative to the registry's
+    URL. A device refuses a reference without manifest, signature and key id.
+    """
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Name
@@ -215,6 +309,8 @@ class ModelRef(BaseModel):
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     url: str
     signature: str | None = None
+    manifest: Annotated[str, Field(max_length=96 * 1024)] | None = None
+    key_id: Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")] | None = None
 
 
 class Desired(_Payload):
@@ -225,10 +321,86 @@ class Desired(_Payload):
     models: dict[Name, ModelRef] = Field(default_factory=dict, description="camera -> model")
 
 
+UpdateState = Literal["downloading", "verified", "activated", "failed", "rolled_back"]
+
+
+class CameraModel(BaseModel):
+    """Which model one camera runs, and how its last model update went."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    camera: Name
+    model: str | None = Field(None, description="registry model name; None: the config's file")
+    version: Annotated[int, Field(ge=1)] | None = None
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    file: str | None = Field(None, description="model file name on the device")
+    update: UpdateState | None = Field(None, description="state of the last update")
+    update_model: str | None = None
+    update_version: Annotated[int, Field(ge=1)] | None = None
+    reason: Annotated[str, Field(max_length=1024)] | None = None
+    update_ts: float | None = None
+
+
+class Reported(_Payload):
+    """Device -> registry reported state (retained): what each camera runs now.
+
+    ``desired_version`` is the highest desired-state version the device has applied
+    (accepted or refused); a registry compares it with the version it published.
+    """
+
+    kind: Literal["reported"] = "reported"
+    ts: float
+    desired_version: Annotated[int, Field(ge=1)] | None = None
+    cameras: tuple[CameraModel, ...] = ()
+
+
+# Fixed histogram edges of a drift summary, so windows compare bin by bin.
+CONFIDENCE_EDGES = tuple(round(0.1 * i, 1) for i in range(11))  # 10 bins over [0, 1]
+DETECTIONS_EDGES = (0, 1, 2, 3, 5, 9, 17)  # bins 0, 1, 2, 3-4, 5-8, 9-16, 17+
+
+
+class DriftSummary(_Payload):
+    """What one camera's detector saw during a window, for drift checks (no images).
+
+    ``confidence_hist`` has one count per bin of `CONFIDENCE_EDGES` (the last bin
+    includes 1.0); ``detections_hist`` counts frames by detections per frame in the
+    bins of `DETECTIONS_EDGES` (the last bin is open). ``seq`` is a fourth per-device
+    sequence.
+    """
+
+    kind: Literal["drift"] = "drift"
+    seq: Seq
+    camera: Name
+    model: str | None = None
+    start: float
+    end: float
+    frames: Count
+    detections: Count
+    confidence_hist: tuple[Count, ...] = Field(min_length=10, max_length=10)
+    detections_per_frame: Annotated[float, Field(ge=0)]
+    detections_hist: tuple[Count, ...] = Field(min_length=7, max_length=7)
+    class_mix: dict[Annotated[str, Field(min_length=1, max_length=64)], Count] = Field(
+        default_factory=dict
+    )
+    mean_box_area: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        None, description="mean box area as a fraction of the image"
+    )
+    latency_ms_p50: Annotated[float, Field(ge=0)] | None = None
+    latency_ms_p90: Annotated[float, Field(ge=0)] | None = None
+    latency_ms_p99: Annotated[float, Field(ge=0)] | None = None
+    brightness: Annotated[float, Field(ge=0, le=255)] | None = None
+    blur: Annotated[float, Field(ge=0)] | None = Field(
+        None, description="mean variance of the Laplacian (lower is blurrier)"
+    )
+
+
 PAYLOADS: dict[str, type[_Payload]] = {
     "status": Status,
     "counts": CountBin,
     "health": Health,
+    "events": Event,
+    "drift": DriftSummary,
+    "reported": Reported,
     "desired": Desired,
 }
 

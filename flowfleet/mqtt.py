@@ -3,16 +3,19 @@
 Agent and registry both use `MqttConnection`. It reports "connected" only after the
 broker accepted the session (CONNACK success), hands every PUBACK to a callback so
 the agent's outbox can delete exactly what the broker acknowledged, and reconnects
-with exponential backoff on its own network thread.
+with exponential backoff and jitter on its own network thread (so a fleet that lost
+its broker does not reconnect in lockstep).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import ssl
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -37,7 +40,7 @@ class BrokerAddress:
     host: str = "127.0.0.1"
     port: int = 1883
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # a secret: never in logs
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
@@ -48,6 +51,42 @@ class BrokerAddress:
 
     def __str__(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def backoff_delay(attempt: int, min_delay: float, max_delay: float, rng=random) -> float:
+    """Seconds to wait before reconnect ``attempt`` (1, 2, ...): "equal jitter".
+
+    The ceiling doubles per attempt from ``min_delay`` up to ``max_delay``; the delay
+    is uniform in [ceiling / 2, ceiling], never below ``min_delay``.
+    """
+    ceiling = min(max_delay, min_delay * 2 ** max(0, attempt - 1))
+    return max(min_delay, ceiling / 2 + rng.uniform(0, ceiling / 2))
+
+
+class _JitterClient(mqtt.Client):
+    """paho's client with jittered exponential reconnect delays.
+
+    Overrides paho 2.x's ``_reconnect_wait`` (same contract: sleep until the next
+    attempt, return early when the client is being stopped).
+    """
+
+    attempt = 0
+
+    def _reconnect_wait(self) -> None:
+        self.attempt += 1
+        delay = backoff_delay(self.attempt, self._reconnect_min_delay, self._reconnect_max_delay)
+        log.debug("reconnecting in %.1fs (attempt %d)", delay, self.attempt)
+        end = time.monotonic() + delay
+        while not self._thread_terminate and time.monotonic() < end:
+            if _CS is not None and self._state in (
+                _CS.MQTT_CS_DISCONNECTING,
+                _CS.MQTT_CS_DISCONNECTED,
+            ):
+                return
+            time.sleep(min(0.2, max(0.0, end - time.monotonic())))
+
+
+_CS = getattr(mqtt, "_ConnectionState", None)  # paho 2.x internals; checked in tests
 
 
 @dataclass(frozen=True)
@@ -83,6 +122,8 @@ class MqttConnection:
         on_connect: Callable[[], None] | None = None,
         on_disconnect: Callable[[str], None] | None = None,
         max_inflight: int = 20,
+        reconnect_min_s: float = 1.0,
+        reconnect_max_s: float = 30.0,
     ) -> None:
         self.address = address
         self.client_id = client_id
@@ -95,7 +136,8 @@ class MqttConnection:
         self._handlers: list[tuple[str, int, MessageHandler]] = []
         self.connected = threading.Event()
         self._stopping = False
-        self._client = mqtt.Client(
+        self.connects = 0  # successful sessions (CONNACK accepted) since start
+        self._client = _JitterClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv5,
@@ -104,7 +146,11 @@ class MqttConnection:
             manual_ack=True,
         )
         self._client.max_inflight_messages_set(max_inflight)
-        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client.reconnect_delay_set(
+            min_delay=max(1, round(reconnect_min_s)), max_delay=max(1, round(reconnect_max_s))
+        )
+        self._client._reconnect_min_delay = reconnect_min_s  # paho stores ints; allow floats
+        self._client._reconnect_max_delay = reconnect_max_s
         if address.username is not None:
             self._client.username_pw_set(address.username, address.password)
         if address.tls:
@@ -118,6 +164,8 @@ class MqttConnection:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
+        self._client.on_connect_fail = self._handle_connect_fail
+        self._failures = 0
         self._client.on_publish = self._handle_publish
         self._client.on_message = self._handle_message
 
@@ -176,10 +224,19 @@ class MqttConnection:
             return
         for topic_filter, qos, _ in self._handlers:
             client.subscribe(topic_filter, qos=qos)
+        self._client.attempt = 0
+        self._failures = 0
+        self.connects += 1
         self.connected.set()
         log.info("connected to %s as %s", self.address, self.client_id)
         if self._on_connect_cb:
             self._on_connect_cb()
+
+    def _handle_connect_fail(self, client, userdata) -> None:
+        # Warn on the first failure of an outage and then every 20th, not every try.
+        self._failures += 1
+        level = logging.WARNING if self._failures % 20 == 1 else logging.DEBUG
+        log.log(level, "cannot reach %s (attempt %d); retrying", self.address, self._failures)
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was = self.connected.is_set()

@@ -1,23 +1,269 @@
-"""`flowfleet registry`: run the registry (ingest and web)."""
+"""`flowfleet registry`: run the registry, and manage its models, keys, users and tokens.
+
+``flowfleet registry [--db ...] [--broker-port ...]`` runs the service (ingest and
+web) as before; ``flowfleet registry models|keys|users|tokens ...`` work on the same
+database, artifact store and key directory directly (no running service needed).
+The shared options (``--db``, ``--state-dir``, ``--artifacts``, ``--key-dir``, ...)
+may be given before or after the action.
+"""
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import json
+import os
+import re
+import sys
 import threading
+from pathlib import Path
 
-from flowfleet.cliutil import CliError, setup_logging, stop_on_signals
+from flowfleet.cliutil import EXIT_USAGE, CliError, setup_logging, stop_on_signals
+
+DEFAULT_DB = "flowfleet-registry.sqlite"
+DAY = 86400.0
+
+
+def _shared_options(p: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """Options every registry action understands; sub-actions repeat them with
+    SUPPRESS defaults so they may come after the action without resetting them."""
+
+    def d(value):
+        return argparse.SUPPRESS if suppress else value
+
+    p.add_argument(
+        "--db",
+        default=d(None),
+        help=f"SQLite file, sqlite:///path or postgresql://user@host/db "
+        f"(default: $FLOWFLEET_DATABASE_URL, else {DEFAULT_DB})",
+    )
+    p.add_argument(
+        "--state-dir",
+        default=d(None),
+        help="artifacts and keys live under it (default: <db name>-data beside a SQLite "
+        "file, ./flowfleet-registry-data for PostgreSQL)",
+    )
+    p.add_argument(
+        "--artifacts", default=d(None), help="artifact store: a directory or s3://bucket/prefix"
+    )
+    p.add_argument("--s3-endpoint-url", default=d(None), help="S3-compatible endpoint (MinIO, ...)")
+    p.add_argument(
+        "--key-dir", default=d(None), help="directory of the private signing keys (0700)"
+    )
+    p.add_argument(
+        "--max-upload-mib", type=int, default=d(512), help="largest model accepted (default 512)"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", default=d(False))
 
 
 def register(sub) -> None:
-    p = sub.add_parser("registry", help="run the registry: MQTT ingest and web UI")
-    p.add_argument("--db", default="flowfleet-registry.sqlite", help="SQLite database file")
+    p = sub.add_parser(
+        "registry",
+        help="run the registry (MQTT ingest and web UI), or manage models, keys, users, tokens",
+        description="Without an action, runs the registry. Actions: models, keys, users, tokens.",
+    )
+    _shared_options(p, suppress=False)
     p.add_argument("--broker-host", default="127.0.0.1")
     p.add_argument("--broker-port", type=int, default=1883)
     p.add_argument("--topic-root", default="flowfleet/v1")
     p.add_argument("--http-host", default="127.0.0.1")
     p.add_argument("--http-port", type=int, default=8080)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument(
+        "--anonymous-read",
+        choices=("local", "none", "all"),
+        default="local",
+        help="dashboard pages and /api/totals|devices|dead-letters without a token: "
+        "from localhost only (default), never, or from anyone",
+    )
+    p.add_argument(
+        "--watch",
+        type=Path,
+        metavar="DIR",
+        help="register model files dropped into DIR (see docs/registry.md)",
+    )
     p.set_defaults(func=cmd_registry)
+    actions = p.add_subparsers(dest="registry_action", metavar="ACTION")
+
+    # models
+    models = actions.add_parser("models", help="model versions, aliases")
+    msub = models.add_subparsers(dest="models_action", metavar="ACTION", required=True)
+    add = msub.add_parser("add", help="register a model file as a new version")
+    add.add_argument("file", type=Path)
+    add.add_argument("--name", help="model name (default: the file name without suffix)")
+    add.add_argument("--notes", default="")
+    add.add_argument("--tag", action="append", default=[], help="repeatable")
+    add.add_argument("--alias", help="point this alias (e.g. staging) at the new version")
+    add.add_argument("--labels", type=Path, help="labels file, one per line")
+    add.add_argument("--reason", default="")
+    add.set_defaults(func=cmd_models_add)
+    ls = msub.add_parser("list", help="models, or the versions of one model")
+    ls.add_argument("name", nargs="?")
+    ls.set_defaults(func=cmd_models_list)
+    show = msub.add_parser("show", help="one version as JSON (number or alias)")
+    show.add_argument("name")
+    show.add_argument("version")
+    show.set_defaults(func=cmd_models_show)
+    alias = msub.add_parser("alias", help="point an alias at a version")
+    alias.add_argument("name")
+    alias.add_argument("alias")
+    alias.add_argument("version", type=int)
+    alias.add_argument("--reason", default="")
+    alias.set_defaults(func=cmd_models_alias)
+    unalias = msub.add_parser("unalias", help="remove an alias")
+    unalias.add_argument("name")
+    unalias.add_argument("alias")
+    unalias.add_argument("--reason", default="")
+    unalias.set_defaults(func=cmd_models_unalias)
+    delete = msub.add_parser("delete", help="delete a version (refused while aliased)")
+    delete.add_argument("name")
+    delete.add_argument("version", type=int)
+    delete.add_argument("--reason", default="")
+    delete.set_defaults(func=cmd_models_delete)
+    audit = msub.add_parser("audit", help="the audit trail, newest first")
+    audit.add_argument("--target", help="e.g. model:yolo")
+    audit.add_argument("--limit", type=int, default=50)
+    audit.set_defaults(func=cmd_audit)
+
+    # keys
+    keys = actions.add_parser("keys", help="signing keys")
+    ksub = keys.add_subparsers(dest="keys_action", metavar="ACTION", required=True)
+    rotate = ksub.add_parser(
+        "rotate", help="new signing key; the old one stays valid for the overlap"
+    )
+    rotate.add_argument("--overlap-days", type=float, default=30.0)
+    rotate.add_argument("--reason", default="")
+    rotate.set_defaults(func=cmd_keys_rotate)
+    export = ksub.add_parser("export", help="the public key bundle for devices (JSON)")
+    export.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
+    export.set_defaults(func=cmd_keys_export)
+    klist = ksub.add_parser("list", help="keys and their validity")
+    klist.set_defaults(func=cmd_keys_list)
+
+    # users
+    users = actions.add_parser("users", help="API users")
+    usub = users.add_subparsers(dest="users_action", metavar="ACTION", required=True)
+    uadd = usub.add_parser("add", help="create a user")
+    uadd.add_argument("name")
+    uadd.add_argument("--role", choices=("viewer", "operator", "admin"), required=True)
+    uadd.set_defaults(func=cmd_users_add)
+    urole = usub.add_parser("role", help="change a user's role")
+    urole.add_argument("name")
+    urole.add_argument("role", choices=("viewer", "operator", "admin"))
+    urole.set_defaults(func=cmd_users_role)
+    udis = usub.add_parser("disable", help="disable a user (their tokens stop working)")
+    udis.add_argument("name")
+    udis.set_defaults(func=cmd_users_disable)
+    ulist = usub.add_parser("list", help="users")
+    ulist.set_defaults(func=cmd_users_list)
+
+    # tokens
+    tokens = actions.add_parser("tokens", help="API tokens")
+    tsub = tokens.add_subparsers(dest="tokens_action", metavar="ACTION", required=True)
+    tnew = tsub.add_parser("create", help="create a token for a user; prints it once")
+    tnew.add_argument("user")
+    tnew.add_argument("--role", choices=("viewer", "operator", "admin"), help="default: the user's")
+    tnew.add_argument("--label", default="")
+    tnew.add_argument(
+        "--ttl-days", type=float, help="expires after this many days (default: never)"
+    )
+    tnew.set_defaults(func=cmd_tokens_create)
+    trev = tsub.add_parser("revoke", help="revoke a token by id")
+    trev.add_argument("id", type=int)
+    trev.set_defaults(func=cmd_tokens_revoke)
+    tlist = tsub.add_parser("list", help="tokens (never their secrets)")
+    tlist.add_argument("--user")
+    tlist.set_defaults(func=cmd_tokens_list)
+
+    for parser in (add, ls, show, alias, unalias, delete, audit, rotate, export, klist):
+        _shared_options(parser, suppress=True)
+    for parser in (uadd, urole, udis, ulist, tnew, trev, tlist):
+        _shared_options(parser, suppress=True)
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _imports():
+    try:
+        from flowfleet.registry import db, modelreg
+    except ImportError as exc:
+        raise CliError(
+            f"the registry needs its extras: pip install 'flowfleet[registry]' ({exc})"
+        ) from None
+    return db, modelreg
+
+
+def _db_url(args: argparse.Namespace) -> str:
+    return args.db or os.environ.get("FLOWFLEET_DATABASE_URL") or DEFAULT_DB
+
+
+def _config(args: argparse.Namespace):
+    _, modelreg = _imports()
+    url = _db_url(args)
+    overrides = {
+        "artifacts": args.artifacts,
+        "key_dir": args.key_dir,
+        "max_upload_bytes": args.max_upload_mib * modelreg.MIB,
+        "s3_endpoint_url": args.s3_endpoint_url,
+    }
+    if args.state_dir:
+        state = Path(args.state_dir)
+        overrides["artifacts"] = args.artifacts or str(state / "artifacts")
+        overrides["key_dir"] = args.key_dir or state / "keys"
+    return modelreg.RegistryConfig.beside(url, **overrides)
+
+
+def _open(args: argparse.Namespace):
+    """(database, ModelRegistry) for a management action."""
+    import logging
+
+    db_mod, modelreg = _imports()
+    # Management actions print their own results; log only problems unless -v.
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        db = db_mod.open_database(_db_url(args))
+    except (ValueError, OSError) as exc:
+        raise CliError(f"--db: {exc}", EXIT_USAGE) from None
+    reg = modelreg.ModelRegistry.from_config(db, _config(args))
+    return db, reg
+
+
+def _actor() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = str(os.getuid())
+    return f"cli:{user}"
+
+
+def _run(func):
+    """Run ``func`` and turn registry/auth errors into one-line CLI errors."""
+    from flowfleet.registry.auth import AuthError
+    from flowfleet.registry.keys import SigningKeyError
+    from flowfleet.registry.modelreg import RegistryError
+
+    try:
+        return func()
+    except RegistryError as exc:
+        field = f"{exc.field}: " if exc.field else ""
+        code = EXIT_USAGE if exc.status in (400, 413, 415, 422) else 1
+        raise CliError(f"{field}{exc.message}", code) from None
+    except AuthError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    except SigningKeyError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _print_json(value) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+# -- run --------------------------------------------------------------------------------
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
@@ -33,11 +279,289 @@ def cmd_registry(args: argparse.Namespace) -> int:
     stop = threading.Event()
     stop_on_signals(stop)
     run_registry(
-        args.db,
+        _db_url(args),
         BrokerAddress(args.broker_host, args.broker_port),
         args.http_host,
         args.http_port,
         args.topic_root,
         stop,
+        registry_config=_config(args),
+        anonymous_read=args.anonymous_read,
+        watch_dir=args.watch,
     )
+    return 0
+
+
+# -- models -----------------------------------------------------------------------------
+
+
+def _default_name(path: Path) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", path.stem).lstrip("._-")[:64]
+    return name or "model"
+
+
+def cmd_models_add(args: argparse.Namespace) -> int:
+    if not args.file.is_file():
+        raise CliError(f"{args.file}: no such file", EXIT_USAGE)
+    labels = None
+    if args.labels is not None:
+        from flowfleet.registry.formats import FormatError, read_labels
+
+        try:
+            labels = read_labels(args.labels)
+        except (OSError, FormatError) as exc:
+            raise CliError(f"--labels: {exc}", EXIT_USAGE) from None
+    db, reg = _open(args)
+    with db.connection_context():
+        reg.start()
+
+        def add():
+            return reg.add_version(
+                args.file,
+                name=args.name or _default_name(args.file),
+                filename=args.file.name,
+                actor=_actor(),
+                notes=args.notes,
+                tags=args.tag,
+                alias=args.alias,
+                labels=labels,
+                reason=args.reason,
+            )
+
+        version, created = _run(add)
+        name = version.model.name
+        if created:
+            meta = json.loads(version.metadata)
+            print(
+                f"registered {name} version {version.version}: {version.runtime}, "
+                f"{version.size} bytes, sha256 {version.sha256}"
+            )
+            if meta.get("inputs"):
+                i = meta["inputs"][0]
+                print(
+                    f"  input {i['name']} {i['shape']} {i['dtype']}; "
+                    f"quantization: {meta.get('quantization')}"
+                )
+            if args.alias:
+                print(f"  alias {args.alias} -> version {version.version}")
+        else:
+            print(
+                f"already registered as {name} version {version.version} "
+                f"(sha256 {version.sha256}); nothing changed"
+            )
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    db, reg = _open(args)
+    with db.connection_context():
+        if args.name is None:
+            models, _ = _run(lambda: reg.list_models(limit=1000))
+            if not models:
+                print("no models yet")
+            for m in models:
+                aliases = ", ".join(f"{a}->{v}" for a, v in m["aliases"].items()) or "-"
+                print(
+                    f"{m['name']:<32} versions {m['versions']:>4}  "
+                    f"latest {m['latest_version']}  aliases {aliases}"
+                )
+        else:
+            versions, _ = _run(lambda: reg.list_versions(args.name, limit=1000))
+            for v in versions:
+                aliases = ",".join(v["aliases"]) or "-"
+                print(
+                    f"v{v['version']:<4} {v['runtime']:<7} {v['size']:>11} {v['sha256'][:16]}  "
+                    f"aliases {aliases}  tags {','.join(v['tags']) or '-'}  {v['filename']}"
+                )
+    return 0
+
+
+def cmd_models_show(args: argparse.Namespace) -> int:
+    db, reg = _open(args)
+    with db.connection_context():
+        _print_json(_run(lambda: reg.version_dict(reg.version(args.name, args.version))))
+    return 0
+
+
+def cmd_models_alias(args: argparse.Namespace) -> int:
+    db, reg = _open(args)
+    with db.connection_context():
+        _run(
+            lambda: reg.set_alias(
+                args.name, args.alias, args.version, actor=_actor(), reason=args.reason
+            )
+        )
+    print(f"{args.name}: alias {args.alias} -> version {args.version}")
+    return 0
+
+
+def cmd_models_unalias(args: argparse.Namespace) -> int:
+    db, reg = _open(args)
+    with db.connection_context():
+        _run(lambda: reg.delete_alias(args.name, args.alias, actor=_actor(), reason=args.reason))
+    print(f"{args.name}: alias {args.alias} removed")
+    return 0
+
+
+def cmd_models_delete(args: argparse.Namespace) -> int:
+    db, reg = _open(args)
+    with db.connection_context():
+        _run(
+            lambda: reg.delete_version(args.name, args.version, actor=_actor(), reason=args.reason)
+        )
+    print(f"{args.name}: version {args.version} deleted")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    db, reg = _open(args)
+    with db.connection_context():
+        entries, _ = reg.audit_log(limit=args.limit, target=args.target)
+    for e in entries:
+        ts = datetime.fromtimestamp(e["ts"], timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+        why = f"  ({e['reason']})" if e["reason"] else ""
+        print(f"{ts}  {e['actor']:<20} {e['action']:<16} {e['target']}{why}")
+    return 0
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    if args.overlap_days < 0:
+        raise CliError("--overlap-days must not be negative", EXIT_USAGE)
+    db, reg = _open(args)
+    with db.connection_context():
+        reg.start()
+        new, old = _run(
+            lambda: reg.rotate_keys(
+                actor=_actor(), overlap_s=args.overlap_days * DAY, reason=args.reason
+            )
+        )
+    retired = ", ".join(k.key_id for k in old) or "none"
+    print(
+        f"new signing key {new.key_id}; retired {retired} "
+        f"(still accepted for {args.overlap_days:g} days)"
+    )
+    print("export the new bundle to devices: flowfleet registry keys export")
+    return 0
+
+
+def cmd_keys_export(args: argparse.Namespace) -> int:
+    db, reg = _open(args)
+    with db.connection_context():
+        reg.start()
+        bundle = reg.keys.bundle()
+    text = json.dumps(bundle, indent=2) + "\n"
+    if args.output:
+        args.output.write_text(text)
+        print(f"wrote {len(bundle['keys'])} key(s) to {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from flowfleet.registry.db import SigningKey
+
+    db, _ = _open(args)
+    with db.connection_context():
+        for k in SigningKey.select().order_by(SigningKey.created_at):
+            state = (
+                "current" if k.retired_at is None else f"retired, valid until {k.expires_at:.0f}"
+            )
+            print(f"{k.key_id}  {state}")
+    return 0
+
+
+# -- users and tokens --------------------------------------------------------------------
+
+
+def cmd_users_add(args: argparse.Namespace) -> int:
+    from flowfleet.registry import auth
+
+    db, _ = _open(args)
+    with db.connection_context(), db.atomic():
+        _run(lambda: auth.create_user(args.name, args.role, actor=_actor()))
+    print(
+        f"user {args.name} ({args.role}) created; give them a token: "
+        f"flowfleet registry tokens create {args.name}"
+    )
+    return 0
+
+
+def cmd_users_role(args: argparse.Namespace) -> int:
+    from flowfleet.registry import auth
+
+    db, _ = _open(args)
+    with db.connection_context(), db.atomic():
+        _run(lambda: auth.set_user_role(args.name, args.role, actor=_actor()))
+    print(f"user {args.name} is now {args.role}")
+    return 0
+
+
+def cmd_users_disable(args: argparse.Namespace) -> int:
+    from flowfleet.registry import auth
+
+    db, _ = _open(args)
+    with db.connection_context(), db.atomic():
+        _run(lambda: auth.disable_user(args.name, actor=_actor()))
+    print(f"user {args.name} disabled")
+    return 0
+
+
+def cmd_users_list(args: argparse.Namespace) -> int:
+    from flowfleet.registry import auth
+
+    db, _ = _open(args)
+    with db.connection_context():
+        for u in auth.list_users():
+            state = " (disabled)" if u["disabled_at"] else ""
+            print(f"{u['name']:<24} {u['role']}{state}")
+    return 0
+
+
+def cmd_tokens_create(args: argparse.Namespace) -> int:
+    from flowfleet.registry import auth
+
+    db, _ = _open(args)
+    ttl = args.ttl_days * DAY if args.ttl_days is not None else None
+    with db.connection_context(), db.atomic():
+        secret, row = _run(
+            lambda: auth.create_token(
+                args.user, actor=_actor(), role=args.role, label=args.label, ttl_s=ttl
+            )
+        )
+    print(secret)
+    print(f"token {row.id} for {args.user} ({row.role}); shown once, store it now", file=sys.stderr)
+    return 0
+
+
+def cmd_tokens_revoke(args: argparse.Namespace) -> int:
+    from flowfleet.registry import auth
+
+    db, _ = _open(args)
+    with db.connection_context(), db.atomic():
+        _run(lambda: auth.revoke_token(args.id, actor=_actor()))
+    print(f"token {args.id} revoked")
+    return 0
+
+
+def cmd_tokens_list(args: argparse.Namespace) -> int:
+    from flowfleet.registry import auth
+
+    db, _ = _open(args)
+    with db.connection_context():
+        for t in auth.list_tokens(args.user):
+            state = (
+                "revoked"
+                if t["revoked_at"]
+                else ("expires " + f"{t['expires_at']:.0f}" if t["expires_at"] else "active")
+            )
+            print(
+                f"{t['id']:>4}  {t['user']:<20} {t['role']:<9} {t['prefix']}...  "
+                f"{state}  {t['label']}"
+            )
     return 0

@@ -1,17 +1,19 @@
 """The registry's database: peewee models behind one `DatabaseProxy`.
 
 Every model is bound to :data:`database_proxy`, never to a concrete database, so the
-same code runs on SQLite (the embedded default, in WAL mode) and, later, PostgreSQL:
-:func:`open_database` picks the engine from a URL or path and points the proxy at it.
+same code runs on SQLite (the embedded default, in WAL mode) and PostgreSQL:
+:func:`open_database` picks the engine from a URL or path, points the proxy at it and
+applies the numbered schema migrations (`flowfleet.registry.migrations`).
 
 The proxy is process-wide, so a process works with one registry database at a time;
-opening the same SQLite file again returns the database that is already open.
+opening the same database again returns the database object that is already open.
 
 Times are stored as float seconds since the Unix epoch (UTC), like the wire contract.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -134,7 +136,192 @@ class DeadLetter(BaseModel):
     payload_size = pw.IntegerField(help_text="size of the original payload in bytes")
 
 
-MODELS: tuple[type[BaseModel], ...] = (
+# -- device events and drift summaries (schema migration 3) --------------------------
+
+
+class Event(BaseModel):
+    """One device event (outbox drop, camera failure, ...); (device, seq) is unique.
+
+    Events have their own per-device sequence, separate from count bins and beats.
+    The columns the API filters and shows are copied out of ``payload``.
+    """
+
+    id = pw.AutoField()
+    device = pw.ForeignKeyField(Device, column_name="device", on_delete="CASCADE")
+    seq = pw.BigIntegerField()
+    ts = pw.DoubleField()
+    type = pw.CharField(max_length=64)
+    severity = pw.CharField(max_length=16)
+    camera = pw.CharField(max_length=64, null=True)
+    message = pw.TextField(default="")
+    received_at = pw.DoubleField()
+    payload = pw.TextField(help_text="canonical JSON of the validated payload")
+
+    class Meta:
+        table_name = "event"
+        indexes = (
+            (("device", "seq"), True),
+            (("ts",), False),  # newest first, fleet-wide
+            (("device", "ts"), False),  # newest first, one device
+        )
+
+
+class DriftSummary(BaseModel):
+    """One camera's drift window as received; (device, seq) is unique.
+
+    Drift summaries have a fourth per-device sequence (one sequence for all the
+    device's cameras).
+    """
+
+    id = pw.AutoField()
+    device = pw.ForeignKeyField(Device, column_name="device", on_delete="CASCADE")
+    seq = pw.BigIntegerField()
+    camera = pw.CharField(max_length=64)
+    model = pw.TextField(null=True, help_text="model file or version the window ran")
+    start = pw.DoubleField(column_name="window_start")
+    end = pw.DoubleField(column_name="window_end")
+    received_at = pw.DoubleField()
+    payload = pw.TextField(help_text="canonical JSON of the validated payload")
+
+    class Meta:
+        table_name = "drift_summary"
+        indexes = (
+            (("device", "seq"), True),
+            (("device", "camera", "start"), False),
+        )
+
+
+# -- model registry (schema migration 2) ---------------------------------------------
+
+
+class RegistryModel(BaseModel):
+    """A model name; its versions are numbered 1, 2, ... and numbers are never reused."""
+
+    id = pw.AutoField()
+    name = pw.CharField(max_length=64, unique=True)
+    created_at = pw.DoubleField()
+    created_by = pw.CharField(max_length=128)
+    # Highest version number ever given (deleted versions keep their number).
+    last_version = pw.IntegerField(default=0)
+
+    class Meta:
+        table_name = "model"
+
+
+class ModelVersion(BaseModel):
+    """One uploaded artifact: immutable bytes (stored by sha256) plus what we read from them."""
+
+    id = pw.AutoField()
+    model = pw.ForeignKeyField(RegistryModel, backref="versions", on_delete="RESTRICT")
+    version = pw.IntegerField()
+    sha256 = pw.CharField(max_length=64, unique=True)
+    size = pw.BigIntegerField()
+    runtime = pw.CharField(max_length=16)
+    filename = pw.CharField(max_length=255)
+    metadata = pw.TextField(help_text="JSON read from the file itself")
+    manifest = pw.TextField(help_text="canonical JSON document the signatures cover")
+    notes = pw.TextField(default="")
+    tags = pw.TextField(default="[]", help_text="JSON list of strings")
+    created_at = pw.DoubleField()
+    created_by = pw.CharField(max_length=128)
+
+    class Meta:
+        table_name = "model_version"
+        indexes = ((("model", "version"), True),)
+
+
+class Alias(BaseModel):
+    """A movable name (``production``, ``staging``, ...) pointing at one version of a model."""
+
+    id = pw.AutoField()
+    model = pw.ForeignKeyField(RegistryModel, backref="aliases", on_delete="RESTRICT")
+    name = pw.CharField(max_length=64)
+    version = pw.ForeignKeyField(ModelVersion, backref="aliases", on_delete="RESTRICT")
+    updated_at = pw.DoubleField()
+    updated_by = pw.CharField(max_length=128)
+
+    class Meta:
+        table_name = "model_alias"
+        indexes = ((("model", "name"), True),)
+
+
+class SigningKey(BaseModel):
+    """A registry signing key; the private half lives in a 0600 file, never here."""
+
+    key_id = pw.CharField(max_length=32, primary_key=True)
+    public_key = pw.CharField(max_length=64, help_text="raw 32-byte ed25519 key, base64")
+    created_at = pw.DoubleField()
+    # Set when a newer key took over: still accepted for verification until expires_at.
+    retired_at = pw.DoubleField(null=True)
+    expires_at = pw.DoubleField(null=True)
+
+    class Meta:
+        table_name = "signing_key"
+
+
+class Signature(BaseModel):
+    """An ed25519 signature of one version's manifest by one key."""
+
+    id = pw.AutoField()
+    version = pw.ForeignKeyField(ModelVersion, backref="signatures", on_delete="CASCADE")
+    key = pw.ForeignKeyField(SigningKey, column_name="key_id", on_delete="RESTRICT")
+    signature = pw.CharField(max_length=128, help_text="base64")
+    created_at = pw.DoubleField()
+
+    class Meta:
+        table_name = "model_signature"
+        indexes = ((("version", "key"), True),)
+
+
+class AuditEntry(BaseModel):
+    """Who changed what, when and why. Rows are only ever inserted."""
+
+    id = pw.AutoField()
+    ts = pw.DoubleField(index=True)
+    actor = pw.CharField(max_length=128)
+    action = pw.CharField(max_length=64, index=True)
+    target = pw.CharField(max_length=256, index=True)
+    reason = pw.TextField(default="")
+    details = pw.TextField(default="{}", help_text="JSON object")
+
+    class Meta:
+        table_name = "audit_entry"
+
+
+class User(BaseModel):
+    """A person or service account that holds API tokens."""
+
+    id = pw.AutoField()
+    name = pw.CharField(max_length=64, unique=True)
+    role = pw.CharField(max_length=16)
+    created_at = pw.DoubleField()
+    disabled_at = pw.DoubleField(null=True)
+
+    class Meta:
+        table_name = "api_user"
+
+
+class ApiToken(BaseModel):
+    """An API token; only the sha256 of the secret is stored."""
+
+    id = pw.AutoField()
+    user = pw.ForeignKeyField(User, backref="tokens", on_delete="CASCADE")
+    token_hash = pw.CharField(max_length=64, unique=True)
+    prefix = pw.CharField(max_length=16, help_text="first characters, to recognise a token")
+    label = pw.CharField(max_length=128, default="")
+    role = pw.CharField(max_length=16, help_text="at most the user's role")
+    created_at = pw.DoubleField()
+    expires_at = pw.DoubleField(null=True)
+    revoked_at = pw.DoubleField(null=True)
+    last_used_at = pw.DoubleField(null=True)
+
+    class Meta:
+        table_name = "api_token"
+
+
+# Tables created by schema migration 1 (the ingest tables) and 2 (the model registry).
+# Released migrations never change: new tables go in a new tuple and migration.
+INGEST_MODELS: tuple[type[BaseModel], ...] = (
     Device,
     CountBin,
     LineTotal,
@@ -142,6 +329,27 @@ MODELS: tuple[type[BaseModel], ...] = (
     HealthBeat,
     DeadLetter,
 )
+REGISTRY_MODELS: tuple[type[BaseModel], ...] = (
+    RegistryModel,
+    ModelVersion,
+    Alias,
+    SigningKey,
+    Signature,
+    AuditEntry,
+    User,
+    ApiToken,
+)
+# Created by schema migration 3.
+DEVICE_EVENT_MODELS: tuple[type[BaseModel], ...] = (Event, DriftSummary)
+MODELS: tuple[type[BaseModel], ...] = INGEST_MODELS + REGISTRY_MODELS + DEVICE_EVENT_MODELS
+
+DATABASE_URL_ENV = "FLOWFLEET_DATABASE_URL"
+# Connections one registry process may hold on PostgreSQL (web threads + ingest).
+POOL_MAX_CONNECTIONS = 32
+
+
+def is_postgres_url(url_or_path: str | Path) -> bool:
+    return str(url_or_path).lower().startswith(("postgresql://", "postgres://"))
 
 
 def sqlite_path(url_or_path: str | Path) -> Path:
@@ -152,16 +360,14 @@ def sqlite_path(url_or_path: str | Path) -> Path:
     """
     text = str(url_or_path)
     lowered = text.lower()
-    if lowered.startswith(("postgresql://", "postgres://")):
-        raise NotImplementedError(
-            "PostgreSQL is not supported yet; give the registry a SQLite path or "
-            "sqlite:///path URL for now"
-        )
+    if is_postgres_url(text):
+        raise ValueError(f"{url_or_path!r} is a PostgreSQL URL, not a SQLite path")
     if lowered.startswith("sqlite:///"):
         text = text[len("sqlite:///") :]
     elif "://" in text:
         raise ValueError(
-            f"unsupported database URL {url_or_path!r}: use a file path or sqlite:///path"
+            f"unsupported database URL {url_or_path!r}: use a file path, sqlite:///path "
+            "or postgresql://user@host:port/dbname"
         )
     if not text or text == ":memory:":
         # Every thread gets its own connection, and an in-memory database is per
@@ -170,29 +376,93 @@ def sqlite_path(url_or_path: str | Path) -> Path:
     return Path(text).expanduser()
 
 
-def open_database(url_or_path: str | Path, *, create: bool = True) -> pw.Database:
-    """Open (and by default create) the registry database and bind the models to it.
+def postgres_params(url: str) -> dict[str, object]:
+    """Connection parameters from a ``postgresql://user:pass@host:port/db?opt=v`` URL."""
+    from playhouse.db_url import parse
 
-    Accepts a filesystem path or ``sqlite:///path``; ``postgresql://`` raises
-    NotImplementedError for now. Opening the file that is already open returns the
-    same database object, so the ingest worker and the web app share it.
+    params = parse(url)
+    if not params.get("database"):
+        raise ValueError(f"database URL {redact_url(url)!r} names no database")
+    return params
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (for logs and errors)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(str(url))
+    if parts.password is None:
+        return str(url)
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def describe(db: pw.Database) -> str:
+    """A short, password-free description of a database for logs."""
+    if isinstance(db, pw.PostgresqlDatabase):
+        params = db.connect_params
+        host = params.get("host", "localhost")
+        return f"postgresql://{host}:{params.get('port', 5432)}/{db.database}"
+    return str(db.database)
+
+
+def open_database(
+    url_or_path: str | Path | None = None, *, create: bool = True, backup: bool = True
+) -> pw.Database:
+    """Open the registry database, bind the models to it and migrate its schema.
+
+    Args:
+        url_or_path: a SQLite file path, ``sqlite:///path`` or
+            ``postgresql://user:password@host:port/dbname``; None reads
+            ``$FLOWFLEET_DATABASE_URL``.
+        create: apply pending schema migrations (creating the tables of a new database).
+        backup: copy a SQLite file that has tables before migrating it (see
+            `flowfleet.registry.migrations.migrate`).
+
+    Opening the database that is already open returns the same object, so the ingest
+    worker and the web app share it.
     """
-    path = sqlite_path(url_or_path).resolve()
+    if url_or_path is None:
+        url_or_path = os.environ.get(DATABASE_URL_ENV) or ""
+        if not url_or_path:
+            raise ValueError(f"no database given and ${DATABASE_URL_ENV} is not set")
     current = database_proxy.obj
-    if isinstance(current, pw.SqliteDatabase) and current.database == str(path):
-        return current
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = pw.SqliteDatabase(str(path), pragmas=SQLITE_PRAGMAS)
+    if is_postgres_url(url_or_path):
+        params = postgres_params(str(url_or_path))
+        name = params.pop("database")
+        if (
+            isinstance(current, pw.PostgresqlDatabase)
+            and current.database == name
+            and current.connect_params == params
+        ):
+            return current
+        from playhouse.pool import PooledPostgresqlDatabase
+
+        # Pooled: the web app opens and closes a connection per request; the pool
+        # turns that into a check-out instead of a new TCP connection and login.
+        db: pw.Database = PooledPostgresqlDatabase(
+            name, max_connections=POOL_MAX_CONNECTIONS, stale_timeout=300, timeout=30, **params
+        )
+    else:
+        path = sqlite_path(url_or_path).resolve()
+        if isinstance(current, pw.SqliteDatabase) and current.database == str(path):
+            return current
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = pw.SqliteDatabase(str(path), pragmas=SQLITE_PRAGMAS)
     database_proxy.initialize(db)
     if create:
-        create_tables(db)
+        from .migrations import migrate
+
+        migrate(db, backup=backup)
     return db
 
 
 def create_tables(db: pw.Database) -> None:
-    """Create missing tables and indexes (real migrations come later)."""
+    """Bring the schema up to date (kept for callers of the first release)."""
+    from .migrations import migrate
+
     require_bound(db)
-    db.create_tables(MODELS, safe=True)
+    migrate(db)
 
 
 def require_bound(db: pw.Database) -> None:

@@ -12,6 +12,7 @@ queueing device messages while the registry is down and delivers them on restart
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import Counter
@@ -27,6 +28,8 @@ from flowfleet.contract import (
     parse_payload,
 )
 from flowfleet.contract import CountBin as CountBinPayload
+from flowfleet.contract import DriftSummary as DriftPayload
+from flowfleet.contract import Event as EventPayload
 from flowfleet.contract import Health as HealthPayload
 from flowfleet.contract import Status as StatusPayload
 from flowfleet.mqtt import BrokerAddress, MqttConnection, NotAcknowledged
@@ -36,6 +39,8 @@ from .db import (
     CountBin,
     DeadLetter,
     Device,
+    DriftSummary,
+    Event,
     HealthBeat,
     LineTotal,
     ZoneTotal,
@@ -106,6 +111,10 @@ class Ingestor:
             return self._store_bin(device, message, received_at)
         if isinstance(message, HealthPayload):
             return self._store_health(device, message, received_at)
+        if isinstance(message, EventPayload):
+            return self._store_event(device, message, received_at)
+        if isinstance(message, DriftPayload):
+            return self._store_drift(device, message, received_at)
         if isinstance(message, StatusPayload):
             return self._store_status(device, message, received_at)
         raise TypeError(f"no storage for {type(message).__name__}")
@@ -125,26 +134,47 @@ class Ingestor:
             .execute()
         )
 
-    def _insert_once(self, query: pw.Insert) -> bool:
-        """Run an INSERT .. ON CONFLICT DO NOTHING; True if it inserted a row."""
+    def _store_once(
+        self,
+        table: type[pw.Model],
+        what: str,
+        device: str,
+        message: CountBinPayload | HealthPayload | EventPayload | DriftPayload,
+        columns: dict[str, object],
+    ) -> str:
+        """Insert the row of a (device, seq)-keyed message once.
+
+        ``columns`` are the table's columns besides device, seq and payload. Returns
+        STORED if this call inserted the row, DUPLICATE if the same (device, seq) is
+        already stored with the same content; raises _Conflict if it is stored with
+        different content (the first copy is kept). INSERT .. ON CONFLICT DO NOTHING
+        rather than check-then-insert, so concurrent workers cannot both insert.
+        """
+        body = message.to_json().decode()
+        query = table.insert(device=device, seq=message.seq, payload=body, **columns)
         cursor = self.db.execute(query.on_conflict_ignore())
-        return self.db.rows_affected(cursor) == 1
+        if self.db.rows_affected(cursor) == 1:
+            return STORED
+        first = table.get(table.device == device, table.seq == message.seq)
+        if json.loads(first.payload) == json.loads(body):
+            # Compared as JSON values: object members (event data, class mix) may
+            # arrive in another order and are still the same message.
+            return DUPLICATE
+        raise _Conflict(
+            f"{what} seq {message.seq} was already stored with different content; "
+            "kept the first, this one is refused"
+        )
 
     def _store_bin(self, device: str, message: CountBinPayload, received_at: float) -> str:
-        body = message.to_json().decode()
-        inserted = self._insert_once(
-            CountBin.insert(
-                device=device,
-                seq=message.seq,
-                start=message.start,
-                end=message.end,
-                received_at=received_at,
-                payload=body,
-            )
+        outcome = self._store_once(
+            CountBin,
+            "count bin",
+            device,
+            message,
+            {"start": message.start, "end": message.end, "received_at": received_at},
         )
-        if not inserted:
-            first = CountBin.get(CountBin.device == device, CountBin.seq == message.seq)
-            return self._same_or_conflict("count bin", message.seq, first.payload, body)
+        if outcome != STORED:
+            return outcome
         row = CountBin.get(CountBin.device == device, CountBin.seq == message.seq)
         if message.lines:
             LineTotal.insert_many(
@@ -186,20 +216,44 @@ class Ingestor:
         return STORED
 
     def _store_health(self, device: str, message: HealthPayload, received_at: float) -> str:
-        body = message.to_json().decode()
-        inserted = self._insert_once(
-            HealthBeat.insert(
-                device=device,
-                seq=message.seq,
-                ts=message.ts,
-                received_at=received_at,
-                payload=body,
-            )
+        return self._store_once(
+            HealthBeat,
+            "health beat",
+            device,
+            message,
+            {"ts": message.ts, "received_at": received_at},
         )
-        if not inserted:
-            first = HealthBeat.get(HealthBeat.device == device, HealthBeat.seq == message.seq)
-            return self._same_or_conflict("health beat", message.seq, first.payload, body)
-        return STORED
+
+    def _store_event(self, device: str, message: EventPayload, received_at: float) -> str:
+        return self._store_once(
+            Event,
+            "event",
+            device,
+            message,
+            {
+                "ts": message.ts,
+                "type": message.type,
+                "severity": message.severity,
+                "camera": message.camera,
+                "message": message.message,
+                "received_at": received_at,
+            },
+        )
+
+    def _store_drift(self, device: str, message: DriftPayload, received_at: float) -> str:
+        return self._store_once(
+            DriftSummary,
+            "drift summary",
+            device,
+            message,
+            {
+                "camera": message.camera,
+                "model": message.model,
+                "start": message.start,
+                "end": message.end,
+                "received_at": received_at,
+            },
+        )
 
     def _store_status(self, device: str, message: StatusPayload, received_at: float) -> str:
         # Applied in arrival order, not by the payload's ts: a Last Will carries the ts
@@ -214,15 +268,6 @@ class Ingestor:
             changes[Device.agent_version] = message.agent_version
         Device.update(changes).where(Device.id == device).execute()
         return STORED
-
-    @staticmethod
-    def _same_or_conflict(what: str, seq: int, first: str, again: str) -> str:
-        if first == again:
-            return DUPLICATE
-        raise _Conflict(
-            f"{what} seq {seq} was already stored with different content; "
-            "kept the first, this one is refused"
-        )
 
     # -- dead letters -------------------------------------------------------------
 

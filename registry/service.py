@@ -19,7 +19,10 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 from flowfleet.contract import DEFAULT_ROOT, Topics
 from flowfleet.mqtt import BrokerAddress
 
+from .db import describe
 from .ingest import IngestWorker
+from .modelreg import ModelRegistry, RegistryConfig
+from .watch import WatchFolder
 from .web import create_app
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,9 @@ def run_registry(
     *,
     client_id: str = "flowfleet-registry",
     on_ready: Callable[[str], None] | None = None,
+    registry_config: RegistryConfig | None = None,
+    anonymous_read: str = "local",
+    watch_dir: str | Path | None = None,
 ) -> None:
     """Ingest device messages from ``broker`` into ``db_path`` and serve the web UI.
 
@@ -68,22 +74,34 @@ def run_registry(
             so the broker delivers what was queued while the registry was down.
         on_ready: called with the web UI's URL once the web server runs and the
             broker accepted the ingest session (or CONNECT_GRACE_S passed).
+        registry_config: artifact store, signing key directory and upload limit of
+            the model registry; default `RegistryConfig.beside(db_path)`.
+        anonymous_read: dashboard reads without a token: "local", "none" or "all".
+        watch_dir: a folder whose dropped model files are registered (see
+            `flowfleet.registry.watch`); none by default.
 
     Raises OSError if the HTTP port cannot be bound (before anything else starts).
     """
     stop = stop_event if stop_event is not None else threading.Event()
     worker = IngestWorker(db_path, broker, Topics(topics_root), client_id=client_id)
-    app = create_app(worker.db, ingest_stats=worker.stats)
+    models = ModelRegistry.from_config(worker.db, registry_config or RegistryConfig.beside(db_path))
+    models.start()  # creates the signing key on first start
+    app = create_app(
+        worker.db, ingest_stats=worker.stats, registry=models, anonymous_read=anonymous_read
+    )
     server = make_server(
         http_host, http_port, app, threaded=True, request_handler=_QuietRequestHandler
     )
+    watcher = WatchFolder(models, watch_dir) if watch_dir is not None else None
     url = _url(http_host, server.server_port)
     http_thread = threading.Thread(target=server.serve_forever, name="registry-http", daemon=True)
     restore_signals = _stop_on_sigterm(stop)
     try:
         worker.start()
         http_thread.start()
-        log.info("registry web UI at %s (database %s)", url, db_path)
+        if watcher is not None:
+            watcher.start()
+        log.info("registry web UI at %s (database %s)", url, describe(worker.db))
         deadline = time.monotonic() + CONNECT_GRACE_S
         while not worker.connected and not stop.is_set() and time.monotonic() < deadline:
             stop.wait(0.05)
@@ -99,6 +117,8 @@ def run_registry(
         log.info("interrupted")
     finally:
         log.info("registry stopping")
+        if watcher is not None:
+            watcher.stop()
         if http_thread.is_alive():
             server.shutdown()
         server.server_close()

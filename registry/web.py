@@ -5,10 +5,16 @@ Routes:
     GET /api/totals        line and zone totals per device/camera/line|zone/class
     GET /api/devices       devices with state, bins received and sequence gaps
     GET /api/dead-letters  rejected messages, newest first
+    GET /api/events        device events, newest first (paginated)
+    GET /api/drift         drift summaries, newest window first (paginated)
     GET /healthz           liveness: database reachable, ingest counters
+    /api/models/...        the model registry (see `flowfleet.registry.api`)
+    GET /api/openapi.json  the OpenAPI document of all of the above
 
-API errors are JSON ``{"error": {"code", "message", "field"}}`` with a matching HTTP
-status; unknown query parameters are refused (400) so a typo never silently turns a
+Access control (tokens, roles, anonymous dashboard reads from localhost) is
+`flowfleet.registry.api.install_auth`. API errors are JSON
+``{"error": {"code", "message", "field"}}`` with a matching HTTP status; unknown
+query parameters are refused (400) so a typo never silently turns a
 filtered query into an unfiltered one.
 """
 
@@ -24,9 +30,24 @@ import peewee as pw
 from flask import Flask, g, jsonify, render_template, request, url_for
 from werkzeug.exceptions import HTTPException
 
+from flowfleet.contract import DriftSummary as DriftPayload
 from flowfleet.contract import is_valid_name
 
-from .db import CountBin, DeadLetter, Device, HealthBeat, LineTotal, ZoneTotal, require_bound
+from .api import bp as api_bp
+from .api import error_response as registry_error_response
+from .api import install_auth
+from .db import (
+    CountBin,
+    DeadLetter,
+    Device,
+    DriftSummary,
+    Event,
+    HealthBeat,
+    LineTotal,
+    ZoneTotal,
+    require_bound,
+)
+from .modelreg import ModelRegistry, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +56,18 @@ MAX_DEAD_LETTER_LIMIT = 1000
 # The API shows the start of each rejected payload; the full (truncated) copy stays in
 # the database.
 DEAD_LETTER_PREVIEW_CHARS = 2048
+# Events and drift summaries are paginated like the model API (limit, offset).
+DEFAULT_PAGE_LIMIT = 100
+MAX_PAGE_LIMIT = 1000
+MAX_OFFSET = 2**31 - 1
+# The fields of a drift summary as the API returns them (the contract's, in order).
+DRIFT_FIELDS = tuple(
+    f.alias or name
+    for name, f in DriftPayload.model_fields.items()
+    if name not in ("schema_", "kind")
+)
+# Latest events the dashboard shows.
+DASHBOARD_EVENTS = 10
 
 
 class ApiError(Exception):
@@ -107,7 +140,7 @@ def totals(device: str | None = None) -> dict[str, Any]:
                 "peak_occupancy": int(peak),
                 "dwell_s_sum": float(dsum),
                 "dwell_n": int(dn),
-                "dwell_s_avg": float(dsum) / dn if dn else None,
+                "dwell_s_avg": float(dsum) / int(dn) if dn else None,
             }
             for d, c, z, k, en, ex, peak, dsum, dn in zones.tuples()
         ],
@@ -194,6 +227,85 @@ def dead_letters(limit: int = DEFAULT_DEAD_LETTER_LIMIT, device: str | None = No
     ]
 
 
+def _body(payload: str) -> dict[str, Any]:
+    """A stored payload without the envelope the row already says (schema, kind)."""
+    body = json.loads(payload)
+    body.pop("schema", None)
+    body.pop("kind", None)
+    return body
+
+
+def events(
+    limit: int = DEFAULT_PAGE_LIMIT, offset: int = 0, device: str | None = None
+) -> tuple[list[dict[str, Any]], int]:
+    """Device events, newest first (by the device's ``ts``), and how many match.
+
+    See /api/events. Ties (same ``ts``) are broken newest-stored first, so pages
+    never overlap.
+    """
+    query = Event.select()
+    if device is not None:
+        query = query.where(Event.device == device)
+    total = query.count()
+    rows = query.order_by(Event.ts.desc(), Event.id.desc()).limit(limit).offset(offset)
+    result = []
+    for ev in rows:
+        body = _body(ev.payload)
+        result.append(
+            {
+                "device": ev.device_id,
+                "seq": ev.seq,
+                "ts": ev.ts,
+                "type": ev.type,
+                "severity": ev.severity,
+                "camera": ev.camera,
+                "message": ev.message,
+                "data": body.get("data", {}),
+                "received_at": ev.received_at,
+            }
+        )
+    return result, total
+
+
+def drift_summaries(
+    limit: int = DEFAULT_PAGE_LIMIT,
+    offset: int = 0,
+    device: str | None = None,
+    camera: str | None = None,
+) -> tuple[list[dict[str, Any]], int]:
+    """Drift summaries, newest window first, and how many match; see /api/drift."""
+    query = DriftSummary.select()
+    if device is not None:
+        query = query.where(DriftSummary.device == device)
+    if camera is not None:
+        query = query.where(DriftSummary.camera == camera)
+    total = query.count()
+    rows = (
+        query.order_by(DriftSummary.start.desc(), DriftSummary.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    # Every field of the contract, optional ones as null (the wire leaves them out).
+    result = []
+    for row in rows:
+        body = _body(row.payload)
+        item = {name: body.get(name) for name in DRIFT_FIELDS}
+        item["received_at"] = row.received_at
+        result.append(item)
+    return result, total
+
+
+def _paged(key: str, items: list, total: int, limit: int, offset: int) -> dict[str, Any]:
+    nxt = offset + len(items)
+    return {
+        key: items,
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+        "next_offset": nxt if nxt < total else None,
+    }
+
+
 def format_ts(ts: float | None) -> str:
     """UTC time as the dashboard shows it (the page's script uses the same format)."""
     if ts is None:
@@ -234,45 +346,79 @@ def _device_arg(args: dict[str, str], *, must_exist: bool) -> str | None:
     return device
 
 
-def _limit_arg(args: dict[str, str]) -> int:
-    raw = args.get("limit")
+def _int_arg(args: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = args.get(name)
     if raw is None:
-        return DEFAULT_DEAD_LETTER_LIMIT
+        return default
     try:
-        limit = int(raw)
+        value = int(raw)
     except ValueError:
-        limit = 0
-    if not 1 <= limit <= MAX_DEAD_LETTER_LIMIT:
+        value = lo - 1
+    if not lo <= value <= hi:
         raise ApiError(
             400,
             "invalid_parameter",
-            f"limit must be an integer from 1 to {MAX_DEAD_LETTER_LIMIT}, got {raw!r}",
-            "limit",
+            f"{name} must be an integer from {lo} to {hi}, got {raw!r}",
+            name,
         )
-    return limit
+    return value
+
+
+def _limit_arg(args: dict[str, str]) -> int:
+    return _int_arg(args, "limit", DEFAULT_DEAD_LETTER_LIMIT, 1, MAX_DEAD_LETTER_LIMIT)
+
+
+def _page_args(args: dict[str, str]) -> tuple[int, int]:
+    return (
+        _int_arg(args, "limit", DEFAULT_PAGE_LIMIT, 1, MAX_PAGE_LIMIT),
+        _int_arg(args, "offset", 0, 0, MAX_OFFSET),
+    )
+
+
+def _name_arg(args: dict[str, str], name: str) -> str | None:
+    value = args.get(name)
+    if value is not None and not is_valid_name(value):
+        raise ApiError(400, "invalid_parameter", f"{value!r} is not a valid {name} name", name)
+    return value
 
 
 # -- the app -------------------------------------------------------------------
 
 
 def create_app(
-    db: pw.Database, *, ingest_stats: Callable[[], dict[str, Any]] | None = None
+    db: pw.Database,
+    *,
+    ingest_stats: Callable[[], dict[str, Any]] | None = None,
+    registry: ModelRegistry | None = None,
+    anonymous_read: str = "local",
 ) -> Flask:
     """The registry web app on ``db`` (opened with `open_database`).
 
     ``ingest_stats``, when given, is called by /healthz to report the ingest worker
-    (for example ``IngestWorker.stats``).
+    (for example ``IngestWorker.stats``). ``registry`` serves the model registry
+    API (without one those endpoints answer 503). ``anonymous_read`` is the
+    dashboard's policy for requests without a token: ``"local"`` (loopback only),
+    ``"none"`` or ``"all"``.
     """
     require_bound(db)
     app = Flask(__name__)
     app.json.sort_keys = False  # keep documented key order in responses
     app.add_template_filter(format_ts, "ts")
+    if registry is not None:
+        app.extensions["flowfleet_model_registry"] = registry
+        # Multipart overhead on top of the model itself; the exact limit is checked
+        # on the file (RegistryError 413).
+        app.config["MAX_CONTENT_LENGTH"] = registry.max_upload_bytes + 1024 * 1024
+    app.register_blueprint(api_bp)
 
     @app.before_request
     def _connect() -> None:
         # Werkzeug serves each request on its own thread; peewee keeps one connection
         # per thread, so open it here and close it in teardown or it leaks.
         g.db_opened = db.connect(reuse_if_open=True)
+
+    # Registered after _connect: authorising a token reads the database.
+    install_auth(app, anonymous_read)
 
     @app.teardown_request
     def _close(exc: BaseException | None) -> None:
@@ -286,10 +432,24 @@ def create_app(
     def _api_error(exc: ApiError):
         return _error_response(exc.status, exc.code, exc.message, exc.field)
 
+    @app.errorhandler(RegistryError)
+    def _registry_error(exc: RegistryError):
+        if not _is_api() and exc.status in (401, 403):
+            return (
+                exc.message,
+                exc.status,
+                {"WWW-Authenticate": 'Bearer realm="flowfleet-registry"'},
+            )
+        return registry_error_response(exc)
+
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
         if not _is_api():
             return exc
+        if exc.code == 413:
+            return _error_response(
+                413, "too_large", "the request is larger than the upload limit", "file"
+            )
         code = (exc.name or "error").lower().replace(" ", "_")
         return _error_response(exc.code or 500, code, exc.description or exc.name)
 
@@ -317,6 +477,23 @@ def create_app(
         device = _device_arg(args, must_exist=False)
         return jsonify({"dead_letters": dead_letters(limit, device)})
 
+    @app.get("/api/events")
+    def api_events():
+        args = _args(("device", "limit", "offset"))
+        limit, offset = _page_args(args)
+        device = _device_arg(args, must_exist=True)
+        items, total = events(limit, offset, device)
+        return jsonify(_paged("events", items, total, limit, offset))
+
+    @app.get("/api/drift")
+    def api_drift():
+        args = _args(("device", "camera", "limit", "offset"))
+        limit, offset = _page_args(args)
+        device = _device_arg(args, must_exist=True)
+        camera = _name_arg(args, "camera")
+        items, total = drift_summaries(limit, offset, device, camera)
+        return jsonify(_paged("drift", items, total, limit, offset))
+
     @app.get("/healthz")
     def healthz():
         body: dict[str, Any] = {"status": "ok", "database": "ok"}
@@ -340,10 +517,12 @@ def create_app(
             totals=totals(),
             devices=devices(),
             dead_letters=dead_letters(10),
+            events=events(DASHBOARD_EVENTS)[0],
             urls={
                 "totals": url_for("api_totals"),
                 "devices": url_for("api_devices"),
                 "dead_letters": url_for("api_dead_letters", limit=10),
+                "events": url_for("api_events", limit=DASHBOARD_EVENTS),
             },
         )
 

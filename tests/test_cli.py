@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.fixtures.onnx_models import make_head_model
+
 
 def flowfleet(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -22,6 +24,9 @@ def bad_files(tmp_path_factory, data):
     good = (data / "models" / "yolov8n_full_integer_quant.tflite").read_bytes()
     (d / "half.tflite").write_bytes(good[: len(good) // 2])
     (d / "video.mp4").write_text("not a video")
+    # A real, runnable ONNX model with a YOLOv10-style end-to-end head [1, 300, 6]:
+    # no decoder of ours understands that output.
+    make_head_model(d / "yolov10.onnx", (1, 300, 6), input_shape=(1, 3, 640, 640))
     return d
 
 
@@ -33,9 +38,9 @@ def bad_files(tmp_path_factory, data):
         ("truncated model", ["{video}", "--model", "{tmp}/half.tflite"], 1, "half.tflite"),
         (
             "output no decoder knows",
-            ["{video}", "--model", "{models}/automl_traffic_lstm.tflite"],
+            ["{video}", "--model", "{tmp}/yolov10.onnx"],
             1,
-            "automl_traffic_lstm.tflite",
+            "yolov10.onnx",
         ),
         ("missing video", ["{tmp}/absent.mp4", "--model", "{model}"], 1, "absent.mp4"),
         ("unreadable video", ["{tmp}/video.mp4", "--model", "{model}"], 1, "video.mp4"),

@@ -45,6 +45,40 @@ def test_good_config_resolves_paths_relative_to_the_file(tmp_path):
         (GOOD.replace("[[cameras.lines]]", '[[cameras.lines]]\ncolour = "red"'), "colour"),
         ("device_id = ", "not valid TOML"),
         ('device_id = "x"\ncameras = []', "cameras"),
+        (GOOD + "\n[broker]\nport = 70000\n", "broker.port"),
+        (
+            GOOD + '\n[broker]\npassword_file = "pw"\n',
+            "broker: a password needs a username",
+        ),
+        (
+            GOOD + '\n[broker]\nusername = "u"\npassword_file = "pw"\npassword_env = "PW"\n',
+            "give password_file or password_env, not both",
+        ),
+        (
+            GOOD + '\n[broker]\nusername = "u"\npassword_file = "missing.txt"\n',
+            "broker.password_file: file not found",
+        ),
+        (
+            GOOD + '\n[broker]\nusername = "u"\npassword_env = "FLOWFLEET_TEST_UNSET_PW"\n',
+            "broker.password_env: environment variable FLOWFLEET_TEST_UNSET_PW is not set",
+        ),
+        (GOOD + '\n[broker]\npassword_env = "1bad"\n', "broker.password_env"),
+        (GOOD + '\n[broker]\ncert_file = "c.pem"\n', "cert_file and key_file go together"),
+        (
+            GOOD + '\n[broker]\ncert_file = "c.pem"\nkey_file = "k.pem"\n',
+            "a client certificate needs ca_file",
+        ),
+        (GOOD + '\n[broker]\nca_file = "nope.pem"\n', "broker.ca_file: file not found"),
+        (
+            GOOD + "\n[broker]\nreconnect_min_s = 10\nreconnect_max_s = 5\n",
+            "reconnect_max_s is below reconnect_min_s",
+        ),
+        (GOOD + "\n[outbox]\nmax_messages = 0\n", "outbox.max_messages"),
+        (GOOD + '\n[outbox]\npolicy = "drop_newest"\n', "outbox.policy"),
+        (GOOD + "\n[outbox]\nsend_rate = -1\n", "outbox.send_rate"),
+        (GOOD + "\n[outbox]\nlimit = 5\n", "outbox.limit: unknown key"),
+        (GOOD + "\n[metrics]\nport = 0\n", "metrics.port"),
+        (GOOD + '\n[metrics]\nport = "x"\n', "metrics.port"),
     ],
 )
 def test_bad_config_names_file_and_key(tmp_path, text, message):
@@ -81,3 +115,46 @@ def test_parse_line_and_zone():
 def test_bad_line_and_zone_specs(spec, parser, message):
     with pytest.raises(ConfigError, match=message):
         parser(spec)
+
+
+SECRET = "pa55-w0rd-never-logged"
+
+
+def test_password_from_file_or_environment_is_never_in_the_config(tmp_path, monkeypatch):
+    from flowfleet.agent.config import read_password
+    from flowfleet.mqtt import BrokerAddress
+
+    (tmp_path / "pw").write_text(SECRET + "\n")
+    cfg = load_agent_config(
+        write(tmp_path, GOOD + '\n[broker]\nusername = "cam-1"\npassword_file = "pw"\n')
+    )
+    assert cfg.broker.password_file == str(tmp_path / "pw")
+    assert read_password(cfg.broker) == SECRET
+    assert SECRET not in repr(cfg) and SECRET not in cfg.model_dump_json()
+    address = BrokerAddress(cfg.broker.host, cfg.broker.port, "cam-1", SECRET)
+    assert SECRET not in repr(address) and SECRET not in str(address)
+
+    monkeypatch.setenv("FLOWFLEET_TEST_PW", SECRET)
+    cfg = load_agent_config(
+        write(tmp_path, GOOD + '\n[broker]\nusername = "u"\npassword_env = "FLOWFLEET_TEST_PW"\n')
+    )
+    assert read_password(cfg.broker) == SECRET and SECRET not in repr(cfg)
+
+
+def test_outbox_and_metrics_defaults(tmp_path):
+    cfg = load_agent_config(write(tmp_path, GOOD))
+    assert cfg.outbox.policy == "keep_counts" and cfg.outbox.max_messages == 100_000
+    assert cfg.metrics.port is None
+    cfg = load_agent_config(
+        write(tmp_path, GOOD + '\n[metrics]\nport = 9108\n[outbox]\npolicy = "drop_oldest"\n')
+    )
+    assert cfg.metrics.port == 9108 and cfg.outbox.policy == "drop_oldest"
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["rtsp://user:pw@cam.local/stream1", "0", "/dev/video0", "libcamerasrc ! appsink"],
+)
+def test_stream_and_camera_sources_are_not_resolved_as_paths(tmp_path, source):
+    cfg = load_agent_config(write(tmp_path, GOOD.replace('"video.mp4"', f'"{source}"')))
+    assert cfg.cameras[0].source == source

@@ -133,3 +133,121 @@ def test_zone_needs_three_points():
 def test_names_are_shared():
     d = dets([box_at(1, 1)], ids=[3], classes=["truck"])
     assert d.class_names() == ["truck"] and d.names is NAMES
+
+
+# -- stationary objects -------------------------------------------------------------------
+
+
+def test_stationary_track_is_hidden_until_it_moves():
+    from flowfleet.agent.counting import StationaryFilter
+
+    still = StationaryFilter(min_move_px=10, window_s=3.0)
+    seen = []
+    for t in range(120):  # 12 s at 10 fps
+        ts = t / 10
+        # Track 1 is parked (2 px of jitter) for 8 s, then drives off downwards.
+        y1 = 200 + (t % 2) * 2 if ts < 8 else 200 + (ts - 8) * 50
+        # Track 2 walks steadily across.
+        d = dets([box_at(100, y1), box_at(10 + 3 * t, 150)], ids=[1, 2])
+        kept = still.apply(d, ts)
+        seen.append((ts, sorted(kept.tracker_id.tolist())))
+    visible_1 = [ts for ts, ids in seen if 1 in ids]
+    # Counted as moving until judged (3 s), hidden while parked, back once it moves.
+    assert visible_1[0] == 0.0 and 2.9 <= max(t for t in visible_1 if t < 8) <= 3.0
+    assert min(t for t in visible_1 if t >= 3.1) >= 8.1
+    assert all(2 in ids for _, ids in seen)
+
+
+def test_parked_car_stops_counting_once_judged():
+    """Parked cars: one on a line (its box edge flickering across it, with a small
+    hysteresis) and one in a zone. Once judged stationary they count nothing."""
+    from flowfleet.agent.counting import StationaryFilter
+
+    line = LineCounter("kerb", (0, 100), (400, 100), hysteresis=2)
+    zone = ZoneCounter("bay", SQUARE, exit_after_s=1.0)
+    still = StationaryFilter(min_move_px=10, window_s=2.0)
+    crossings, zone_events = [], []
+    for t in range(200):
+        ts = t / 10
+        y = 100 + (4 if t % 7 < 3 else -4)
+        d = dets([box_at(50, y), box_at(200, 250)], ids=[1, 2], classes=["car", "car"])
+        d = still.apply(d, ts)
+        crossings += line.update(d, ts)
+        zone_events += zone.update(d, ts)
+    zone_events += zone.flush(20.0)
+    # Before it is judged (the first 2 s) the flicker crosses, as without the filter;
+    # after that nothing, although the flicker goes on for 18 s.
+    assert crossings and all(c.ts < 2.0 for c in crossings)
+    # Track 2 entered the bay in the first 2 s, then was parked: one visit that ended
+    # after the exit delay, and no occupancy for the remaining 17 s.
+    assert [(e.kind, e.track_id) for e in zone_events] == [("entry", 2), ("exit", 2)]
+    assert zone_events[1].ts < 2.1 and zone.occupancy == 0
+
+
+# -- dwell distribution and class-agnostic totals ------------------------------------------
+
+
+def test_zone_dwell_distribution_and_totals_over_classes():
+    from flowfleet.agent.counting import ZoneEvent
+    from flowfleet.agent.tally import Tally
+
+    tally = Tally()
+    tally.declare_zone("cam", "z", ["person", "car"])
+    dwells = {"person": [1.0, 2.0, 4.0, 12.0], "car": [65.0]}
+    tid = 0
+    for cls, values in dwells.items():
+        for d in values:
+            tid += 1
+            tally.add_zone_event("cam", ZoneEvent("z", cls, "entry", tid, 0.0))
+            tally.add_zone_event("cam", ZoneEvent("z", cls, "exit", tid, d, dwell_s=d))
+    tally.note_occupancy("cam", "z", {"person": 2, "car": 1})  # 3 inside at once
+    tally.note_occupancy("cam", "z", {"person": 3})
+    person = tally.zones[("cam", "z", "person")]
+    assert person.peak_occupancy == 3 and person.mean_dwell_s == pytest.approx(4.75)
+    summary = person.dwell_summary()
+    assert summary["p50_dwell_s"] == 3.0 and summary["max_dwell_s"] == 12.0
+    assert summary["dwell_histogram"]["0-5s"] == 3 and summary["dwell_histogram"]["10-30s"] == 1
+    total = tally.zone_totals[("cam", "z")]
+    assert (total.entries, total.exits, total.dwell_n) == (5, 5, 5)
+    assert total.peak_occupancy == 3  # not 3 + 1: the most objects inside at one time
+    assert total.dwell_summary()["dwell_histogram"]["60-120s"] == 1
+    assert tally.line_totals() == {}
+
+
+def test_line_totals_over_classes():
+    from flowfleet.agent.tally import Tally
+
+    tally = Tally()
+    frames = [
+        dets([box_at(100, y), box_at(160, y)], ids=[1, 2], classes=["person", "bicycle"])
+        for y in (60, 140)
+    ]
+    line = LineCounter("door", (0, 100), (400, 100))
+    for i, d in enumerate(frames):
+        for c in line.update(d, i / 10):
+            tally.add_crossing("cam", c)
+    assert tally.line_totals() == {("cam", "door"): (2, 0)}
+
+
+def test_count_cli_stationary_option(videos):
+    import json
+    import subprocess
+    import sys
+
+    def count(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "flowfleet.cli", "count", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    video = str(videos / "traffic_frames.mp4")
+    bad = count(video, "--stationary", "10")
+    assert bad.returncode == 2 and "--stationary '10'" in bad.stderr
+    # Every car on the highway moves: excluding stationary tracks changes nothing.
+    args = [video, "--line", "gantry:480,280,480,540", "--zone", "road:0,300;960,300;960,540;0,540"]
+    plain = json.loads(count(*args, "--json").stdout)
+    still = json.loads(count(*args, "--json", "--stationary", "10,0.2").stdout)
+    assert plain["lines"] == still["lines"] and plain["lines"]["gantry"]["total"]["in"] >= 2
+    assert still["zones"]["road"]["total"]["entries"] == plain["zones"]["road"]["total"]["entries"]

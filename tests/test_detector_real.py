@@ -199,11 +199,16 @@ def test_corrupt_body(int8_model: Path, tmp_path: Path):
     _assert_model_error(bad, "cannot load")
 
 
-def test_unsupported_runtimes_and_heads(data: Path):
-    models = data / "models"
-    _assert_model_error(models / "yolov8n_int8.onnx", "not supported yet")
-    # AutoML traffic model: LSTM state inputs + SSD post-processing outputs.
-    _assert_model_error(models / "automl_traffic_lstm.tflite", "not supported")
+def test_unsupported_heads(tmp_path: Path):
+    # A YOLOv10-style end-to-end head [1, 300, 6]: no decoder here understands it.
+    # (The ONNX and SSD/LSTM reference models are supported: see test_onnx_detector.py
+    # and test_ssd_detector.py.)
+    from .fixtures.onnx_models import make_head_model
+
+    model = make_head_model(tmp_path / "yolov10.onnx", (1, 300, 6), input_shape=(1, 3, 640, 640))
+    _assert_model_error(model, "unsupported output shape")
+    two = make_head_model(tmp_path / "ssd_boxes.onnx", (1, 10, 4))
+    _assert_model_error(two, "unsupported output shape")
 
 
 def test_label_count_mismatch(int8_model: Path, tmp_path: Path):

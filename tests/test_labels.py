@@ -134,3 +134,65 @@ def test_class_filter_apply_edge_cases():
         f.apply(_dets([0, 1], names=AUTOML[:2]))
     mask = f.keep_mask(np.array([2, 2, 0]))
     assert mask.tolist() == [True, True, False]
+
+
+# -- label maps ------------------------------------------------------------------------
+
+
+def test_flow_label_map_for_the_automl_model():
+    from flowfleet.agent.labels import LabelMap, auto_label_map, load_label_map
+
+    lm = auto_label_map(AUTOML)
+    assert lm is not None and lm.labels == ("car", "bus") and lm.merges
+    assert lm.lut.tolist() == [0, 0, 1]
+    dets = lm.apply(_dets([0, 1, 2, 1], names=AUTOML))
+    assert dets.class_names() == ["car", "car", "bus", "car"]
+    np.testing.assert_array_equal(dets.tracker_id, [0, 1, 2, 3])  # rows stay aligned
+    # The default flow filter now applies to the mapped vocabulary.
+    assert ClassFilter(None, lm.labels).apply(dets).class_names() == dets.class_names()
+    # COCO models already speak the flow vocabulary: no automatic map.
+    assert auto_label_map(COCO_80) is None
+    assert auto_label_map(("cat", "dog")) is None
+    # An explicit map applies to any vocabulary; unmapped labels keep their names.
+    lm = LabelMap(load_label_map("flow"), ("person", "van", "dog"))
+    assert lm.labels == ("person", "car", "dog") and not lm.merges
+    assert LabelMap({}, COCO_80).identity
+    # Ids outside the model vocabulary become -1 (dropped by any ClassFilter).
+    assert lm.apply(_dets([1, 5], names=("person", "van", "dog"))).class_id.tolist() == [1, -1]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        pytest.param(
+            "map.txt",
+            "# comment\nsedan = car\npickup_suv_van: car\nlarge_veh_bus -> bus\n\n",
+            {"sedan": "car", "pickup_suv_van": "car", "large_veh_bus": "bus"},
+            id="text",
+        ),
+        pytest.param(
+            "map.toml", '[labels]\nsedan = "car"\n"large veh" = "bus"\n',
+            {"sedan": "car", "large veh": "bus"}, id="toml",
+        ),
+    ],
+)  # fmt: skip
+def test_load_label_map_files(tmp_path: Path, name, text, expected):
+    from flowfleet.agent.labels import load_label_map
+
+    path = tmp_path / name
+    path.write_text(text)
+    assert load_label_map(path) == expected
+
+
+def test_load_label_map_errors(tmp_path: Path):
+    from flowfleet.agent.labels import load_label_map
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("sedan car\n")
+    with pytest.raises(ValueError, match=r"bad\.txt:1"):
+        load_label_map(bad)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="no entries"):
+        load_label_map(empty)
+    assert load_label_map(None) is None

@@ -9,18 +9,27 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import peewee as pw
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from flowfleet.contract import CountBin, Health, LineCount, Status, Topics, ZoneCount
+from flowfleet.contract import (
+    CountBin,
+    DriftSummary,
+    Event,
+    Health,
+    LineCount,
+    Status,
+    Topics,
+    ZoneCount,
+)
 from flowfleet.mqtt import BrokerAddress
 from flowfleet.registry import db as regdb
 from flowfleet.registry.ingest import DEAD_LETTER, DUPLICATE, ERROR, STORED, Ingestor, IngestWorker
-from flowfleet.registry.web import devices, totals
+from flowfleet.registry.testing import KINDS, fresh_database, temporary_database
+from flowfleet.registry.web import devices, drift_summaries, events, totals
 
 TOPICS = Topics()
 DEVICE = "cam-1"
@@ -91,6 +100,39 @@ def line_totals_by_key(result: dict) -> dict[tuple, tuple[int, int]]:
     }
 
 
+def make_event(device: str = DEVICE, seq: int = 1, **changes) -> Event:
+    fields = {
+        "device": device,
+        "seq": seq,
+        "ts": 1_795_430_000.0 + seq,
+        "type": "outbox_dropped",
+        "severity": "warning",
+        "message": f"outbox cap dropped {seq} health message(s)",
+        "data": {"stream": "health", "n": seq, "first_seq": 1, "policy": "keep_counts"},
+    }
+    return Event(**{**fields, **changes})
+
+
+def make_drift(device: str = DEVICE, seq: int = 1, **changes) -> DriftSummary:
+    start = 1_795_430_400.0 + 300 * seq
+    fields = {
+        "device": device,
+        "seq": seq,
+        "camera": "front",
+        "model": "yolov8n_full_integer_quant.tflite",
+        "start": start,
+        "end": start + 300,
+        "frames": 2990,
+        "detections": 4123,
+        "confidence_hist": (0, 310, 402, 388, 371, 420, 612, 801, 690, 129),
+        "detections_per_frame": 1.3789,
+        "detections_hist": (812, 1020, 640, 401, 117, 0, 0),
+        "class_mix": {"person": 3900, "bicycle": 223},
+        "brightness": 112.4,
+    }
+    return DriftSummary(**{**fields, **changes})
+
+
 def raw(message) -> dict:
     return json.loads(message.to_json())
 
@@ -152,9 +194,16 @@ def address(broker) -> BrokerAddress:
     return BrokerAddress(host=broker.host, port=broker.port)
 
 
+@pytest.fixture(params=KINDS, scope="module")
+def shared_db(request, tmp_path_factory) -> str:
+    with temporary_database(request.param, tmp_path_factory.mktemp("db")) as url:
+        yield url
+
+
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "registry.db"
+def db_path(shared_db) -> str:
+    """The registry database, emptied: a SQLite file, then a PostgreSQL database."""
+    return fresh_database(shared_db)
 
 
 @pytest.fixture
@@ -211,6 +260,26 @@ def test_messages_delivered_twice_are_stored_once(worker, publisher):
     assert regdb.HealthBeat.select().count() == len(beats)
     assert line_totals_by_key(totals()) == expected_line_totals(bins)
     assert regdb.DeadLetter.select().count() == 0
+
+
+def test_published_events_and_drift_are_stored_once(worker, publisher):
+    """An agent's events and drift summaries over MQTT, each delivered twice."""
+    evs = [make_event(seq=s) for s in (1, 2, 3)]
+    drifts = [make_drift(seq=s) for s in (1, 2)]
+    for _ in range(2):
+        for ev in evs:
+            publisher.publish(TOPICS.events(DEVICE), ev.to_json())
+        for dr in drifts:
+            publisher.publish(TOPICS.drift(DEVICE), dr.to_json())
+
+    wait_until(lambda: worker.outcomes[DUPLICATE] == len(evs) + len(drifts), what="duplicates")
+
+    assert regdb.Event.select().count() == len(evs)
+    assert regdb.DriftSummary.select().count() == len(drifts)
+    assert worker.outcomes[DEAD_LETTER] == 0
+    items, total = events()
+    assert total == 3 and [e["seq"] for e in items] == [3, 2, 1]
+    assert items[0]["data"] == {"stream": "health", "n": 3, "first_seq": 1, "policy": "keep_counts"}
 
 
 def _wrong_schema() -> bytes:
@@ -370,6 +439,187 @@ def test_database_errors_are_dead_lettered_not_raised(ingestor, db_path):
     assert ingestor.handle(TOPICS.counts(DEVICE), make_bin(seq=2).to_json()) == ERROR
 
 
+# -- events and drift summaries (Ingestor directly) ----------------------------------
+
+# kind, factory, table, what the conflict reason calls it, a change of content
+SEQUENCED = [
+    ("events", make_event, regdb.Event, "event", {"message": "something else"}),
+    ("drift", make_drift, regdb.DriftSummary, "drift summary", {"frames": 1}),
+    ("health", None, regdb.HealthBeat, "health beat", {"uptime_s": 99.0}),
+    ("counts", None, regdb.CountBin, "count bin", {"lines": (line_count(in_=9),)}),
+]
+
+
+def _factory(kind: str, factory):
+    if factory is not None:
+        return factory
+    if kind == "health":
+        return lambda seq=1, **ch: Health(
+            **{"device": DEVICE, "seq": seq, "ts": 1e9 + seq, "uptime_s": 1.0, **ch}
+        )
+    return lambda seq=1, **ch: make_bin(seq=seq, lines=ch.get("lines"))
+
+
+@pytest.mark.parametrize(
+    ("kind", "factory", "table", "what", "change"),
+    SEQUENCED,
+    ids=[case[0] for case in SEQUENCED],
+)
+def test_sequenced_kinds_are_stored_once_and_conflicts_keep_the_first(
+    ingestor, kind, factory, table, what, change
+):
+    make = _factory(kind, factory)
+    topic = TOPICS.device(DEVICE, kind)
+    first, other = make(seq=5), make(seq=6)
+    conflicting = make(seq=5, **change)
+    assert first.to_json() != conflicting.to_json()
+
+    assert ingestor.handle(topic, first.to_json()) == STORED
+    assert ingestor.handle(topic, other.to_json()) == STORED
+    assert ingestor.handle(topic, first.to_json()) == DUPLICATE
+    assert ingestor.handle(topic, conflicting.to_json()) == DEAD_LETTER
+
+    assert table.select().count() == 2
+    kept = table.get(table.device == DEVICE, table.seq == 5)
+    assert json.loads(kept.payload) == raw(first), "the first copy is kept"
+    (letter,) = regdb.DeadLetter.select()
+    assert letter.reason.startswith(f"{what} seq 5 was already stored with different content")
+    assert letter.topic == topic and letter.device == DEVICE
+    assert bytes(letter.payload) == conflicting.to_json()
+
+
+def test_event_columns_and_api_shape(ingestor):
+    ev = make_event(seq=4, camera="front", severity="error", type="camera_failed")
+    quiet = make_event(seq=5, severity="info", message="", data={})
+    for msg in (ev, quiet):
+        assert ingestor.handle(TOPICS.events(DEVICE), msg.to_json()) == STORED
+
+    row = regdb.Event.get(regdb.Event.seq == 4)
+    assert (row.device_id, row.ts, row.type, row.severity, row.camera, row.message) == (
+        DEVICE,
+        ev.ts,
+        "camera_failed",
+        "error",
+        "front",
+        ev.message,
+    )
+    items, total = events()
+    assert total == 2
+    assert items[1] == {
+        "device": DEVICE,
+        "seq": 4,
+        "ts": ev.ts,
+        "type": "camera_failed",
+        "severity": "error",
+        "camera": "front",
+        "message": ev.message,
+        "data": dict(ev.data),
+        "received_at": row.received_at,
+    }
+    assert (items[0]["seq"], items[0]["camera"], items[0]["message"], items[0]["data"]) == (
+        5,
+        None,
+        "",
+        {},
+    )
+
+
+def test_drift_summary_is_stored_with_its_window(ingestor):
+    dr = make_drift(seq=2, camera="back", model=None, mean_box_area=0.03)
+    assert ingestor.handle(TOPICS.drift(DEVICE), dr.to_json()) == STORED
+
+    row = regdb.DriftSummary.get()
+    assert (row.device_id, row.seq, row.camera, row.model, row.start, row.end) == (
+        DEVICE,
+        2,
+        "back",
+        None,
+        dr.start,
+        dr.end,
+    )
+    (item,), total = drift_summaries(camera="back")
+    assert total == 1
+    assert item["confidence_hist"] == list(dr.confidence_hist)
+    assert item["mean_box_area"] == 0.03 and item["latency_ms_p50"] is None
+    assert drift_summaries(camera="front") == ([], 0)
+
+
+def test_reordered_event_data_is_a_duplicate_not_a_conflict(ingestor):
+    ev = make_event(seq=3)
+    body = raw(ev)
+    body["data"] = dict(reversed(list(body["data"].items())))
+    reordered = json.dumps(dict(reversed(list(body.items())))).encode()
+
+    assert ingestor.handle(TOPICS.events(DEVICE), ev.to_json()) == STORED
+    assert ingestor.handle(TOPICS.events(DEVICE), reordered) == DUPLICATE
+
+
+def test_sequences_are_per_kind(ingestor):
+    """Event seq 1, drift seq 1, beat seq 1 and bin seq 1 are four different messages."""
+    for kind, message in (
+        ("events", make_event(seq=1)),
+        ("drift", make_drift(seq=1)),
+        ("health", Health(device=DEVICE, seq=1, ts=1e9, uptime_s=1)),
+        ("counts", make_bin(seq=1)),
+    ):
+        assert ingestor.handle(TOPICS.device(DEVICE, kind), message.to_json()) == STORED
+    assert regdb.DeadLetter.select().count() == 0
+
+
+def _event_with(**fields) -> bytes:
+    return json.dumps({**raw(make_event()), **fields}).encode()
+
+
+def _drift_with(**fields) -> bytes:
+    return json.dumps({**raw(make_drift()), **fields}).encode()
+
+
+def _without(message, field: str) -> bytes:
+    body = raw(message)
+    del body[field]
+    return json.dumps(body).encode()
+
+
+MALFORMED_SEQUENCED = [
+    # id, kind, payload, words the reason must contain
+    ("event-type", "events", _event_with(type="Camera Failed"), ["'type'", "pattern"]),
+    ("event-severity", "events", _event_with(severity="fatal"), ["'severity'", "info"]),
+    ("event-seq-zero", "events", _event_with(seq=0), ["'seq'", "greater"]),
+    ("event-no-ts", "events", _without(make_event(), "ts"), ["'ts'", "required"]),
+    ("event-long-message", "events", _event_with(message="x" * 1025), ["'message'", "1024"]),
+    ("event-nested-data", "events", _event_with(data={"n": [1, 2]}), ["data.n"]),
+    ("event-extra-field", "events", _event_with(colour="red"), ["'colour'", "not permitted"]),
+    ("event-bad-camera", "events", _event_with(camera="a/b"), ["'camera'", "pattern"]),
+    (
+        "drift-confidence-bins",
+        "drift",
+        _drift_with(confidence_hist=[1, 2, 3]),
+        ["'confidence_hist'", "10"],
+    ),
+    ("drift-negative-frames", "drift", _drift_with(frames=-1), ["'frames'", "greater"]),
+    ("drift-no-camera", "drift", _without(make_drift(), "camera"), ["'camera'", "required"]),
+    ("drift-brightness", "drift", _drift_with(brightness=300), ["'brightness'", "255"]),
+    ("drift-kind", "drift", make_event().to_json(), ["'kind'", "events"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload", "words"),
+    [case[1:] for case in MALFORMED_SEQUENCED],
+    ids=[case[0] for case in MALFORMED_SEQUENCED],
+)
+def test_malformed_event_or_drift_is_dead_lettered_naming_the_field(ingestor, kind, payload, words):
+    topic = TOPICS.device(DEVICE, kind)
+    assert ingestor.handle(topic, payload) == DEAD_LETTER
+
+    (letter,) = regdb.DeadLetter.select()
+    for word in words:
+        assert word in letter.reason, f"{word!r} not in reason {letter.reason!r}"
+    assert (letter.topic, letter.device, bytes(letter.payload)) == (topic, DEVICE, payload)
+    assert regdb.Event.select().count() == 0
+    assert regdb.DriftSummary.select().count() == 0
+
+
 # -- database opening ----------------------------------------------------------------
 
 
@@ -387,7 +637,8 @@ def test_open_database_accepts_paths_and_sqlite_urls(tmp_path, form):
 @pytest.mark.parametrize(
     ("url", "error", "words"),
     [
-        ("postgresql://u@h/db", NotImplementedError, "PostgreSQL"),
+        ("postgresql://u@no-such-host.invalid/db", pw.OperationalError, "no-such-host"),
+        ("postgresql://u@h", ValueError, "names no database"),
         ("mysql://u@h/db", ValueError, "unsupported database URL"),
         (":memory:", ValueError, "in-memory"),
     ],

@@ -11,17 +11,27 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from flowfleet.contract import CountBin, Health, LineCount, Status, Topics, ZoneCount
+from flowfleet.contract import (
+    CountBin,
+    DriftSummary,
+    Event,
+    Health,
+    LineCount,
+    Status,
+    Topics,
+    ZoneCount,
+)
 from flowfleet.mqtt import BrokerAddress
 from flowfleet.registry.db import open_database
 from flowfleet.registry.ingest import STORED, Ingestor
+from flowfleet.registry.modelreg import RegistryConfig
 from flowfleet.registry.service import run_registry
+from flowfleet.registry.testing import KINDS, fresh_database, temporary_database
 from flowfleet.registry.web import create_app
 
 TOPICS = Topics()
@@ -49,6 +59,30 @@ def zc(zone: str, cls: str, entries: int, exits: int, dwell: float) -> ZoneCount
     )
 
 
+def ev(device: str, seq: int, ts: float, type_: str = "camera_running", **fields) -> Event:
+    return Event(device=device, seq=seq, ts=ts, type=type_, **fields)
+
+
+def drift(device: str, seq: int, camera: str, start: float, **fields) -> DriftSummary:
+    return DriftSummary(
+        device=device,
+        seq=seq,
+        camera=camera,
+        start=start,
+        end=start + 300,
+        frames=100,
+        detections=150,
+        confidence_hist=(0, 0, 0, 10, 20, 30, 40, 30, 15, 5),
+        detections_per_frame=1.5,
+        detections_hist=(10, 40, 30, 15, 5, 0, 0),
+        class_mix={"person": 150},
+        **fields,
+    )
+
+
+# An event message a hostile or broken device might send: shown as text, never markup.
+HOSTILE = '<img src=x onerror="alert(1)"><script>alert(2)</script>'
+
 # What the fixture ingests: (topic, payload). cam-1 misses seq 3 (one gap).
 MESSAGES = [
     (TOPICS.status("cam-1"), Status(device="cam-1", state="online", agent_version="0.1.0")),
@@ -65,12 +99,45 @@ MESSAGES = [
     (TOPICS.counts("cam-1"), make_bin("cam-1", 4, (lc("front", "door", "person", 5, 0),))),
     (TOPICS.health("cam-1"), Health(device="cam-1", seq=1, ts=1e9, uptime_s=12.5)),
     (TOPICS.counts("cam-2"), make_bin("cam-2", 1, (lc("yard", "gate", "truck", 1, 1),))),
+    # Events: cam-1 seq 2 happened before seq 1 (ts decides "newest", not seq).
+    (TOPICS.events("cam-1"), ev("cam-1", 1, 1_795_000_300.0, camera="front", message="up")),
+    (
+        TOPICS.events("cam-1"),
+        ev(
+            "cam-1",
+            2,
+            1_795_000_100.0,
+            "outbox_dropped",
+            severity="warning",
+            message="outbox cap dropped 4 health message(s)",
+            data={"stream": "health", "n": 4, "policy": "keep_counts"},
+        ),
+    ),
+    (
+        TOPICS.events("cam-2"),
+        ev("cam-2", 1, 1_795_000_200.0, "camera_failed", severity="error", message=HOSTILE),
+    ),
+    (TOPICS.drift("cam-1"), drift("cam-1", 1, "front", 1_795_000_000.0, model="yolo-v1")),
+    (TOPICS.drift("cam-1"), drift("cam-1", 2, "back", 1_795_000_000.0)),
+    (TOPICS.drift("cam-1"), drift("cam-1", 3, "front", 1_795_000_300.0, brightness=80.5)),
 ]
 
 
+@pytest.fixture(params=KINDS, scope="module")
+def shared_db(request, tmp_path_factory):
+    with temporary_database(request.param, tmp_path_factory.mktemp("db")) as url:
+        yield url
+
+
 @pytest.fixture
-def db(tmp_path: Path):
-    database = open_database(tmp_path / "registry.db")
+def db_url(shared_db):
+    """The registry database, emptied: a SQLite file, then a PostgreSQL database."""
+    return fresh_database(shared_db)
+
+
+@pytest.fixture
+def db(db_url):
+    database = open_database(db_url)
     ingestor = Ingestor(database, TOPICS)
     for topic, message in MESSAGES:
         assert ingestor.handle(topic, message.to_json()) == STORED
@@ -150,6 +217,70 @@ def test_dead_letters_newest_first_with_limit(client):
     assert letters[0]["id"] > letters[1]["id"]
 
 
+def test_events_newest_first_with_every_field(client):
+    resp = client.get("/api/events")
+
+    assert resp.status_code == 200
+    body = resp.get_json()
+    assert (body["total"], body["limit"], body["offset"], body["next_offset"]) == (3, 100, 0, None)
+    assert [(e["device"], e["seq"]) for e in body["events"]] == [
+        ("cam-1", 1),
+        ("cam-2", 1),
+        ("cam-1", 2),
+    ]
+    dropped = body["events"][2]
+    received_at = dropped.pop("received_at")
+    assert isinstance(received_at, float)
+    assert dropped == {
+        "device": "cam-1",
+        "seq": 2,
+        "ts": 1_795_000_100.0,
+        "type": "outbox_dropped",
+        "severity": "warning",
+        "camera": None,
+        "message": "outbox cap dropped 4 health message(s)",
+        "data": {"stream": "health", "n": 4, "policy": "keep_counts"},
+    }
+    assert body["events"][1]["message"] == HOSTILE  # JSON carries it verbatim
+
+
+@pytest.mark.parametrize(
+    ("query", "keys", "total", "next_offset"),
+    [
+        ("device=cam-1", [("cam-1", 1), ("cam-1", 2)], 2, None),
+        ("device=cam-2", [("cam-2", 1)], 1, None),
+        ("limit=2", [("cam-1", 1), ("cam-2", 1)], 3, 2),
+        ("limit=2&offset=2", [("cam-1", 2)], 3, None),
+        ("device=cam-1&limit=1&offset=1", [("cam-1", 2)], 2, None),
+        ("offset=3", [], 3, None),
+    ],
+)
+def test_events_filters_and_pages(client, query, keys, total, next_offset):
+    body = client.get(f"/api/events?{query}").get_json()
+
+    assert [(e["device"], e["seq"]) for e in body["events"]] == keys
+    assert (body["total"], body["next_offset"]) == (total, next_offset)
+
+
+def test_drift_newest_window_first_and_filters(client):
+    body = client.get("/api/drift?device=cam-1").get_json()
+
+    assert [(d["seq"], d["camera"]) for d in body["drift"]] == [
+        (3, "front"),
+        (2, "back"),
+        (1, "front"),
+    ]
+    assert body["total"] == 3
+    latest = body["drift"][0]
+    assert latest["brightness"] == 80.5 and latest["blur"] is None and latest["model"] is None
+    assert latest["confidence_hist"] == [0, 0, 0, 10, 20, 30, 40, 30, 15, 5]
+    assert latest["class_mix"] == {"person": 150}
+    front = client.get("/api/drift?device=cam-1&camera=front&limit=1").get_json()
+    assert [d["seq"] for d in front["drift"]] == [3] and front["next_offset"] == 1
+    assert client.get("/api/drift?camera=nowhere").get_json()["drift"] == []
+    assert client.get("/api/drift?device=cam-2").get_json()["total"] == 0
+
+
 @pytest.mark.parametrize(
     ("url", "status", "code", "field"),
     [
@@ -161,6 +292,15 @@ def test_dead_letters_newest_first_with_limit(client):
         ("/api/dead-letters?limit=0", 400, "invalid_parameter", "limit"),
         ("/api/dead-letters?limit=ten", 400, "invalid_parameter", "limit"),
         ("/api/dead-letters?limit=100000", 400, "invalid_parameter", "limit"),
+        ("/api/events?device=cam-404", 404, "unknown_device", "device"),
+        ("/api/events?device=a/b", 400, "invalid_parameter", "device"),
+        ("/api/events?limit=0", 400, "invalid_parameter", "limit"),
+        ("/api/events?limit=1001", 400, "invalid_parameter", "limit"),
+        ("/api/events?offset=-1", 400, "invalid_parameter", "offset"),
+        ("/api/events?offset=x", 400, "invalid_parameter", "offset"),
+        ("/api/events?type=camera_failed", 400, "unknown_parameter", "type"),
+        ("/api/drift?camera=a/b", 400, "invalid_parameter", "camera"),
+        ("/api/drift?device=cam-404", 404, "unknown_device", "device"),
         ("/api/nope", 404, "not_found", None),
     ],
 )
@@ -198,10 +338,23 @@ def test_dashboard_renders_devices_and_totals_offline(client):
     assert "/api/totals" in page and "setTimeout(refresh, 2000)" in page
 
 
+def test_dashboard_shows_latest_events_as_text(client):
+    page = client.get("/").get_data(as_text=True)
+
+    assert "<h2>Events</h2>" in page
+    for text in ("outbox_dropped", "camera_failed", "outbox cap dropped 4 health message(s)"):
+        assert text in page
+    # The hostile message is escaped server-side; the script fills cells with textContent.
+    assert HOSTILE not in page and "<script>alert(2)" not in page
+    assert "&lt;img src=x onerror=" in page
+    assert "innerHTML" not in page and "/api/events?limit=10" in page
+
+
 def test_dashboard_renders_an_empty_registry(tmp_path):
     resp = create_app(open_database(tmp_path / "empty.db")).test_client().get("/")
     assert resp.status_code == 200
     assert "no devices yet" in resp.get_data(as_text=True)
+    assert "no events yet" in resp.get_data(as_text=True)
 
 
 # -- the whole service -------------------------------------------------------------
@@ -212,14 +365,14 @@ def _get_json(url: str) -> dict:
         return json.loads(resp.read())
 
 
-def test_run_registry_ingests_serves_and_stops(broker, tmp_path):
+def test_run_registry_ingests_serves_and_stops(broker, tmp_path, db_url):
     stop = threading.Event()
     ready: list[str] = []
     address = BrokerAddress(host=broker.host, port=broker.port)
     thread = threading.Thread(
         target=run_registry,
         kwargs={
-            "db_path": tmp_path / "service.db",
+            "db_path": db_url,
             "broker": address,
             "http_host": "127.0.0.1",
             "http_port": 0,
@@ -227,6 +380,7 @@ def test_run_registry_ingests_serves_and_stops(broker, tmp_path):
             "stop_event": stop,
             "client_id": "registry-service-test",
             "on_ready": ready.append,
+            "registry_config": RegistryConfig.beside(tmp_path / "state.db"),
         },
     )
     thread.start()

@@ -90,3 +90,146 @@ def test_output_is_only_confirmed_tracks():
     out = run(frames, min_hits=3)
     assert [len(o) for o in out] == [0, 0, 1]
     assert UNTRACKED not in out[2].tracker_id
+
+
+def test_for_fps_keeps_lost_tracks_two_seconds():
+    assert TrackerConfig.for_fps(25).lost_buffer == 50
+    assert TrackerConfig.for_fps(1).lost_buffer == 5
+    assert TrackerConfig.for_fps(10, lost_buffer=7).lost_buffer == 7
+
+
+def test_min_hits_one_gives_an_id_on_the_first_frame():
+    frames = [dets([box_at(100 + 4 * t, 200)]) for t in range(4)]
+    tracker = ByteTracker(TrackerConfig(min_hits=1))
+    out = [tracker.update(f) for f in frames]
+    assert tracker.active_ids == {1}
+    # Born in frame 1 (not matched yet, so not output), matched from frame 2 on.
+    assert [o.tracker_id.tolist() for o in out] == [[], [1], [1], [1]]
+
+
+def test_new_class_ids_widen_the_vote():
+    # Class ids beyond the ones seen so far (COCO-style sparse ids) join the vote.
+    classes = ["person", "truck", "truck", "bus", "truck", "person"]
+    frames = [dets([box_at(100 + 5 * t, 300)], classes=[c]) for t, c in enumerate(classes)]
+    out = run(frames)
+    assert [o.class_names() for o in out[1:]] == [
+        ["person"],  # tie 0.9 / 0.9: the lower class id
+        ["truck"],
+        ["truck"],
+        ["truck"],
+        ["truck"],
+    ]
+
+
+def test_ids_are_never_reused_and_dead_tracks_are_dropped():
+    rng = np.random.default_rng(7)
+    tracker = ByteTracker(TrackerConfig(lost_buffer=3))
+    seen: dict[int, int] = {}  # id -> last frame it was output
+    for t in range(60):
+        # Objects come and go in waves of 1..6, each moving right; then 5 empty frames.
+        n = 0 if t >= 55 else 1 + (t // 10) % 6
+        boxes = [box_at(80 * k + 60 + 3 * (t % 10), 300 + 40 * (k % 2)) for k in range(n)]
+        scores = rng.uniform(0.75, 1.0, n).tolist()
+        out = tracker.update(dets(boxes, scores=scores))
+        assert len(set(out.tracker_id.tolist())) == len(out)
+        assert (out.tracker_id > 0).all()
+        for tid in out.tracker_id.tolist():
+            seen[tid] = t
+    assert sorted(seen) == list(range(1, len(seen) + 1))
+    assert len(tracker) == 0 and tracker.active_ids == set()
+
+
+def test_filtered_boxes_smooth_the_detections():
+    noisy = [box_at(100 + 6 * t, 200 + (3 if t % 2 else -3)) for t in range(30)]
+    raw = run([dets([b]) for b in noisy])
+    smooth = run([dets([b]) for b in noisy], filtered_boxes=True)
+    assert [o.tracker_id.tolist() for o in raw] == [o.tracker_id.tolist() for o in smooth]
+    jitter_raw = np.abs(np.diff([o.xyxy[0, 3] for o in raw[10:]])).mean()
+    jitter_smooth = np.abs(np.diff([o.xyxy[0, 3] for o in smooth[10:]])).mean()
+    assert jitter_smooth < 0.8 * jitter_raw
+
+
+def test_match_agrees_with_the_assignment_solver():
+    from scipy.optimize import linear_sum_assignment
+
+    from flowfleet.agent.tracker import _match
+
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        rows, cols = rng.integers(0, 7, 2)
+        iou = rng.uniform(0, 1, (rows, cols)) * (rng.uniform(0, 1, (rows, cols)) < 0.4)
+        r, c = _match(iou, 0.3)
+        assert (iou[r, c] >= 0.3).all()
+        assert len(set(r.tolist())) == len(r) and len(set(c.tolist())) == len(c)
+        # Same total as the optimum over the pairs that pass the gate.
+        gated = np.where(iou >= 0.3, iou, 0.0)
+        br, bc = linear_sum_assignment(gated, maximize=True)
+        assert abs(iou[r, c].sum() - gated[br, bc].sum()) < 1e-9
+
+
+def _full_kalman_reference(z_seq, std_pos=1 / 20, std_vel=1 / 160):
+    """Textbook 8x8 filter (SORT / ByteTrack formulation) on one track."""
+    f = np.eye(8)
+    f[:4, 4:] = np.eye(4)
+    hm = np.eye(4, 8)
+    z0 = z_seq[0]
+    h = z0[3]
+    mean = np.r_[z0, np.zeros(4)]
+    cov = np.diag(
+        np.square(
+            [
+                *(2 * std_pos * h, 2 * std_pos * h, 1e-2, 2 * std_pos * h),
+                *(10 * std_vel * h, 10 * std_vel * h, 1e-5, 10 * std_vel * h),
+            ]
+        )
+    )
+    for z in z_seq[1:]:
+        h = mean[3]
+        q = np.diag(
+            np.square(
+                [
+                    *(std_pos * h, std_pos * h, 1e-2, std_pos * h),
+                    *(std_vel * h, std_vel * h, 1e-5, std_vel * h),
+                ]
+            )
+        )
+        mean, cov = f @ mean, f @ cov @ f.T + q
+        h = mean[3]
+        r = np.diag(np.square([std_pos * h, std_pos * h, 1e-1, std_pos * h]))
+        s = hm @ cov @ hm.T + r
+        k = cov @ hm.T @ np.linalg.inv(s)
+        mean = mean + k @ (z - hm @ mean)
+        cov = cov - k @ s @ k.T
+    return mean, cov
+
+
+def test_block_kalman_equals_the_full_filter():
+    from flowfleet.agent import kalman
+
+    rng = np.random.default_rng(5)
+    z_seq = np.cumsum(rng.normal(0, 3, (12, 4)), axis=0) + np.array([300, 200, 0.5, 120])
+    z_seq[:, 2] = np.abs(z_seq[:, 2]) * 0.01 + 0.4
+    state = kalman.initiate(z_seq[:1])
+    for z in z_seq[1:]:
+        kalman.predict(state)
+        kalman.update(state, z[None, :])
+    mean, cov = _full_kalman_reference(z_seq)
+    assert np.allclose(state[0, :8], mean)
+    idx = np.arange(4)
+    assert np.allclose(state[0, kalman.PP], cov[idx, idx])
+    assert np.allclose(state[0, kalman.PV], cov[idx, idx + 4])
+    assert np.allclose(state[0, kalman.VV], cov[idx + 4, idx + 4])
+    off_block = cov.copy()
+    for r, c in ((idx, idx), (idx, idx + 4), (idx + 4, idx), (idx + 4, idx + 4)):
+        off_block[r, c] = 0
+    assert np.abs(off_block).max() < 1e-9  # really four independent 2x2 blocks
+
+
+def test_box_conversions_round_trip():
+    from flowfleet.agent import kalman
+
+    boxes = np.array([[10, 20, 50, 100], [0, 0, 1, 2], [5, 5, 25, 5]], float)
+    xyah = kalman.xyxy_to_xyah(boxes)
+    assert np.allclose(xyah[0], [30, 60, 0.5, 80])
+    assert xyah[2, 3] == 1e-3  # a degenerate box keeps a positive height
+    assert np.allclose(kalman.xyah_to_xyxy(xyah[:2]), boxes[:2])

@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from ..detections import Detections
@@ -16,6 +17,23 @@ from ..detections import Detections
 
 class ModelError(Exception):
     """A model file that cannot be used; the message names the file and the reason."""
+
+
+def check_frame(frame: np.ndarray) -> np.ndarray:
+    """Validate a frame and return it as (H, W, 3) uint8 BGR (grey and BGRA converted).
+
+    Raises:
+        ValueError: not a non-empty uint8 image array.
+    """
+    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8:
+        raise ValueError("frame must be a uint8 numpy array (H, W, 3) in BGR order")
+    if frame.ndim == 2:
+        return cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+    if frame.ndim == 3 and frame.shape[2] == 4:
+        return cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
+    if frame.ndim != 3 or frame.shape[2] != 3 or frame.shape[0] == 0 or frame.shape[1] == 0:
+        raise ValueError(f"frame must be (H, W, 3) BGR, got shape {frame.shape}")
+    return frame
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,15 @@ import numpy as np
 
 from ..detections import Detections
 from ..labels import COCO_80, load_labels
-from .base import Detector, ModelError, ModelInfo
+from .base import Detector, ModelError, ModelInfo, check_frame
+from .ssd import (
+    decode_ssd,
+    find_label_map,
+    is_ssd_postprocess,
+    pair_state_tensors,
+    postprocess_options,
+    ssd_output_indices,
+)
 from .yolo import (
     LetterboxParams,
     OutputShapeError,
@@ -171,6 +179,7 @@ class TFLiteDetector(Detector):
     """
 
     runtime = "tflite"
+    decoder = "yolov8"
 
     def __init__(
         self,
@@ -211,14 +220,12 @@ class TFLiteDetector(Detector):
 
         inputs = interp.get_input_details()
         outputs = interp.get_output_details()
-        # Output check first: it names the model family we do not decode yet, which
-        # says more than the input layout that usually comes with it.
         out_shapes = tuple(tuple(int(d) for d in o["shape"]) for o in outputs)
-        if any("TFLite_Detection_PostProcess" in o["name"] for o in outputs):
-            raise ModelError(
-                f"{self.path}: SSD-style TFLite_Detection_PostProcess outputs "
-                f"{[list(s) for s in out_shapes]} are not supported yet (YOLOv8/YOLO11 only)"
-            )
+        self._letterbox = True
+        self._state_pairs: list[tuple[int, int, np.ndarray]] = []
+        if is_ssd_postprocess(outputs):
+            self._init_ssd(inputs, outputs, labels)
+            return
         if len(inputs) != 1:
             names = ", ".join(d["name"] for d in inputs)
             raise ModelError(
@@ -268,6 +275,126 @@ class TFLiteDetector(Detector):
         self._input_tensor = interp.tensor(self._in_index)
         self._plan_key: tuple[int, int] | None = None
 
+    def _init_ssd(self, inputs: list[dict], outputs: list[dict], labels) -> None:
+        """Set up an SSD model ending in ``TFLite_Detection_PostProcess``.
+
+        The image input is the one ``[1, H, W, 3]`` tensor; any other inputs must be
+        recurrent state (LSTM ``c``/``h``) that a state output feeds on the next frame.
+        """
+        self.decoder = "ssd"
+        self._letterbox = False  # TF Object Detection models are trained on squashed frames
+        images = [
+            d
+            for d in inputs
+            if len(d["shape"]) == 4 and int(d["shape"][0]) == 1 and int(d["shape"][3]) == 3
+        ]
+        if len(images) != 1:
+            shapes = [f"{d['name']} {list(d['shape'])}" for d in inputs]
+            raise ModelError(
+                f"{self.path}: cannot tell the image input among {shapes}: expected one "
+                "[1, height, width, 3] (NHWC RGB) tensor"
+            )
+        inp = images[0]
+        try:
+            idx = ssd_output_indices(outputs)
+            state_in = [d for d in inputs if d is not inp]
+            state_out = [o for i, o in enumerate(outputs) if i not in idx]
+            pairs = pair_state_tensors(state_in, state_out)
+        except OutputShapeError as e:
+            raise ModelError(f"{self.path}: {e}") from None
+        self._ssd = idx
+        self._out_indices = [o["index"] for o in outputs]
+        for d_in, d_out in pairs:
+            zero = np.zeros(tuple(int(x) for x in d_in["shape"]), dtype=d_in["dtype"])
+            scale, zp = d_in["quantization"]
+            if scale:
+                zero[...] = zp  # the quantised encoding of 0.0
+            same_q = tuple(d_in["quantization"]) == tuple(d_out["quantization"])
+            self._state_pairs.append((d_in["index"], d_out["index"], zero))
+            if not same_q:
+                raise ModelError(
+                    f"{self.path}: state output {d_out['name']} and input {d_in['name']} "
+                    "use different quantisation; feeding it back is not supported"
+                )
+        self.state_names = tuple((a["name"], b["name"]) for a, b in pairs)
+
+        in_shape = tuple(int(d) for d in inp["shape"])
+        self.input_size = (in_shape[1], in_shape[2])
+        self._in_dtype = np.dtype(inp["dtype"])
+        in_scale, in_zp = inp["quantization"]
+        self.input_quantization = (float(in_scale), int(in_zp)) if in_scale else None
+        self._lut = self._ssd_lut(self._in_dtype)
+        self._in_index = inp["index"]
+        self.output_quantization = None
+
+        self.postprocess_options = postprocess_options(self.path) or {}
+        num_classes = self.postprocess_options.get("num_classes")
+        names, self.label_source = self._ssd_labels(labels, num_classes)
+        self.num_classes = len(names)
+        self.info = ModelInfo(
+            path=str(self.path),
+            runtime=self.runtime,
+            input_shape=in_shape,
+            input_dtype=self._in_dtype.name,
+            output_shapes=tuple(tuple(int(d) for d in o["shape"]) for o in outputs),
+            labels=names,
+        )
+        self._input_tensor = self._interp.tensor(self._in_index)
+        self._plan_key = None
+        self.reset_state()
+
+    @staticmethod
+    def _ssd_lut(dtype: np.dtype) -> np.ndarray:
+        """SSD inputs take the pixel itself: uint8 0..255 (the input quantisation,
+        typically scale 1/128 zero point 128, is the model's own -1..1 normalisation),
+        int8 pixel-128, float (pixel-127.5)/127.5."""
+        px = np.arange(256)
+        if dtype == np.uint8:
+            return px.astype(np.uint8)
+        if dtype == np.int8:
+            return (px - 128).astype(np.int8)
+        return ((px - 127.5) / 127.5).astype(np.float32)
+
+    def _ssd_labels(self, labels, num_classes: int | None) -> tuple[tuple[str, ...], str]:
+        if labels is None:
+            embedded = embedded_labels(self.path)
+            if embedded is not None and (num_classes is None or len(embedded) >= num_classes):
+                return embedded, "embedded"
+            found = find_label_map(self.path)
+            if found is not None:
+                try:
+                    names = load_labels(found)
+                except (OSError, ValueError):
+                    names = ()
+                if names and (num_classes is None or len(names) == num_classes):
+                    return names, f"beside model ({found.name})"
+            if num_classes is None:
+                raise ModelError(
+                    f"{self.path}: SSD model without readable num_classes or labels; give a "
+                    "label file (labels=...)"
+                )
+            return tuple(f"class{i}" for i in range(int(num_classes))), "generic"
+        try:
+            names = load_labels(labels)
+        except OSError as e:
+            raise ModelError(
+                f"{labels}: cannot read label file for model {self.path}: "
+                f"{e.strerror or _one_line(e)}"
+            ) from e
+        except ValueError as e:
+            raise ModelError(f"{_one_line(e)} (labels for model {self.path})") from e
+        if num_classes is not None and len(names) != int(num_classes):
+            raise ModelError(
+                f"{labels}: label file has {len(names)} names but model {self.path} "
+                f"outputs {num_classes} classes"
+            )
+        return names, "file"
+
+    def reset_state(self) -> None:
+        """Zero the recurrent state (start of a new stream); no-op for stateless models."""
+        for in_index, _, zero in self._state_pairs:
+            self._interp.set_tensor(in_index, zero)
+
     # -- preprocessing -------------------------------------------------------------
 
     @staticmethod
@@ -288,7 +415,10 @@ class TFLiteDetector(Detector):
         key = (int(frame_shape[0]), int(frame_shape[1]))
         if key != self._plan_key:
             h, w = self.input_size
-            p = letterbox_params(frame_shape, self.input_size)
+            if self._letterbox:
+                p = letterbox_params(frame_shape, self.input_size)
+            else:  # squash: the whole input is the image
+                p = LetterboxParams(w, h, 1.0, 0, 0)
             # The grey border is painted once; each frame only overwrites the image area.
             self._canvas = np.full((h, w, 3), 114, dtype=np.uint8)
             self._canvas_roi = self._canvas[
@@ -318,17 +448,7 @@ class TFLiteDetector(Detector):
         del view
         return p
 
-    @staticmethod
-    def _check_frame(frame: np.ndarray) -> np.ndarray:
-        if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8:
-            raise ValueError("frame must be a uint8 numpy array (H, W, 3) in BGR order")
-        if frame.ndim == 2:
-            return cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
-        if frame.ndim == 3 and frame.shape[2] == 4:
-            return cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
-        if frame.ndim != 3 or frame.shape[2] != 3 or frame.shape[0] == 0 or frame.shape[1] == 0:
-            raise ValueError(f"frame must be (H, W, 3) BGR, got shape {frame.shape}")
-        return frame
+    _check_frame = staticmethod(check_frame)
 
     # -- Detector API ------------------------------------------------------------------
 
@@ -337,6 +457,8 @@ class TFLiteDetector(Detector):
         frame = self._check_frame(frame_bgr)
         p = self._set_input(frame)
         self._interp.invoke()
+        if self.decoder == "ssd":
+            return self._decode_ssd(frame)
         out = self._interp.get_tensor(self._out_index)
         dec = decode_yolov8(
             out,
@@ -349,6 +471,25 @@ class TFLiteDetector(Detector):
         )
         boxes = unletterbox(dec.boxes, p.scale, (p.pad_x, p.pad_y), frame.shape)
         return Detections(boxes, dec.scores, dec.class_ids, names=self.info.labels)
+
+    def _decode_ssd(self, frame: np.ndarray) -> Detections:
+        get = self._interp.get_tensor
+        idx = self._ssd
+        outs = self._out_indices
+        dec = decode_ssd(
+            get(outs[idx.boxes]),
+            get(outs[idx.classes]),
+            get(outs[idx.scores]),
+            get(outs[idx.count]),
+            size=(frame.shape[0], frame.shape[1]),
+            conf_threshold=self.conf_threshold,
+            num_classes=self.num_classes,
+        )
+        # Recurrent models: this frame's state is the next frame's input.
+        for in_index, out_index, _ in self._state_pairs:
+            self._interp.set_tensor(in_index, get(out_index))
+        n = min(len(dec.scores), self.max_det)
+        return Detections(dec.boxes[:n], dec.scores[:n], dec.class_ids[:n], names=self.info.labels)
 
     def invoke_raw(self) -> None:
         """One ``invoke()`` on whatever input is set (raw model rate, no pre/post)."""

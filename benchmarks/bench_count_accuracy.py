@@ -1,0 +1,176 @@
+"""Line-count accuracy on MOT15: tracker output vs ground-truth trajectories.
+
+For each MOT15 sequence with ground truth, the lines below are drawn across the
+walkways. The reference count is what our ``LineCounter`` (the agent's counter,
+default hysteresis 8 px, bottom-centre anchor) counts on the ground-truth
+trajectories (``gt.txt``, conf 1 rows); each tracker's count is what the same
+counter counts on that tracker's output for the public detections (``det.txt``):
+ours (``ByteTracker`` defaults, and the ``MOT15_PRESET`` of ``bench_tracker.py``)
+and the peers (SORT, Roboflow trackers' SORT and ByteTrack, norfair), all run as in
+``bench_tracker.py``.
+
+Error per sequence: the sum over its lines and both directions of
+|tracker count - gt count|, so an "in" too many never cancels an "out" missed;
+relative error = that sum / the gt count. Overall: sums over all sequences.
+
+    .venv/bin/python benchmarks/bench_count_accuracy.py [--tracks DIR]
+        [--json benchmarks/results/count_accuracy.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mot15
+
+from flowfleet.agent.counting import LineCounter
+from flowfleet.agent.detections import Detections
+
+# (name, A, B) per sequence, in image pixels; bottom-centre (feet) points cross them.
+# Placed from the gt trajectories (feet positions plotted over the frame) where many
+# people cross, away from the image border where tracks start and end, so a
+# crossing is a walk across the line, not a track appearing.
+LINES: dict[str, list[tuple[str, tuple[float, float], tuple[float, float]]]] = {
+    # Plaza seen from above: people walk between the left edge (y 200-300) and the
+    # lower right (x 700-768, y 290-440); three vertical lines cut that diagonal
+    # flow: west of the centre, through it (where paths cross and loop) and east.
+    "PETS09-S2L1": [
+        ("west", (240, 120), (240, 400)),
+        ("centre", (420, 120), (420, 560)),
+        ("east", (600, 120), (600, 540)),
+    ],
+    # Street level, people walk left-right along the pavement (feet at y 230-340);
+    # tracks are short, so two vertical lines, each crossed by about half of them.
+    "TUD-Stadtmitte": [
+        ("left", (300, 180), (300, 420)),
+        ("right", (480, 180), (480, 420)),
+    ],
+    # Pedestrian street: flow between the lower left (feet y 900-1000) and the upper
+    # right (x 1800, y 600-650); three vertical lines across it.
+    "ADL-Rundle-6": [
+        ("left", (600, 640), (600, 1080)),
+        ("middle", (950, 600), (950, 1080)),
+        ("right", (1300, 560), (1300, 1080)),
+    ],
+    # Square: people walk left-right across the lower half (feet y 760-1080); the far
+    # side (y ~540) is left out (small, often undetected people). Three vertical
+    # lines through the lower flow, the right one where the diagonal paths converge.
+    "Venice-2": [
+        ("left", (500, 620), (500, 1080)),
+        ("centre", (1000, 600), (1000, 1080)),
+        ("right", (1600, 640), (1600, 1080)),
+    ],
+    # No ground truth: these two only load the counters in bench_tracker.py timing.
+    "TUD-Campus": [("mid", (320, 200), (320, 480))],
+    "KITTI-17": [("mid", (612, 100), (612, 370))],
+}
+
+
+def count(per_frame: list[tuple[np.ndarray, np.ndarray]], name: str) -> dict[str, dict[str, int]]:
+    """{line: {"in": n, "out": n}} for per-frame (ids, xyxy) tracks."""
+    seq = mot15.SEQUENCES[name]
+    counters = [LineCounter(ln, a, b) for ln, a, b in LINES[name]]
+    totals = {c.name: {"in": 0, "out": 0} for c in counters}
+    classes = None
+    for i, (ids, xyxy) in enumerate(per_frame):
+        if classes is None or len(classes) != len(ids):
+            classes = np.zeros(len(ids), np.int32)
+        dets = Detections(xyxy, np.ones(len(ids), np.float32), classes, ids, ("person",))
+        for c in counters:
+            for crossing in c.update(dets, i / seq.fps):
+                totals[c.name][crossing.direction] += 1
+    return totals
+
+
+def errors(result: dict, reference: dict) -> tuple[int, int]:
+    """(sum of |count - reference| over lines and directions, reference total)."""
+    err = sum(abs(result[ln][d] - reference[ln][d]) for ln in reference for d in ("in", "out"))
+    return err, sum(reference[ln][d] for ln in reference for d in ("in", "out"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument(
+        "--json", type=Path, default=Path(__file__).parent / "results" / "count_accuracy.json"
+    )
+    ap.add_argument(
+        "--tracks",
+        type=Path,
+        default=None,
+        help="reuse MOT track files written by bench_tracker.py --tracks DIR",
+    )
+    args = ap.parse_args(argv)
+
+    import bench_tracker
+
+    root = mot15.mot15_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        track_dir = args.tracks
+        if track_dir is None:
+            bench_tracker.ensure_peer_envs()
+            track_dir = Path(tmp)
+            bench_tracker.produce_tracks(root, track_dir, rounds=1)
+        trackers = [*bench_tracker.OURS, *bench_tracker.PEERS]
+        counts: dict[str, dict] = {"gt": {}}
+        for name in mot15.GT_SEQUENCES:
+            counts["gt"][name] = count(mot15.load_ground_truth(root, name), name)
+            for t in trackers:
+                frames = mot15.read_tracks(
+                    track_dir / t / f"{name}.txt", mot15.SEQUENCES[name].frames
+                )
+                counts.setdefault(t, {})[name] = count(frames, name)
+
+    summary: dict[str, dict] = {}
+    for t in trackers:
+        rows, tot_err, tot_ref = {}, 0, 0
+        for name in mot15.GT_SEQUENCES:
+            err, ref = errors(counts[t][name], counts["gt"][name])
+            rows[name] = {"abs_error": err, "gt_crossings": ref, "rel_error": err / ref}
+            tot_err, tot_ref = tot_err + err, tot_ref + ref
+        rows["OVERALL"] = {
+            "abs_error": tot_err,
+            "gt_crossings": tot_ref,
+            "rel_error": tot_err / tot_ref,
+        }
+        summary[t] = rows
+
+    print_tables(counts, summary, trackers)
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "lines": {n: LINES[n] for n in mot15.GT_SEQUENCES},
+        "counts": counts,
+        "errors": summary,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+def print_tables(counts: dict, summary: dict, trackers: list[str]) -> None:
+    print("\nCrossings (in/out per line)")
+    cols = [(n, ln) for n in mot15.GT_SEQUENCES for ln in counts["gt"][n]]
+    print(f"{'':20s}" + "".join(f"{(n[:10] + ':' + ln):>20s}" for n, ln in cols))
+    for t in ["gt", *trackers]:
+        cells = [f"{counts[t][n][ln]['in']}/{counts[t][n][ln]['out']}" for n, ln in cols]
+        print(f"{t:20s}" + "".join(f"{c:>20s}" for c in cells))
+    seqs = [*mot15.GT_SEQUENCES, "OVERALL"]
+    print("\nCount error: |count - gt| summed over lines and directions (relative to gt)")
+    print(f"{'':20s}" + "".join(f"{s:>18s}" for s in seqs))
+    gt_row = [str(summary[trackers[0]][s]["gt_crossings"]) for s in seqs]
+    print(f"{'gt crossings':20s}" + "".join(f"{c:>18s}" for c in gt_row))
+    for t in trackers:
+        cells = [f"{summary[t][s]['abs_error']} ({summary[t][s]['rel_error']:.1%})" for s in seqs]
+        print(f"{t:20s}" + "".join(f"{c:>18s}" for c in cells))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

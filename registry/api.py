@@ -1,0 +1,468 @@
+"""REST API of the model registry (a Flask blueprint) and the API's access control.
+
+Every request is authorised in `install_auth`'s ``before_request`` hook, by endpoint:
+
+* public (no token): ``/healthz``, ``/api/openapi.json``, ``/api/keys`` (public keys);
+* the dashboard (``/``, ``/api/totals``, ``/api/devices``, ``/api/dead-letters``,
+  ``/api/events``, ``/api/drift``):
+  a viewer token, or no token at all when the ``anonymous_read`` policy allows it
+  (``"local"``, the default: requests from a loopback address that did not come
+  through a proxy; ``"none"``: never; ``"all"``: anyone);
+* every other endpoint: a token whose role is at least the one the view declares
+  with `requires`; a view that declares nothing needs ``admin`` (fail closed).
+
+Tokens are sent as ``Authorization: Bearer <token>``. A missing or invalid token is a
+401 (with ``WWW-Authenticate: Bearer``); a valid token with too low a role is a 403.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+from collections.abc import Callable
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, url_for
+
+from .auth import ROLES, Principal, authenticate
+from .modelreg import DEFAULT_PAGE, MAX_PAGE, ModelRegistry, RegistryError
+from .openapi import openapi_document
+
+ANONYMOUS_READ = ("local", "none", "all")
+PUBLIC_ENDPOINTS = {"healthz", "static", "models_api.openapi", "models_api.public_keys"}
+DASHBOARD_ENDPOINTS = {
+    "index",
+    "api_totals",
+    "api_devices",
+    "api_dead_letters",
+    "api_events",
+    "api_drift",
+}
+
+MAX_VERSION = 2**31 - 1
+bp = Blueprint("models_api", __name__, url_prefix="/api")
+
+
+def requires(role: str) -> Callable:
+    """Declare the least role a view needs."""
+    assert role in ROLES
+
+    def mark(view: Callable) -> Callable:
+        view.required_role = role  # type: ignore[attr-defined]
+        return view
+
+    return mark
+
+
+def _registry() -> ModelRegistry:
+    reg = current_app.extensions.get("flowfleet_model_registry")
+    if reg is None:
+        raise RegistryError(503, "not_configured", "this registry has no model store configured")
+    return reg
+
+
+def _actor() -> str:
+    p: Principal | None = g.get("principal")
+    return f"user:{p.name}" if p else "anonymous"
+
+
+# -- access control ------------------------------------------------------------------
+
+
+def _is_local_request() -> bool:
+    if request.headers.get("X-Forwarded-For") or request.headers.get("Forwarded"):
+        return False  # came through a proxy: the peer address says nothing
+    try:
+        return ipaddress.ip_address(request.remote_addr or "").is_loopback
+    except ValueError:
+        return False
+
+
+def install_auth(app: Flask, anonymous_read: str = "local") -> None:
+    if anonymous_read not in ANONYMOUS_READ:
+        raise ValueError(f"anonymous_read must be one of {ANONYMOUS_READ}, not {anonymous_read!r}")
+
+    @app.before_request
+    def _authorize() -> None:
+        endpoint = request.endpoint
+        if endpoint is None or endpoint in PUBLIC_ENDPOINTS:
+            return  # routing errors (404/405) and public endpoints
+        header = request.headers.get("Authorization", "")
+        principal = None
+        if header:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise _unauthorized("the Authorization header must be 'Bearer <token>'")
+            principal = authenticate(token.strip())
+            if principal is None:
+                raise _unauthorized("the token is unknown, expired or revoked")
+            g.principal = principal
+        if endpoint in DASHBOARD_ENDPOINTS:
+            needed = "viewer"
+            if principal is None and (
+                anonymous_read == "all" or (anonymous_read == "local" and _is_local_request())
+            ):
+                return
+        else:
+            view = app.view_functions.get(endpoint)
+            needed = getattr(view, "required_role", "admin")
+        if principal is None:
+            raise _unauthorized("this endpoint needs an API token (Authorization: Bearer <token>)")
+        if not principal.allows(needed):
+            raise RegistryError(
+                403, "forbidden", f"this needs the {needed} role; the token has {principal.role}"
+            )
+
+
+class _Unauthorized(RegistryError):
+    pass
+
+
+def _unauthorized(message: str) -> RegistryError:
+    return _Unauthorized(401, "unauthorized", message)
+
+
+def error_response(exc: RegistryError):
+    body = {"error": {"code": exc.code, "message": exc.message, "field": exc.field}}
+    resp = jsonify(body)
+    resp.status_code = exc.status
+    if exc.status == 401:
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="flowfleet-registry"'
+    return resp
+
+
+# -- request parsing ------------------------------------------------------------------
+
+
+def _query(allowed: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for name in request.args:
+        if name not in allowed:
+            hint = ", ".join(allowed) if allowed else "none"
+            raise RegistryError(
+                400,
+                "unknown_parameter",
+                f"unknown query parameter {name!r} (allowed: {hint})",
+                name,
+            )
+        values = request.args.getlist(name)
+        if len(values) > 1:
+            raise RegistryError(
+                400, "invalid_parameter", f"{name!r} given {len(values)} times", name
+            )
+        out[name] = values[0]
+    return out
+
+
+def _int_arg(args: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = lo - 1
+    if not lo <= value <= hi:
+        raise RegistryError(
+            400,
+            "invalid_parameter",
+            f"{name} must be an integer from {lo} to {hi}, got {raw!r}",
+            name,
+        )
+    return value
+
+
+def _page(args: dict[str, str]) -> tuple[int, int]:
+    return (
+        _int_arg(args, "limit", DEFAULT_PAGE, 1, MAX_PAGE),
+        _int_arg(args, "offset", 0, 0, 2**31 - 1),
+    )
+
+
+def _paged(key: str, items: list, total: int, limit: int, offset: int) -> dict[str, Any]:
+    nxt = offset + len(items)
+    return {
+        key: items,
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+        "next_offset": nxt if nxt < total else None,
+    }
+
+
+def _json_body(allowed: dict[str, type], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    if not request.is_json:
+        raise RegistryError(
+            415, "unsupported_media_type", "send a JSON object (Content-Type: application/json)"
+        )
+    try:
+        body = json.loads(request.get_data(cache=True) or b"null")
+    except ValueError:
+        raise RegistryError(400, "invalid_json", "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise RegistryError(400, "invalid_json", "the request body must be a JSON object")
+    for key, value in body.items():
+        if key not in allowed:
+            raise RegistryError(
+                400, "unknown_field", f"unknown field {key!r} (allowed: {', '.join(allowed)})", key
+            )
+        # JSON Schema counts 3.0 as an integer; bool is an int in Python, never here.
+        if allowed[key] is int and isinstance(value, float) and value.is_integer():
+            value = body[key] = int(value)
+        if not isinstance(value, allowed[key]) or isinstance(value, bool):
+            raise RegistryError(400, "invalid_field", f"{key!r} has the wrong type", key)
+    for key in required:
+        if key not in body:
+            raise RegistryError(400, "missing_field", f"{key!r} is required", key)
+    return body
+
+
+def _version_number(ref: str) -> int:
+    if not ref.isdigit() or not 1 <= int(ref) <= MAX_VERSION:
+        raise RegistryError(400, "invalid_parameter", f"{ref!r} is not a version number", "version")
+    return int(ref)
+
+
+def _with_links(d: dict) -> dict:
+    d["download_url"] = url_for("models_api.download", name=d["model"], ref=d["version"])
+    return d
+
+
+# -- routes ------------------------------------------------------------------------------
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return jsonify(openapi_document())
+
+
+@bp.get("/keys")
+def public_keys():
+    _query(())
+    return jsonify(_registry().keys.bundle())
+
+
+@bp.get("/models")
+@requires("viewer")
+def list_models():
+    limit, offset = _page(_query(("limit", "offset")))
+    items, total = _registry().list_models(limit, offset)
+    return jsonify(_paged("models", items, total, limit, offset))
+
+
+@bp.get("/models/<name>")
+@requires("viewer")
+def get_model(name: str):
+    _query(())
+    return jsonify(_registry().model_info(name))
+
+
+@bp.get("/models/<name>/versions")
+@requires("viewer")
+def list_versions(name: str):
+    limit, offset = _page(_query(("limit", "offset")))
+    items, total = _registry().list_versions(name, limit, offset)
+    return jsonify(_paged("versions", [_with_links(i) for i in items], total, limit, offset))
+
+
+@bp.post("/models/<name>/versions")
+@requires("operator")
+def upload_version(name: str):
+    _query(())
+    reg = _registry()
+    if not request.mimetype == "multipart/form-data":
+        raise RegistryError(
+            415,
+            "unsupported_media_type",
+            "upload the model as multipart/form-data with a 'file' part",
+            "file",
+        )
+    form = request.form
+    for key in form:
+        if key not in ("notes", "tags", "alias", "reason"):
+            raise RegistryError(400, "unknown_field", f"unknown form field {key!r}", key)
+    upload = request.files.get("file")
+    if upload is None:
+        raise RegistryError(400, "missing_field", "the upload has no 'file' part", "file")
+    for key in request.files:
+        if key not in ("file", "labels"):
+            raise RegistryError(400, "unknown_field", f"unknown file part {key!r}", key)
+    from .modelreg import check_filename
+
+    filename = check_filename(upload.filename)
+    labels = None
+    if "labels" in request.files:
+        text = request.files["labels"].read(1 << 20).decode("utf-8", errors="replace")
+        labels = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if not labels:
+            raise RegistryError(400, "invalid_field", "the labels file has no labels", "labels")
+    tags = [t.strip() for t in form.get("tags", "").split(",") if t.strip()]
+    staged = reg.staged_copy(upload.stream)
+    try:
+        version, created = reg.add_version(
+            staged,
+            name=name,
+            filename=filename,
+            actor=_actor(),
+            notes=form.get("notes", ""),
+            tags=tags,
+            alias=form.get("alias") or None,
+            labels=labels,
+            reason=form.get("reason", ""),
+        )
+    finally:
+        staged.unlink(missing_ok=True)
+    body = _with_links(reg.version_dict(version))
+    body["created"] = created
+    if not created:
+        body["message"] = (
+            f"these bytes are already registered as {version.model.name} "
+            f"version {version.version}; "
+            "nothing was changed"
+        )
+    resp = jsonify(body)
+    resp.status_code = 201 if created else 200
+    resp.headers["Location"] = url_for(
+        "models_api.get_version", name=version.model.name, ref=version.version
+    )
+    return resp
+
+
+@bp.get("/models/<name>/versions/<ref>")
+@requires("viewer")
+def get_version(name: str, ref: str):
+    _query(())
+    reg = _registry()
+    return jsonify(_with_links(reg.version_dict(reg.version(name, ref))))
+
+
+@bp.patch("/models/<name>/versions/<ref>")
+@requires("operator")
+def update_version(name: str, ref: str):
+    _query(())
+    number = _version_number(ref)
+    body = _json_body({"notes": str, "tags": list, "reason": str})
+    tags = body.get("tags")
+    if tags is not None and not all(isinstance(t, str) for t in tags):
+        raise RegistryError(400, "invalid_field", "tags must be a list of strings", "tags")
+    reg = _registry()
+    v = reg.update_version(
+        name,
+        number,
+        actor=_actor(),
+        notes=body.get("notes"),
+        tags=tags,
+        reason=body.get("reason", ""),
+    )
+    return jsonify(_with_links(reg.version_dict(v)))
+
+
+@bp.delete("/models/<name>/versions/<ref>")
+@requires("operator")
+def delete_version(name: str, ref: str):
+    args = _query(("reason",))
+    number = _version_number(ref)
+    _registry().delete_version(name, number, actor=_actor(), reason=args.get("reason", ""))
+    return "", 204
+
+
+@bp.get("/models/<name>/versions/<ref>/artifact")
+@requires("viewer")
+def download(name: str, ref: str):
+    _query(())
+    reg = _registry()
+    v = reg.version(name, ref)
+    resp = _serve_artifact(reg, v.sha256, v.size, v.filename)
+    digest_b64 = base64.b64encode(binascii.unhexlify(v.sha256)).decode()
+    resp.headers["X-Checksum-Sha256"] = v.sha256
+    resp.headers["Digest"] = f"sha-256={digest_b64}"
+    resp.headers["Repr-Digest"] = f"sha-256=:{digest_b64}:"
+    resp.headers["X-Model-Version"] = str(v.version)
+    return resp
+
+
+def _serve_artifact(reg: ModelRegistry, sha256: str, size: int, filename: str) -> Response:
+    """Stream an artifact in 256 KiB blocks, honouring If-None-Match, If-Range and one
+    byte range (werkzeug's send_file reads 8 KiB at a time, a third slower)."""
+    headers = {
+        "ETag": f'"{sha256}"',
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": f'attachment; filename="{filename}"',
+        "Cache-Control": "no-cache",
+    }
+    if request.if_none_match.contains(sha256):
+        return Response(status=304, headers=headers)
+    start, length, status = 0, size, 200
+    rng = request.range
+    if_range = request.headers.get("If-Range")
+    if rng is not None and (if_range is None or if_range.strip() == f'"{sha256}"'):
+        bounds = rng.range_for_length(size) if len(rng.ranges) == 1 else None
+        if bounds is None:
+            resp = error_response(
+                RegistryError(
+                    416, "range_not_satisfiable", f"the artifact has {size} bytes", "Range"
+                )
+            )
+            resp.headers.update(headers)
+            resp.headers["Content-Range"] = f"bytes */{size}"
+            return resp
+        start, stop = bounds
+        length, status = stop - start, 206
+        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    headers["Content-Length"] = str(length)
+    return Response(
+        reg.store.read_range(sha256, start, length),
+        status=status,
+        mimetype="application/octet-stream",
+        headers=headers,
+        direct_passthrough=True,
+    )
+
+
+@bp.get("/models/<name>/aliases")
+@requires("viewer")
+def list_aliases(name: str):
+    _query(())
+    info = _registry().model_info(name)
+    return jsonify({"model": name, "aliases": info["aliases"]})
+
+
+@bp.put("/models/<name>/aliases/<alias>")
+@requires("operator")
+def set_alias(name: str, alias: str):
+    _query(())
+    body = _json_body({"version": int, "reason": str}, required=("version",))
+    if not 1 <= body["version"] <= MAX_VERSION:
+        raise RegistryError(
+            400, "invalid_field", f"version must be from 1 to {MAX_VERSION}", "version"
+        )
+    reg = _registry()
+    row = reg.set_alias(name, alias, body["version"], actor=_actor(), reason=body.get("reason", ""))
+    return jsonify(
+        {
+            "model": name,
+            "alias": row.name,
+            "version": row.version.version,
+            "updated_at": row.updated_at,
+            "updated_by": row.updated_by,
+        }
+    )
+
+
+@bp.delete("/models/<name>/aliases/<alias>")
+@requires("operator")
+def delete_alias(name: str, alias: str):
+    args = _query(("reason",))
+    _registry().delete_alias(name, alias, actor=_actor(), reason=args.get("reason", ""))
+    return "", 204
+
+
+@bp.get("/audit")
+@requires("operator")
+def audit_log():
+    args = _query(("limit", "offset", "target"))
+    limit, offset = _page(args)
+    items, total = _registry().audit_log(limit, offset, args.get("target"))
+    return jsonify(_paged("entries", items, total, limit, offset))

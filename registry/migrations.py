@@ -1,0 +1,144 @@
+"""Numbered schema migrations, applied in order when the registry opens its database.
+
+The ``schema_version`` table records every migration applied (number, description,
+time). `migrate` applies the missing ones, each in its own transaction, so a failure
+leaves the database at the last complete version. Before changing a SQLite file that
+already has tables, it writes a consistent copy next to it
+(``<file>.bak-v<from>-<UTC time>``, through SQLite's online backup API, so the WAL is
+included). On PostgreSQL an advisory lock, held while migrating, serialises workers
+that start at the same time.
+
+A migration is a function of the database; once released it never changes. New
+schema changes append a new number (use ``playhouse.migrate`` for ALTERs). Migration
+1 is the schema of the first release (the ingest tables), so databases created
+before migrations existed are adopted without change.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import peewee as pw
+
+from . import db as regdb
+
+log = logging.getLogger(__name__)
+
+# Key for pg_advisory_lock: any constant unique to this application.
+PG_MIGRATION_LOCK = 0x666C6F77  # "flow"
+
+
+class SchemaVersion(pw.Model):
+    version = pw.IntegerField(primary_key=True)
+    description = pw.TextField()
+    applied_at = pw.DoubleField()
+
+    class Meta:
+        database = regdb.database_proxy
+        table_name = "schema_version"
+
+
+def _m1_ingest(db: pw.Database) -> None:
+    db.create_tables(regdb.INGEST_MODELS, safe=True)
+
+
+def _m2_model_registry(db: pw.Database) -> None:
+    db.create_tables(regdb.REGISTRY_MODELS, safe=True)
+
+
+def _m3_events_and_drift(db: pw.Database) -> None:
+    db.create_tables(regdb.DEVICE_EVENT_MODELS, safe=True)
+
+
+MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
+    (
+        1,
+        "ingest tables: device, count_bin, line_total, zone_total, health_beat, dead_letter",
+        _m1_ingest,
+    ),
+    (
+        2,
+        "model registry: model, model_version, model_alias, signing_key, model_signature, "
+        "audit_entry, api_user, api_token",
+        _m2_model_registry,
+    ),
+    (
+        3,
+        "device events and drift summaries: event, drift_summary",
+        _m3_events_and_drift,
+    ),
+)
+LATEST = MIGRATIONS[-1][0]
+
+
+def current_version(db: pw.Database) -> int:
+    """The highest applied migration, 0 for a database without ``schema_version``."""
+    if not db.table_exists("schema_version"):
+        return 0
+    top = SchemaVersion.select(pw.fn.MAX(SchemaVersion.version)).scalar()
+    return int(top or 0)
+
+
+def migrate(db: pw.Database, *, backup: bool = True) -> list[int]:
+    """Apply pending migrations; returns the numbers applied (empty when up to date).
+
+    Raises RuntimeError if the database is newer than this code (a downgrade).
+    """
+    regdb.require_bound(db)
+    postgres = isinstance(db, pw.PostgresqlDatabase)
+    with db.connection_context():
+        if postgres:
+            # Session lock: workers starting together migrate one after the other.
+            db.execute_sql("SELECT pg_advisory_lock(%s)", (PG_MIGRATION_LOCK,))
+        try:
+            return _migrate_locked(db, backup)
+        finally:
+            if postgres:
+                db.execute_sql("SELECT pg_advisory_unlock(%s)", (PG_MIGRATION_LOCK,))
+
+
+def _migrate_locked(db: pw.Database, backup: bool) -> list[int]:
+    db.create_tables([SchemaVersion], safe=True)
+    version = current_version(db)
+    if version > LATEST:
+        raise RuntimeError(
+            f"database {regdb.describe(db)} has schema version {version}, newer than "
+            f"this flowfleet understands ({LATEST}); upgrade flowfleet"
+        )
+    if version == LATEST:
+        return []
+    if backup and isinstance(db, pw.SqliteDatabase):
+        tables = set(db.get_tables()) - {"schema_version"}
+        if tables:
+            backup_sqlite(db, version)
+    applied = []
+    for number, description, apply in MIGRATIONS:
+        if number <= version:
+            continue
+        with db.atomic():
+            log.info(
+                "database %s: applying migration %d (%s)", regdb.describe(db), number, description
+            )
+            apply(db)
+            SchemaVersion.create(version=number, description=description, applied_at=time.time())
+        applied.append(number)
+    return applied
+
+
+def backup_sqlite(db: pw.SqliteDatabase, version: int) -> Path:
+    """Copy the open SQLite database next to its file; returns the copy's path."""
+    source = Path(db.database)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    target = source.with_name(f"{source.name}.bak-v{version}-{stamp}")
+    dest = sqlite3.connect(str(target))
+    try:
+        db.connection().backup(dest)
+    finally:
+        dest.close()
+    log.info("backed up %s (schema version %d) to %s", source, version, target)
+    return target

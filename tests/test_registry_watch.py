@@ -1,0 +1,192 @@
+"""The watch folder: slow writers, restarts mid-copy, duplicates, corrupt files, sidecars.
+
+Runs the real watcher thread (watchdog + polling) with short settle times.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from flowfleet.registry import db as regdb
+from flowfleet.registry.artifacts import LocalStore
+from flowfleet.registry.keys import KeyRing
+from flowfleet.registry.modelreg import MIB, ModelRegistry
+from flowfleet.registry.testing import reset_database
+from flowfleet.registry.watch import WatchFolder
+
+from .test_registry_models import db_url  # noqa: F401  (a fixture)
+
+TFLITE = "yolov8n_full_integer_quant.tflite"
+ONNX = "yolov8n_int8.onnx"
+SETTLE = 0.6
+
+
+@pytest.fixture
+def registry(db_url, tmp_path):  # noqa: F811
+    db = regdb.open_database(db_url)
+    reset_database(db)
+    reg = ModelRegistry(
+        db, LocalStore(tmp_path / "a"), KeyRing(tmp_path / "k"), max_upload_bytes=8 * MIB
+    )
+    reg.start()
+    return reg
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return tmp_path / "drop"
+
+
+def watcher(registry, folder, **kw) -> WatchFolder:
+    return WatchFolder(registry, folder, settle_s=SETTLE, poll_s=0.1, closed_settle_s=0.3, **kw)
+
+
+def versions(registry) -> list[tuple[str, int, str]]:
+    with registry.db.connection_context():
+        q = (
+            regdb.ModelVersion.select(
+                regdb.RegistryModel.name, regdb.ModelVersion.version, regdb.ModelVersion.sha256
+            )
+            .join(regdb.RegistryModel)
+            .order_by(regdb.RegistryModel.name, regdb.ModelVersion.version)
+        )
+        return list(q.tuples())
+
+
+def wait_for(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def names(path: Path) -> set[str]:
+    return {p.name for p in path.iterdir()} if path.exists() else set()
+
+
+def test_a_dropped_model_with_sidecar_is_registered_and_moved(registry, folder, data):
+    folder.mkdir()
+    (folder / "door.tflite.json").write_text(
+        json.dumps({"name": "door", "alias": "staging", "tags": ["int8"], "notes": "drop"})
+    )
+    with watcher(registry, folder):
+        (folder / "door.tflite").write_bytes((data / "models" / TFLITE).read_bytes())
+        wait_for(lambda: "door.tflite" in names(folder / "processed"), what="processed")
+    assert names(folder / "processed") == {"door.tflite", "door.tflite.json"}
+    assert names(folder) == {"processed", "failed"}
+    ((name, number, _),) = versions(registry)
+    assert (name, number) == ("door", 1)
+    with registry.db.connection_context():
+        v = registry.version("door", "staging")
+        assert (v.notes, json.loads(v.tags), v.created_by) == ("drop", ["int8"], "watch-folder")
+        entries, _ = registry.audit_log(target="model:door")
+    assert {e["actor"] for e in entries} == {"watch-folder"}
+
+
+def test_a_slow_writer_is_waited_for(registry, folder, data):
+    raw = (data / "models" / ONNX).read_bytes()
+    folder.mkdir()
+    with watcher(registry, folder):
+        with open(folder / "slow.onnx", "wb") as fh:  # one open handle, written slowly
+            for i in range(0, len(raw), len(raw) // 5 + 1):
+                fh.write(raw[i : i + len(raw) // 5 + 1])
+                fh.flush()
+                time.sleep(0.25)  # < SETTLE: still being written
+                assert versions(registry) == [], "taken before the copy finished"
+        wait_for(lambda: "slow.onnx" in names(folder / "processed"), what="processed")
+    ((name, number, sha),) = versions(registry)
+    import hashlib
+
+    assert (name, number, sha) == ("slow", 1, hashlib.sha256(raw).hexdigest())
+    assert names(folder / "failed") == set()
+
+
+def test_a_partial_file_at_restart_is_finished_then_registered_once(registry, folder, data):
+    raw = (data / "models" / TFLITE).read_bytes()
+    folder.mkdir()
+    first = watcher(registry, folder)
+    first.start()
+    fh = open(folder / "big.tflite", "wb")  # noqa: SIM115
+    fh.write(raw[: len(raw) // 2])
+    fh.flush()
+    first.stop()  # the registry goes down mid-copy
+
+    second = watcher(registry, folder)
+    second.start()
+    try:
+        time.sleep(SETTLE / 2)
+        fh.write(raw[len(raw) // 2 :])  # the copy goes on after the restart
+        fh.close()
+        wait_for(lambda: "big.tflite" in names(folder / "processed"), what="processed")
+    finally:
+        second.stop()
+    assert len(versions(registry)) == 1
+    assert names(folder / "failed") == set()
+
+
+def test_duplicates_and_concurrent_drops(registry, folder, data):
+    folder.mkdir()
+    files = {
+        "a.tflite": (data / "models" / TFLITE).read_bytes(),
+        "b.onnx": (data / "models" / ONNX).read_bytes(),
+        "a-copy.tflite": (data / "models" / TFLITE).read_bytes(),  # same bytes as a.tflite
+        "c.tflite": (data / "models" / "yolov8n_int8_dynamic.tflite").read_bytes(),
+    }
+    with watcher(registry, folder):
+        threads = [
+            threading.Thread(target=(folder / n).write_bytes, args=(b,)) for n, b in files.items()
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wait_for(lambda: set(files) <= names(folder / "processed"), what="all processed")
+    got = versions(registry)
+    assert len(got) == 3, got  # a and a-copy are one version
+    assert {n for n, _, _ in got} <= {"a", "a-copy", "b", "c"}
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "sidecar", "reason"),
+    [
+        ("cut.tflite", "truncated", None, "truncated or corrupt"),
+        ("notes.onnx", b"just some text\n" * 10, None, "not a model file"),
+        ("ok.tflite", "valid", "{not json", "not valid JSON"),
+        ("ok.tflite", "valid", json.dumps({"colour": "red"}), "unknown key(s) colour"),
+        ("ok.tflite", "valid", json.dumps({"name": "../x"}), "not a valid model name"),
+    ],
+)
+def test_refused_files_go_to_failed_with_the_reason(
+    registry, folder, data, file, content, sidecar, reason
+):
+    raw = (data / "models" / TFLITE).read_bytes()
+    body = {"truncated": raw[:100_000], "valid": raw}.get(content, content)
+    folder.mkdir()
+    if sidecar is not None:
+        (folder / f"{file}.json").write_text(sidecar)
+    with watcher(registry, folder):
+        (folder / file).write_bytes(body)
+        wait_for(lambda: f"{file}.error.txt" in names(folder / "failed"), what="failed")
+    assert file in names(folder / "failed")
+    assert reason in (folder / "failed" / f"{file}.error.txt").read_text()
+    assert versions(registry) == []
+
+
+def test_temporary_names_are_ignored_until_renamed(registry, folder, data):
+    folder.mkdir()
+    with watcher(registry, folder) as w:
+        (folder / "m.tflite.part").write_bytes((data / "models" / TFLITE).read_bytes())
+        (folder / ".hidden.tflite").write_bytes(b"x")
+        time.sleep(SETTLE * 1.5)
+        assert versions(registry) == []
+        (folder / "m.tflite.part").rename(folder / "m.tflite")
+        wait_for(lambda: "m.tflite" in names(folder / "processed"), what="processed")
+        assert w.scan() == []
+    assert names(folder) == {"processed", "failed", ".hidden.tflite"}
