@@ -136,7 +136,8 @@ def error_response(exc: RegistryError):
 # -- request parsing ------------------------------------------------------------------
 
 
-def _query(allowed: tuple[str, ...]) -> dict[str, str]:
+def query_args(allowed: tuple[str, ...]) -> dict[str, str]:
+    """The query parameters, refusing unknown or repeated ones (400)."""
     out = {}
     for name in request.args:
         if name not in allowed:
@@ -156,7 +157,7 @@ def _query(allowed: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def _int_arg(args: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
+def int_arg(args: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
     raw = args.get(name)
     if raw is None:
         return default
@@ -176,8 +177,8 @@ def _int_arg(args: dict[str, str], name: str, default: int, lo: int, hi: int) ->
 
 def _page(args: dict[str, str]) -> tuple[int, int]:
     return (
-        _int_arg(args, "limit", DEFAULT_PAGE, 1, MAX_PAGE),
-        _int_arg(args, "offset", 0, 0, 2**31 - 1),
+        int_arg(args, "limit", DEFAULT_PAGE, 1, MAX_PAGE),
+        int_arg(args, "offset", 0, 0, 2**31 - 1),
     )
 
 
@@ -240,14 +241,14 @@ def openapi():
 
 @bp.get("/keys")
 def public_keys():
-    _query(())
+    query_args(())
     return jsonify(_registry().keys.bundle())
 
 
 @bp.get("/models")
 @requires("viewer")
 def list_models():
-    limit, offset = _page(_query(("limit", "offset")))
+    limit, offset = _page(query_args(("limit", "offset")))
     items, total = _registry().list_models(limit, offset)
     return jsonify(_paged("models", items, total, limit, offset))
 
@@ -255,14 +256,14 @@ def list_models():
 @bp.get("/models/<name>")
 @requires("viewer")
 def get_model(name: str):
-    _query(())
+    query_args(())
     return jsonify(_registry().model_info(name))
 
 
 @bp.get("/models/<name>/versions")
 @requires("viewer")
 def list_versions(name: str):
-    limit, offset = _page(_query(("limit", "offset")))
+    limit, offset = _page(query_args(("limit", "offset")))
     items, total = _registry().list_versions(name, limit, offset)
     return jsonify(_paged("versions", [_with_links(i) for i in items], total, limit, offset))
 
@@ -270,7 +271,7 @@ def list_versions(name: str):
 @bp.post("/models/<name>/versions")
 @requires("operator")
 def upload_version(name: str):
-    _query(())
+    query_args(())
     reg = _registry()
     if not request.mimetype == "multipart/form-data":
         raise RegistryError(
@@ -333,7 +334,7 @@ def upload_version(name: str):
 @bp.get("/models/<name>/versions/<ref>")
 @requires("viewer")
 def get_version(name: str, ref: str):
-    _query(())
+    query_args(())
     reg = _registry()
     return jsonify(_with_links(reg.version_dict(reg.version(name, ref))))
 
@@ -341,7 +342,7 @@ def get_version(name: str, ref: str):
 @bp.patch("/models/<name>/versions/<ref>")
 @requires("operator")
 def update_version(name: str, ref: str):
-    _query(())
+    query_args(())
     number = _version_number(ref)
     body = _json_body({"notes": str, "tags": list, "reason": str})
     tags = body.get("tags")
@@ -362,7 +363,7 @@ def update_version(name: str, ref: str):
 @bp.delete("/models/<name>/versions/<ref>")
 @requires("operator")
 def delete_version(name: str, ref: str):
-    args = _query(("reason",))
+    args = query_args(("reason",))
     number = _version_number(ref)
     _registry().delete_version(name, number, actor=_actor(), reason=args.get("reason", ""))
     return "", 204
@@ -371,7 +372,7 @@ def delete_version(name: str, ref: str):
 @bp.get("/models/<name>/versions/<ref>/artifact")
 @requires("viewer")
 def download(name: str, ref: str):
-    _query(())
+    query_args(())
     reg = _registry()
     v = reg.version(name, ref)
     resp = _serve_artifact(reg, v.sha256, v.size, v.filename)
@@ -424,7 +425,7 @@ def _serve_artifact(reg: ModelRegistry, sha256: str, size: int, filename: str) -
 @bp.get("/models/<name>/aliases")
 @requires("viewer")
 def list_aliases(name: str):
-    _query(())
+    query_args(())
     info = _registry().model_info(name)
     return jsonify({"model": name, "aliases": info["aliases"]})
 
@@ -432,7 +433,7 @@ def list_aliases(name: str):
 @bp.put("/models/<name>/aliases/<alias>")
 @requires("operator")
 def set_alias(name: str, alias: str):
-    _query(())
+    query_args(())
     body = _json_body({"version": int, "reason": str}, required=("version",))
     if not 1 <= body["version"] <= MAX_VERSION:
         raise RegistryError(
@@ -454,7 +455,7 @@ def set_alias(name: str, alias: str):
 @bp.delete("/models/<name>/aliases/<alias>")
 @requires("operator")
 def delete_alias(name: str, alias: str):
-    args = _query(("reason",))
+    args = query_args(("reason",))
     _registry().delete_alias(name, alias, actor=_actor(), reason=args.get("reason", ""))
     return "", 204
 
@@ -462,7 +463,7 @@ def delete_alias(name: str, alias: str):
 @bp.get("/audit")
 @requires("operator")
 def audit_log():
-    args = _query(("limit", "offset", "target"))
+    args = query_args(("limit", "offset", "target"))
     limit, offset = _page(args)
     items, total = _registry().audit_log(limit, offset, args.get("target"))
     return jsonify(_paged("entries", items, total, limit, offset))

@@ -35,7 +35,7 @@ from flowfleet.contract import is_valid_name
 
 from .api import bp as api_bp
 from .api import error_response as registry_error_response
-from .api import install_auth
+from .api import install_auth, int_arg, query_args
 from .db import (
     CountBin,
     DeadLetter,
@@ -68,17 +68,6 @@ DRIFT_FIELDS = tuple(
 )
 # Latest events the dashboard shows.
 DASHBOARD_EVENTS = 10
-
-
-class ApiError(Exception):
-    """An error answered as ``{"error": {"code", "message", "field"}}``."""
-
-    def __init__(self, status: int, code: str, message: str, field: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
 
 
 def _error_response(status: int, code: str, message: str, field: str | None = None):
@@ -316,69 +305,34 @@ def format_ts(ts: float | None) -> str:
 # -- request parsing -----------------------------------------------------------
 
 
-def _args(allowed: tuple[str, ...]) -> dict[str, str]:
-    """The query parameters, refusing unknown or repeated ones."""
-    out = {}
-    for name in request.args:
-        if name not in allowed:
-            hint = ", ".join(allowed) if allowed else "none"
-            raise ApiError(
-                400,
-                "unknown_parameter",
-                f"unknown query parameter {name!r} (allowed: {hint})",
-                name,
-            )
-        values = request.args.getlist(name)
-        if len(values) > 1:
-            raise ApiError(400, "invalid_parameter", f"{name!r} given {len(values)} times", name)
-        out[name] = values[0]
-    return out
-
-
 def _device_arg(args: dict[str, str], *, must_exist: bool) -> str | None:
     device = args.get("device")
     if device is None:
         return None
     if not is_valid_name(device):
-        raise ApiError(400, "invalid_parameter", f"{device!r} is not a valid device id", "device")
+        raise RegistryError(
+            400, "invalid_parameter", f"{device!r} is not a valid device id", "device"
+        )
     if must_exist and not Device.select().where(Device.id == device).exists():
-        raise ApiError(404, "unknown_device", f"no device {device!r} is known", "device")
+        raise RegistryError(404, "unknown_device", f"no device {device!r} is known", "device")
     return device
 
 
-def _int_arg(args: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
-    raw = args.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = lo - 1
-    if not lo <= value <= hi:
-        raise ApiError(
-            400,
-            "invalid_parameter",
-            f"{name} must be an integer from {lo} to {hi}, got {raw!r}",
-            name,
-        )
-    return value
-
-
 def _limit_arg(args: dict[str, str]) -> int:
-    return _int_arg(args, "limit", DEFAULT_DEAD_LETTER_LIMIT, 1, MAX_DEAD_LETTER_LIMIT)
+    return int_arg(args, "limit", DEFAULT_DEAD_LETTER_LIMIT, 1, MAX_DEAD_LETTER_LIMIT)
 
 
 def _page_args(args: dict[str, str]) -> tuple[int, int]:
     return (
-        _int_arg(args, "limit", DEFAULT_PAGE_LIMIT, 1, MAX_PAGE_LIMIT),
-        _int_arg(args, "offset", 0, 0, MAX_OFFSET),
+        int_arg(args, "limit", DEFAULT_PAGE_LIMIT, 1, MAX_PAGE_LIMIT),
+        int_arg(args, "offset", 0, 0, MAX_OFFSET),
     )
 
 
 def _name_arg(args: dict[str, str], name: str) -> str | None:
     value = args.get(name)
     if value is not None and not is_valid_name(value):
-        raise ApiError(400, "invalid_parameter", f"{value!r} is not a valid {name} name", name)
+        raise RegistryError(400, "invalid_parameter", f"{value!r} is not a valid {name} name", name)
     return value
 
 
@@ -428,10 +382,6 @@ def create_app(
     def _is_api() -> bool:
         return request.path.startswith("/api/") or request.path == "/api"
 
-    @app.errorhandler(ApiError)
-    def _api_error(exc: ApiError):
-        return _error_response(exc.status, exc.code, exc.message, exc.field)
-
     @app.errorhandler(RegistryError)
     def _registry_error(exc: RegistryError):
         if not _is_api() and exc.status in (401, 403):
@@ -462,24 +412,24 @@ def create_app(
 
     @app.get("/api/totals")
     def api_totals():
-        args = _args(("device",))
+        args = query_args(("device",))
         return jsonify(totals(_device_arg(args, must_exist=True)))
 
     @app.get("/api/devices")
     def api_devices():
-        _args(())
+        query_args(())
         return jsonify({"devices": devices()})
 
     @app.get("/api/dead-letters")
     def api_dead_letters():
-        args = _args(("limit", "device"))
+        args = query_args(("limit", "device"))
         limit = _limit_arg(args)
         device = _device_arg(args, must_exist=False)
         return jsonify({"dead_letters": dead_letters(limit, device)})
 
     @app.get("/api/events")
     def api_events():
-        args = _args(("device", "limit", "offset"))
+        args = query_args(("device", "limit", "offset"))
         limit, offset = _page_args(args)
         device = _device_arg(args, must_exist=True)
         items, total = events(limit, offset, device)
@@ -487,7 +437,7 @@ def create_app(
 
     @app.get("/api/drift")
     def api_drift():
-        args = _args(("device", "camera", "limit", "offset"))
+        args = query_args(("device", "camera", "limit", "offset"))
         limit, offset = _page_args(args)
         device = _device_arg(args, must_exist=True)
         camera = _name_arg(args, "camera")

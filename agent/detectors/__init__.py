@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from .base import Detector, ModelError, ModelInfo
+from .base import Detector, ModelError, ModelInfo, one_line
 
 __all__ = [
     "Detector",
@@ -134,7 +134,7 @@ def load_detector(
         raise
     except Exception as e:
         detector.close()
-        raise ModelError(f"{p}: model failed its warm-up inference: {_one_line(e)}") from e
+        raise ModelError(f"{p}: model failed its warm-up inference: {one_line(e)}") from e
     return _with_label_map(detector, label_map, p, iou_threshold)
 
 
@@ -151,15 +151,11 @@ def _with_label_map(detector: Detector, spec, path: Path, iou_threshold: float) 
             mapping = load_label_map(spec)
         except (OSError, ValueError) as e:
             detector.close()
-            raise ModelError(f"{_one_line(e)} (label map for model {path})") from e
+            raise ModelError(f"{one_line(e)} (label map for model {path})") from e
         lmap = LabelMap(mapping or {}, detector.labels)
     if lmap is None or lmap.identity:
         return detector
     return MappedDetector(detector, lmap, iou_threshold=iou_threshold)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def is_eim_script(path: Path, head: bytes) -> bool:

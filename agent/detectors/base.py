@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from ..detections import Detections
+from ..labels import COCO_80, load_labels
 
 
 class ModelError(Exception):
@@ -68,3 +69,44 @@ class Detector(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release runtime resources."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line of text (runtimes' messages often span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def resolve_labels(
+    model_path, labels, num_classes: int, embedded=None, embedded_source: str = "embedded"
+) -> tuple[tuple[str, ...], str]:
+    """Pick the label vocabulary for a model with ``num_classes`` outputs.
+
+    Order: an explicit label file; the labels the model carries (``embedded``: a
+    callable returning them or None, read only when needed; reported as
+    ``embedded_source``); COCO-80 when the head has 80 classes; ``class0..classN-1``.
+
+    Returns ``(labels, source)``. Raises ModelError when the label file is unreadable
+    or its count does not match the model's classes.
+    """
+    if labels is not None:
+        try:
+            names = load_labels(labels)
+        except OSError as e:
+            raise ModelError(
+                f"{labels}: cannot read label file for model {model_path}: "
+                f"{e.strerror or one_line(e)}"
+            ) from e
+        except ValueError as e:
+            raise ModelError(f"{one_line(e)} (labels for model {model_path})") from e
+        if len(names) != num_classes:
+            raise ModelError(
+                f"{labels}: label file has {len(names)} names but model {model_path} "
+                f"outputs {num_classes} classes"
+            )
+        return names, "file"
+    names = embedded() if embedded is not None else None
+    if names is not None and len(names) == num_classes:
+        return tuple(names), embedded_source
+    if num_classes == len(COCO_80):
+        return COCO_80, "coco80"
+    return tuple(f"class{i}" for i in range(num_classes)), "generic"

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..detections import Detections
 from ..labels import load_labels
-from .base import Detector, ModelError, ModelInfo, check_frame
+from .base import Detector, ModelError, ModelInfo, check_frame, one_line
 from .yolo import letterbox_params, nms, nms_per_class
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,6 @@ log = logging.getLogger(__name__)
 OBJECT_DETECTION = "object_detection"
 FOMO = "constrained_object_detection"
 RESIZE_MODES = ("squash", "fit-shortest", "fit-longest")
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def import_runner():
@@ -280,7 +276,7 @@ class EIMDetector(Detector):
                 names = load_labels(labels)
             except (OSError, ValueError) as e:
                 self.close()
-                raise ModelError(f"{_one_line(e)} (labels for model {self.path})") from e
+                raise ModelError(f"{one_line(e)} (labels for model {self.path})") from e
             if len(names) != len(runner_labels):
                 self.close()
                 raise ModelError(
@@ -343,7 +339,7 @@ class EIMDetector(Detector):
             raise ModelError(f"{self.path}: .eim did not answer hello within {timeout:g} s")
         if "error" in box:
             self.close()
-            raise ModelError(f"{self.path}: .eim failed to start: {_one_line(box['error'])}")
+            raise ModelError(f"{self.path}: .eim failed to start: {one_line(box['error'])}")
         return box["hello"]
 
     @staticmethod

@@ -28,8 +28,7 @@ import cv2
 import numpy as np
 
 from ..detections import Detections
-from ..labels import COCO_80, load_labels
-from .base import Detector, ModelError, ModelInfo, check_frame
+from .base import Detector, ModelError, ModelInfo, check_frame, one_line, resolve_labels
 from .yolo import (
     LetterboxParams,
     OutputShapeError,
@@ -57,11 +56,6 @@ _ORT_TYPES = {
     "tensor(uint8)": np.uint8,
     "tensor(int8)": np.int8,
 }
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
 
 
 def import_onnxruntime():
@@ -314,7 +308,7 @@ class ONNXDetector(Detector):
                 out_shape = tuple(self._run().shape)
             except Exception as e:
                 raise ModelError(
-                    f"{self.path}: model failed a test inference: {_one_line(e)}"
+                    f"{self.path}: model failed a test inference: {one_line(e)}"
                 ) from e
         out_shape = tuple(int(d) for d in out_shape)
         try:
@@ -358,41 +352,26 @@ class ONNXDetector(Detector):
             )
         except Exception as e:
             if names == [CPU]:
-                raise ModelError(f"{self.path}: cannot load ONNX model: {_one_line(e)}") from e
+                raise ModelError(f"{self.path}: cannot load ONNX model: {one_line(e)}") from e
             self.fallback_reason = (
-                f"{', '.join(names[:-1])} failed ({_one_line(e)}); running on the CPU"
+                f"{', '.join(names[:-1])} failed ({one_line(e)}); running on the CPU"
             )
             log.warning("%s: %s", self.path, self.fallback_reason)
         try:
             return ort.InferenceSession(str(self.path), opts, providers=[CPU])
         except Exception as e:
-            raise ModelError(f"{self.path}: cannot load ONNX model: {_one_line(e)}") from e
+            raise ModelError(f"{self.path}: cannot load ONNX model: {one_line(e)}") from e
 
     def _resolve_labels(
         self, labels: str | Path | None, meta: dict[str, str], num_classes: int
     ) -> tuple[tuple[str, ...], str]:
-        if labels is not None:
-            try:
-                names = load_labels(labels)
-            except OSError as e:
-                raise ModelError(
-                    f"{labels}: cannot read label file for model {self.path}: "
-                    f"{e.strerror or _one_line(e)}"
-                ) from e
-            except ValueError as e:
-                raise ModelError(f"{_one_line(e)} (labels for model {self.path})") from e
-            if len(names) != num_classes:
-                raise ModelError(
-                    f"{labels}: label file has {len(names)} names but model {self.path} "
-                    f"outputs {num_classes} classes"
-                )
-            return names, "file"
-        names = metadata_labels(meta)
-        if names is not None and len(names) == num_classes:
-            return names, "metadata"
-        if num_classes == len(COCO_80):
-            return COCO_80, "coco80"
-        return tuple(f"class{i}" for i in range(num_classes)), "generic"
+        return resolve_labels(
+            self.path,
+            labels,
+            num_classes,
+            embedded=lambda: metadata_labels(meta),
+            embedded_source="metadata",
+        )
 
     # -- preprocessing -------------------------------------------------------------------
 

@@ -23,8 +23,9 @@ import cv2
 import numpy as np
 
 from ..detections import Detections
-from ..labels import COCO_80, load_labels
-from .base import Detector, ModelError, ModelInfo, check_frame
+from ..labels import load_labels
+from .base import Detector, ModelError, ModelInfo, check_frame, one_line
+from .base import resolve_labels as base_resolve_labels
 from .ssd import (
     decode_ssd,
     find_label_map,
@@ -46,11 +47,6 @@ from .yolo import (
 # Ultralytics TFLite exports append a zip holding their metadata (a dict repr with
 # `names`); TFLite Model Maker ones can carry a label file. Bigger members are not ours.
 _MAX_METADATA_BYTES = 1 << 20
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
 
 
 def import_interpreter():
@@ -121,40 +117,11 @@ def embedded_labels(path: str | Path) -> tuple[str, ...] | None:
 def resolve_labels(
     model_path: str | Path, labels: str | Path | None, num_classes: int
 ) -> tuple[tuple[str, ...], str]:
-    """Pick the label vocabulary for a model with ``num_classes`` outputs.
-
-    Order: an explicit label file; labels embedded in the model file; COCO-80 when
-    the head has 80 classes; ``class0..classN-1``.
-
-    Returns:
-        ``(labels, source)`` with source one of ``file``, ``embedded``, ``coco80``,
-        ``generic``.
-
-    Raises:
-        ModelError: the label file is unreadable/empty or its count does not match.
-    """
-    if labels is not None:
-        try:
-            names = load_labels(labels)
-        except OSError as e:
-            raise ModelError(
-                f"{labels}: cannot read label file for model {model_path}: "
-                f"{e.strerror or _one_line(e)}"
-            ) from e
-        except ValueError as e:
-            raise ModelError(f"{_one_line(e)} (labels for model {model_path})") from e
-        if len(names) != num_classes:
-            raise ModelError(
-                f"{labels}: label file has {len(names)} names but model {model_path} "
-                f"outputs {num_classes} classes"
-            )
-        return names, "file"
-    names = embedded_labels(model_path)
-    if names is not None and len(names) == num_classes:
-        return names, "embedded"
-    if num_classes == len(COCO_80):
-        return COCO_80, "coco80"
-    return tuple(f"class{i}" for i in range(num_classes)), "generic"
+    """Labels for a TFLite model: a label file, else the labels embedded in the file
+    (Ultralytics metadata), else COCO-80 / generic (see `base.resolve_labels`)."""
+    return base_resolve_labels(
+        model_path, labels, num_classes, embedded=lambda: embedded_labels(model_path)
+    )
 
 
 class TFLiteDetector(Detector):
@@ -215,7 +182,7 @@ class TFLiteDetector(Detector):
         # The runtimes raise ValueError for bad flatbuffers and RuntimeError for ops
         # or tensors they cannot prepare; re-word both as one line with the file name.
         except (ValueError, RuntimeError, OSError) as e:
-            raise ModelError(f"{self.path}: cannot load TFLite model: {_one_line(e)}") from e
+            raise ModelError(f"{self.path}: cannot load TFLite model: {one_line(e)}") from e
         self._interp = interp
 
         inputs = interp.get_input_details()
@@ -379,10 +346,10 @@ class TFLiteDetector(Detector):
         except OSError as e:
             raise ModelError(
                 f"{labels}: cannot read label file for model {self.path}: "
-                f"{e.strerror or _one_line(e)}"
+                f"{e.strerror or one_line(e)}"
             ) from e
         except ValueError as e:
-            raise ModelError(f"{_one_line(e)} (labels for model {self.path})") from e
+            raise ModelError(f"{one_line(e)} (labels for model {self.path})") from e
         if num_classes is not None and len(names) != int(num_classes):
             raise ModelError(
                 f"{labels}: label file has {len(names)} names but model {self.path} "
