@@ -70,9 +70,10 @@ GATE_RUNS = 3
 class UpdateRefused(Exception):
     """An update that must not go ahead; ``reason`` is a short code for events."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, *, transient: bool = False) -> None:
         super().__init__(message)
         self.reason = reason
+        self.transient = transient  # worth trying again later (the network, not the bytes)
 
 
 def sha256_file(path: Path) -> str:
@@ -121,7 +122,7 @@ class ProbationDetector:
         self.seen = 0
         self.errors = 0
         self.last_error: str | None = None
-        self.state = "probation"  # -> "tripped" | "passed"
+        self.state = "probation"  # -> "tripped" | "passed" | "replaced" (by a newer update)
 
     def detect(self, frame_bgr):
         if self.state == "tripped":
@@ -173,7 +174,8 @@ class ModelUpdater:
         self._jobs: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._probes: dict[str, ProbationDetector] = {}
+        self._latest_seen = self.applied_version or 0
+        self._retries = 0
 
     # -- persistence -----------------------------------------------------------------
 
@@ -326,6 +328,7 @@ class ModelUpdater:
         except ContractError as exc:
             log.error("ignoring an invalid desired state on %s: %s", topic, exc)
             return
+        self._latest_seen = max(self._latest_seen, desired.version)
         self._jobs.put(("desired", desired))
 
     def _run(self) -> None:
@@ -349,13 +352,23 @@ class ModelUpdater:
                 self.applied_version,
             )
             return
+        if desired.version < self._latest_seen:
+            log.info(
+                "desired state version %d superseded by %d", desired.version, self._latest_seen
+            )
+            return
         log.info("applying desired state version %d", desired.version)
+        retry = False
         for camera, ref in sorted(desired.models.items()):
             if self._stop.is_set():
                 return  # not applied: the retained message brings it back after a restart
             try:
                 self.update_camera(camera, ref, desired.version)
             except UpdateRefused as exc:
+                if self._stop.is_set():
+                    log.info("model update of camera %s interrupted: agent stopping", camera)
+                    return
+                retry = retry or exc.transient
                 self._report(
                     camera,
                     ref,
@@ -376,6 +389,21 @@ class ModelUpdater:
                     reason="internal",
                     severity="error",
                 )
+        if retry:
+            # The registry was unreachable: try the same desired state again later
+            # (unless a newer one arrives first); cameras already updated are skipped.
+            self._retries += 1
+            delay = min(30.0 * 2 ** (self._retries - 1), 3600.0)
+            log.warning(
+                "desired state version %d: retrying the download in %.0fs",
+                desired.version,
+                delay,
+            )
+            timer = threading.Timer(delay, self._jobs.put, args=(("desired", desired),))
+            timer.daemon = True
+            timer.start()
+            return
+        self._retries = 0
         with self._lock:
             self.applied_version = desired.version
             self._save()
@@ -513,6 +541,7 @@ class ModelUpdater:
                 "download",
                 f"gave up after {self.cfg.download_attempts} attempts at "
                 f"{have}/{size} bytes: {last_error}",
+                transient=True,
             )
         try:
             signing.verify_artifact(part, doc)
@@ -540,6 +569,7 @@ class ModelUpdater:
                 ) from None
             raise
         with resp:
+            self._check_headers(resp, part, size, ref)
             if resp.status == 206:
                 if not (resp.headers.get("Content-Range") or "").startswith(f"bytes {have}-"):
                     raise OSError(f"unexpected Content-Range {resp.headers.get('Content-Range')}")
@@ -554,7 +584,11 @@ class ModelUpdater:
                     fh.write(block)
                     have += len(block)
                     if have > size:
-                        raise OSError(f"server sent more than the manifest's {size} bytes")
+                        part.unlink(missing_ok=True)
+                        raise UpdateRefused(
+                            "checksum",
+                            f"the server sent more than the signed manifest's {size} bytes",
+                        )
                     now = time.monotonic()
                     if now >= next_log or have == size:
                         next_log = now + 1.0
@@ -570,6 +604,26 @@ class ModelUpdater:
                         raise UpdateRefused("download", "agent stopping")
                 fh.flush()
                 os.fsync(fh.fileno())
+
+    def _check_headers(self, resp, part: Path, size: int, ref: ModelRef) -> None:
+        """Refuse at once what the response headers already show is another artifact."""
+        problem = None
+        digest = resp.headers.get("X-Checksum-Sha256")
+        if digest and digest.strip().lower() != ref.sha256:
+            problem = f"the server's artifact has sha256 {digest.strip()}"
+        total = None
+        if resp.status == 206:
+            crange = resp.headers.get("Content-Range") or ""
+            total = crange.rpartition("/")[2]
+        elif resp.status == 200:
+            total = resp.headers.get("Content-Length")
+        if problem is None and total and total.isdigit() and int(total) != size:
+            problem = f"the server's artifact is {total} bytes"
+        if problem:
+            part.unlink(missing_ok=True)
+            raise UpdateRefused(
+                "checksum", f"{problem}; the signed manifest says {size} bytes, sha256 {ref.sha256}"
+            )
 
     def _labels_file(self, path: Path, doc: dict[str, Any]) -> str | None:
         labels = (doc.get("metadata") or {}).get("labels")
@@ -645,7 +699,7 @@ class ModelUpdater:
             if pipeline is not None:
                 old = installed_detector(pipeline)
                 if isinstance(old, ProbationDetector):  # an update during probation
-                    old.state = "passed"
+                    old.state = "replaced"
                     old.fallback.close()
                     old = old.inner
                 probe = ProbationDetector(
@@ -678,6 +732,8 @@ class ModelUpdater:
         self._prune()
 
     def _rollback(self, name: str, probe: ProbationDetector) -> None:
+        if probe.state == "replaced":
+            return
         cam = self.service.cameras[name]
         with cam.lock:
             pipeline = cam.pipeline
@@ -718,6 +774,8 @@ class ModelUpdater:
         )
 
     def _passed(self, name: str, probe: ProbationDetector) -> None:
+        if probe.state == "replaced":
+            return
         cam = self.service.cameras[name]
         with cam.lock:
             pipeline = cam.pipeline

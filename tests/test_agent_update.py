@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -192,7 +193,7 @@ def wait_frames(service, more: int, timeout: float = 20.0) -> None:
 
 
 def test_good_update_is_activated_and_bad_ones_are_refused(
-    tmp_path, broker, registry_http, videos, int8_model, data
+    tmp_path, broker, registry_http, videos, int8_model, data, caplog
 ):
     base, client, op, dev = registry_http
     dyn = upload(client, op, data / "models" / DYN, "yolo-dyn")
@@ -206,12 +207,18 @@ def test_good_update_is_activated_and_bad_ones_are_refused(
         assert running_file(service) == FULL
 
         # A good, signed model: downloaded, verified, gated, swapped between frames.
+        # Half of it is already there from a broken download: it resumes (Range).
+        models = tmp_path / "state" / "models"
+        blob = (data / "models" / DYN).read_bytes()
+        (models / f"yolo-dyn-v1-{dyn['sha256'][:12]}.tflite.part").write_bytes(blob[:1_000_000])
+        caplog.set_level("INFO", logger="flowfleet.agent.updater")
         watcher.desire(1, ref_of(dyn))
         watcher.wait_event("model_activated")
         types = [e.type for e in watcher.events]
         assert types[:3] == ["model_downloading", "model_verified", "model_activated"]
         assert running_file(service).startswith("yolo-dyn-v1-") and DYN not in running_file(service)
         assert service.cameras["road"].model_path.endswith(running_file(service))
+        assert "resuming yolo-dyn v1 at byte 1000000 of 3434605" in caplog.text
         wait_frames(service, 5)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and not (
@@ -245,7 +252,18 @@ def test_good_update_is_activated_and_bad_ones_are_refused(
                 ),
             ),
         ]
+        cases.append(("checksum", good))  # after its stored bytes are corrupted, below
+        ev = None
         for version, (reason, ref) in enumerate(cases, start=2):
+            if reason == "checksum" and ref is good:
+                assert "bad signature" in ev.message
+                stored = tmp_path / "artifacts" / "sha256" / good.sha256[:2] / good.sha256
+                stored.chmod(0o644)
+                with stored.open("r+b") as fh:
+                    fh.seek(100_000)
+                    byte = fh.read(1)
+                    fh.seek(100_000)
+                    fh.write(bytes([byte[0] ^ 0xFF]))
             seen = len(watcher.events)
             watcher.desire(version, ref)
             ev = watcher.wait_event("model_failed", after=seen)
@@ -253,11 +271,17 @@ def test_good_update_is_activated_and_bad_ones_are_refused(
             assert ev.data["desired_version"] == version
             assert running_file(service).startswith("yolo-dyn-v1-"), "the old model keeps running"
             wait_frames(service, 3)
-        assert "bad signature" in ev.message
-        assert service.updater.applied_version == 4
+        assert "does not match the manifest" in ev.message
+        assert service.updater.applied_version == 5
+        # No signed manifest at all: never run.
+        seen = len(watcher.events)
+        watcher.desire(6, good.model_copy(update={"manifest": None, "signature": None}))
+        ev = watcher.wait_event("model_failed", after=seen)
+        assert ev.data["reason"] == "unsigned"
+        assert running_file(service).startswith("yolo-dyn-v1-")
         # A desired state that is not newer than the applied one is ignored.
         seen = len(watcher.events)
-        watcher.desire(3, good)
+        watcher.desire(5, good)
         time.sleep(1.0)
         assert [e for e in watcher.events[seen:] if e.type.startswith("model_")] == []
         assert not list((tmp_path / "state" / "models").glob("*.part"))
@@ -269,7 +293,7 @@ def test_good_update_is_activated_and_bad_ones_are_refused(
     again = AgentService(config)
     try:
         assert Path(again.cameras["road"].model_path).name.startswith("yolo-dyn-v1-")
-        assert again.updater.applied_version == 4
+        assert again.updater.applied_version == 6
         state = json.loads((tmp_path / "state" / "models" / "active.json").read_text())
         assert Path(state["cameras"]["road"]["previous"]["path"]) == int8_model
     finally:
@@ -281,6 +305,7 @@ def test_gate_failure_and_crash_after_activation_keep_the_old_model(
 ):
     base, client, op, dev = registry_http
     dyn = upload(client, op, data / "models" / DYN, "yolo-dyn")
+    full = upload(client, op, data / "models" / FULL, "yolo")
     config = make_config(
         tmp_path, broker, base, dev, videos, int8_model, probation_frames=10_000, max_errors=3
     )
@@ -325,6 +350,21 @@ def test_gate_failure_and_crash_after_activation_keep_the_old_model(
         road = watcher.reported[-1].cameras[0]
         assert (road.model, road.file, road.update) == (None, FULL, "failed")
         assert road.reason.startswith("health_gate: ")
+
+        # The registry is unreachable: refused for now, and not marked applied, so the
+        # same desired state is tried again later.
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        service.updater.cfg = service.updater.cfg.model_copy(
+            update={"url": dead, "download_attempts": 1, "gate_max_ms": None}
+        )
+        seen = len(watcher.events)
+        watcher.desire(3, ref_of(full))
+        ev = watcher.wait_event("model_failed", after=seen)
+        assert ev.data["reason"] == "download" and "gave up after 1 attempts" in ev.message
+        assert service.updater.applied_version == 2
+        assert running_file(service) == FULL
     finally:
         service.stop()
         watcher.close()

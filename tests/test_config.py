@@ -79,6 +79,27 @@ def test_good_config_resolves_paths_relative_to_the_file(tmp_path):
         (GOOD + "\n[outbox]\nlimit = 5\n", "outbox.limit: unknown key"),
         (GOOD + "\n[metrics]\nport = 0\n", "metrics.port"),
         (GOOD + '\n[metrics]\nport = "x"\n', "metrics.port"),
+        (
+            GOOD + '\n[registry]\nurl = "http://registry.local:8080"\n',
+            "registry: url needs keys_file",
+        ),
+        (GOOD + '\n[registry]\nurl = "ftp://x"\nkeys_file = "k.json"\n', "registry.url"),
+        (
+            GOOD + '\n[registry]\ntoken_file = "t"\ntoken_env = "T"\n',
+            "give token_file or token_env, not both",
+        ),
+        (
+            GOOD + '\n[registry]\nurl = "http://r"\nkeys_file = "missing.json"\n',
+            "registry.keys_file: file not found",
+        ),
+        (
+            GOOD + '\n[registry]\ntoken_env = "FLOWFLEET_TEST_UNSET_TOKEN"\n',
+            "registry.token_env: environment variable FLOWFLEET_TEST_UNSET_TOKEN is not set",
+        ),
+        (GOOD + '\n[registry]\ntoken_file = "nope"\n', "registry.token_file: file not found"),
+        (GOOD + "\n[registry]\ngate_max_ms = 0\n", "registry.gate_max_ms"),
+        (GOOD + "\n[registry]\nmax_errors = 0\n", "registry.max_errors"),
+        (GOOD + "\n[registry]\nsigned = false\n", "registry.signed: unknown key"),
     ],
 )
 def test_bad_config_names_file_and_key(tmp_path, text, message):
@@ -158,3 +179,23 @@ def test_outbox_and_metrics_defaults(tmp_path):
 def test_stream_and_camera_sources_are_not_resolved_as_paths(tmp_path, source):
     cfg = load_agent_config(write(tmp_path, GOOD.replace('"video.mp4"', f'"{source}"')))
     assert cfg.cameras[0].source == source
+
+
+def test_registry_section_resolves_paths_and_checks_the_key_bundle(tmp_path, monkeypatch):
+    from flowfleet.agent.config import read_token
+
+    (tmp_path / "keys.json").write_text("not json")
+    text = GOOD + '\n[registry]\nurl = "http://r:8080"\nkeys_file = "keys.json"\n'
+    with pytest.raises(ConfigError, match=r"registry\.keys_file: not a JSON key bundle"):
+        load_agent_config(write(tmp_path, text))
+    (tmp_path / "keys.json").write_text('{"keys": []}')
+    with pytest.raises(ConfigError, match=r"registry\.keys_file: no keys in the bundle"):
+        load_agent_config(write(tmp_path, text))
+    (tmp_path / "keys.json").write_text(
+        '{"keys": [{"key_id": "0123456789abcdef", "public_key": "AAAA", "not_after": null}]}'
+    )
+    monkeypatch.setenv("FLOWFLEET_TEST_TOKEN", SECRET)
+    cfg = load_agent_config(write(tmp_path, text + 'token_env = "FLOWFLEET_TEST_TOKEN"\n'))
+    assert cfg.registry.keys_file == str(tmp_path / "keys.json")
+    assert cfg.registry.models_dir is None and cfg.registry.gate_latency_factor == 5.0
+    assert read_token(cfg.registry) == SECRET and SECRET not in repr(cfg)
