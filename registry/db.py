@@ -191,6 +191,27 @@ class DriftSummary(BaseModel):
         )
 
 
+# -- reported state (schema migration 4) ---------------------------------------------
+
+
+class ReportedState(BaseModel):
+    """The latest reported state of one device: what each camera runs.
+
+    Reported state is state, not a stream (no seq): one row per device, replaced only
+    by a message with a newer ``ts``, so an older retained copy delivered late never
+    overwrites a newer one.
+    """
+
+    device = pw.ForeignKeyField(Device, column_name="device", primary_key=True, on_delete="CASCADE")
+    ts = pw.DoubleField(help_text="when the device took it (the payload's ts)")
+    desired_version = pw.BigIntegerField(null=True)
+    received_at = pw.DoubleField()
+    payload = pw.TextField(help_text="canonical JSON of the validated payload")
+
+    class Meta:
+        table_name = "reported_state"
+
+
 # -- model registry (schema migration 2) ---------------------------------------------
 
 
@@ -341,7 +362,11 @@ REGISTRY_MODELS: tuple[type[BaseModel], ...] = (
 )
 # Created by schema migration 3.
 DEVICE_EVENT_MODELS: tuple[type[BaseModel], ...] = (Event, DriftSummary)
-MODELS: tuple[type[BaseModel], ...] = INGEST_MODELS + REGISTRY_MODELS + DEVICE_EVENT_MODELS
+# Created by schema migration 4.
+REPORTED_MODELS: tuple[type[BaseModel], ...] = (ReportedState,)
+MODELS: tuple[type[BaseModel], ...] = (
+    INGEST_MODELS + REGISTRY_MODELS + DEVICE_EVENT_MODELS + REPORTED_MODELS
+)
 
 DATABASE_URL_ENV = "FLOWFLEET_DATABASE_URL"
 # Connections one registry process may hold on PostgreSQL (web threads + ingest).

@@ -31,6 +31,7 @@ from flowfleet.contract import CountBin as CountBinPayload
 from flowfleet.contract import DriftSummary as DriftPayload
 from flowfleet.contract import Event as EventPayload
 from flowfleet.contract import Health as HealthPayload
+from flowfleet.contract import Reported as ReportedPayload
 from flowfleet.contract import Status as StatusPayload
 from flowfleet.mqtt import BrokerAddress, MqttConnection, NotAcknowledged
 
@@ -43,6 +44,7 @@ from .db import (
     Event,
     HealthBeat,
     LineTotal,
+    ReportedState,
     ZoneTotal,
     now,
     open_database,
@@ -117,6 +119,8 @@ class Ingestor:
             return self._store_drift(device, message, received_at)
         if isinstance(message, StatusPayload):
             return self._store_status(device, message, received_at)
+        if isinstance(message, ReportedPayload):
+            return self._store_reported(device, message, received_at)
         raise TypeError(f"no storage for {type(message).__name__}")
 
     def _touch_device(self, device: str, received_at: float) -> None:
@@ -268,6 +272,40 @@ class Ingestor:
             changes[Device.agent_version] = message.agent_version
         Device.update(changes).where(Device.id == device).execute()
         return STORED
+
+    def _store_reported(self, device: str, message: ReportedPayload, received_at: float) -> str:
+        """Keep the newest reported state per device, by the payload's ``ts``.
+
+        One upsert: insert the device's first one, replace the stored one only when
+        this is newer (``ON CONFLICT .. DO UPDATE .. WHERE stored.ts < new.ts``), so an
+        older retained copy redelivered after a newer one changes nothing, even with
+        concurrent workers. Returns STORED when it was written, DUPLICATE when the
+        stored state is as new or newer (a redelivery or a stale copy).
+        """
+        values = {
+            "device": device,
+            "ts": message.ts,
+            "desired_version": message.desired_version,
+            "received_at": received_at,
+            "payload": message.to_json().decode(),
+        }
+        query = ReportedState.insert(**values).on_conflict(
+            conflict_target=[ReportedState.device],
+            update={
+                ReportedState.ts: pw.EXCLUDED.ts,
+                ReportedState.desired_version: pw.EXCLUDED.desired_version,
+                ReportedState.received_at: pw.EXCLUDED.received_at,
+                ReportedState.payload: pw.EXCLUDED.payload,
+            },
+            where=(ReportedState.ts < pw.EXCLUDED.ts),
+        )
+        cursor = self.db.execute(query)
+        if self.db.rows_affected(cursor) == 1:
+            return STORED
+        log.debug(
+            "reported state of %s at ts %s is not newer than the stored one", device, message.ts
+        )
+        return DUPLICATE
 
     # -- dead letters -------------------------------------------------------------
 

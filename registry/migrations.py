@@ -55,6 +55,10 @@ def _m3_events_and_drift(db: pw.Database) -> None:
     db.create_tables(regdb.DEVICE_EVENT_MODELS, safe=True)
 
 
+def _m4_reported_state(db: pw.Database) -> None:
+    db.create_tables(regdb.REPORTED_MODELS, safe=True)
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
     (
         1,
@@ -71,6 +75,11 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         3,
         "device events and drift summaries: event, drift_summary",
         _m3_events_and_drift,
+    ),
+    (
+        4,
+        "latest reported state per device: reported_state",
+        _m4_reported_state,
     ),
 )
 LATEST = MIGRATIONS[-1][0]

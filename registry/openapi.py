@@ -259,6 +259,92 @@ SCHEMAS: dict[str, Any] = {
             "received_at": {"type": "number"},
         },
     },
+    "Device": {
+        "type": "object",
+        "required": [
+            "device",
+            "state",
+            "state_since",
+            "first_seen",
+            "last_seen",
+            "agent_version",
+            "bins",
+            "highest_seq",
+            "gaps",
+            "health_beats",
+            "last_health",
+            "dead_letters",
+            "reported",
+        ],
+        "properties": {
+            "device": {"type": "string"},
+            "state": {"type": "string", "enum": ["online", "offline", "unknown"]},
+            "state_since": {"type": ["number", "null"]},
+            "first_seen": {"type": "number"},
+            "last_seen": {"type": ["number", "null"]},
+            "agent_version": {"type": ["string", "null"]},
+            "bins": {"type": "integer", "minimum": 0},
+            "highest_seq": {"type": ["integer", "null"]},
+            "gaps": {"type": "integer", "minimum": 0},
+            "health_beats": {"type": "integer", "minimum": 0},
+            "last_health": {"type": ["object", "null"]},
+            "dead_letters": {"type": "integer", "minimum": 0},
+            "reported": {
+                "oneOf": [_ref("Reported"), {"type": "null"}],
+                "description": "latest reported state (newest by ts); null when none yet",
+            },
+        },
+    },
+    "Reported": {
+        "type": "object",
+        "required": ["ts", "desired_version", "cameras", "received_at"],
+        "description": "what each camera runs, as in docs/protocol.md (reported state); "
+        "camera fields the device left out are null",
+        "properties": {
+            "ts": {"type": "number", "description": "when the device took it (epoch s)"},
+            "desired_version": {"type": ["integer", "null"]},
+            "cameras": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": [
+                        "camera",
+                        "model",
+                        "version",
+                        "sha256",
+                        "file",
+                        "update",
+                        "update_model",
+                        "update_version",
+                        "reason",
+                        "update_ts",
+                    ],
+                    "properties": {
+                        "camera": {"type": "string"},
+                        "model": {"type": ["string", "null"]},
+                        "version": {"type": ["integer", "null"]},
+                        "sha256": {"type": ["string", "null"]},
+                        "file": {"type": ["string", "null"]},
+                        "update": {
+                            "enum": [
+                                "downloading",
+                                "verified",
+                                "activated",
+                                "failed",
+                                "rolled_back",
+                                None,
+                            ]
+                        },
+                        "update_model": {"type": ["string", "null"]},
+                        "update_version": {"type": ["integer", "null"]},
+                        "reason": {"type": ["string", "null"]},
+                        "update_ts": {"type": ["number", "null"]},
+                    },
+                },
+            },
+            "received_at": {"type": "number"},
+        },
+    },
     "KeyBundle": {
         "type": "object",
         "required": ["keys"],
@@ -328,10 +414,17 @@ def _paths() -> dict[str, Any]:
         },
         "/api/devices": {
             "get": {
-                "summary": "Devices with state, bins and gaps",
+                "summary": "Devices with state, bins, gaps and reported models",
                 "security": dashboard,
                 "responses": {
-                    "200": _json({"type": "object", "required": ["devices"]}, "devices"),
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["devices"],
+                            "properties": {"devices": {"type": "array", "items": _ref("Device")}},
+                        },
+                        "devices",
+                    ),
                     **BAD,
                     **UNAUTH,
                 },

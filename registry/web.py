@@ -3,7 +3,7 @@
 Routes:
     GET /                  dashboard (HTML) that refreshes itself from the JSON API
     GET /api/totals        line and zone totals per device/camera/line|zone/class
-    GET /api/devices       devices with state, bins received and sequence gaps
+    GET /api/devices       devices with state, bins, sequence gaps and reported models
     GET /api/dead-letters  rejected messages, newest first
     GET /api/events        device events, newest first (paginated)
     GET /api/drift         drift summaries, newest window first (paginated)
@@ -30,8 +30,8 @@ import peewee as pw
 from flask import Flask, g, jsonify, render_template, request, url_for
 from werkzeug.exceptions import HTTPException
 
+from flowfleet.contract import CameraModel, is_valid_name
 from flowfleet.contract import DriftSummary as DriftPayload
-from flowfleet.contract import is_valid_name
 
 from .api import bp as api_bp
 from .api import error_response as registry_error_response
@@ -44,6 +44,7 @@ from .db import (
     Event,
     HealthBeat,
     LineTotal,
+    ReportedState,
     ZoneTotal,
     require_bound,
 )
@@ -66,6 +67,9 @@ DRIFT_FIELDS = tuple(
     for name, f in DriftPayload.model_fields.items()
     if name not in ("schema_", "kind")
 )
+# The fields of a reported camera entry as the API returns them (every one, null when
+# the device left it out).
+CAMERA_MODEL_FIELDS = tuple(f.alias or name for name, f in CameraModel.model_fields.items())
 # Latest events the dashboard shows.
 DASHBOARD_EVENTS = 10
 
@@ -160,6 +164,7 @@ def devices() -> list[dict[str, Any]]:
         .group_by(DeadLetter.device)
         .tuples()
     )
+    reported = {row.device_id: row for row in ReportedState.select()}
     result = []
     for dev in Device.select().order_by(Device.id):
         n_bins, top = bins.get(dev.id, (0, None))
@@ -180,9 +185,46 @@ def devices() -> list[dict[str, Any]]:
                 "health_beats": n_beats,
                 "last_health": _last_health(dev.id, top_beat) if top_beat else None,
                 "dead_letters": dead.get(dev.id, 0),
+                "reported": _reported(reported.get(dev.id)),
             }
         )
     return result
+
+
+def _reported(row: ReportedState | None) -> dict[str, Any] | None:
+    """The device's latest reported state (what each camera runs), None if none yet."""
+    if row is None:
+        return None
+    body = json.loads(row.payload)
+    return {
+        "ts": row.ts,
+        "desired_version": body.get("desired_version"),
+        "cameras": [
+            {name: cam.get(name) for name in CAMERA_MODEL_FIELDS} for cam in body.get("cameras", [])
+        ],
+        "received_at": row.received_at,
+    }
+
+
+def camera_models(reported: dict[str, Any] | None) -> str:
+    """One line of what each camera runs, for the dashboard (the page's script agrees).
+
+    ``door: yolov8n-int8 v2; back: model.tflite (update failed)``; a camera without a
+    registry model shows its file. Plain text: the template escapes it.
+    """
+    if not reported or not reported["cameras"]:
+        return "-"
+    parts = []
+    for cam in reported["cameras"]:
+        if cam["model"] is not None:
+            runs = cam["model"] + (f" v{cam['version']}" if cam["version"] is not None else "")
+        else:
+            runs = cam["file"] or "config model"
+        text = f"{cam['camera']}: {runs}"
+        if cam["update"] is not None and cam["update"] != "activated":
+            text += f" (update {cam['update']})"
+        parts.append(text)
+    return "; ".join(parts)
 
 
 def _last_health(device: str, seq: int) -> dict[str, Any] | None:
@@ -358,6 +400,7 @@ def create_app(
     app = Flask(__name__)
     app.json.sort_keys = False  # keep documented key order in responses
     app.add_template_filter(format_ts, "ts")
+    app.add_template_filter(camera_models, "camera_models")
     if registry is not None:
         app.extensions["flowfleet_model_registry"] = registry
         # Multipart overhead on top of the model itself; the exact limit is checked

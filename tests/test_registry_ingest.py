@@ -16,11 +16,13 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from flowfleet.contract import (
+    CameraModel,
     CountBin,
     DriftSummary,
     Event,
     Health,
     LineCount,
+    Reported,
     Status,
     Topics,
     ZoneCount,
@@ -618,6 +620,184 @@ def test_malformed_event_or_drift_is_dead_lettered_naming_the_field(ingestor, ki
     assert (letter.topic, letter.device, bytes(letter.payload)) == (topic, DEVICE, payload)
     assert regdb.Event.select().count() == 0
     assert regdb.DriftSummary.select().count() == 0
+
+
+# -- reported state (Ingestor directly) ------------------------------------------------
+
+
+def make_reported(ts: float, model: str = "yolov8n-int8", version: int = 2, **changes) -> Reported:
+    fields = {
+        "device": DEVICE,
+        "ts": ts,
+        "desired_version": version + 1,
+        "cameras": (
+            CameraModel(
+                camera="door",
+                model=model,
+                version=version,
+                sha256="ab" * 32,
+                file=f"{model}-v{version}.tflite",
+                update="activated",
+                update_model=model,
+                update_version=version,
+                update_ts=ts - 1,
+            ),
+            CameraModel(camera="back", file="config.tflite", update="failed", reason="sha: bad"),
+        ),
+    }
+    return Reported(**{**fields, **changes})
+
+
+def stored_reported() -> dict | None:
+    (dev,) = [d for d in devices() if d["device"] == DEVICE]
+    return dev["reported"]
+
+
+def test_reported_state_is_stored_and_shown_per_device(ingestor):
+    msg = make_reported(1_795_430_500.0)
+    assert ingestor.handle(TOPICS.reported(DEVICE), msg.to_json()) == STORED
+
+    row = regdb.ReportedState.get_by_id(DEVICE)
+    assert (row.ts, row.desired_version) == (msg.ts, 3)
+    assert json.loads(row.payload) == raw(msg)
+    rep = stored_reported()
+    assert rep == {
+        "ts": msg.ts,
+        "desired_version": 3,
+        "cameras": [
+            {
+                "camera": "door",
+                "model": "yolov8n-int8",
+                "version": 2,
+                "sha256": "ab" * 32,
+                "file": "yolov8n-int8-v2.tflite",
+                "update": "activated",
+                "update_model": "yolov8n-int8",
+                "update_version": 2,
+                "reason": None,
+                "update_ts": msg.ts - 1,
+            },
+            {
+                "camera": "back",
+                "model": None,
+                "version": None,
+                "sha256": None,
+                "file": "config.tflite",
+                "update": "failed",
+                "update_model": None,
+                "update_version": None,
+                "reason": "sha: bad",
+                "update_ts": None,
+            },
+        ],
+        "received_at": row.received_at,
+    }
+    assert regdb.DeadLetter.select().count() == 0
+
+
+def test_a_device_without_reported_state_shows_null(ingestor):
+    assert ingestor.handle(TOPICS.counts(DEVICE), make_bin().to_json()) == STORED
+    assert stored_reported() is None
+
+
+def test_newer_reported_state_replaces_the_stored_one(ingestor):
+    old, new = make_reported(100.0, version=1), make_reported(200.0, version=2)
+    assert ingestor.handle(TOPICS.reported(DEVICE), old.to_json()) == STORED
+    assert ingestor.handle(TOPICS.reported(DEVICE), new.to_json()) == STORED
+
+    assert regdb.ReportedState.select().count() == 1
+    row = regdb.ReportedState.get_by_id(DEVICE)
+    assert (row.ts, row.desired_version, json.loads(row.payload)) == (200.0, 3, raw(new))
+    assert stored_reported()["cameras"][0]["version"] == 2
+
+
+def test_older_reported_state_does_not_replace_a_newer_one(ingestor):
+    """A retained copy redelivered late (older ts) changes nothing."""
+    new, old = make_reported(200.0, version=2), make_reported(100.0, version=1)
+    assert ingestor.handle(TOPICS.reported(DEVICE), new.to_json()) == STORED
+    assert ingestor.handle(TOPICS.reported(DEVICE), old.to_json()) == DUPLICATE
+    assert ingestor.handle(TOPICS.reported(DEVICE), new.to_json()) == DUPLICATE
+
+    row = regdb.ReportedState.get_by_id(DEVICE)
+    assert (row.ts, json.loads(row.payload)) == (200.0, raw(new))
+    assert stored_reported()["cameras"][0]["model"] == "yolov8n-int8"
+    assert stored_reported()["cameras"][0]["version"] == 2
+    assert regdb.DeadLetter.select().count() == 0
+
+
+def test_reported_state_is_kept_per_device(ingestor):
+    assert ingestor.handle(TOPICS.reported(DEVICE), make_reported(200.0).to_json()) == STORED
+    other = make_reported(100.0, device="cam-2", version=1)
+    assert ingestor.handle(TOPICS.reported("cam-2"), other.to_json()) == STORED
+
+    by_device = {d["device"]: d["reported"] for d in devices()}
+    assert by_device[DEVICE]["ts"] == 200.0 and by_device["cam-2"]["ts"] == 100.0
+
+
+def _reported_with(**fields) -> bytes:
+    return json.dumps({**raw(make_reported(100.0)), **fields}).encode()
+
+
+def _reported_camera_with(**fields) -> bytes:
+    body = raw(make_reported(100.0))
+    body["cameras"][0].update(fields)
+    return json.dumps(body).encode()
+
+
+MALFORMED_REPORTED = [
+    # id, payload, words the reason must contain
+    ("no-ts", _without(make_reported(100.0), "ts"), ["'ts'", "required"]),
+    ("ts-text", _reported_with(ts="yesterday"), ["'ts'", "number"]),
+    ("desired-zero", _reported_with(desired_version=0), ["'desired_version'", "greater"]),
+    ("cameras-object", _reported_with(cameras={"door": {}}), ["'cameras'"]),
+    ("bad-camera", _reported_camera_with(camera="a/b"), ["cameras.0.camera", "pattern"]),
+    ("bad-sha", _reported_camera_with(sha256="xyz"), ["cameras.0.sha256", "pattern"]),
+    ("bad-update", _reported_camera_with(update="exploded"), ["cameras.0.update"]),
+    ("extra-camera-field", _reported_camera_with(colour="red"), ["cameras.0.colour"]),
+    ("long-reason", _reported_camera_with(reason="x" * 1025), ["cameras.0.reason", "1024"]),
+    ("kind", make_event().to_json(), ["'kind'", "events"]),
+    (
+        "device-mismatch",
+        make_reported(100.0, device="cam-9").to_json(),
+        ["'device'", "cam-9", DEVICE],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "payload, words",
+    [case[1:] for case in MALFORMED_REPORTED],
+    ids=[case[0] for case in MALFORMED_REPORTED],
+)
+def test_malformed_reported_state_is_dead_lettered_naming_the_field(ingestor, payload, words):
+    topic = TOPICS.reported(DEVICE)
+    assert ingestor.handle(topic, payload) == DEAD_LETTER
+
+    (letter,) = regdb.DeadLetter.select()
+    for word in words:
+        assert word in letter.reason, f"{word!r} not in reason {letter.reason!r}"
+    assert (letter.topic, letter.device, bytes(letter.payload)) == (topic, DEVICE, payload)
+    assert regdb.ReportedState.select().count() == 0
+
+
+def test_a_malformed_reported_state_leaves_the_stored_one(ingestor):
+    good = make_reported(100.0)
+    assert ingestor.handle(TOPICS.reported(DEVICE), good.to_json()) == STORED
+    newer_but_bad = json.dumps({**raw(make_reported(300.0)), "desired_version": -1}).encode()
+    assert ingestor.handle(TOPICS.reported(DEVICE), newer_but_bad) == DEAD_LETTER
+    assert stored_reported()["ts"] == 100.0
+
+
+def test_published_reported_state_is_stored_over_mqtt(worker, publisher):
+    """Retained, like an agent publishes it; the newest wins."""
+    for ts in (100.0, 300.0, 200.0):
+        msg = make_reported(ts, version=int(ts // 100))
+        publisher.publish(TOPICS.reported(DEVICE), msg.to_json(), retain=True)
+
+    wait_until(lambda: worker.outcomes[DUPLICATE] == 1, what="the stale copy")
+    assert stored_reported()["ts"] == 300.0
+    assert stored_reported()["cameras"][0]["version"] == 3
+    assert worker.outcomes[DEAD_LETTER] == 0
 
 
 # -- database opening ----------------------------------------------------------------

@@ -42,7 +42,7 @@ def test_a_first_release_file_is_backed_up_then_adopted(tmp_path):
 
     db = regdb.open_database(path)
 
-    assert versions(db) == [1, 2, 3]
+    assert versions(db) == [1, 2, 3, 4]
     assert regdb.Device.get_by_id("cam-1").first_seen == 1.0, "existing data kept"
     (backup,) = tmp_path.glob("old.db.bak-v0-*")
     with sqlite3.connect(backup) as conn:
@@ -65,7 +65,7 @@ def test_a_version_2_database_gets_the_event_and_drift_tables(tmp_path, kind):
         db = regdb.open_database(url)
 
         with db.connection_context():
-            assert versions(db) == [1, 2, 3]
+            assert versions(db) == [1, 2, 3, 4]
             assert {"event", "drift_summary"} <= set(db.get_tables())
             assert regdb.Device.get_by_id("cam-1").first_seen == 1.0
             regdb.Event.create(
@@ -89,6 +89,31 @@ def test_a_version_2_database_gets_the_event_and_drift_tables(tmp_path, kind):
                 )
         if kind == "sqlite":
             assert len(list(tmp_path.glob("registry.db.bak-v2-*"))) == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_version_3_database_gets_the_reported_state_table(tmp_path, kind):
+    with temporary_database(kind, tmp_path) as url:
+        # A database as the release with migrations 1 to 3 left it, with data.
+        db = regdb.open_database(url)
+        with db.connection_context():
+            db.drop_tables(regdb.REPORTED_MODELS)
+            migrations.SchemaVersion.delete().where(migrations.SchemaVersion.version > 3).execute()
+            regdb.Device.create(id="cam-1", first_seen=1.0)
+            assert "reported_state" not in db.get_tables()
+        release()
+
+        db = regdb.open_database(url)
+
+        with db.connection_context():
+            assert versions(db) == [1, 2, 3, 4]
+            assert "reported_state" in db.get_tables()
+            assert regdb.Device.get_by_id("cam-1").first_seen == 1.0
+            regdb.ReportedState.create(device="cam-1", ts=2.0, received_at=2.0, payload="{}")
+            with pytest.raises(pw.IntegrityError), db.atomic():  # one row per device
+                regdb.ReportedState.create(device="cam-1", ts=3.0, received_at=3.0, payload="{}")
+        if kind == "sqlite":
+            assert len(list(tmp_path.glob("registry.db.bak-v3-*"))) == 1
 
 
 def test_reopening_an_up_to_date_database_changes_nothing(tmp_path):

@@ -17,11 +17,13 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from flowfleet.contract import (
+    CameraModel,
     CountBin,
     DriftSummary,
     Event,
     Health,
     LineCount,
+    Reported,
     Status,
     Topics,
     ZoneCount,
@@ -30,6 +32,7 @@ from flowfleet.mqtt import BrokerAddress
 from flowfleet.registry.db import open_database
 from flowfleet.registry.ingest import STORED, Ingestor
 from flowfleet.registry.modelreg import RegistryConfig
+from flowfleet.registry.openapi import openapi_document
 from flowfleet.registry.service import run_registry
 from flowfleet.registry.testing import KINDS, fresh_database, temporary_database
 from flowfleet.registry.web import create_app
@@ -83,6 +86,9 @@ def drift(device: str, seq: int, camera: str, start: float, **fields) -> DriftSu
 # An event message a hostile or broken device might send: shown as text, never markup.
 HOSTILE = '<img src=x onerror="alert(1)"><script>alert(2)</script>'
 
+# A model name a hostile device might report: shown as text, never markup.
+HOSTILE_MODEL = "<b onmouseover=alert(3)>yolo</b>"
+
 # What the fixture ingests: (topic, payload). cam-1 misses seq 3 (one gap).
 MESSAGES = [
     (TOPICS.status("cam-1"), Status(device="cam-1", state="online", agent_version="0.1.0")),
@@ -120,6 +126,38 @@ MESSAGES = [
     (TOPICS.drift("cam-1"), drift("cam-1", 1, "front", 1_795_000_000.0, model="yolo-v1")),
     (TOPICS.drift("cam-1"), drift("cam-1", 2, "back", 1_795_000_000.0)),
     (TOPICS.drift("cam-1"), drift("cam-1", 3, "front", 1_795_000_300.0, brightness=80.5)),
+    # Reported state: cam-1 runs a registry model on front and its config file on back.
+    (
+        TOPICS.reported("cam-1"),
+        Reported(
+            device="cam-1",
+            ts=1_795_000_400.0,
+            desired_version=2,
+            cameras=(
+                CameraModel(
+                    camera="front",
+                    model="yolov8n-int8",
+                    version=2,
+                    file="yolov8n-int8-v2.tflite",
+                    update="activated",
+                ),
+                CameraModel(
+                    camera="back",
+                    file="config.tflite",
+                    update="rolled_back",
+                    reason="activate: no frames",
+                ),
+            ),
+        ),
+    ),
+    (
+        TOPICS.reported("cam-3"),
+        Reported(
+            device="cam-3",
+            ts=1_795_000_400.0,
+            cameras=(CameraModel(camera="yard", model=HOSTILE_MODEL, version=1),),
+        ),
+    ),
 ]
 
 
@@ -197,7 +235,7 @@ def test_devices_report_state_bins_and_gaps(client):
     body = client.get("/api/devices").get_json()
 
     by_id = {d["device"]: d for d in body["devices"]}
-    assert list(by_id) == ["cam-1", "cam-2"]
+    assert list(by_id) == ["cam-1", "cam-2", "cam-3"]
     one = by_id["cam-1"]
     assert one["state"] == "online"
     assert one["agent_version"] == "0.1.0"
@@ -206,6 +244,43 @@ def test_devices_report_state_bins_and_gaps(client):
     assert isinstance(one["last_seen"], float)
     two = by_id["cam-2"]
     assert (two["state"], two["bins"], two["gaps"], two["dead_letters"]) == ("unknown", 1, 0, 3)
+
+
+def test_devices_carry_their_latest_reported_state(client):
+    by_id = {d["device"]: d for d in client.get("/api/devices").get_json()["devices"]}
+
+    assert by_id["cam-2"]["reported"] is None
+    rep = by_id["cam-1"]["reported"]
+    assert (rep["ts"], rep["desired_version"]) == (1_795_000_400.0, 2)
+    assert isinstance(rep["received_at"], float)
+    front, back = rep["cameras"]
+    assert front == {
+        "camera": "front",
+        "model": "yolov8n-int8",
+        "version": 2,
+        "sha256": None,
+        "file": "yolov8n-int8-v2.tflite",
+        "update": "activated",
+        "update_model": None,
+        "update_version": None,
+        "reason": None,
+        "update_ts": None,
+    }
+    assert (back["model"], back["file"], back["update"]) == (None, "config.tflite", "rolled_back")
+    assert by_id["cam-3"]["reported"]["cameras"][0]["model"] == HOSTILE_MODEL
+
+
+def test_devices_response_matches_the_openapi_schema(client):
+    import jsonschema  # schemathesis' dependency
+
+    document = openapi_document()
+    op = document["paths"]["/api/devices"]["get"]
+    schema = op["responses"]["200"]["content"]["application/json"]["schema"]
+    schema = {**schema, "components": document["components"]}
+    body = client.get("/api/devices").get_json()
+
+    jsonschema.validate(body, schema, cls=jsonschema.Draft202012Validator)
+    assert {d["reported"] is None for d in body["devices"]} == {True, False}
 
 
 def test_dead_letters_newest_first_with_limit(client):
@@ -336,6 +411,17 @@ def test_dashboard_renders_devices_and_totals_offline(client):
     # Everything is inline: the registry machine may have no internet access.
     assert "<script src" not in page and "stylesheet" not in page
     assert "/api/totals" in page and "setTimeout(refresh, 2000)" in page
+
+
+def test_dashboard_shows_each_devices_camera_models_as_text(client):
+    page = client.get("/").get_data(as_text=True)
+
+    assert "<th>models</th>" in page
+    assert "front: yolov8n-int8 v2; back: config.tflite (update rolled_back)" in page
+    # The hostile model name is escaped server-side; the script uses textContent.
+    assert HOSTILE_MODEL not in page and "<b onmouseover" not in page
+    assert "yard: &lt;b onmouseover=alert(3)&gt;yolo&lt;/b&gt; v1" in page
+    assert "models(r.reported)" in page and "innerHTML" not in page
 
 
 def test_dashboard_shows_latest_events_as_text(client):
