@@ -27,7 +27,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, url_for
 
 from .auth import ROLES, Principal, authenticate
-from .modelreg import DEFAULT_PAGE, MAX_PAGE, ModelRegistry, RegistryError
+from .modelreg import DEFAULT_PAGE, MAX_PAGE, ModelRegistry, RegistryError, check_name
 from .openapi import openapi_document
 
 ANONYMOUS_READ = ("local", "none", "all")
@@ -458,6 +458,68 @@ def delete_alias(name: str, alias: str):
     args = query_args(("reason",))
     _registry().delete_alias(name, alias, actor=_actor(), reason=args.get("reason", ""))
     return "", 204
+
+
+@bp.get("/devices/<device>/deployments")
+@requires("viewer")
+def list_deployments(device: str):
+    query_args(())
+    return jsonify(_registry().deployments(device))
+
+
+@bp.post("/devices/<device>/deployments")
+@requires("operator")
+def deploy(device: str):
+    """Store a deployment and publish the device's retained desired state."""
+    query_args(())
+    reg = _registry()
+    body = _json_body(
+        {"camera": str, "model": str, "version": int, "alias": str, "reason": str},
+        required=("camera", "model"),
+    )
+    if ("version" in body) == ("alias" in body):
+        raise RegistryError(
+            400, "invalid_field", "give exactly one of 'version' and 'alias'", "version"
+        )
+    if "version" in body:
+        if not 1 <= body["version"] <= MAX_VERSION:
+            raise RegistryError(
+                400, "invalid_field", f"version must be from 1 to {MAX_VERSION}", "version"
+            )
+        ref: str | int = body["version"]
+    else:
+        ref = check_name(body["alias"], "alias", "alias name")
+    check_name(body["model"], "model", "model name")
+    check_name(body["camera"], "camera", "camera name")
+    check_name(device, "device", "device id")
+    reg.version(body["model"], ref)  # 404 for an unknown model, version or alias first
+    publish = current_app.extensions.get("flowfleet_publish")
+    if publish is None:
+        raise RegistryError(
+            503,
+            "no_publisher",
+            "this registry has no MQTT connection to publish desired states "
+            "(deploy through a running 'flowfleet registry' service); nothing was stored",
+        )
+    desired, row = reg.deploy(
+        device,
+        body["camera"],
+        body["model"],
+        ref,
+        actor=_actor(),
+        reason=body.get("reason", ""),
+        publish=publish,
+        topics=current_app.extensions.get("flowfleet_topics"),
+    )
+    resp = jsonify(
+        {
+            "deployment": row,
+            "desired": json.loads(desired.to_json()),
+            "topic": current_app.extensions["flowfleet_topics"].desired(device),
+        }
+    )
+    resp.status_code = 201
+    return resp
 
 
 @bp.get("/audit")

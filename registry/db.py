@@ -340,6 +340,39 @@ class ApiToken(BaseModel):
         table_name = "api_token"
 
 
+class Deployment(BaseModel):
+    """The model one camera of a device should run: one current row per (device, camera).
+
+    ``desired_version`` is the device's desired-state version published with the
+    change that wrote this row (see `DesiredCounter`). The history of deployments is
+    in the audit trail (``deployment.set``).
+    """
+
+    id = pw.AutoField()
+    device = pw.CharField(max_length=64)
+    camera = pw.CharField(max_length=64)
+    model = pw.CharField(max_length=64)
+    version = pw.IntegerField()
+    desired_version = pw.BigIntegerField()
+    created_at = pw.DoubleField()
+    actor = pw.CharField(max_length=128)
+    reason = pw.TextField(default="")
+
+    class Meta:
+        table_name = "deployment"
+        indexes = ((("device", "camera"), True), (("model", "version"), False))
+
+
+class DesiredCounter(BaseModel):
+    """The last desired-state version published per device; only ever grows."""
+
+    device = pw.CharField(primary_key=True, max_length=64)
+    last_version = pw.BigIntegerField(default=0)
+
+    class Meta:
+        table_name = "desired_counter"
+
+
 # Tables created by schema migration 1 (the ingest tables) and 2 (the model registry).
 # Released migrations never change: new tables go in a new tuple and migration.
 INGEST_MODELS: tuple[type[BaseModel], ...] = (
@@ -364,8 +397,10 @@ REGISTRY_MODELS: tuple[type[BaseModel], ...] = (
 DEVICE_EVENT_MODELS: tuple[type[BaseModel], ...] = (Event, DriftSummary)
 # Created by schema migration 4.
 REPORTED_MODELS: tuple[type[BaseModel], ...] = (ReportedState,)
+# Created by schema migration 5.
+DEPLOYMENT_MODELS: tuple[type[BaseModel], ...] = (Deployment, DesiredCounter)
 MODELS: tuple[type[BaseModel], ...] = (
-    INGEST_MODELS + REGISTRY_MODELS + DEVICE_EVENT_MODELS + REPORTED_MODELS
+    INGEST_MODELS + REGISTRY_MODELS + DEVICE_EVENT_MODELS + REPORTED_MODELS + DEPLOYMENT_MODELS
 )
 
 DATABASE_URL_ENV = "FLOWFLEET_DATABASE_URL"

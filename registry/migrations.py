@@ -59,6 +59,10 @@ def _m4_reported_state(db: pw.Database) -> None:
     db.create_tables(regdb.REPORTED_MODELS, safe=True)
 
 
+def _m5_deployments(db: pw.Database) -> None:
+    db.create_tables(regdb.DEPLOYMENT_MODELS, safe=True)
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
     (
         1,
@@ -80,6 +84,11 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         4,
         "latest reported state per device: reported_state",
         _m4_reported_state,
+    ),
+    (
+        5,
+        "deployments: deployment (current model per device camera), desired_counter",
+        _m5_deployments,
     ),
 )
 LATEST = MIGRATIONS[-1][0]

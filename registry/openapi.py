@@ -65,6 +65,8 @@ OFFSET = _param(
 REASON = _param("reason", "query", {"type": "string"}, "why (recorded in the audit trail)")
 DEVICE = _param("device", "query", {"type": "string", "pattern": NAME}, "only this device")
 
+DEVICE_PATH = _param("device", "path", {"type": "string", "pattern": NAME}, "device id")
+
 UNAUTH = {"401": _error("no valid token"), "403": _error("the token's role is too low")}
 BAD = {"400": _error("invalid parameter")}
 
@@ -84,6 +86,38 @@ def _paged(key: str, item: dict[str, Any]) -> dict[str, Any]:
 
 
 SCHEMAS: dict[str, Any] = {
+    "Deployment": {
+        "type": "object",
+        "required": [
+            "device",
+            "camera",
+            "model",
+            "version",
+            "desired_version",
+            "created_at",
+            "actor",
+            "reason",
+        ],
+        "properties": {
+            "device": {"type": "string"},
+            "camera": {"type": "string"},
+            "model": {"type": "string"},
+            "version": {"type": "integer"},
+            "desired_version": {"type": "integer"},
+            "created_at": {"type": "number"},
+            "actor": {"type": "string"},
+            "reason": {"type": "string"},
+        },
+    },
+    "Deployments": {
+        "type": "object",
+        "required": ["device", "desired_version", "deployments"],
+        "properties": {
+            "device": {"type": "string"},
+            "desired_version": {"type": ["integer", "null"]},
+            "deployments": {"type": "array", "items": {"$ref": "#/components/schemas/Deployment"}},
+        },
+    },
     "Error": {
         "type": "object",
         "required": ["error"],
@@ -718,6 +752,69 @@ def _paths() -> dict[str, Any]:
                     **BAD,
                     **UNAUTH,
                     "404": _error("unknown model or alias"),
+                },
+            },
+        },
+        "/api/devices/{device}/deployments": {
+            "get": {
+                "summary": "The models a device's cameras are deployed to run",
+                "security": [{"bearer": []}],
+                "parameters": [DEVICE_PATH],
+                "responses": {
+                    "200": _json(_ref("Deployments"), "current deployments"),
+                    **BAD,
+                    **UNAUTH,
+                },
+            },
+            "post": {
+                "summary": "Deploy a model version to a camera (operator)",
+                "description": "Stores the deployment and publishes the device's whole desired "
+                "state, retained, on {root}/commands/{device}/desired with the next desired "
+                "version. 503 when the registry has no broker connection (nothing is stored).",
+                "security": [{"bearer": []}],
+                "parameters": [DEVICE_PATH],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["camera", "model"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "camera": {"type": "string", "pattern": NAME},
+                                    "model": {"type": "string", "pattern": NAME},
+                                    "version": {
+                                        "type": "integer",
+                                        "minimum": 1,
+                                        "maximum": 2**31 - 1,
+                                    },
+                                    "alias": {"type": "string", "pattern": NAME},
+                                    "reason": {"type": "string"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "201": _json(
+                        {
+                            "type": "object",
+                            "required": ["deployment", "desired", "topic"],
+                            "properties": {
+                                "deployment": _ref("Deployment"),
+                                "desired": {"type": "object"},
+                                "topic": {"type": "string"},
+                            },
+                        },
+                        "deployed and published",
+                    ),
+                    **BAD,
+                    **UNAUTH,
+                    "404": _error("unknown model, version or alias"),
+                    "409": _error("the version has no signature"),
+                    "415": _error("not JSON"),
+                    "503": _error("no broker connection to publish the desired state"),
                 },
             },
         },

@@ -21,7 +21,7 @@ from flowfleet.mqtt import BrokerAddress
 
 from .db import describe
 from .ingest import IngestWorker
-from .modelreg import ModelRegistry, RegistryConfig
+from .modelreg import ModelRegistry, PublishError, RegistryConfig
 from .watch import WatchFolder
 from .web import create_app
 
@@ -86,8 +86,22 @@ def run_registry(
     worker = IngestWorker(db_path, broker, Topics(topics_root), client_id=client_id)
     models = ModelRegistry.from_config(worker.db, registry_config or RegistryConfig.beside(db_path))
     models.start()  # creates the signing key on first start
+    topics = Topics(topics_root)
+
+    def publish(topic: str, payload: bytes, retain: bool = True) -> int:
+        # Deployments: the devices' retained desired state, QoS 1 on the ingest session.
+        mid = worker.connection.publish(topic, payload, qos=1, retain=retain)
+        if mid is None:
+            raise PublishError(f"not connected to the broker {broker}")
+        return mid
+
     app = create_app(
-        worker.db, ingest_stats=worker.stats, registry=models, anonymous_read=anonymous_read
+        worker.db,
+        ingest_stats=worker.stats,
+        registry=models,
+        anonymous_read=anonymous_read,
+        publish=publish,
+        topics=topics,
     )
     server = make_server(
         http_host, http_port, app, threaded=True, request_handler=_QuietRequestHandler

@@ -30,7 +30,7 @@ import peewee as pw
 from flask import Flask, g, jsonify, render_template, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from flowfleet.contract import CameraModel, is_valid_name
+from flowfleet.contract import CameraModel, Topics, is_valid_name
 from flowfleet.contract import DriftSummary as DriftPayload
 
 from .api import bp as api_bp
@@ -387,6 +387,8 @@ def create_app(
     ingest_stats: Callable[[], dict[str, Any]] | None = None,
     registry: ModelRegistry | None = None,
     anonymous_read: str = "local",
+    publish: Callable[..., Any] | None = None,
+    topics: Topics | None = None,
 ) -> Flask:
     """The registry web app on ``db`` (opened with `open_database`).
 
@@ -394,7 +396,10 @@ def create_app(
     (for example ``IngestWorker.stats``). ``registry`` serves the model registry
     API (without one those endpoints answer 503). ``anonymous_read`` is the
     dashboard's policy for requests without a token: ``"local"`` (loopback only),
-    ``"none"`` or ``"all"``.
+    ``"none"`` or ``"all"``. ``publish(topic, payload, retain=True)`` sends a message
+    to the broker (deployments publish the devices' retained desired state through
+    it, under ``topics``, default root ``flowfleet/v1``); without one, deploying
+    answers 503.
     """
     require_bound(db)
     app = Flask(__name__)
@@ -406,6 +411,9 @@ def create_app(
         # Multipart overhead on top of the model itself; the exact limit is checked
         # on the file (RegistryError 413).
         app.config["MAX_CONTENT_LENGTH"] = registry.max_upload_bytes + 1024 * 1024
+    if publish is not None:
+        app.extensions["flowfleet_publish"] = publish
+    app.extensions["flowfleet_topics"] = topics or Topics()
     app.register_blueprint(api_bp)
 
     @app.before_request

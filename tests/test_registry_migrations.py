@@ -42,7 +42,7 @@ def test_a_first_release_file_is_backed_up_then_adopted(tmp_path):
 
     db = regdb.open_database(path)
 
-    assert versions(db) == [1, 2, 3, 4]
+    assert versions(db) == [1, 2, 3, 4, 5]
     assert regdb.Device.get_by_id("cam-1").first_seen == 1.0, "existing data kept"
     (backup,) = tmp_path.glob("old.db.bak-v0-*")
     with sqlite3.connect(backup) as conn:
@@ -65,7 +65,7 @@ def test_a_version_2_database_gets_the_event_and_drift_tables(tmp_path, kind):
         db = regdb.open_database(url)
 
         with db.connection_context():
-            assert versions(db) == [1, 2, 3, 4]
+            assert versions(db) == [1, 2, 3, 4, 5]
             assert {"event", "drift_summary"} <= set(db.get_tables())
             assert regdb.Device.get_by_id("cam-1").first_seen == 1.0
             regdb.Event.create(
@@ -106,7 +106,7 @@ def test_a_version_3_database_gets_the_reported_state_table(tmp_path, kind):
         db = regdb.open_database(url)
 
         with db.connection_context():
-            assert versions(db) == [1, 2, 3, 4]
+            assert versions(db) == [1, 2, 3, 4, 5]
             assert "reported_state" in db.get_tables()
             assert regdb.Device.get_by_id("cam-1").first_seen == 1.0
             regdb.ReportedState.create(device="cam-1", ts=2.0, received_at=2.0, payload="{}")

@@ -1,0 +1,321 @@
+"""Deployments through the REST API with real components, on SQLite and PostgreSQL.
+
+A registry app whose publisher is a real `flowfleet.mqtt.MqttConnection` to a real
+Mosquitto; a plain paho client subscribes to the device's desired-state topic and
+checks what arrives the way an agent would (contract parse, signature).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from flowfleet import signing
+from flowfleet.contract import Desired, Topics, parse_payload
+from flowfleet.mqtt import BrokerAddress, MqttConnection
+from flowfleet.registry import auth
+from flowfleet.registry import db as regdb
+from flowfleet.registry.artifacts import LocalStore
+from flowfleet.registry.db import Deployment
+from flowfleet.registry.keys import KeyRing
+from flowfleet.registry.modelreg import MIB, ModelRegistry, PublishError
+from flowfleet.registry.testing import KINDS, reset_database, temporary_database
+from flowfleet.registry.web import create_app
+
+TFLITE = "yolov8n_full_integer_quant.tflite"
+TFLITE_DYN = "yolov8n_int8_dynamic.tflite"
+DEVICE = "cam-01"
+TOPICS = Topics()
+
+
+@pytest.fixture(params=KINDS, scope="module")
+def db_url(request, tmp_path_factory):
+    with temporary_database(request.param, tmp_path_factory.mktemp("db")) as url:
+        yield url
+
+
+@pytest.fixture
+def registry(db_url, tmp_path):
+    db = regdb.open_database(db_url)
+    reset_database(db)
+    reg = ModelRegistry(
+        db,
+        LocalStore(tmp_path / "artifacts"),
+        KeyRing(tmp_path / "keys"),
+        max_upload_bytes=8 * MIB,
+        staging_dir=tmp_path / "incoming",
+    )
+    reg.start()
+    return reg
+
+
+@pytest.fixture
+def connection(broker):
+    conn = MqttConnection("test-registry", BrokerAddress(broker.host, broker.port))
+    conn.start()
+    assert conn.wait_connected(10)
+    yield conn
+    conn.stop()
+
+
+def mqtt_publisher(conn: MqttConnection):
+    """What run_registry wires: QoS 1 on the registry's connection."""
+
+    def publish(topic: str, payload: bytes, retain: bool = True) -> int:
+        mid = conn.publish(topic, payload, qos=1, retain=retain)
+        if mid is None:
+            raise PublishError("not connected")
+        return mid
+
+    return publish
+
+
+class Subscriber:
+    """A plain paho client on the device's desired topic."""
+
+    def __init__(self, broker, device: str = DEVICE) -> None:
+        self.messages: list[mqtt.MQTTMessage] = []
+        self.subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_message = lambda c, u, msg: self.messages.append(msg)
+        self.client.on_subscribe = lambda *a: self.subscribed.set()
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        self.client.subscribe(TOPICS.desired(device), 1)
+        assert self.subscribed.wait(10)
+
+    def wait(self, count: int, timeout: float = 10.0) -> list[mqtt.MQTTMessage]:
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(self.messages) >= count, f"got {len(self.messages)} messages, want {count}"
+        return self.messages
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def tokens(registry) -> dict[str, str]:
+    out = {}
+    with registry.db.connection_context():
+        for role in auth.ROLES:
+            auth.create_user(f"{role}-user", role, actor="test")
+            out[role], _ = auth.create_token(f"{role}-user", actor="test")
+    return out
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def upload(client, token, path, name):
+    resp = client.post(
+        f"/api/models/{name}/versions",
+        data={"file": (io.BytesIO(path.read_bytes()), path.name)},
+        headers=bearer(token),
+        content_type="multipart/form-data",
+    )
+    assert resp.status_code == 201, resp.get_json()
+    return resp.get_json()
+
+
+def deploy(client, token, device=DEVICE, **body):
+    return client.post(f"/api/devices/{device}/deployments", json=body, headers=bearer(token))
+
+
+def verified(desired: Desired, camera: str, bundle: dict) -> dict:
+    ref = desired.models[camera]
+    manifest = base64.b64decode(ref.manifest)
+    doc = signing.verify_manifest(manifest, ref.signature, ref.key_id, signing.load_bundle(bundle))
+    assert (doc["name"], doc["version"], doc["sha256"]) == (ref.name, ref.version, ref.sha256)
+    return doc
+
+
+def test_deploy_publishes_a_retained_signed_desired_state(
+    registry, tokens, broker, connection, data
+):
+    app = create_app(registry.db, registry=registry, publish=mqtt_publisher(connection))
+    client = app.test_client()
+    op = tokens["operator"]
+    v1 = upload(client, op, data / "models" / TFLITE, "yolo")
+    v2 = upload(client, op, data / "models" / TFLITE_DYN, "yolo")
+    bundle = client.get("/api/keys").get_json()
+
+    resp = deploy(client, op, camera="road", model="yolo", version=1, reason="first")
+    assert resp.status_code == 201, resp.get_json()
+    body = resp.get_json()
+    assert body["deployment"]["desired_version"] == 1
+    assert body["topic"] == TOPICS.desired(DEVICE)
+
+    # A subscriber that arrives later gets the retained message.
+    sub = Subscriber(broker)
+    try:
+        (msg,) = sub.wait(1)
+        assert msg.retain
+        desired = parse_payload("desired", msg.payload, device=DEVICE)
+        assert isinstance(desired, Desired)
+        assert desired.version == 1
+        assert verified(desired, "road", bundle)["sha256"] == v1["sha256"]
+        ref = desired.models["road"]
+        assert ref.url == v1["download_url"]  # relative to the registry
+        art = client.get(ref.url, headers=bearer(tokens["viewer"]))
+        assert art.status_code == 200 and art.headers["X-Checksum-Sha256"] == ref.sha256
+
+        # A second camera, by alias: the whole device state, next version.
+        client.put(
+            "/api/models/yolo/aliases/production",
+            json={"version": 2},
+            headers=bearer(op),
+        )
+        resp = deploy(client, op, camera="yard", model="yolo", alias="production")
+        assert resp.status_code == 201, resp.get_json()
+        msgs = sub.wait(2)
+        desired = parse_payload("desired", msgs[1].payload, device=DEVICE)
+        assert desired.version == 2
+        assert set(desired.models) == {"road", "yard"}
+        assert desired.models["road"].version == 1
+        assert verified(desired, "yard", bundle)["sha256"] == v2["sha256"]
+
+        # Moving a camera: the version keeps growing, never reused.
+        resp = deploy(client, op, camera="road", model="yolo", version=2)
+        assert resp.status_code == 201
+        desired = parse_payload("desired", sub.wait(3)[2].payload, device=DEVICE)
+        assert desired.version == 3
+        assert desired.models["road"].version == 2
+
+        listed = client.get(f"/api/devices/{DEVICE}/deployments", headers=bearer(tokens["viewer"]))
+        assert listed.status_code == 200
+        doc = listed.get_json()
+        assert doc["desired_version"] == 3
+        assert [(d["camera"], d["model"], d["version"]) for d in doc["deployments"]] == [
+            ("road", "yolo", 2),
+            ("yard", "yolo", 2),
+        ]
+
+        # Refusals publish nothing and store nothing.
+        for body, status in (
+            ({"camera": "road", "model": "nope", "version": 1}, 404),
+            ({"camera": "road", "model": "yolo", "version": 9}, 404),
+            ({"camera": "road", "model": "yolo", "alias": "missing"}, 404),
+            ({"camera": "road", "model": "yolo"}, 400),
+            ({"camera": "road", "model": "yolo", "version": 1, "alias": "production"}, 400),
+            ({"camera": "../x", "model": "yolo", "version": 1}, 400),
+        ):
+            resp = deploy(client, op, **body)
+            assert resp.status_code == status, (body, resp.get_json())
+        resp = deploy(client, tokens["viewer"], camera="road", model="yolo", version=1)
+        assert resp.status_code == 403
+        time.sleep(0.3)
+        assert len(sub.messages) == 3
+
+        # The deployed version cannot be deleted; version 1 no longer is deployed.
+        client.delete("/api/models/yolo/aliases/production", headers=bearer(op))
+        resp = client.delete("/api/models/yolo/versions/2", headers=bearer(op))
+        assert resp.status_code == 409
+        assert resp.get_json()["error"]["code"] == "version_in_use"
+        assert client.delete("/api/models/yolo/versions/1", headers=bearer(op)).status_code == 204
+
+        # The audit trail has every deployment.
+        trail = client.get(
+            f"/api/audit?target=device:{DEVICE}", headers=bearer(tokens["operator"])
+        ).get_json()
+        actions = [(e["action"], e["details"]["desired_version"]) for e in trail["entries"]]
+        assert actions == [("deployment.set", 3), ("deployment.set", 2), ("deployment.set", 1)]
+    finally:
+        sub.close()
+
+
+def test_without_a_publisher_deploying_answers_503_and_stores_nothing(registry, tokens, data):
+    client = create_app(registry.db, registry=registry).test_client()
+    upload(client, tokens["operator"], data / "models" / TFLITE, "yolo")
+    resp = deploy(client, tokens["operator"], camera="road", model="yolo", version=1)
+    assert resp.status_code == 503
+    assert resp.get_json()["error"]["code"] == "no_publisher"
+    with registry.db.connection_context():
+        assert Deployment.select().count() == 0
+    listed = client.get(f"/api/devices/{DEVICE}/deployments", headers=bearer(tokens["viewer"]))
+    assert listed.get_json() == {"device": DEVICE, "desired_version": None, "deployments": []}
+
+
+def test_a_failed_publish_stores_nothing_and_does_not_use_up_the_version(registry, tokens, data):
+    sent = []
+    fail = [True]
+
+    def publish(topic, payload, retain=True):
+        if fail[0]:
+            raise PublishError("not connected")
+        sent.append((topic, payload, retain))
+
+    client = create_app(registry.db, registry=registry, publish=publish).test_client()
+    upload(client, tokens["operator"], data / "models" / TFLITE, "yolo")
+    resp = deploy(client, tokens["operator"], camera="road", model="yolo", version=1)
+    assert resp.status_code == 503
+    assert resp.get_json()["error"]["code"] == "publish_failed"
+    with registry.db.connection_context():
+        assert Deployment.select().count() == 0
+    fail[0] = False
+    resp = deploy(client, tokens["operator"], camera="road", model="yolo", version=1)
+    assert resp.status_code == 201
+    ((topic, payload, retain),) = sent
+    assert topic == TOPICS.desired(DEVICE) and retain
+    assert parse_payload("desired", payload, device=DEVICE).version == 1
+
+
+def test_run_registry_publishes_deployments_on_its_mqtt_session(tmp_path, broker, data):
+    """The service wiring: run_registry's publisher is its ingest connection."""
+    import json
+    import urllib.request
+
+    from flowfleet.registry.modelreg import RegistryConfig
+    from flowfleet.registry.service import run_registry
+    from flowfleet.registry.testing import release
+
+    db_path = tmp_path / "r.db"
+    db = regdb.open_database(db_path)
+    reg = ModelRegistry.from_config(db, RegistryConfig.beside(db_path))
+    reg.start()
+    with db.connection_context():
+        reg.add_version(data / "models" / TFLITE, name="yolo", filename=TFLITE, actor="test")
+        auth.create_user("ops", "operator", actor="test")
+        token, _ = auth.create_token("ops", actor="test")
+    stop = threading.Event()
+    ready: list[str] = []
+    thread = threading.Thread(
+        target=run_registry,
+        args=(db_path, BrokerAddress(broker.host, broker.port)),
+        kwargs={"http_port": 0, "stop_event": stop, "on_ready": ready.append},
+        daemon=True,
+    )
+    thread.start()
+    sub = None
+    try:
+        deadline = time.monotonic() + 15
+        while not ready and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready
+        req = urllib.request.Request(
+            f"{ready[0]}api/devices/{DEVICE}/deployments",
+            data=json.dumps({"camera": "road", "model": "yolo", "version": 1}).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 201
+        sub = Subscriber(broker)  # after the publish: it gets the retained message
+        (msg,) = sub.wait(1)
+        assert msg.retain
+        assert parse_payload("desired", msg.payload, device=DEVICE).version == 1
+    finally:
+        if sub is not None:
+            sub.close()
+        stop.set()
+        thread.join(15)
+        release()
