@@ -308,38 +308,33 @@ def check_key_bundle(path: str) -> str | None:
     return None
 
 
+def _read_secret(key: str, path: str | None, env: str | None, *, strip_env: bool) -> str | None:
+    """A secret from ``<key>_file`` (stripped) or the variable named by ``<key>_env``;
+    errors name the config key, never the value."""
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{key}_file: cannot read: {exc.strerror}") from None
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            raise ConfigError(f"{key}_env: environment variable {env} is not set")
+        return value.strip() if strip_env else value
+    return None
+
+
 def read_token(registry: RegistryConfig) -> str | None:
     """The registry API token from its file or environment variable (never logged)."""
-    if registry.token_file:
-        try:
-            return Path(registry.token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"registry.token_file: cannot read: {exc.strerror}") from None
-    if registry.token_env:
-        value = os.environ.get(registry.token_env)
-        if value is None:
-            raise ConfigError(
-                f"registry.token_env: environment variable {registry.token_env} is not set"
-            )
-        return value.strip()
-    return None
+    return _read_secret("registry.token", registry.token_file, registry.token_env, strip_env=True)
 
 
 def read_password(broker: BrokerConfig) -> str | None:
     """The broker password from its file or environment variable (never logged)."""
-    if broker.password_file:
-        try:
-            return Path(broker.password_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"broker.password_file: cannot read: {exc.strerror}") from None
-    if broker.password_env:
-        value = os.environ.get(broker.password_env)
-        if value is None:
-            raise ConfigError(
-                f"broker.password_env: environment variable {broker.password_env} is not set"
-            )
-        return value
-    return None
+    # An environment value is taken as is: a password may end in whitespace.
+    return _read_secret(
+        "broker.password", broker.password_file, broker.password_env, strip_env=False
+    )
 
 
 def _floats(text: str, what: str) -> list[float]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from werkzeug.serving import WSGIRequestHandler, make_server
 
 from flowfleet.contract import DEFAULT_ROOT, Topics
-from flowfleet.mqtt import BrokerAddress
+from flowfleet.mqtt import BrokerAddress, MqttConnection
 
 from .db import describe
 from .ingest import IngestWorker
@@ -26,6 +26,20 @@ from .watch import WatchFolder
 from .web import create_app
 
 log = logging.getLogger(__name__)
+
+
+def mqtt_publisher(connection: MqttConnection) -> Callable[..., int]:
+    """The ``publish(topic, payload, retain=True)`` callable `create_app` takes:
+    QoS 1 on ``connection``; raises PublishError while it is not connected."""
+
+    def publish(topic: str, payload: bytes, retain: bool = True) -> int:
+        mid = connection.publish(topic, payload, qos=1, retain=retain)
+        if mid is None:
+            raise PublishError(f"not connected to the broker {connection.address}")
+        return mid
+
+    return publish
+
 
 # How long the broker gets to accept the session before we log that it has not (the
 # worker keeps retrying in the background either way).
@@ -88,13 +102,8 @@ def run_registry(
     models.start()  # creates the signing key on first start
     topics = Topics(topics_root)
 
-    def publish(topic: str, payload: bytes, retain: bool = True) -> int:
-        # Deployments: the devices' retained desired state, QoS 1 on the ingest session.
-        mid = worker.connection.publish(topic, payload, qos=1, retain=retain)
-        if mid is None:
-            raise PublishError(f"not connected to the broker {broker}")
-        return mid
-
+    # Deployments: the devices' retained desired state, QoS 1 on the ingest session.
+    publish = mqtt_publisher(worker.connection)
     app = create_app(
         worker.db,
         ingest_stats=worker.stats,

@@ -9,6 +9,7 @@ retained desired state itself, as the registry's deployments will.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -40,9 +41,13 @@ FULL = "yolov8n_full_integer_quant.tflite"
 TOPICS = Topics()
 
 
-@pytest.fixture
-def registry_http(tmp_path):
-    """(base URL, test client, operator token, device token) of a served registry."""
+@contextlib.contextmanager
+def served_registry(tmp_path: Path, publish=None):
+    """A registry (SQLite) served over real HTTP, with an operator and a device user.
+
+    Yields (base URL, test client, operator token, device token); ``publish`` is
+    what deployments publish through (none: deployments answer 503).
+    """
     with temporary_database("sqlite", tmp_path / "db") as url:
         db = regdb.open_database(url)
         reset_database(db)
@@ -54,7 +59,7 @@ def registry_http(tmp_path):
             staging_dir=tmp_path / "incoming",
         )
         reg.start()
-        app = create_app(db, registry=reg)
+        app = create_app(db, registry=reg, publish=publish)
         with db.connection_context():
             auth.create_user("ops", "operator", actor="test")
             auth.create_user(DEVICE, "viewer", actor="test")
@@ -68,6 +73,13 @@ def registry_http(tmp_path):
         finally:
             server.shutdown()
             thread.join(5)
+
+
+@pytest.fixture
+def registry_http(tmp_path):
+    """(base URL, test client, operator token, device token) of a served registry."""
+    with served_registry(tmp_path) as served:
+        yield served
 
 
 def upload(client, token, path: Path, name: str) -> dict:

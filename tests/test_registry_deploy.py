@@ -25,6 +25,7 @@ from flowfleet.registry.artifacts import LocalStore
 from flowfleet.registry.db import Deployment
 from flowfleet.registry.keys import KeyRing
 from flowfleet.registry.modelreg import MIB, ModelRegistry, PublishError
+from flowfleet.registry.service import mqtt_publisher
 from flowfleet.registry.testing import KINDS, reset_database, temporary_database
 from flowfleet.registry.web import create_app
 
@@ -62,18 +63,6 @@ def connection(broker):
     assert conn.wait_connected(10)
     yield conn
     conn.stop()
-
-
-def mqtt_publisher(conn: MqttConnection):
-    """What run_registry wires: QoS 1 on the registry's connection."""
-
-    def publish(topic: str, payload: bytes, retain: bool = True) -> int:
-        mid = conn.publish(topic, payload, qos=1, retain=retain)
-        if mid is None:
-            raise PublishError("not connected")
-        return mid
-
-    return publish
 
 
 class Subscriber:

@@ -7,20 +7,11 @@ looping video (set-up shared with tests/test_agent_update.py).
 
 from __future__ import annotations
 
-import threading
-
 import pytest
-from werkzeug.serving import make_server
 
 from flowfleet.agent.service import AgentService
 from flowfleet.mqtt import BrokerAddress, MqttConnection
-from flowfleet.registry import auth
-from flowfleet.registry import db as regdb
-from flowfleet.registry.artifacts import LocalStore
-from flowfleet.registry.keys import KeyRing
-from flowfleet.registry.modelreg import MIB, ModelRegistry, PublishError
-from flowfleet.registry.testing import reset_database, temporary_database
-from flowfleet.registry.web import create_app
+from flowfleet.registry.service import mqtt_publisher
 from tests.test_agent_update import (
     DEVICE,
     DYN,
@@ -28,6 +19,7 @@ from tests.test_agent_update import (
     Watcher,
     make_config,
     running_file,
+    served_registry,
     upload,
     wait_frames,
 )
@@ -41,38 +33,11 @@ def deploying_registry(tmp_path, broker):
     conn.start()
     assert conn.wait_connected(10)
 
-    def publish(topic: str, payload: bytes, retain: bool = True) -> int:
-        mid = conn.publish(topic, payload, qos=1, retain=retain)
-        if mid is None:
-            raise PublishError("not connected")
-        return mid
-
-    with temporary_database("sqlite", tmp_path / "db") as url:
-        db = regdb.open_database(url)
-        reset_database(db)
-        reg = ModelRegistry(
-            db,
-            LocalStore(tmp_path / "artifacts"),
-            KeyRing(tmp_path / "keys"),
-            max_upload_bytes=8 * MIB,
-            staging_dir=tmp_path / "incoming",
-        )
-        reg.start()
-        app = create_app(db, registry=reg, publish=publish)
-        with db.connection_context():
-            auth.create_user("ops", "operator", actor="test")
-            auth.create_user(DEVICE, "viewer", actor="test")
-            op_token, _ = auth.create_token("ops", actor="test")
-            dev_token, _ = auth.create_token(DEVICE, actor="test")
-        server = make_server("127.0.0.1", 0, app, threaded=True)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{server.server_port}", app.test_client(), op_token, dev_token
-        finally:
-            server.shutdown()
-            thread.join(5)
-            conn.stop()
+    try:
+        with served_registry(tmp_path, publish=mqtt_publisher(conn)) as served:
+            yield served
+    finally:
+        conn.stop()
 
 
 def test_a_deployment_is_activated_by_the_agent(
