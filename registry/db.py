@@ -317,6 +317,8 @@ class User(BaseModel):
     role = pw.CharField(max_length=16)
     created_at = pw.DoubleField()
     disabled_at = pw.DoubleField(null=True)
+    # Schema migration 6: for web logins; hashlib.scrypt, see registry.websession.
+    password_hash = pw.CharField(max_length=255, null=True)
 
     class Meta:
         table_name = "api_user"
@@ -335,9 +337,69 @@ class ApiToken(BaseModel):
     expires_at = pw.DoubleField(null=True)
     revoked_at = pw.DoubleField(null=True)
     last_used_at = pw.DoubleField(null=True)
+    # Schema migration 6: a device token acts for this device only (it may download
+    # just the artifacts deployed to it); null for a person's or service's token.
+    device = pw.CharField(max_length=64, null=True, index=True)
 
     class Meta:
         table_name = "api_token"
+
+
+class WebSession(BaseModel):
+    """A browser session (schema migration 6): only the sha256 of the cookie is stored.
+
+    Server-side, so every registry worker sees it and logout or disabling the user
+    ends it at once. ``csrf_token`` must accompany every state-changing request the
+    session makes (a hidden form field or the ``X-CSRF-Token`` header).
+    """
+
+    id_hash = pw.CharField(max_length=64, primary_key=True)
+    user = pw.ForeignKeyField(User, backref="sessions", on_delete="CASCADE")
+    csrf_token = pw.CharField(max_length=64)
+    created_at = pw.DoubleField()
+    expires_at = pw.DoubleField(index=True)
+    last_seen_at = pw.DoubleField()
+    remote = pw.CharField(max_length=64, default="")
+
+    class Meta:
+        table_name = "web_session"
+
+
+class LoginFailure(BaseModel):
+    """A failed web login (schema migration 6), kept for rate limiting by user and address."""
+
+    id = pw.AutoField()
+    ts = pw.DoubleField(index=True)
+    username = pw.CharField(max_length=64, index=True)
+    remote = pw.CharField(max_length=64, index=True)
+
+    class Meta:
+        table_name = "login_failure"
+
+
+class DeviceGroup(BaseModel):
+    """A named set of devices (schema migration 6): a deployment target."""
+
+    id = pw.AutoField()
+    name = pw.CharField(max_length=64, unique=True)
+    created_at = pw.DoubleField()
+    created_by = pw.CharField(max_length=128)
+
+    class Meta:
+        table_name = "device_group"
+
+
+class DeviceGroupMember(BaseModel):
+    """One device in one group (a device may be in several)."""
+
+    id = pw.AutoField()
+    group = pw.ForeignKeyField(DeviceGroup, backref="members", on_delete="CASCADE")
+    device = pw.CharField(max_length=64, index=True)
+    added_at = pw.DoubleField()
+
+    class Meta:
+        table_name = "device_group_member"
+        indexes = ((("group", "device"), True),)
 
 
 class Deployment(BaseModel):
@@ -399,8 +461,20 @@ DEVICE_EVENT_MODELS: tuple[type[BaseModel], ...] = (Event, DriftSummary)
 REPORTED_MODELS: tuple[type[BaseModel], ...] = (ReportedState,)
 # Created by schema migration 5.
 DEPLOYMENT_MODELS: tuple[type[BaseModel], ...] = (Deployment, DesiredCounter)
+# Created by schema migration 6 (which also adds api_token.device, api_user.password_hash).
+ACCESS_AND_GROUP_MODELS: tuple[type[BaseModel], ...] = (
+    WebSession,
+    LoginFailure,
+    DeviceGroup,
+    DeviceGroupMember,
+)
 MODELS: tuple[type[BaseModel], ...] = (
-    INGEST_MODELS + REGISTRY_MODELS + DEVICE_EVENT_MODELS + REPORTED_MODELS + DEPLOYMENT_MODELS
+    INGEST_MODELS
+    + REGISTRY_MODELS
+    + DEVICE_EVENT_MODELS
+    + REPORTED_MODELS
+    + DEPLOYMENT_MODELS
+    + ACCESS_AND_GROUP_MODELS
 )
 
 DATABASE_URL_ENV = "FLOWFLEET_DATABASE_URL"

@@ -63,6 +63,24 @@ def _m5_deployments(db: pw.Database) -> None:
     db.create_tables(regdb.DEPLOYMENT_MODELS, safe=True)
 
 
+def _m6_access_and_groups(db: pw.Database) -> None:
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as apply_ops
+
+    migrator = SchemaMigrator.from_database(db)
+    token_columns = {c.name for c in db.get_columns("api_token")}
+    user_columns = {c.name for c in db.get_columns("api_user")}
+    ops = []
+    # A database created by this code already has the columns (create_tables uses
+    # the current models); one from an older release gets them added.
+    if "device" not in token_columns:  # add_column also adds the field's index
+        ops.append(migrator.add_column("api_token", "device", regdb.ApiToken.device))
+    if "password_hash" not in user_columns:
+        ops.append(migrator.add_column("api_user", "password_hash", regdb.User.password_hash))
+    apply_ops(*ops)
+    db.create_tables(regdb.ACCESS_AND_GROUP_MODELS, safe=True)
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
     (
         1,
@@ -89,6 +107,12 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         5,
         "deployments: deployment (current model per device camera), desired_counter",
         _m5_deployments,
+    ),
+    (
+        6,
+        "access and groups: api_token.device, api_user.password_hash, web_session, "
+        "login_failure, device_group, device_group_member",
+        _m6_access_and_groups,
     ),
 )
 LATEST = MIGRATIONS[-1][0]

@@ -42,7 +42,7 @@ def test_a_first_release_file_is_backed_up_then_adopted(tmp_path):
 
     db = regdb.open_database(path)
 
-    assert versions(db) == [1, 2, 3, 4, 5]
+    assert versions(db) == [n for n, _, _ in migrations.MIGRATIONS]
     assert regdb.Device.get_by_id("cam-1").first_seen == 1.0, "existing data kept"
     (backup,) = tmp_path.glob("old.db.bak-v0-*")
     with sqlite3.connect(backup) as conn:
@@ -65,7 +65,7 @@ def test_a_version_2_database_gets_the_event_and_drift_tables(tmp_path, kind):
         db = regdb.open_database(url)
 
         with db.connection_context():
-            assert versions(db) == [1, 2, 3, 4, 5]
+            assert versions(db) == [n for n, _, _ in migrations.MIGRATIONS]
             assert {"event", "drift_summary"} <= set(db.get_tables())
             assert regdb.Device.get_by_id("cam-1").first_seen == 1.0
             regdb.Event.create(
@@ -106,7 +106,7 @@ def test_a_version_3_database_gets_the_reported_state_table(tmp_path, kind):
         db = regdb.open_database(url)
 
         with db.connection_context():
-            assert versions(db) == [1, 2, 3, 4, 5]
+            assert versions(db) == [n for n, _, _ in migrations.MIGRATIONS]
             assert "reported_state" in db.get_tables()
             assert regdb.Device.get_by_id("cam-1").first_seen == 1.0
             regdb.ReportedState.create(device="cam-1", ts=2.0, received_at=2.0, payload="{}")
@@ -114,6 +114,49 @@ def test_a_version_3_database_gets_the_reported_state_table(tmp_path, kind):
                 regdb.ReportedState.create(device="cam-1", ts=3.0, received_at=3.0, payload="{}")
         if kind == "sqlite":
             assert len(list(tmp_path.glob("registry.db.bak-v3-*"))) == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_version_5_database_gets_device_tokens_passwords_sessions_and_groups(tmp_path, kind):
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as apply_ops
+
+    with temporary_database(kind, tmp_path) as url:
+        # A database as the release with migrations 1 to 5 left it, with a token.
+        db = regdb.open_database(url)
+        with db.connection_context():
+            db.drop_tables(regdb.ACCESS_AND_GROUP_MODELS)
+            m = SchemaMigrator.from_database(db)
+            apply_ops(m.drop_index("api_token", "api_token_device"))
+            apply_ops(
+                m.drop_column("api_token", "device"),
+                m.drop_column("api_user", "password_hash"),
+            )
+            migrations.SchemaVersion.delete().where(migrations.SchemaVersion.version > 5).execute()
+            db.execute_sql(
+                "INSERT INTO api_user (name, role, created_at) VALUES ('ops', 'operator', 1.0)"
+            )
+            db.execute_sql(
+                "INSERT INTO api_token (user_id, token_hash, prefix, label, role, created_at) "
+                "VALUES (1, 'h', 'ffr_x', '', 'operator', 1.0)"
+            )
+        release()
+
+        db = regdb.open_database(url)
+
+        with db.connection_context():
+            assert versions(db) == [n for n, _, _ in migrations.MIGRATIONS]
+            tables = set(db.get_tables())
+            assert {"web_session", "login_failure", "device_group", "device_group_member"} <= tables
+            token = regdb.ApiToken.get()
+            assert token.device is None and token.role == "operator"
+            assert regdb.User.get().password_hash is None
+            group = regdb.DeviceGroup.create(name="lobby", created_at=2.0, created_by="t")
+            regdb.DeviceGroupMember.create(group=group, device="cam-1", added_at=2.0)
+            with pytest.raises(pw.IntegrityError), db.atomic():  # once per group
+                regdb.DeviceGroupMember.create(group=group, device="cam-1", added_at=3.0)
+        if kind == "sqlite":
+            assert len(list(tmp_path.glob("registry.db.bak-v5-*"))) == 1
 
 
 def test_reopening_an_up_to_date_database_changes_nothing(tmp_path):
