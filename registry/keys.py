@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives.serialization import (
 
 from flowfleet import signing
 
-from .db import ModelVersion, Signature, SigningKey, now
+from .db import ModelVersion, Signature, SigningKey, database_proxy, now
+from .locks import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,15 @@ class KeyRing:
     def ensure_key(self) -> SigningKey:
         """The current key, creating the first one if there is none."""
         key = self.current()
-        if key is None:
-            key = self._create()
-            log.info("created signing key %s in %s", key.key_id, self.key_dir)
+        if key is not None:
+            return key
+        # Workers starting together on an empty database must create one key, not
+        # one each (the loser's would stay "current" for nobody and never expire).
+        with exclusive(database_proxy.obj, "signing-key"):
+            key = self.current()
+            if key is None:
+                key = self._create()
+                log.info("created signing key %s in %s", key.key_id, self.key_dir)
         return key
 
     def private_key(self, key_id: str) -> Ed25519PrivateKey:

@@ -41,6 +41,7 @@ from .db import (
 )
 from .formats import FormatError, inspect_model
 from .keys import DEFAULT_OVERLAP_S, KeyRing
+from .locks import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ class ModelRegistry:
 
     def start(self) -> None:
         """Create the first signing key if there is none (call at service start)."""
-        with self.db.connection_context(), self.db.atomic():
+        with self.db.connection_context():
             self.keys.ensure_key()
 
     # -- uploads ------------------------------------------------------------------------
@@ -663,7 +664,10 @@ class ModelRegistry:
         check_name(device, "device", "device id")
         check_name(camera, "camera", "camera name")
         topics = topics or Topics()
-        with self.db.atomic():
+        # One deploy per device at a time: two first deploys to a new camera would
+        # both insert its row, and interleaved deploys could publish desired states
+        # out of version order.
+        with exclusive(self.db, f"deploy:{device}"):
             v = self.version(name, ref)
             model_ref = self.model_ref(v)
             DesiredCounter.insert(device=device, last_version=0).on_conflict_ignore().execute()

@@ -308,3 +308,63 @@ def test_run_registry_publishes_deployments_on_its_mqtt_session(tmp_path, broker
         stop.set()
         thread.join(15)
         release()
+
+
+def test_concurrent_first_deploys_to_one_new_camera_all_succeed_in_order(
+    registry, connection, data
+):
+    """Several operators deploying to the same new camera at once: no 500 from the
+    unique (device, camera) index; each gets its own desired version, and the row
+    left holds the last one."""
+    with registry.db.connection_context():
+        registry.add_version(data / "models" / TFLITE, name="yolo", filename=TFLITE, actor="t")
+    publish = mqtt_publisher(connection)
+    results: list[int] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(6)
+
+    def deploy_once() -> None:
+        try:
+            with registry.db.connection_context():
+                start.wait()
+                desired, _ = registry.deploy("cam-02", "new", "yolo", 1, actor="t", publish=publish)
+                results.append(desired.version)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=deploy_once) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert sorted(results) == [1, 2, 3, 4, 5, 6]
+    with registry.db.connection_context():
+        rows = list(Deployment.select().where(Deployment.device == "cam-02"))
+    assert len(rows) == 1 and rows[0].desired_version == 6
+
+
+def test_workers_starting_together_on_an_empty_database_create_one_signing_key(registry, tmp_path):
+    with registry.db.connection_context():
+        regdb.Signature.delete().execute()
+        regdb.SigningKey.delete().execute()
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def start_worker() -> None:
+        try:
+            with registry.db.connection_context():
+                start.wait()
+                KeyRing(tmp_path / "shared-keys").ensure_key()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start_worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    with registry.db.connection_context():
+        assert regdb.SigningKey.select().count() == 1
+    assert len(list((tmp_path / "shared-keys").glob("*.key"))) == 1
