@@ -37,6 +37,7 @@ else:  # pragma: no cover - Python 3.10 on Jetson images
     import tomli as tomllib
 
 DEFAULT_CONFIG = Path("/etc/flowfleet/agent.toml")
+MIN_LATENCY_FRAMES = 5  # fewest probation frames whose median may roll a model back
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 Point = tuple[float, float]
@@ -168,8 +169,20 @@ class RegistryConfig(_Strict):
         5.0, gt=0, description="budget: this times the current model's median latency"
     )
     gate_max_ms: float | None = Field(None, gt=0, description="fixed latency budget (ms)")
+    gate_frame_max_age_s: float = Field(
+        10.0,
+        gt=0,
+        description="a camera without a frame this recent is down: its update waits "
+        "(pending) and is gated on the camera's next frame",
+    )
     probation_frames: int = Field(100, ge=1, description="frames watched after a swap")
     max_errors: int = Field(3, ge=1, description="detector errors in probation -> roll back")
+    probation_latency_frames: int = Field(
+        30,
+        ge=0,
+        description="roll back when the median inference time over this many latest "
+        "probation frames exceeds the gate's latency budget; 0: no latency check",
+    )
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -177,6 +190,19 @@ class RegistryConfig(_Strict):
             raise ValueError("give token_file or token_env, not both")
         if self.url and not self.keys_file:
             raise ValueError("url needs keys_file (the registry's public key bundle)")
+        n = self.probation_latency_frames
+        if 0 < n < MIN_LATENCY_FRAMES:
+            raise ValueError(
+                f"probation_latency_frames must be 0 (off) or at least {MIN_LATENCY_FRAMES}: "
+                "a few slow frames must not roll a model back"
+            )
+        # The default is capped at probation_frames; an explicit value that could
+        # never be reached within the probation is a mistake worth naming.
+        if "probation_latency_frames" in self.model_fields_set and n > self.probation_frames:
+            raise ValueError(
+                f"probation_latency_frames ({n}) exceeds probation_frames "
+                f"({self.probation_frames}): the latency check could never run"
+            )
         return self
 
 

@@ -102,32 +102,50 @@ class DriftWindow:
     def take(self, device: str, end: float) -> DriftSummary | None:
         """The window's summary (seq placeholder 1), and start the next; None if no frames."""
         with self._lock:
-            if not self.frames:
-                self.start = end
+            return self._take(device, end)
+
+    def switch(self, device: str, model: str | None, at: float) -> DriftSummary | None:
+        """Close the window at a model swap and open the next one under ``model``.
+
+        Returns the closed window's summary (None if it had no frames, or if the
+        window already belongs to ``model``: a second call for the same swap is a
+        no-op). The caller holds the camera's lock, so no frame falls on the wrong
+        side of the swap.
+        """
+        with self._lock:
+            if model == self.model:
                 return None
-            lat = np.asarray(self.latencies)
-            p50, p90, p99 = (float(np.percentile(lat, q)) for q in (50, 90, 99))
-            summary = DriftSummary(
-                device=device,
-                seq=1,
-                camera=self.camera,
-                model=self.model,
-                start=round(self.start, 3),
-                end=round(max(end, self.start), 3),
-                frames=self.frames,
-                detections=self.detections,
-                confidence_hist=tuple(int(v) for v in self.conf_hist),
-                detections_per_frame=round(self.detections / self.frames, 4),
-                detections_hist=tuple(int(v) for v in self.det_hist),
-                class_mix=dict(self.classes.most_common(MAX_CLASSES)),
-                mean_box_area=(
-                    min(1.0, round(self.area_sum / self.detections, 6)) if self.detections else None
-                ),
-                latency_ms_p50=round(p50, 3),
-                latency_ms_p90=round(p90, 3),
-                latency_ms_p99=round(p99, 3),
-                brightness=round(self.brightness_sum / self.image_n, 2) if self.image_n else None,
-                blur=round(self.blur_sum / self.image_n, 2) if self.image_n else None,
-            )
-            self._reset(end)
+            summary = self._take(device, at)
+            self.model = model
             return summary
+
+    def _take(self, device: str, end: float) -> DriftSummary | None:
+        if not self.frames:
+            self.start = end
+            return None
+        lat = np.asarray(self.latencies)
+        p50, p90, p99 = (float(np.percentile(lat, q)) for q in (50, 90, 99))
+        summary = DriftSummary(
+            device=device,
+            seq=1,
+            camera=self.camera,
+            model=self.model,
+            start=round(self.start, 3),
+            end=round(max(end, self.start), 3),
+            frames=self.frames,
+            detections=self.detections,
+            confidence_hist=tuple(int(v) for v in self.conf_hist),
+            detections_per_frame=round(self.detections / self.frames, 4),
+            detections_hist=tuple(int(v) for v in self.det_hist),
+            class_mix=dict(self.classes.most_common(MAX_CLASSES)),
+            mean_box_area=(
+                min(1.0, round(self.area_sum / self.detections, 6)) if self.detections else None
+            ),
+            latency_ms_p50=round(p50, 3),
+            latency_ms_p90=round(p90, 3),
+            latency_ms_p99=round(p99, 3),
+            brightness=round(self.brightness_sum / self.image_n, 2) if self.image_n else None,
+            blur=round(self.blur_sum / self.image_n, 2) if self.image_n else None,
+        )
+        self._reset(end)
+        return summary

@@ -24,7 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flowfleet import __version__
-from flowfleet.contract import CameraHealth, CountBin, Event, Health, Status, SystemHealth, Topics
+from flowfleet.contract import (
+    CameraHealth,
+    CountBin,
+    DriftSummary,
+    Event,
+    Health,
+    Status,
+    SystemHealth,
+    Topics,
+)
 from flowfleet.mqtt import BrokerAddress, MqttConnection, Will
 
 from .config import AgentConfig, CameraConfig, read_password
@@ -63,6 +72,7 @@ class CameraState:
     pipeline: CameraPipeline | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_frame: object = None  # the newest frame, for a new model's health gate
+    last_frame_at: float = 0.0  # time.monotonic() of last_frame (0: none yet)
 
     def p95_ms(self) -> float | None:
         if not self.latencies:
@@ -303,17 +313,22 @@ class AgentService:
         n = 0
         for cam in self.cameras.values():
             summary = cam.drift.take(self.device, now) if cam.drift else None
-            if summary is None:
-                continue
-            self.outbox.enqueue(
-                "drift",
-                self.topics.drift(self.device),
-                lambda seq, s=summary: s.model_copy(update={"seq": seq}).to_json(),
-            )
-            n += 1
+            if summary is not None:
+                self.enqueue_drift(summary, notify=False)
+                n += 1
         if n:
             self.publisher.notify()
         return n
+
+    def enqueue_drift(self, summary: DriftSummary, *, notify: bool = True) -> None:
+        """Enqueue one drift summary (its seq is assigned here)."""
+        self.outbox.enqueue(
+            "drift",
+            self.topics.drift(self.device),
+            lambda seq, s=summary: s.model_copy(update={"seq": seq}).to_json(),
+        )
+        if notify:
+            self.publisher.notify()
 
     def _drift_loop(self) -> None:
         period = self.config.drift_seconds
@@ -580,7 +595,12 @@ class AgentService:
                 last_ts = frame.ts
                 with cam.lock:  # a model swap happens between frames, never within one
                     result = pipeline.process(frame.image, frame.ts)
-                cam.last_frame = frame.image
+                    # Under the lock too: a swap closes the drift window, and this
+                    # frame belongs to the window of the model that answered it.
+                    if recorder is not None:
+                        cam.drift.add(recorder.last, frame.image, result.inference_s)
+                cam.last_frame, cam.last_frame_at = frame.image, time.monotonic()
+                self.updater.on_frame(cam)
                 with self._tally_lock:
                     for ev in result.crossings:
                         self._tally.add_crossing(c.name, ev)
@@ -596,8 +616,6 @@ class AgentService:
                 cam.dropped_frames = int(getattr(source, "dropped_frames", 0))
                 cam.inference_ms = 0.9 * cam.inference_ms + 100 * result.inference_s
                 cam.latencies.append(result.inference_s)
-                if recorder is not None:
-                    cam.drift.add(recorder.last, frame.image, result.inference_s)
                 window_n += 1
                 elapsed = time.monotonic() - window_t
                 if elapsed >= 2.0:

@@ -14,38 +14,36 @@ counting never waits):
 4. loads it into a second detector (`load_detector` warms it up and refuses outputs
    no decoder understands) and runs a health gate: a sanity inference on the
    camera's most recent frame must finish within the latency budget
-   (``gate_max_ms``, else ``gate_latency_factor`` x the current model's median);
-5. swaps it in between two frames (under the camera's lock); the previous detector
-   stays loaded for ``probation_frames`` frames: if the new one raises
-   ``max_errors`` times in that window, the camera goes back to the previous model
-   at once (the failing frames are answered by the previous model) and the update
-   is reported ``rolled_back``.
+   (``gate_max_ms``, else ``gate_latency_factor`` x the current model's median).
+   A camera that is down (failed, reconnecting, not started yet: no frame newer
+   than ``gate_frame_max_age_s``) has nothing to gate on: the verified model is
+   held *pending* (``model_pending``, persisted) and gated on the first frame the
+   camera delivers, while the camera counts on with its current model;
+5. swaps it in between two frames (under the camera's lock), closing the camera's
+   drift window there so each summary describes one model; the previous detector
+   stays loaded for ``probation_frames`` frames (`agent.probation`): if the new
+   one raises ``max_errors`` times, or the median of its latest inference times
+   exceeds the gate's budget, the camera goes back to the previous model at once
+   and the update is reported ``rolled_back`` (reason ``crashed`` or ``slow``).
 
 Every step is an event (``model_downloading``, ``model_verified``,
-``model_activated``, ``model_failed``, ``model_rolled_back``) and part of the
-retained reported state. What each camera runs, and the previous model, are
-persisted in ``<models_dir>/active.json``, so a restart keeps the activated model
-rather than the config's; the previous model's file stays on disk.
+``model_pending``, ``model_activated``, ``model_failed``, ``model_rolled_back``)
+and part of the retained reported state. What each camera runs, the previous
+model and pending updates are persisted in ``<models_dir>/active.json``, so a
+restart keeps the activated model rather than the config's; the previous model's
+file stays on disk.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import logging
 import os
 import queue
-import statistics
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from flowfleet.contract import (
     CameraModel,
@@ -56,106 +54,37 @@ from flowfleet.contract import (
     parse_payload,
 )
 
-from .config import read_token
-from .drift import RecordingDetector
+from .download import (
+    Downloader,
+    UpdateRefused,
+    sha256_file,
+    verify_manifest,
+    write_labels_file,
+)
+from .pending import PendingUpdates
+from .probation import (
+    ProbationDetector,
+    install_detector,
+    installed_detector,
+    load_and_gate,
+    load_for,
+)
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "ModelUpdater",
+    "ProbationDetector",
+    "UpdateRefused",
+    "install_detector",
+    "installed_detector",
+    "sha256_file",
+]
+
 ACTIVE_FILE = "active.json"
-EXTENSIONS = {"tflite": ".tflite", "onnx": ".onnx", "eim": ".eim"}
-BLOCK = 256 * 1024
-GATE_RUNS = 3
 
 
-class UpdateRefused(Exception):
-    """An update that must not go ahead; ``reason`` is a short code for events."""
-
-    def __init__(self, reason: str, message: str, *, transient: bool = False) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.transient = transient  # worth trying again later (the network, not the bytes)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def installed_detector(pipeline):
-    """The detector a pipeline runs, under the drift recorder if there is one."""
-    holder = pipeline.detector
-    return holder._inner if isinstance(holder, RecordingDetector) else holder
-
-
-def install_detector(pipeline, detector, classes) -> None:
-    """Put ``detector`` into ``pipeline`` (caller holds the camera's lock)."""
-    from .labels import ClassFilter
-
-    holder = pipeline.detector
-    if isinstance(holder, RecordingDetector):
-        holder._inner = detector
-    else:
-        pipeline.detector = detector
-    pipeline.class_filter = ClassFilter(classes, detector.labels)
-
-
-class ProbationDetector:
-    """A newly activated detector, watched for its first ``frames`` frames.
-
-    An exception from the new model is answered by the previous detector for that
-    frame; after ``max_errors`` of them the probation trips (``on_trip``) and every
-    further frame goes to the previous detector until the updater swaps it back.
-    After ``frames`` frames without tripping, ``on_pass`` lets the updater release
-    the previous detector.
-    """
-
-    def __init__(self, inner, fallback, *, frames: int, max_errors: int, on_trip, on_pass):
-        self.inner = inner
-        self.fallback = fallback
-        self.frames = frames
-        self.max_errors = max_errors
-        self.on_trip = on_trip
-        self.on_pass = on_pass
-        self.seen = 0
-        self.errors = 0
-        self.last_error: str | None = None
-        self.state = "probation"  # -> "tripped" | "passed" | "replaced" (by a newer update)
-
-    def detect(self, frame_bgr):
-        if self.state == "tripped":
-            return self.fallback.detect(frame_bgr)
-        try:
-            dets = self.inner.detect(frame_bgr)
-        except Exception as exc:
-            if self.state != "probation":
-                raise
-            self.errors += 1
-            self.last_error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
-            log.warning(
-                "new model failed on a frame (%d/%d): %s",
-                self.errors,
-                self.max_errors,
-                self.last_error,
-            )
-            if self.errors >= self.max_errors:
-                self.state = "tripped"
-                self.on_trip(self)
-            return self.fallback.detect(frame_bgr)
-        if self.state == "probation":
-            self.seen += 1
-            if self.seen >= self.frames:
-                self.state = "passed"
-                self.on_pass(self)
-        return dets
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-class ModelUpdater:
+class ModelUpdater(PendingUpdates):
     """Applies desired states for one `AgentService` (see the module docstring)."""
 
     def __init__(self, service) -> None:
@@ -171,8 +100,12 @@ class ModelUpdater:
         self.applied_version: int | None = doc.get("desired_version")
         self.active: dict[str, dict[str, Any]] = doc.get("cameras", {})
         self.states: dict[str, dict[str, Any]] = doc.get("states", {})
+        # camera -> verified update waiting for a frame to gate on (see _hold)
+        self.pending: dict[str, dict[str, Any]] = doc.get("pending", {})
+        self._gating: set[str] = set()  # cameras with a queued "gate" job
         self._jobs: queue.Queue = queue.Queue()
         self._stop = threading.Event()
+        self.downloader = Downloader(self.models_dir, self._stop)
         self._thread: threading.Thread | None = None
         self._latest_seen = self.applied_version or 0
         self._retries = 0
@@ -197,6 +130,7 @@ class ModelUpdater:
                 "desired_version": self.applied_version,
                 "cameras": self.active,
                 "states": self.states,
+                "pending": self.pending,
             }
             tmp = self._path.with_name(self._path.name + ".tmp")
             with tmp.open("w", encoding="utf-8") as fh:
@@ -284,7 +218,11 @@ class ModelUpdater:
         desired: int,
         reason: str | None = None,
         severity: str = "info",
+        event: str | None = None,
     ) -> None:
+        """Record ``state`` in the reported state and send an event (``model_<state>``
+        unless ``event`` names another: the contract's update states have no
+        "pending", so a held update reports ``verified`` with reason ``pending``)."""
         with self._lock:
             self.states[camera] = {
                 "update": state,
@@ -295,7 +233,7 @@ class ModelUpdater:
             }
         try:
             self.service.event(
-                f"model_{state}",
+                event or f"model_{state}",
                 message,
                 severity=severity,
                 camera=camera,
@@ -306,7 +244,7 @@ class ModelUpdater:
                 desired_version=desired,
             )
         except Exception:
-            log.exception("could not record the model_%s event", state)
+            log.exception("could not record the %s event", event or f"model_{state}")
         self.publish_reported()
 
     # -- worker ------------------------------------------------------------------------
@@ -338,7 +276,9 @@ class ModelUpdater:
                 if job[0] == "desired":
                     self.apply(job[1])
                 elif job[0] == "trip":
-                    self._rollback(job[1], job[2])
+                    self._rollback(job[1], job[2], job[3])
+                elif job[0] == "gate":
+                    self._gate_pending(job[1])
                 elif job[0] == "pass":
                     self._passed(job[1], job[2])
             except Exception:
@@ -415,11 +355,22 @@ class ModelUpdater:
         cam = self.service.cameras.get(camera)
         if cam is None:
             raise UpdateRefused("unknown_camera", f"this device has no camera {camera!r}")
+        # A newer desired state for this camera supersedes an update still pending.
+        dropped = self._drop_pending(camera)
         rec = self.active.get(camera)
         if rec and rec["sha256"] == ref.sha256 and Path(cam.model_path) == Path(rec["path"]):
             log.info("camera %s already runs %s v%d", camera, ref.name, ref.version)
+            if dropped:
+                self._report(
+                    camera,
+                    ref,
+                    "activated",
+                    f"camera {camera} keeps {ref.name} v{ref.version}; the pending "
+                    f"{dropped['ref']['name']} v{dropped['ref']['version']} is dropped",
+                    desired=desired,
+                )
             return
-        doc = self.verify_manifest(ref)
+        doc = verify_manifest(ref, self.cfg.keys_file)
         self._report(
             camera,
             ref,
@@ -427,8 +378,8 @@ class ModelUpdater:
             f"downloading {ref.name} v{ref.version} ({doc['size']} bytes)",
             desired=desired,
         )
-        path = self.download(ref, doc)
-        labels = self._labels_file(path, doc)
+        path = self.downloader.download(ref, doc, self.cfg)
+        labels = write_labels_file(path, doc)
         self._report(
             camera,
             ref,
@@ -436,255 +387,36 @@ class ModelUpdater:
             f"{ref.name} v{ref.version}: sha256 and signature by key {ref.key_id} verified",
             desired=desired,
         )
-        detector, ms, budget = self.load_and_gate(cam, path, labels)
-        self.activate(
+        if not self.has_fresh_frame(cam):
+            # Refuse now what needs no frame to refuse (unloadable, wrong classes),
+            # then wait for a frame to run the real gate on.
+            load_for(cam, path, labels).close()
+            self._hold(cam, ref, path, labels, desired)
+            return
+        self._gate_and_activate(cam, ref, path, labels, desired)
+
+    def _gate_and_activate(self, cam, ref: ModelRef, path: Path, labels, desired: int) -> None:
+        detector, ms, budget = load_and_gate(cam, path, labels, self.cfg)
+        shown = "none" if budget is None else f"{budget:.1f} ms"
+        activated = self.activate(
             cam,
             ref,
             path,
             labels,
             detector,
             desired,
-            f"camera {camera} runs {ref.name} v{ref.version} (gate inference "
-            f"{ms:.1f} ms, budget {budget})",
+            f"camera {cam.config.name} runs {ref.name} v{ref.version} (gate inference "
+            f"{ms:.1f} ms, budget {shown})",
+            budget,
         )
+        if not activated:  # the camera went down between the gate and the swap
+            self._hold(cam, ref, path, labels, desired)
 
-    def verify_manifest(self, ref: ModelRef) -> dict[str, Any]:
-        if not (ref.manifest and ref.signature and ref.key_id):
-            raise UpdateRefused(
-                "unsigned",
-                f"{ref.name} v{ref.version} has no signed manifest "
-                "(manifest, signature, key_id); an unsigned model is never run",
-            )
-        try:
-            from flowfleet import signing
-        except ImportError as exc:  # cryptography missing on this device
-            raise UpdateRefused("signature", f"cannot verify signatures: {exc}") from None
-        try:
-            manifest = base64.b64decode(ref.manifest, validate=True)
-        except ValueError:
-            raise UpdateRefused("manifest", "the manifest is not valid base64") from None
-        try:
-            keys = signing.load_bundle(Path(self.cfg.keys_file))
-            doc = signing.verify_manifest(manifest, ref.signature, ref.key_id, keys)
-        except (signing.VerificationError, OSError, ValueError, KeyError) as exc:
-            raise UpdateRefused("signature", f"{ref.name} v{ref.version}: {exc}") from None
-        for field in ("name", "version", "sha256"):
-            if doc.get(field) != getattr(ref, field):
-                raise UpdateRefused(
-                    "manifest",
-                    f"the desired {field} {getattr(ref, field)!r} is not the "
-                    f"signed manifest's {doc.get(field)!r}",
-                )
-        if doc.get("runtime") not in EXTENSIONS or not isinstance(doc.get("size"), int):
-            raise UpdateRefused("manifest", f"unsupported runtime {doc.get('runtime')!r}")
-        return doc
-
-    def _url(self, ref: ModelRef) -> tuple[str, dict[str, str]]:
-        base = self.cfg.url.rstrip("/") + "/"
-        url = urllib.parse.urljoin(base, ref.url)
-        a, b = urllib.parse.urlsplit(base), urllib.parse.urlsplit(url)
-        if b.scheme not in ("http", "https"):
-            raise UpdateRefused("download", f"refusing a {b.scheme or 'relative'} URL: {url}")
-        headers = {"User-Agent": "flowfleet-agent"}
-        token = read_token(self.cfg)
-        # The token goes only to the registry itself, never to another host.
-        if token and (a.scheme, a.netloc) == (b.scheme, b.netloc):
-            headers["Authorization"] = f"Bearer {token}"
-        return url, headers
-
-    def download(self, ref: ModelRef, doc: dict[str, Any]) -> Path:
-        from flowfleet import signing
-
-        final = self.models_dir / (
-            f"{ref.name}-v{ref.version}-{ref.sha256[:12]}{EXTENSIONS[doc['runtime']]}"
-        )
-        if final.exists():
-            try:
-                signing.verify_artifact(final, doc)
-                return final
-            except signing.VerificationError:
-                final.chmod(0o644)
-                final.unlink()
-        part = final.with_name(final.name + ".part")
-        size = doc["size"]
-        url, headers = self._url(ref)
-        last_error = "no attempt"
-        for attempt in range(1, self.cfg.download_attempts + 1):
-            have = part.stat().st_size if part.exists() else 0
-            if have > size:
-                part.unlink()
-                have = 0
-            if have == size:
-                break
-            try:
-                self._fetch(url, headers, part, have, size, ref)
-            except UpdateRefused:
-                raise
-            except (urllib.error.URLError, OSError, TimeoutError) as exc:
-                last_error = f"{type(exc).__name__}: {exc}"
-                got = part.stat().st_size if part.exists() else 0
-                delay = min(2.0 ** (attempt - 1), 30.0)
-                log.warning(
-                    "download of %s v%d broke at %d/%d bytes (%s); resuming in %.0fs",
-                    ref.name,
-                    ref.version,
-                    got,
-                    size,
-                    last_error,
-                    delay,
-                )
-                if self._stop.wait(delay):
-                    raise UpdateRefused("download", "agent stopping") from None
-        have = part.stat().st_size if part.exists() else 0
-        if have != size:
-            raise UpdateRefused(
-                "download",
-                f"gave up after {self.cfg.download_attempts} attempts at "
-                f"{have}/{size} bytes: {last_error}",
-                transient=True,
-            )
-        try:
-            signing.verify_artifact(part, doc)
-        except signing.VerificationError as exc:
-            part.unlink(missing_ok=True)
-            raise UpdateRefused("checksum", f"downloaded artifact refused: {exc}") from None
-        part.chmod(0o555 if doc["runtime"] == "eim" else 0o444)
-        os.replace(part, final)
-        return final
-
-    def _fetch(self, url, headers, part: Path, have: int, size: int, ref: ModelRef) -> None:
-        req = urllib.request.Request(url, headers=headers)
-        if have:
-            req.add_header("Range", f"bytes={have}-")
-            req.add_header("If-Range", f'"{ref.sha256}"')
-        try:
-            resp = urllib.request.urlopen(req, timeout=self.cfg.timeout_s)
-        except urllib.error.HTTPError as exc:
-            if exc.code == 416:
-                part.unlink(missing_ok=True)
-                raise OSError("416 range not satisfiable; starting over") from None
-            if exc.code in (400, 401, 403, 404, 410):
-                raise UpdateRefused(
-                    "download", f"HTTP {exc.code} {exc.reason} from {url}"
-                ) from None
-            raise
-        with resp:
-            self._check_headers(resp, part, size, ref)
-            if resp.status == 206:
-                if not (resp.headers.get("Content-Range") or "").startswith(f"bytes {have}-"):
-                    raise OSError(f"unexpected Content-Range {resp.headers.get('Content-Range')}")
-                mode = "ab"
-            else:
-                mode, have = "wb", 0
-            if have:
-                log.info("resuming %s v%d at byte %d of %d", ref.name, ref.version, have, size)
-            next_log = 0.0
-            with part.open(mode) as fh:
-                while block := resp.read(BLOCK):
-                    fh.write(block)
-                    have += len(block)
-                    if have > size:
-                        part.unlink(missing_ok=True)
-                        raise UpdateRefused(
-                            "checksum",
-                            f"the server sent more than the signed manifest's {size} bytes",
-                        )
-                    now = time.monotonic()
-                    if now >= next_log or have == size:
-                        next_log = now + 1.0
-                        log.info(
-                            "downloading %s v%d: %d/%d bytes (%.0f%%)",
-                            ref.name,
-                            ref.version,
-                            have,
-                            size,
-                            100.0 * have / max(size, 1),
-                        )
-                    if self._stop.is_set():
-                        raise UpdateRefused("download", "agent stopping")
-                fh.flush()
-                os.fsync(fh.fileno())
-
-    def _check_headers(self, resp, part: Path, size: int, ref: ModelRef) -> None:
-        """Refuse at once what the response headers already show is another artifact."""
-        problem = None
-        digest = resp.headers.get("X-Checksum-Sha256")
-        if digest and digest.strip().lower() != ref.sha256:
-            problem = f"the server's artifact has sha256 {digest.strip()}"
-        total = None
-        if resp.status == 206:
-            crange = resp.headers.get("Content-Range") or ""
-            total = crange.rpartition("/")[2]
-        elif resp.status == 200:
-            total = resp.headers.get("Content-Length")
-        if problem is None and total and total.isdigit() and int(total) != size:
-            problem = f"the server's artifact is {total} bytes"
-        if problem:
-            part.unlink(missing_ok=True)
-            raise UpdateRefused(
-                "checksum", f"{problem}; the signed manifest says {size} bytes, sha256 {ref.sha256}"
-            )
-
-    def _labels_file(self, path: Path, doc: dict[str, Any]) -> str | None:
-        labels = (doc.get("metadata") or {}).get("labels")
-        if (
-            not isinstance(labels, list)
-            or not labels
-            or not all(isinstance(x, str) and x and "\n" not in x for x in labels)
-        ):
-            return None
-        out = path.with_name(path.name + ".labels.txt")
-        out.write_text("".join(f"{x}\n" for x in labels), encoding="utf-8")
-        return str(out)
-
-    def _budget_ms(self, cam) -> float | None:
-        if self.cfg.gate_max_ms is not None:
-            return self.cfg.gate_max_ms
-        if not cam.latencies:
-            return None
-        return self.cfg.gate_latency_factor * 1000.0 * statistics.median(cam.latencies)
-
-    def load_and_gate(self, cam, path: Path, labels: str | None):
-        from .detectors import ModelError, load_detector
-        from .labels import ClassFilter
-
-        c = cam.config
-        try:
-            detector = load_detector(
-                path, labels=labels, threads=c.threads, conf_threshold=c.conf_threshold
-            )
-        except ModelError as exc:
-            raise UpdateRefused("load", str(exc)) from None
-        try:
-            ClassFilter(c.classes, detector.labels)
-        except ValueError as exc:
-            detector.close()
-            raise UpdateRefused("health_gate", f"the model cannot count: {exc}") from None
-        frame = cam.last_frame
-        if frame is None:
-            frame = np.full((480, 640, 3), 114, np.uint8)
-        budget = self._budget_ms(cam)
-        times = []
-        try:
-            for _ in range(GATE_RUNS):
-                t0 = time.perf_counter()
-                detector.detect(frame)
-                times.append(1000.0 * (time.perf_counter() - t0))
-        except Exception as exc:
-            detector.close()
-            raise UpdateRefused(
-                "health_gate", f"sanity inference failed: {type(exc).__name__}: {exc}"
-            ) from None
-        ms = statistics.median(times)
-        if budget is not None and ms > budget:
-            detector.close()
-            raise UpdateRefused(
-                "health_gate",
-                f"sanity inference took {ms:.1f} ms, over the latency budget of {budget:.1f} ms",
-            )
-        return detector, ms, "none" if budget is None else f"{budget:.1f} ms"
-
-    def activate(self, cam, ref: ModelRef, path: Path, labels, detector, desired, message):
+    def activate(
+        self, cam, ref: ModelRef, path: Path, labels, detector, desired, message, budget_ms=None
+    ) -> bool:
+        """Swap ``detector`` in under probation; False (detector closed, nothing
+        changed) if the camera is not running, so the caller holds the update."""
         name = cam.config.name
         previous = self.active.get(name) or {
             "model": None,
@@ -694,29 +426,35 @@ class ModelUpdater:
             "labels": cam.labels_path,
         }
         previous = {k: v for k, v in previous.items() if k != "previous"}
+        summary = None
         with cam.lock:
             pipeline = cam.pipeline
-            if pipeline is not None:
-                old = installed_detector(pipeline)
-                if isinstance(old, ProbationDetector):  # an update during probation
-                    old.state = "replaced"
-                    old.fallback.close()
-                    old = old.inner
-                probe = ProbationDetector(
-                    detector,
-                    old,
-                    frames=self.cfg.probation_frames,
-                    max_errors=self.cfg.max_errors,
-                    on_trip=lambda p, n=name: self._jobs.put(("trip", n, p)),
-                    on_pass=lambda p, n=name: self._jobs.put(("pass", n, p)),
-                )
-                install_detector(pipeline, probe, cam.config.classes)
-                cam.classes = tuple(pipeline.counted_classes)
+            if pipeline is None:
+                detector.close()
+                return False
+            old = installed_detector(pipeline)
+            if isinstance(old, ProbationDetector):  # an update during probation
+                old.state = "replaced"
+                old.fallback.close()
+                old = old.inner
+            probe = ProbationDetector(
+                detector,
+                old,
+                frames=self.cfg.probation_frames,
+                max_errors=self.cfg.max_errors,
+                on_trip=lambda p, n=name: self._on_trip(n, p),
+                on_pass=lambda p, n=name: self._jobs.put(("pass", n, p)),
+                budget_ms=budget_ms,
+                latency_frames=min(self.cfg.probation_latency_frames, self.cfg.probation_frames),
+            )
+            install_detector(pipeline, probe, cam.config.classes)
+            cam.classes = tuple(pipeline.counted_classes)
             cam.model_path, cam.labels_path = str(path), labels
+            # The drift window closes at the swap: frames before it were the old model's.
             if cam.drift is not None:
-                cam.drift.model = path.name
-        if pipeline is None:
-            detector.close()  # the camera is not running: its next start loads the file
+                summary = cam.drift.switch(self.service.device, path.name, time.time())
+        if summary is not None:
+            self.service.enqueue_drift(summary)
         with self._lock:
             self.active[name] = {
                 "model": ref.name,
@@ -730,8 +468,28 @@ class ModelUpdater:
             self._save()
         self._report(name, ref, "activated", message, desired=desired)
         self._prune()
+        return True
 
-    def _rollback(self, name: str, probe: ProbationDetector) -> None:
+    def _previous_path(self, name: str) -> str:
+        cam = self.service.cameras[name]
+        with self._lock:
+            prev = (self.active.get(name) or {}).get("previous") or {}
+        return prev.get("path") or cam.config.model
+
+    def _on_trip(self, name: str, probe: ProbationDetector) -> None:
+        """Camera thread, under the camera's lock, inside the tripping frame: from
+        here on the previous model answers, so its drift window starts here."""
+        cam = self.service.cameras[name]
+        summary = None
+        if cam.drift is not None:
+            summary = cam.drift.switch(
+                self.service.device, Path(self._previous_path(name)).name, time.time()
+            )
+        self._jobs.put(("trip", name, probe, summary))
+
+    def _rollback(self, name: str, probe: ProbationDetector, summary=None) -> None:
+        if summary is not None:
+            self.service.enqueue_drift(summary)
         if probe.state == "replaced":
             return
         cam = self.service.cameras[name]
@@ -747,13 +505,18 @@ class ModelUpdater:
                 prev = rec.get("previous") or {}
                 cam.model_path = prev.get("path") or cam.config.model
                 cam.labels_path = prev.get("labels") if prev else cam.config.labels
-                if cam.drift is not None:
-                    cam.drift.model = Path(cam.model_path).name
                 if prev.get("model"):
                     self.active[name] = prev
                 else:
                     self.active.pop(name, None)
                 self._save()
+            summary = None
+            if cam.drift is not None:  # normally switched at the trip already: a no-op
+                summary = cam.drift.switch(
+                    self.service.device, Path(cam.model_path).name, time.time()
+                )
+        if summary is not None:
+            self.service.enqueue_drift(summary)
         probe.inner.close()
         ref = ModelRef(
             name=rec.get("model") or "unknown",
@@ -765,11 +528,10 @@ class ModelUpdater:
             name,
             ref,
             "rolled_back",
-            f"{ref.name} v{ref.version} raised {probe.errors} times in its first "
-            f"{probe.seen + probe.errors} frames (last: {probe.last_error}); camera {name} "
+            f"{ref.name} v{ref.version} {probe.trip_message}; camera {name} "
             f"runs {Path(cam.model_path).name} again",
             desired=self.applied_version or 1,
-            reason="crashed",
+            reason=probe.trip_reason,
             severity="error",
         )
 
@@ -788,7 +550,8 @@ class ModelUpdater:
         """Delete model files no camera runs or would roll back to."""
         keep = set()
         with self._lock:
-            for rec in self.active.values():
+            recs = [*self.active.values(), *self.pending.values()]
+            for rec in recs:
                 for r in (rec, rec.get("previous") or {}):
                     for key in ("path", "labels"):
                         if r.get(key):
