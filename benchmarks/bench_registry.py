@@ -1,6 +1,8 @@
 """Registry benchmarks (issue 5's performance goals); not a test.
 
-    .venv/bin/python -m flowfleet.registry.bench [--db URL] [--out FILE]
+    .venv/bin/python benchmarks/bench_registry.py [--db URL] [--json FILE]
+
+Prints a table and writes JSON (default benchmarks/results/registry.json).
 
 1. Registering a 4 MB model (hash, sniff and parse, sign, store, commit): the sample
    TFLite model padded to 4 MiB with random bytes (a FlatBuffer ignores trailing
@@ -32,16 +34,20 @@ from pathlib import Path
 from werkzeug.serving import make_server
 
 from flowfleet.data import models_dir
-
-from . import auth
-from . import db as regdb
-from .artifacts import LocalStore
-from .keys import KeyRing
-from .modelreg import MIB, ModelRegistry
-from .service import _QuietRequestHandler
-from .web import create_app
+from flowfleet.registry import auth
+from flowfleet.registry import db as regdb
+from flowfleet.registry.artifacts import LocalStore
+from flowfleet.registry.keys import KeyRing
+from flowfleet.registry.modelreg import MIB, ModelRegistry
+from flowfleet.registry.service import _QuietRequestHandler
+from flowfleet.registry.web import create_app
 
 SAMPLE = "yolov8n_full_integer_quant.tflite"
+QUERIES = (
+    ("list_models", "/api/models"),
+    ("list_versions_100", "/api/models/many/versions?limit=100"),
+    ("get_version", "/api/models/many/versions/500"),
+)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -86,11 +92,7 @@ def bench_queries(reg: ModelRegistry, client, headers, n: int = 200) -> dict[str
         for i in range(0, len(rows), 100):
             regdb.ModelVersion.insert_many(rows[i : i + 100]).execute()
     out = {}
-    for label, url in (
-        ("list_models", "/api/models"),
-        ("list_versions_100", "/api/models/many/versions?limit=100"),
-        ("get_version", "/api/models/many/versions/500"),
-    ):
+    for label, url in QUERIES:
         times = []
         for _ in range(n):
             t = time.perf_counter()
@@ -158,7 +160,12 @@ def bench_download(reg: ModelRegistry, app, headers, work: Path, rounds: int = 9
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", help="database URL (default: a temporary SQLite file)")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=Path("benchmarks/results/registry.json"),
+        help="write the results as JSON here (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -178,11 +185,31 @@ def main(argv: list[str] | None = None) -> int:
             "queries_1000_versions": bench_queries(reg, app.test_client(), headers),
             "download_64MiB": bench_download(reg, app, headers, work),
         }
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    print_table(results)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
     return 0
+
+
+def print_table(results: dict) -> None:
+    reg = results["register_4MiB"]
+    q = results["queries_1000_versions"]
+    d = results["download_64MiB"]
+    rows = [("register a 4 MiB model, median / p95", "< 100 ms", _ms_pair(reg))]
+    rows += [
+        (f"GET {url}, p95", "< 20 ms", f"{q[f'{label}_p95_ms']:.1f} ms") for label, url in QUERIES
+    ]
+    rows.append(("download 64 MiB, registry / http.server", ">= 0.80", f"{d['ratio']:.2f}"))
+    print(f"database: {results['database']}")
+    width = max(len(r[0]) for r in rows)
+    print(f"{'measurement':<{width}}  {'goal':<9}  result")
+    for name, goal, value in rows:
+        print(f"{name:<{width}}  {goal:<9}  {value}")
+
+
+def _ms_pair(stats: dict) -> str:
+    return f"{stats['median_ms']:.0f} / {stats['p95_ms']:.0f} ms"
 
 
 if __name__ == "__main__":

@@ -1,59 +1,34 @@
-"""REST API of the model registry (a Flask blueprint) and the API's access control.
+"""REST API of the model registry (a Flask blueprint).
 
-Every request is authorised in `install_auth`'s ``before_request`` hook, by endpoint:
-
-* public (no token): ``/healthz``, ``/api/openapi.json``, ``/api/keys`` (public keys);
-* the dashboard (``/``, ``/api/totals``, ``/api/devices``, ``/api/dead-letters``,
-  ``/api/events``, ``/api/drift``):
-  a viewer token, or no token at all when the ``anonymous_read`` policy allows it
-  (``"local"``, the default: requests from a loopback address that did not come
-  through a proxy; ``"none"``: never; ``"all"``: anyone);
-* every other endpoint: a token whose role is at least the one the view declares
-  with `requires`; a view that declares nothing needs ``admin`` (fail closed).
-
-Tokens are sent as ``Authorization: Bearer <token>``. A missing or invalid token is a
-401 (with ``WWW-Authenticate: Bearer``); a valid token with too low a role is a 403.
+Access control (tokens, device tokens, web sessions with CSRF, roles, anonymous
+dashboard reads) is `flowfleet.registry.access`; views declare the least role they
+need with `requires`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import json
-from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, url_for
+from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 
-from .auth import ROLES, Principal, authenticate
-from .modelreg import DEFAULT_PAGE, MAX_PAGE, ModelRegistry, RegistryError, check_name
+from .access import install_auth, requires  # noqa: F401  (install_auth: re-exported)
+from .auth import Principal
+from .db import Deployment
+from .modelreg import (
+    DEFAULT_PAGE,
+    MAX_PAGE,
+    ModelRegistry,
+    RegistryError,
+    check_name,
+    check_target,
+)
 from .openapi import openapi_document
-
-ANONYMOUS_READ = ("local", "none", "all")
-PUBLIC_ENDPOINTS = {"healthz", "static", "models_api.openapi", "models_api.public_keys"}
-DASHBOARD_ENDPOINTS = {
-    "index",
-    "api_totals",
-    "api_devices",
-    "api_dead_letters",
-    "api_events",
-    "api_drift",
-}
 
 MAX_VERSION = 2**31 - 1
 bp = Blueprint("models_api", __name__, url_prefix="/api")
-
-
-def requires(role: str) -> Callable:
-    """Declare the least role a view needs."""
-    assert role in ROLES
-
-    def mark(view: Callable) -> Callable:
-        view.required_role = role  # type: ignore[attr-defined]
-        return view
-
-    return mark
 
 
 def _registry() -> ModelRegistry:
@@ -66,62 +41,6 @@ def _registry() -> ModelRegistry:
 def _actor() -> str:
     p: Principal | None = g.get("principal")
     return f"user:{p.name}" if p else "anonymous"
-
-
-# -- access control ------------------------------------------------------------------
-
-
-def _is_local_request() -> bool:
-    if request.headers.get("X-Forwarded-For") or request.headers.get("Forwarded"):
-        return False  # came through a proxy: the peer address says nothing
-    try:
-        return ipaddress.ip_address(request.remote_addr or "").is_loopback
-    except ValueError:
-        return False
-
-
-def install_auth(app: Flask, anonymous_read: str = "local") -> None:
-    if anonymous_read not in ANONYMOUS_READ:
-        raise ValueError(f"anonymous_read must be one of {ANONYMOUS_READ}, not {anonymous_read!r}")
-
-    @app.before_request
-    def _authorize() -> None:
-        endpoint = request.endpoint
-        if endpoint is None or endpoint in PUBLIC_ENDPOINTS:
-            return  # routing errors (404/405) and public endpoints
-        header = request.headers.get("Authorization", "")
-        principal = None
-        if header:
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise _unauthorized("the Authorization header must be 'Bearer <token>'")
-            principal = authenticate(token.strip())
-            if principal is None:
-                raise _unauthorized("the token is unknown, expired or revoked")
-            g.principal = principal
-        if endpoint in DASHBOARD_ENDPOINTS:
-            needed = "viewer"
-            if principal is None and (
-                anonymous_read == "all" or (anonymous_read == "local" and _is_local_request())
-            ):
-                return
-        else:
-            view = app.view_functions.get(endpoint)
-            needed = getattr(view, "required_role", "admin")
-        if principal is None:
-            raise _unauthorized("this endpoint needs an API token (Authorization: Bearer <token>)")
-        if not principal.allows(needed):
-            raise RegistryError(
-                403, "forbidden", f"this needs the {needed} role; the token has {principal.role}"
-            )
-
-
-class _Unauthorized(RegistryError):
-    pass
-
-
-def _unauthorized(message: str) -> RegistryError:
-    return _Unauthorized(401, "unauthorized", message)
 
 
 def error_response(exc: RegistryError):
@@ -282,7 +201,7 @@ def upload_version(name: str):
         )
     form = request.form
     for key in form:
-        if key not in ("notes", "tags", "alias", "reason"):
+        if key not in ("notes", "tags", "target", "alias", "reason"):
             raise RegistryError(400, "unknown_field", f"unknown form field {key!r}", key)
     upload = request.files.get("file")
     if upload is None:
@@ -300,6 +219,9 @@ def upload_version(name: str):
         if not labels:
             raise RegistryError(400, "invalid_field", "the labels file has no labels", "labels")
     tags = [t.strip() for t in form.get("tags", "").split(",") if t.strip()]
+    target = [t.strip() for t in form.get("target", "").split(",") if t.strip()] or None
+    if target is not None:
+        check_target(target)  # before the upload is copied
     staged = reg.staged_copy(upload.stream)
     try:
         version, created = reg.add_version(
@@ -311,6 +233,7 @@ def upload_version(name: str):
             tags=tags,
             alias=form.get("alias") or None,
             labels=labels,
+            target=target,
             reason=form.get("reason", ""),
         )
     finally:
@@ -374,7 +297,8 @@ def delete_version(name: str, ref: str):
 def download(name: str, ref: str):
     query_args(())
     reg = _registry()
-    v = reg.version(name, ref)
+    p: Principal | None = g.get("principal")
+    v = reg.version(name, ref) if p is None or p.device is None else _deployed(reg, p, name, ref)
     resp = _serve_artifact(reg, v.sha256, v.size, v.filename)
     digest_b64 = base64.b64encode(binascii.unhexlify(v.sha256)).decode()
     resp.headers["X-Checksum-Sha256"] = v.sha256
@@ -382,6 +306,34 @@ def download(name: str, ref: str):
     resp.headers["Repr-Digest"] = f"sha-256=:{digest_b64}:"
     resp.headers["X-Model-Version"] = str(v.version)
     return resp
+
+
+def _deployed(reg: ModelRegistry, p: Principal, name: str, ref: str):
+    """The version ``ref`` of ``name`` if it is deployed to the device token's device.
+
+    An unknown model, version or alias is refused like an undeployed one (403), so a
+    device token cannot probe what the registry holds.
+    """
+    try:
+        v = reg.version(name, ref)
+    except RegistryError as exc:
+        if exc.status != 404:
+            raise
+        v = None
+    if v is None or not (
+        Deployment.select()
+        .where(
+            (Deployment.device == p.device)
+            & (Deployment.model == v.model.name)
+            & (Deployment.version == v.version)
+        )
+        .exists()
+    ):
+        number = v.version if v is not None else ref
+        raise RegistryError(
+            403, "forbidden", f"model {name} version {number} is not deployed to device {p.device}"
+        )
+    return v
 
 
 def _serve_artifact(reg: ModelRegistry, sha256: str, size: int, filename: str) -> Response:
@@ -473,34 +425,9 @@ def deploy(device: str):
     """Store a deployment and publish the device's retained desired state."""
     query_args(())
     reg = _registry()
-    body = _json_body(
-        {"camera": str, "model": str, "version": int, "alias": str, "reason": str},
-        required=("camera", "model"),
-    )
-    if ("version" in body) == ("alias" in body):
-        raise RegistryError(
-            400, "invalid_field", "give exactly one of 'version' and 'alias'", "version"
-        )
-    if "version" in body:
-        if not 1 <= body["version"] <= MAX_VERSION:
-            raise RegistryError(
-                400, "invalid_field", f"version must be from 1 to {MAX_VERSION}", "version"
-            )
-        ref: str | int = body["version"]
-    else:
-        ref = check_name(body["alias"], "alias", "alias name")
-    check_name(body["model"], "model", "model name")
-    check_name(body["camera"], "camera", "camera name")
     check_name(device, "device", "device id")
-    reg.version(body["model"], ref)  # 404 for an unknown model, version or alias first
-    publish = current_app.extensions.get("flowfleet_publish")
-    if publish is None:
-        raise RegistryError(
-            503,
-            "no_publisher",
-            "this registry has no MQTT connection to publish desired states "
-            "(deploy through a running 'flowfleet registry' service); nothing was stored",
-        )
+    body, ref = deployment_body()
+    publish = deployment_publisher()
     desired, row = reg.deploy(
         device,
         body["camera"],
@@ -520,6 +447,44 @@ def deploy(device: str):
     )
     resp.status_code = 201
     return resp
+
+
+def deployment_body() -> tuple[dict[str, Any], str | int]:
+    """The JSON body of a deployment request and the version or alias it names;
+    404 for an unknown model, version or alias."""
+    body = _json_body(
+        {"camera": str, "model": str, "version": int, "alias": str, "reason": str},
+        required=("camera", "model"),
+    )
+    if ("version" in body) == ("alias" in body):
+        raise RegistryError(
+            400, "invalid_field", "give exactly one of 'version' and 'alias'", "version"
+        )
+    if "version" in body:
+        if not 1 <= body["version"] <= MAX_VERSION:
+            raise RegistryError(
+                400, "invalid_field", f"version must be from 1 to {MAX_VERSION}", "version"
+            )
+        ref: str | int = body["version"]
+    else:
+        ref = check_name(body["alias"], "alias", "alias name")
+    check_name(body["model"], "model", "model name")
+    check_name(body["camera"], "camera", "camera name")
+    _registry().version(body["model"], ref)
+    return body, ref
+
+
+def deployment_publisher():
+    """The app's desired-state publisher; 503 when it has none (nothing is stored)."""
+    publish = current_app.extensions.get("flowfleet_publish")
+    if publish is None:
+        raise RegistryError(
+            503,
+            "no_publisher",
+            "this registry has no MQTT connection to publish desired states "
+            "(deploy through a running 'flowfleet registry' service); nothing was stored",
+        )
+    return publish
 
 
 @bp.get("/audit")

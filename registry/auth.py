@@ -5,6 +5,12 @@ sha256 is stored (a token is random, not a password, so a fast hash is the right
 tool: the database never holds anything that can be replayed). A token carries a
 role no higher than its user's; it stops working when it expires, is revoked, or its
 user is disabled. Every change here is written to the audit trail.
+
+A *device token* (``create_token(..., device="cam-1")``) acts for one device only: it
+never passes a role check, and `flowfleet.registry.api` lets it download just the
+artifacts currently deployed to that device and read the public keys and that
+device's deployments. Its ``role`` column holds ``viewer`` (the lowest) only because
+the column is required; `Principal.allows` ignores it.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from dataclasses import dataclass
 
 from flowfleet.contract import is_valid_name
 
-from .db import ApiToken, AuditEntry, User, now
+from .db import ApiToken, AuditEntry, User, WebSession, now
 
 ROLES = ("viewer", "operator", "admin")
 TOKEN_PREFIX = "ffr_"
@@ -28,21 +34,37 @@ class AuthError(Exception):
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is making a request: the user name, the token's role and id."""
+    """Who is making a request.
+
+    ``name`` is the user, ``role`` the token's (or, for a web session, the user's)
+    role, ``token_id`` the API token's id (None for a session), ``device`` the device
+    a device token is bound to, and ``via`` how the request authenticated:
+    ``"token"`` (Authorization: Bearer) or ``"session"`` (the web session cookie).
+    """
 
     name: str
     role: str
     token_id: int | None = None
+    device: str | None = None
+    via: str = "token"
 
     def allows(self, role: str) -> bool:
+        """Whether this principal may use an endpoint that needs ``role``.
+
+        A device token never may: it is not a user with a role.
+        """
+        if self.device is not None:
+            return False
         return ROLES.index(self.role) >= ROLES.index(role)
 
 
 def hash_token(token: str) -> str:
+    """The sha256 (hex) stored for a token or session cookie."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 def audit(actor: str, action: str, target: str, reason: str = "", **details) -> AuditEntry:
+    """Write one audit entry."""
     return AuditEntry.create(
         ts=now(),
         actor=actor,
@@ -60,6 +82,7 @@ def _role(role: str) -> str:
 
 
 def create_user(name: str, role: str, *, actor: str, reason: str = "") -> User:
+    """Create a user with ``role`` (no password, no tokens yet)."""
     if not is_valid_name(name):
         raise AuthError(f"{name!r} is not a valid user name (letters, digits, _ . -)")
     _role(role)
@@ -71,6 +94,7 @@ def create_user(name: str, role: str, *, actor: str, reason: str = "") -> User:
 
 
 def get_user(name: str) -> User:
+    """The user called ``name`` (AuthError if there is none)."""
     user = User.get_or_none(User.name == name)
     if user is None:
         raise AuthError(f"no user {name!r}")
@@ -78,6 +102,7 @@ def get_user(name: str) -> User:
 
 
 def set_user_role(name: str, role: str, *, actor: str, reason: str = "") -> User:
+    """Change a user's role; their tokens above it are lowered to it."""
     user = get_user(name)
     old = user.role
     user.role = _role(role)
@@ -92,17 +117,27 @@ def set_user_role(name: str, role: str, *, actor: str, reason: str = "") -> User
 
 
 def disable_user(name: str, *, actor: str, reason: str = "") -> User:
+    """Disable a user: their tokens and web sessions stop working."""
     user = get_user(name)
     if user.disabled_at is None:
         user.disabled_at = now()
         user.save()
+    # Web sessions end at once (a lookup also refuses a disabled user's session).
+    WebSession.delete().where(WebSession.user == user).execute()
     audit(actor, "user.disable", f"user:{name}", reason)
     return user
 
 
 def list_users() -> list[dict]:
+    """Every user (never a password hash), by name."""
     return [
-        {"name": u.name, "role": u.role, "created_at": u.created_at, "disabled_at": u.disabled_at}
+        {
+            "name": u.name,
+            "role": u.role,
+            "created_at": u.created_at,
+            "disabled_at": u.disabled_at,
+            "has_password": u.password_hash is not None,
+        }
         for u in User.select().order_by(User.name)
     ]
 
@@ -115,11 +150,22 @@ def create_token(
     label: str = "",
     ttl_s: float | None = None,
     reason: str = "",
+    device: str | None = None,
 ) -> tuple[str, ApiToken]:
-    """A new token for ``user_name``; returns (the secret, shown once; the row)."""
+    """A new token for ``user_name``; returns (the secret, shown once; the row).
+
+    With ``device``, a device token: it acts for that device only (see the module
+    docstring) and takes no role.
+    """
     user = get_user(user_name)
     if user.disabled_at is not None:
         raise AuthError(f"user {user_name!r} is disabled")
+    if device is not None:
+        if not is_valid_name(device):
+            raise AuthError(f"{device!r} is not a valid device id (letters, digits, _ . -)")
+        if role is not None:
+            raise AuthError("a device token has no role: leave out the role")
+        role = ROLES[0]
     role = _role(role or user.role)
     if ROLES.index(role) > ROLES.index(user.role):
         raise AuthError(f"a token cannot have role {role!r} above its user's ({user.role!r})")
@@ -135,12 +181,15 @@ def create_token(
         role=role,
         created_at=t,
         expires_at=t + ttl_s if ttl_s is not None else None,
+        device=device,
     )
-    audit(actor, "token.create", f"token:{row.id}", reason, user=user_name, role=role, label=label)
+    details = {"device": device} if device is not None else {"role": role}
+    audit(actor, "token.create", f"token:{row.id}", reason, user=user_name, label=label, **details)
     return secret, row
 
 
 def revoke_token(token_id: int, *, actor: str, reason: str = "") -> ApiToken:
+    """Revoke a token by id (idempotent; audited every time)."""
     row = ApiToken.get_or_none(ApiToken.id == token_id)
     if row is None:
         raise AuthError(f"no token {token_id}")
@@ -152,6 +201,7 @@ def revoke_token(token_id: int, *, actor: str, reason: str = "") -> ApiToken:
 
 
 def list_tokens(user_name: str | None = None) -> list[dict]:
+    """Tokens (never their secrets or hashes); a device token has ``device`` and no role."""
     query = ApiToken.select(ApiToken, User).join(User).order_by(ApiToken.id)
     if user_name is not None:
         query = query.where(User.name == user_name)
@@ -159,7 +209,8 @@ def list_tokens(user_name: str | None = None) -> list[dict]:
         {
             "id": t.id,
             "user": t.user.name,
-            "role": t.role,
+            "role": t.role if t.device is None else None,
+            "device": t.device,
             "label": t.label,
             "prefix": t.prefix,
             "created_at": t.created_at,
@@ -189,4 +240,4 @@ def authenticate(token: str) -> Principal | None:
     # Coarse last-use bookkeeping: at most one write per token per minute.
     if row.last_used_at is None or t - row.last_used_at > 60:
         ApiToken.update(last_used_at=t).where(ApiToken.id == row.id).execute()
-    return Principal(name=row.user.name, role=row.role, token_id=row.id)
+    return Principal(name=row.user.name, role=row.role, token_id=row.id, device=row.device)

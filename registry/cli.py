@@ -10,9 +10,7 @@ may be given before or after the action.
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
-import os
 import re
 import sys
 import threading
@@ -20,7 +18,10 @@ from pathlib import Path
 
 from flowfleet.cliutil import EXIT_USAGE, CliError, setup_logging, stop_on_signals
 
-DEFAULT_DB = "flowfleet-registry.sqlite"
+from .cli_access import add_access_actions
+from .cli_common import DEFAULT_DB, _actor, _config, _db_url, _open, _print_json, _run
+from .cli_groups import add_group_actions
+
 DAY = 86400.0
 
 
@@ -94,6 +95,13 @@ def register(sub) -> None:
     add.add_argument("--tag", action="append", default=[], help="repeatable")
     add.add_argument("--alias", help="point this alias (e.g. staging) at the new version")
     add.add_argument("--labels", type=Path, help="labels file, one per line")
+    add.add_argument(
+        "--target",
+        action="append",
+        default=None,
+        metavar="HARDWARE",
+        help="hardware the model is built for, e.g. rpi5 or jetson-orin (repeatable)",
+    )
     add.add_argument("--reason", default="")
     add.set_defaults(func=cmd_models_add)
     ls = msub.add_parser("list", help="models, or the versions of one model")
@@ -139,128 +147,14 @@ def register(sub) -> None:
     klist = ksub.add_parser("list", help="keys and their validity")
     klist.set_defaults(func=cmd_keys_list)
 
-    # users
-    users = actions.add_parser("users", help="API users")
-    usub = users.add_subparsers(dest="users_action", metavar="ACTION", required=True)
-    uadd = usub.add_parser("add", help="create a user")
-    uadd.add_argument("name")
-    uadd.add_argument("--role", choices=("viewer", "operator", "admin"), required=True)
-    uadd.set_defaults(func=cmd_users_add)
-    urole = usub.add_parser("role", help="change a user's role")
-    urole.add_argument("name")
-    urole.add_argument("role", choices=("viewer", "operator", "admin"))
-    urole.set_defaults(func=cmd_users_role)
-    udis = usub.add_parser("disable", help="disable a user (their tokens stop working)")
-    udis.add_argument("name")
-    udis.set_defaults(func=cmd_users_disable)
-    ulist = usub.add_parser("list", help="users")
-    ulist.set_defaults(func=cmd_users_list)
-
-    # tokens
-    tokens = actions.add_parser("tokens", help="API tokens")
-    tsub = tokens.add_subparsers(dest="tokens_action", metavar="ACTION", required=True)
-    tnew = tsub.add_parser("create", help="create a token for a user; prints it once")
-    tnew.add_argument("user")
-    tnew.add_argument("--role", choices=("viewer", "operator", "admin"), help="default: the user's")
-    tnew.add_argument("--label", default="")
-    tnew.add_argument(
-        "--ttl-days", type=float, help="expires after this many days (default: never)"
-    )
-    tnew.set_defaults(func=cmd_tokens_create)
-    trev = tsub.add_parser("revoke", help="revoke a token by id")
-    trev.add_argument("id", type=int)
-    trev.set_defaults(func=cmd_tokens_revoke)
-    tlist = tsub.add_parser("list", help="tokens (never their secrets)")
-    tlist.add_argument("--user")
-    tlist.set_defaults(func=cmd_tokens_list)
-
     for parser in (add, ls, show, alias, unalias, delete, audit, rotate, export, klist):
         _shared_options(parser, suppress=True)
-    for parser in (uadd, urole, udis, ulist, tnew, trev, tlist):
+
+    def shared(parser: argparse.ArgumentParser) -> None:
         _shared_options(parser, suppress=True)
 
-
-# -- helpers ---------------------------------------------------------------------------
-
-
-def _imports():
-    try:
-        from flowfleet.registry import db, modelreg
-    except ImportError as exc:
-        raise CliError(
-            f"the registry needs its extras: pip install 'flowfleet[registry]' ({exc})"
-        ) from None
-    return db, modelreg
-
-
-def _db_url(args: argparse.Namespace) -> str:
-    return args.db or os.environ.get("FLOWFLEET_DATABASE_URL") or DEFAULT_DB
-
-
-def _config(args: argparse.Namespace):
-    _, modelreg = _imports()
-    url = _db_url(args)
-    overrides = {
-        "artifacts": args.artifacts,
-        "key_dir": args.key_dir,
-        "max_upload_bytes": args.max_upload_mib * modelreg.MIB,
-        "s3_endpoint_url": args.s3_endpoint_url,
-    }
-    if args.state_dir:
-        state = Path(args.state_dir)
-        overrides["artifacts"] = args.artifacts or str(state / "artifacts")
-        overrides["key_dir"] = args.key_dir or state / "keys"
-    return modelreg.RegistryConfig.beside(url, **overrides)
-
-
-def _open(args: argparse.Namespace):
-    """(database, ModelRegistry) for a management action."""
-    import logging
-
-    db_mod, modelreg = _imports()
-    # Management actions print their own results; log only problems unless -v.
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        db = db_mod.open_database(_db_url(args))
-    except (ValueError, OSError) as exc:
-        raise CliError(f"--db: {exc}", EXIT_USAGE) from None
-    reg = modelreg.ModelRegistry.from_config(db, _config(args))
-    return db, reg
-
-
-def _actor() -> str:
-    try:
-        user = getpass.getuser()
-    except Exception:
-        user = str(os.getuid())
-    return f"cli:{user}"
-
-
-def _run(func):
-    """Run ``func`` and turn registry/auth errors into one-line CLI errors."""
-    from flowfleet.registry.auth import AuthError
-    from flowfleet.registry.keys import SigningKeyError
-    from flowfleet.registry.modelreg import RegistryError
-
-    try:
-        return func()
-    except RegistryError as exc:
-        field = f"{exc.field}: " if exc.field else ""
-        code = EXIT_USAGE if exc.status in (400, 413, 415, 422) else 1
-        raise CliError(f"{field}{exc.message}", code) from None
-    except AuthError as exc:
-        raise CliError(str(exc), EXIT_USAGE) from None
-    except SigningKeyError as exc:
-        raise CliError(str(exc)) from None
-
-
-def _print_json(value) -> None:
-    json.dump(value, sys.stdout, indent=2, sort_keys=False)
-    sys.stdout.write("\n")
+    add_access_actions(actions, shared)
+    add_group_actions(actions, shared)
 
 
 # -- run --------------------------------------------------------------------------------
@@ -325,6 +219,7 @@ def cmd_models_add(args: argparse.Namespace) -> int:
                 tags=args.tag,
                 alias=args.alias,
                 labels=labels,
+                target=args.target,
                 reason=args.reason,
             )
 
@@ -473,95 +368,4 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
                 "current" if k.retired_at is None else f"retired, valid until {k.expires_at:.0f}"
             )
             print(f"{k.key_id}  {state}")
-    return 0
-
-
-# -- users and tokens --------------------------------------------------------------------
-
-
-def cmd_users_add(args: argparse.Namespace) -> int:
-    from flowfleet.registry import auth
-
-    db, _ = _open(args)
-    with db.connection_context(), db.atomic():
-        _run(lambda: auth.create_user(args.name, args.role, actor=_actor()))
-    print(
-        f"user {args.name} ({args.role}) created; give them a token: "
-        f"flowfleet registry tokens create {args.name}"
-    )
-    return 0
-
-
-def cmd_users_role(args: argparse.Namespace) -> int:
-    from flowfleet.registry import auth
-
-    db, _ = _open(args)
-    with db.connection_context(), db.atomic():
-        _run(lambda: auth.set_user_role(args.name, args.role, actor=_actor()))
-    print(f"user {args.name} is now {args.role}")
-    return 0
-
-
-def cmd_users_disable(args: argparse.Namespace) -> int:
-    from flowfleet.registry import auth
-
-    db, _ = _open(args)
-    with db.connection_context(), db.atomic():
-        _run(lambda: auth.disable_user(args.name, actor=_actor()))
-    print(f"user {args.name} disabled")
-    return 0
-
-
-def cmd_users_list(args: argparse.Namespace) -> int:
-    from flowfleet.registry import auth
-
-    db, _ = _open(args)
-    with db.connection_context():
-        for u in auth.list_users():
-            state = " (disabled)" if u["disabled_at"] else ""
-            print(f"{u['name']:<24} {u['role']}{state}")
-    return 0
-
-
-def cmd_tokens_create(args: argparse.Namespace) -> int:
-    from flowfleet.registry import auth
-
-    db, _ = _open(args)
-    ttl = args.ttl_days * DAY if args.ttl_days is not None else None
-    with db.connection_context(), db.atomic():
-        secret, row = _run(
-            lambda: auth.create_token(
-                args.user, actor=_actor(), role=args.role, label=args.label, ttl_s=ttl
-            )
-        )
-    print(secret)
-    print(f"token {row.id} for {args.user} ({row.role}); shown once, store it now", file=sys.stderr)
-    return 0
-
-
-def cmd_tokens_revoke(args: argparse.Namespace) -> int:
-    from flowfleet.registry import auth
-
-    db, _ = _open(args)
-    with db.connection_context(), db.atomic():
-        _run(lambda: auth.revoke_token(args.id, actor=_actor()))
-    print(f"token {args.id} revoked")
-    return 0
-
-
-def cmd_tokens_list(args: argparse.Namespace) -> int:
-    from flowfleet.registry import auth
-
-    db, _ = _open(args)
-    with db.connection_context():
-        for t in auth.list_tokens(args.user):
-            state = (
-                "revoked"
-                if t["revoked_at"]
-                else ("expires " + f"{t['expires_at']:.0f}" if t["expires_at"] else "active")
-            )
-            print(
-                f"{t['id']:>4}  {t['user']:<20} {t['role']:<9} {t['prefix']}...  "
-                f"{state}  {t['label']}"
-            )
     return 0

@@ -35,6 +35,7 @@ from flowfleet.contract import Reported as ReportedPayload
 from flowfleet.contract import Status as StatusPayload
 from flowfleet.mqtt import BrokerAddress, MqttConnection, NotAcknowledged
 
+from . import metrics
 from .db import (
     DEAD_LETTER_MAX_BYTES,
     CountBin,
@@ -84,6 +85,15 @@ class Ingestor:
 
         Never raises. "error" means not even a dead letter could be written.
         """
+        outcome = self._handle(topic, payload)
+        try:
+            kind = self.topics.parse_device_topic(topic)[1]
+        except ContractError:
+            kind = "invalid"  # bounded label values, whatever the topic was
+        metrics.INGEST.labels(kind=kind, outcome=outcome).inc()
+        return outcome
+
+    def _handle(self, topic: str, payload: bytes) -> str:
         received_at = now()
         try:
             device, kind = self.topics.parse_device_topic(topic)
@@ -229,7 +239,7 @@ class Ingestor:
         )
 
     def _store_event(self, device: str, message: EventPayload, received_at: float) -> str:
-        return self._store_once(
+        outcome = self._store_once(
             Event,
             "event",
             device,
@@ -243,6 +253,9 @@ class Ingestor:
                 "received_at": received_at,
             },
         )
+        if outcome == STORED and message.type == "model_rolled_back":
+            metrics.ROLLBACKS.inc()
+        return outcome
 
     def _store_drift(self, device: str, message: DriftPayload, received_at: float) -> str:
         return self._store_once(
@@ -330,6 +343,7 @@ class Ingestor:
                 reason,
             )
             return ERROR
+        metrics.DEAD_LETTERS.inc()
         return DEAD_LETTER
 
 

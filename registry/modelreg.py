@@ -9,14 +9,12 @@ which the API answers as ``{"error": {"code", "message", "field"}}``.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -24,24 +22,28 @@ from typing import Any, BinaryIO
 import peewee as pw
 
 from flowfleet import signing
-from flowfleet.contract import Desired, ModelRef, Topics, is_valid_name
+from flowfleet.contract import is_valid_name
 
+from . import metrics
 from .artifacts import LocalStore, S3Store, open_store
 from .auth import audit
 from .db import (
     Alias,
     AuditEntry,
     Deployment,
-    DesiredCounter,
     ModelVersion,
     RegistryModel,
     Signature,
     is_postgres_url,
     now,
 )
+from .deployments import DeploymentsMixin
+from .errors import (  # re-exported: the registry's public error API
+    RegistryError,
+    check_name,
+)
 from .formats import FormatError, inspect_model
 from .keys import DEFAULT_OVERLAP_S, KeyRing
-from .locks import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -54,31 +56,6 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=+-]{0,63}$")
-
-
-# publish(topic, payload, retain=True): send one message to the broker (QoS 1); raises
-# PublishError (or any exception) when it cannot.
-Publisher = Callable[..., Any]
-
-
-class PublishError(Exception):
-    """The desired state could not be handed to the broker (not connected, refused)."""
-
-
-def artifact_path(name: str, number: int) -> str:
-    """The registry-relative download path of a version (the API's artifact route)."""
-    return f"/api/models/{name}/versions/{number}/artifact"
-
-
-class RegistryError(Exception):
-    """A refused request: HTTP ``status``, ``code``, message and offending ``field``."""
-
-    def __init__(self, status: int, code: str, message: str, field: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
 
 
 def check_filename(filename: str | None) -> str:
@@ -105,18 +82,6 @@ def check_filename(filename: str | None) -> str:
     return filename
 
 
-def check_name(value: str, field: str, what: str) -> str:
-    if not isinstance(value, str) or not is_valid_name(value):
-        raise RegistryError(
-            400,
-            "invalid_parameter",
-            f"{value!r} is not a valid {what} (1-64 of letters, digits, _ . -; starting "
-            "with a letter or digit)",
-            field,
-        )
-    return value
-
-
 def check_tags(tags: list[str] | tuple[str, ...]) -> list[str]:
     out: list[str] = []
     for tag in tags:
@@ -126,6 +91,22 @@ def check_tags(tags: list[str] | tuple[str, ...]) -> list[str]:
             out.append(tag)
     if len(out) > MAX_TAGS:
         raise RegistryError(400, "invalid_parameter", f"at most {MAX_TAGS} tags", "tags")
+    return out
+
+
+MAX_TARGETS = 16
+
+
+def check_target(target: list[str] | tuple[str, ...], field: str = "target") -> list[str]:
+    """Target hardware names (e.g. ``rpi5``, ``jetson-orin``, ``aarch64``), de-duplicated
+    and sorted; 400 naming ``field`` for a bad one."""
+    if isinstance(target, str) or not all(isinstance(t, str) for t in target):
+        raise RegistryError(400, "invalid_field", f"{field} must be a list of names", field)
+    out = sorted({check_name(t, field, "target hardware name") for t in target})
+    if len(out) > MAX_TARGETS:
+        raise RegistryError(
+            400, "invalid_field", f"at most {MAX_TARGETS} target hardware names", field
+        )
     return out
 
 
@@ -173,7 +154,7 @@ class RegistryConfig:
         return cls(**values)
 
 
-class ModelRegistry:
+class ModelRegistry(DeploymentsMixin):
     """Model versions on one database, one artifact store and one key ring."""
 
     def __init__(
@@ -247,17 +228,35 @@ class ModelRegistry:
         tags: list[str] | tuple[str, ...] = (),
         alias: str | None = None,
         labels: list[str] | None = None,
+        target: list[str] | tuple[str, ...] | None = None,
         reason: str = "",
     ) -> tuple[ModelVersion, bool]:
         """Register the file at ``src`` as the next version of model ``name``.
 
+        ``target`` is the hardware the model is built for, from the upload's manifest
+        (an .eim defaults to the CPU architecture in its ELF header). It is stored in
+        the metadata as ``target``, so it is covered by the signature.
+
         Returns (version, created). Bytes the registry already holds return the
         existing version with created=False and change nothing.
         """
+        try:
+            version, created = self._add_version(
+                src, name, filename, actor, notes, tags, alias, labels, target, reason
+            )
+        except RegistryError:
+            metrics.UPLOADS.labels(result="refused", runtime="").inc()
+            raise
+        result = "created" if created else "duplicate"
+        metrics.UPLOADS.labels(result=result, runtime=version.runtime).inc()
+        return version, created
+
+    def _add_version(self, src, name, filename, actor, notes, tags, alias, labels, target, reason):
         check_name(name, "name", "model name")
         filename = check_filename(filename)
         notes = check_notes(notes)
         tags = check_tags(list(tags))
+        targets = check_target(list(target)) if target is not None else None
         if alias is not None:
             check_name(alias, "alias", "alias name")
         src = Path(src)
@@ -273,6 +272,10 @@ class ModelRegistry:
         except FormatError as exc:
             raise RegistryError(422, "invalid_model", f"{filename}: {exc}", "file") from None
         runtime = meta.pop("runtime")
+        if targets is None and meta.get("target_arch"):
+            targets = [meta["target_arch"]] if is_valid_name(meta["target_arch"]) else None
+        if targets:
+            meta["target"] = targets
         self.store.put(src, digest)
         try:
             with self.db.atomic():
@@ -493,6 +496,7 @@ class ModelRegistry:
                 .order_by(Signature.created_at.desc())
                 .tuples()
             ]
+        metadata = json.loads(v.metadata)
         return {
             "model": model.name,
             "version": v.version,
@@ -500,7 +504,8 @@ class ModelRegistry:
             "size": v.size,
             "runtime": v.runtime,
             "filename": v.filename,
-            "metadata": json.loads(v.metadata),
+            "metadata": metadata,
+            "target": metadata.get("target", []),
             "notes": v.notes,
             "tags": json.loads(v.tags),
             "aliases": aliases,
@@ -608,139 +613,6 @@ class ModelRegistry:
             v.delete_instance()
             audit(actor, "version.delete", f"model:{name}/v{number}", reason, sha256=digest)
         self.store.delete(digest)
-
-    # -- deployments -----------------------------------------------------------------------
-
-    def model_ref(self, v: ModelVersion) -> ModelRef:
-        """What a device needs to fetch and verify version ``v``: its signed manifest
-        (base64 of the exact signed bytes), the newest signature and its key id, and
-        the artifact URL relative to the registry."""
-        sig = (
-            Signature.select()
-            .where(Signature.version == v)
-            .order_by(Signature.created_at.desc(), Signature.id.desc())
-            .first()
-        )
-        if sig is None:
-            raise RegistryError(
-                409,
-                "unsigned",
-                f"model {v.model.name!r} version {v.version} has no signature",
-                "version",
-            )
-        return ModelRef(
-            name=v.model.name,
-            version=v.version,
-            sha256=v.sha256,
-            url=artifact_path(v.model.name, v.version),
-            manifest=base64.b64encode(v.manifest.encode("utf-8")).decode("ascii"),
-            signature=sig.signature,
-            key_id=sig.key_id,
-        )
-
-    def deploy(
-        self,
-        device: str,
-        camera: str,
-        name: str,
-        ref: str | int,
-        *,
-        actor: str,
-        reason: str = "",
-        publish: Publisher | None = None,
-        topics: Topics | None = None,
-    ) -> tuple[Desired, dict]:
-        """Make ``camera`` of ``device`` run model ``name`` version or alias ``ref``.
-
-        Stores the deployment (one row per device and camera, plus an audit entry),
-        builds the device's whole desired state (every camera's current deployment)
-        with the device's next desired version, and, when ``publish`` is given, hands
-        it to the broker retained on ``{root}/commands/{device}/desired`` before the
-        transaction commits: if publishing fails nothing is stored. Desired versions
-        come from a per-device counter, so a number is never reused.
-
-        Returns (the desired state, the deployment as a dict).
-        """
-        check_name(device, "device", "device id")
-        check_name(camera, "camera", "camera name")
-        topics = topics or Topics()
-        # One deploy per device at a time: two first deploys to a new camera would
-        # both insert its row, and interleaved deploys could publish desired states
-        # out of version order.
-        with exclusive(self.db, f"deploy:{device}"):
-            v = self.version(name, ref)
-            model_ref = self.model_ref(v)
-            DesiredCounter.insert(device=device, last_version=0).on_conflict_ignore().execute()
-            DesiredCounter.update(last_version=DesiredCounter.last_version + 1).where(
-                DesiredCounter.device == device
-            ).execute()
-            desired_version = DesiredCounter.get_by_id(device).last_version
-            t = now()
-            row = Deployment.get_or_none(Deployment.device == device, Deployment.camera == camera)
-            old = f"{row.model}/v{row.version}" if row is not None else None
-            if row is None:
-                row = Deployment(device=device, camera=camera)
-            row.model = name
-            row.version = v.version
-            row.desired_version = desired_version
-            row.created_at = t
-            row.actor = actor
-            row.reason = reason or ""
-            row.save()
-            models = {}
-            for d in (
-                Deployment.select().where(Deployment.device == device).order_by(Deployment.camera)
-            ):
-                if d.camera == camera:
-                    models[d.camera] = model_ref
-                else:
-                    models[d.camera] = self.model_ref(self.version(d.model, d.version))
-            desired = Desired(device=device, version=desired_version, models=models)
-            audit(
-                actor,
-                "deployment.set",
-                f"device:{device}/camera:{camera}",
-                reason,
-                model=name,
-                version=v.version,
-                ref=str(ref),
-                old=old,
-                desired_version=desired_version,
-            )
-            if publish is not None:
-                try:
-                    publish(topics.desired(device), desired.to_json(), retain=True)
-                except Exception as exc:
-                    raise RegistryError(
-                        503,
-                        "publish_failed",
-                        f"the desired state could not be published to the broker: {exc}",
-                    ) from None
-        return desired, self.deployment_dict(row)
-
-    @staticmethod
-    def deployment_dict(d: Deployment) -> dict:
-        return {
-            "device": d.device,
-            "camera": d.camera,
-            "model": d.model,
-            "version": d.version,
-            "desired_version": d.desired_version,
-            "created_at": d.created_at,
-            "actor": d.actor,
-            "reason": d.reason,
-        }
-
-    def deployments(self, device: str) -> dict:
-        """The current deployments of a device and its last desired version."""
-        check_name(device, "device", "device id")
-        counter = DesiredCounter.get_or_none(DesiredCounter.device == device)
-        rows = Deployment.select().where(Deployment.device == device).order_by(Deployment.camera)
-        return {
-            "device": device,
-            "desired_version": counter.last_version if counter is not None else None,
-            "deployments": [self.deployment_dict(d) for d in rows],
-        }
 
     def rotate_keys(self, *, actor: str, overlap_s: float = DEFAULT_OVERLAP_S, reason: str = ""):
         with self.db.atomic():

@@ -71,6 +71,28 @@ UNAUTH = {"401": _error("no valid token"), "403": _error("the token's role is to
 BAD = {"400": _error("invalid parameter")}
 
 
+# What to deploy: a camera name, a model and exactly one of version or alias.
+DEPLOYMENT_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["camera", "model"],
+                "additionalProperties": False,
+                "properties": {
+                    "camera": {"type": "string", "pattern": NAME},
+                    "model": {"type": "string", "pattern": NAME},
+                    "version": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
+                    "alias": {"type": "string", "pattern": NAME},
+                    "reason": {"type": "string"},
+                },
+            }
+        }
+    },
+}
+
+
 def _paged(key: str, item: dict[str, Any]) -> dict[str, Any]:
     return {
         "type": "object",
@@ -155,6 +177,7 @@ SCHEMAS: dict[str, Any] = {
             "runtime",
             "filename",
             "metadata",
+            "target",
             "notes",
             "tags",
             "aliases",
@@ -174,6 +197,12 @@ SCHEMAS: dict[str, Any] = {
             "metadata": {
                 "type": "object",
                 "description": "read from the file: inputs, outputs, quantization, labels...",
+            },
+            "target": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "hardware the model is built for (from the upload's manifest; "
+                "an .eim defaults to its ELF CPU architecture); empty when not declared",
             },
             "notes": {"type": "string"},
             "tags": {"type": "array", "items": {"type": "string"}},
@@ -414,6 +443,21 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (flowfleet_registry_...), text format",
+                "description": "Dashboard access rule: a viewer token, or none when the "
+                "anonymous-read policy allows it.",
+                "security": viewer,
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text exposition format 0.0.4",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **UNAUTH,
+                },
+            }
+        },
         "/api/openapi.json": {
             "get": {
                 "summary": "This document",
@@ -579,6 +623,11 @@ def _paths() -> dict[str, Any]:
                                     },
                                     "notes": {"type": "string"},
                                     "tags": {"type": "string", "description": "comma-separated"},
+                                    "target": {
+                                        "type": "string",
+                                        "description": "target hardware, comma-separated "
+                                        "(e.g. rpi5,jetson-orin)",
+                                    },
                                     "alias": {"type": "string", "pattern": NAME},
                                     "reason": {"type": "string"},
                                 },
@@ -773,29 +822,7 @@ def _paths() -> dict[str, Any]:
                 "version. 503 when the registry has no broker connection (nothing is stored).",
                 "security": [{"bearer": []}],
                 "parameters": [DEVICE_PATH],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["camera", "model"],
-                                "additionalProperties": False,
-                                "properties": {
-                                    "camera": {"type": "string", "pattern": NAME},
-                                    "model": {"type": "string", "pattern": NAME},
-                                    "version": {
-                                        "type": "integer",
-                                        "minimum": 1,
-                                        "maximum": 2**31 - 1,
-                                    },
-                                    "alias": {"type": "string", "pattern": NAME},
-                                    "reason": {"type": "string"},
-                                },
-                            }
-                        }
-                    },
-                },
+                "requestBody": DEPLOYMENT_BODY,
                 "responses": {
                     "201": _json(
                         {
@@ -843,21 +870,37 @@ def _paths() -> dict[str, Any]:
 
 
 def openapi_document() -> dict[str, Any]:
+    from .openapi_groups import group_paths
+
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "flowfleet registry API",
             "version": __version__,
             "description": (
-                "Model registry, fleet totals, device events and drift, audit trail. Errors are "
-                '{"error": {"code", "message", "field"}}. Tokens: Authorization: Bearer <token>; '
-                "roles viewer < operator < admin."
+                "Model registry, fleet totals, device events and drift, device groups, audit "
+                'trail. Errors are {"error": {"code", "message", "field"}}. Tokens: '
+                "Authorization: Bearer <token>; roles viewer < operator < admin. A device "
+                "token (tokens create --device) may only download the artifacts deployed to "
+                "its device, read /api/keys and its own /api/devices/{device}/deployments "
+                "(403 otherwise). A browser session (the ffr_session cookie from /login) "
+                "carries its user's role; every POST, PUT, PATCH or DELETE it makes must send "
+                "the session's CSRF token in X-CSRF-Token (403 csrf_failed otherwise); "
+                "requests with a Bearer token need none."
             ),
         },
         "components": {
             "schemas": SCHEMAS,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "session": {
+                    "type": "apiKey",
+                    "in": "cookie",
+                    "name": "ffr_session",
+                    "description": "web login session; state changes also need X-CSRF-Token",
+                },
+            },
         },
-        "security": [{"bearer": []}],
-        "paths": _paths(),
+        "security": [{"bearer": []}, {"session": []}],
+        "paths": {**_paths(), **group_paths()},
     }

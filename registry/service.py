@@ -20,8 +20,9 @@ from flowfleet.contract import DEFAULT_ROOT, Topics
 from flowfleet.mqtt import BrokerAddress, MqttConnection
 
 from .db import describe
+from .errors import PublishError
 from .ingest import IngestWorker
-from .modelreg import ModelRegistry, PublishError, RegistryConfig
+from .modelreg import ModelRegistry, RegistryConfig
 from .watch import WatchFolder
 from .web import create_app
 
@@ -115,7 +116,11 @@ def run_registry(
     server = make_server(
         http_host, http_port, app, threaded=True, request_handler=_QuietRequestHandler
     )
-    watcher = WatchFolder(models, watch_dir) if watch_dir is not None else None
+    watcher = (
+        WatchFolder(models, watch_dir, publish=publish, topics=topics)
+        if watch_dir is not None
+        else None
+    )
     url = _url(http_host, server.server_port)
     http_thread = threading.Thread(target=server.serve_forever, name="registry-http", daemon=True)
     restore_signals = _stop_on_sigterm(stop)

@@ -11,8 +11,14 @@ ignored until renamed into place, which is how rsync, scp clients and browsers w
 
 A **sidecar manifest** ``<file>.json`` (for ``yolo.tflite``: ``yolo.tflite.json``),
 written before the model or within the settle time, may give ``name``, ``notes``,
-``tags`` (list), ``alias`` and ``reason``; unknown keys are an error. Without one the
-model name is the file name without its suffix.
+``tags`` (list), ``target`` (list of hardware names), ``alias``, ``reason``, and a
+deployment target: ``group`` (a device group) with ``camera`` (the camera name on
+each device). Unknown keys are an error. Without one the model name is the file name
+without its suffix. With ``group``, the version (new, or the existing one for bytes
+already registered) is deployed to that camera on every device of the group; the
+group must exist and have devices before anything is registered, and a deployment
+that fails part-way moves the file to ``failed/`` with the devices that did not get
+it (the version stays registered; drop the file again to retry).
 
 Then the file (and its sidecar) moves to ``processed/``, or to ``failed/`` next to
 ``<file>.error.txt`` saying why. Bytes already registered count as processed (the
@@ -39,14 +45,18 @@ from typing import Any
 
 import peewee as pw
 
-from .modelreg import ModelRegistry, RegistryError
+from flowfleet.contract import Topics
+
+from . import groups
+from .errors import Publisher, RegistryError, check_name
+from .modelreg import ModelRegistry
 
 log = logging.getLogger(__name__)
 
 ACTOR = "watch-folder"
 PG_WATCH_LOCK = 0x666C6F78
 IGNORED_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload", ".filepart", ".error.txt")
-SIDECAR_KEYS = {"name", "notes", "tags", "alias", "reason"}
+SIDECAR_KEYS = {"name", "notes", "tags", "target", "alias", "reason", "group", "camera"}
 
 
 @dataclass
@@ -67,6 +77,9 @@ class WatchFolder:
         settle_s: how long a file must stay unchanged to count as complete.
         closed_settle_s: the same, once its writer closed it.
         poll_s: how often the folder is scanned (watchdog events wake it sooner).
+        publish: the desired-state publisher, for sidecars that name a ``group``
+            (without one such files fail with a clear reason).
+        topics: the topic layout the publisher uses.
     """
 
     def __init__(
@@ -77,8 +90,12 @@ class WatchFolder:
         settle_s: float = 3.0,
         poll_s: float = 1.0,
         closed_settle_s: float = 1.0,
+        publish: Publisher | None = None,
+        topics: Topics | None = None,
     ) -> None:
         self.registry = registry
+        self.publish = publish
+        self.topics = topics
         self.folder = Path(folder)
         self.processed = self.folder / "processed"
         self.failed = self.folder / "failed"
@@ -216,6 +233,9 @@ class WatchFolder:
         sidecar = path.with_name(path.name + ".json")
         try:
             options = self._read_sidecar(sidecar)
+            reason = options.get("reason") or f"dropped into {self.folder}"
+            if "group" in options:
+                self._check_group(options)
             version, created = self.registry.add_version(
                 path,
                 name=options.get("name") or _name_from(path),
@@ -223,9 +243,12 @@ class WatchFolder:
                 actor=ACTOR,
                 notes=options.get("notes", ""),
                 tags=options.get("tags", []),
+                target=options.get("target"),
                 alias=options.get("alias"),
-                reason=options.get("reason") or f"dropped into {self.folder}",
+                reason=reason,
             )
+            if "group" in options:
+                self._deploy(version, options, reason)
         except (RegistryError, ValueError, OSError) as exc:
             message = exc.message if isinstance(exc, RegistryError) else str(exc)
             log.warning("watch folder: %s refused: %s", path.name, message)
@@ -245,6 +268,46 @@ class WatchFolder:
         )
         return outcome
 
+    def _check_group(self, options: dict[str, Any]) -> None:
+        if "camera" not in options:
+            raise ValueError("the sidecar names a 'group' but no 'camera' to deploy to")
+        if self.publish is None:
+            raise ValueError(
+                "the sidecar names a group, but this watch folder has no broker connection "
+                "to deploy with (run it inside 'flowfleet registry --watch')"
+            )
+        check_name(options["camera"], "camera", "camera name")
+        if not groups.members(options["group"]):
+            raise ValueError(f"device group {options['group']!r} has no devices")
+
+    def _deploy(self, version, options: dict[str, Any], reason: str) -> None:
+        result = groups.deploy_to_group(
+            self.registry,
+            options["group"],
+            options["camera"],
+            version.model.name,
+            version.version,
+            actor=ACTOR,
+            reason=reason,
+            publish=self.publish,
+            topics=self.topics,
+        )
+        if result["failed"]:
+            failed = "; ".join(f"{f['device']}: {f['error']}" for f in result["failed"])
+            raise ValueError(
+                f"registered as {version.model.name} version {version.version}, but deploying "
+                f"to group {options['group']!r} failed for {failed}; drop the file again "
+                "to retry"
+            )
+        log.info(
+            "watch folder: deployed %s version %d to camera %s of %d device(s) in group %s",
+            version.model.name,
+            version.version,
+            options["camera"],
+            len(result["deployed"]),
+            options["group"],
+        )
+
     @staticmethod
     def _read_sidecar(sidecar: Path) -> dict[str, Any]:
         if not sidecar.exists():
@@ -261,12 +324,15 @@ class WatchFolder:
                 f"{sidecar.name}: unknown key(s) {', '.join(sorted(unknown))} "
                 f"(allowed: {', '.join(sorted(SIDECAR_KEYS))})"
             )
-        for key in ("name", "notes", "alias", "reason"):
+        for key in ("name", "notes", "alias", "reason", "group", "camera"):
             if key in data and not isinstance(data[key], str):
                 raise ValueError(f"{sidecar.name}: {key!r} must be a string")
         tags = data.get("tags", [])
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise ValueError(f"{sidecar.name}: 'tags' must be a list of strings")
+        target = data.get("target", [])
+        if not isinstance(target, list) or not all(isinstance(t, str) for t in target):
+            raise ValueError(f"{sidecar.name}: 'target' must be a list of strings")
         return data
 
     def _move(self, path: Path, sidecar: Path, into: Path) -> Path:

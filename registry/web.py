@@ -11,8 +11,10 @@ Routes:
     /api/models/...        the model registry (see `flowfleet.registry.api`)
     GET /api/openapi.json  the OpenAPI document of all of the above
 
-Access control (tokens, roles, anonymous dashboard reads from localhost) is
-`flowfleet.registry.api.install_auth`. API errors are JSON
+Web pages outside the dashboard (login, logout, the models page with its upload
+form) are the `flowfleet.registry.webauth` blueprint. Access control (tokens,
+device tokens, web sessions with CSRF, roles, anonymous dashboard reads from
+localhost) is `flowfleet.registry.access.install_auth`. API errors are JSON
 ``{"error": {"code", "message", "field"}}`` with a matching HTTP status; unknown
 query parameters are refused (400) so a typo never silently turns a
 filtered query into an unfiltered one.
@@ -33,9 +35,10 @@ from werkzeug.exceptions import HTTPException
 from flowfleet.contract import CameraModel, Topics, is_valid_name
 from flowfleet.contract import DriftSummary as DriftPayload
 
+from .access import install_auth
 from .api import bp as api_bp
 from .api import error_response as registry_error_response
-from .api import install_auth, int_arg, query_args
+from .api import int_arg, query_args
 from .db import (
     CountBin,
     DeadLetter,
@@ -48,7 +51,11 @@ from .db import (
     ZoneTotal,
     require_bound,
 )
+from .groups_api import bp as groups_bp
+from .metrics import install_metrics
 from .modelreg import ModelRegistry, RegistryError
+from .webauth import bp as webauth_bp
+from .webauth import error_page
 
 log = logging.getLogger(__name__)
 
@@ -415,6 +422,9 @@ def create_app(
         app.extensions["flowfleet_publish"] = publish
     app.extensions["flowfleet_topics"] = topics or Topics()
     app.register_blueprint(api_bp)
+    app.register_blueprint(webauth_bp)
+    app.register_blueprint(groups_bp)
+    install_metrics(app)  # first before_request hook: times everything after it
 
     @app.before_request
     def _connect() -> None:
@@ -436,11 +446,7 @@ def create_app(
     @app.errorhandler(RegistryError)
     def _registry_error(exc: RegistryError):
         if not _is_api() and exc.status in (401, 403):
-            return (
-                exc.message,
-                exc.status,
-                {"WWW-Authenticate": 'Bearer realm="flowfleet-registry"'},
-            )
+            return error_page(exc.status, exc.message)
         return registry_error_response(exc)
 
     @app.errorhandler(HTTPException)

@@ -191,9 +191,148 @@ def test_dashboard_with_a_viewer_token_from_anywhere(registry, seeded):
         assert resp.status_code == 200, url
 
 
+# Routes that change state without a role: signing in and out, each protected by its
+# own CSRF check (tests/test_registry_websession.py).
+SELF_CHECKED = {"webauth.login", "webauth.logout"}
+
+
 def test_no_state_changing_route_is_reachable_without_a_token(app):
     """Every route that accepts POST/PUT/PATCH/DELETE declares operator or admin."""
     for rule in app.url_map.iter_rules():
         if rule.methods & {"POST", "PUT", "PATCH", "DELETE"}:
+            if rule.endpoint in SELF_CHECKED:
+                continue
             view = app.view_functions[rule.endpoint]
             assert getattr(view, "required_role", "admin") in ("operator", "admin"), rule.rule
+
+
+# -- device tokens -------------------------------------------------------------------
+
+DEV, OTHER = "cam-1", "cam-2"
+
+
+@pytest.fixture
+def fleet(registry, data):
+    """An app that deploys (no-op publisher); yolo v1 and v2, v1 deployed to cam-1 and
+    v2 to cam-2; an operator token and a device token per device."""
+    app = create_app(registry.db, registry=registry, publish=lambda *a, **k: None)
+    models = data / "models"
+    with registry.db.connection_context():
+        registry.add_version(models / TFLITE, name="yolo", filename=TFLITE, actor="test")
+        dyn = "yolov8n_int8_dynamic.tflite"
+        registry.add_version(models / dyn, name="yolo", filename=dyn, actor="test")
+        registry.set_alias("yolo", "staging", 1, actor="test")
+        auth.create_user("ops", "operator", actor="test")
+        auth.create_user("fleet", "admin", actor="test")
+        op, _ = auth.create_token("ops", actor="test")
+        devs = {d: auth.create_token("fleet", actor="test", device=d)[0] for d in (DEV, OTHER)}
+    client = app.test_client()
+    for device, version in ((DEV, 1), (OTHER, 2)):
+        resp = client.post(
+            f"/api/devices/{device}/deployments",
+            json={"camera": "road", "model": "yolo", "version": version},
+            headers={"Authorization": f"Bearer {op}"},
+        )
+        assert resp.status_code == 201, resp.get_json()
+    return client, op, devs
+
+
+def _bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.mark.parametrize(
+    ("url", "status", "words"),
+    [
+        ("/api/models/yolo/versions/1/artifact", 200, None),
+        ("/api/models/yolo/versions/staging/artifact", 200, None),  # alias -> v1
+        ("/api/models/yolo/versions/2/artifact", 403, "model yolo version 2 is not deployed"),
+        ("/api/models/yolo/versions/9/artifact", 403, "version 9 is not deployed to device"),
+        ("/api/models/nope/versions/1/artifact", 403, "is not deployed to device cam-1"),
+        ("/api/keys", 200, None),
+        (f"/api/devices/{DEV}/deployments", 200, None),
+        (f"/api/devices/{OTHER}/deployments", 403, "device token for device 'cam-1'"),
+        ("/api/models", 403, "device token for device 'cam-1'"),
+        ("/api/models/yolo/versions/1", 403, "device token"),
+        ("/api/audit", 403, "device token"),
+        ("/api/devices", 403, "device token"),
+        ("/", 403, "device token"),
+    ],
+)
+def test_device_token_reads_only_what_is_deployed_to_it(fleet, url, status, words):
+    client, _, devs = fleet
+    resp = client.get(url, headers=_bearer(devs[DEV]))
+    assert resp.status_code == status, resp.get_data(as_text=True)[:300]
+    if words:
+        assert words in resp.get_data(as_text=True)
+    if url.endswith("/artifact") and status == 200:
+        assert resp.headers["X-Model-Version"] == "1"
+
+
+def test_device_token_downloads_what_is_deployed_and_nothing_else(fleet, registry):
+    client, op, devs = fleet
+    v2 = "/api/models/yolo/versions/2/artifact"
+    assert client.get(v2, headers=_bearer(devs[OTHER])).status_code == 200
+    resp = client.get(v2, headers=_bearer(devs[DEV]))
+    assert resp.status_code == 403, "the other device's artifact"
+    assert resp.get_json()["error"]["message"] == (
+        "model yolo version 2 is not deployed to device cam-1"
+    )
+    # Deploying v2 to cam-1 (its camera's current row changes) flips what it may fetch.
+    resp = client.post(
+        f"/api/devices/{DEV}/deployments",
+        json={"camera": "road", "model": "yolo", "version": 2},
+        headers=_bearer(op),
+    )
+    assert resp.status_code == 201
+    assert client.get(v2, headers=_bearer(devs[DEV])).status_code == 200
+    v1 = client.get("/api/models/yolo/versions/1/artifact", headers=_bearer(devs[DEV]))
+    assert v1.status_code == 403, "no longer deployed to it"
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "least", "body"), ENDPOINTS, ids=[f"{m} {u}" for m, u, _, _ in ENDPOINTS]
+)
+def test_device_token_never_passes_a_role_check(fleet, method, url, least, body):
+    client, _, devs = fleet
+    if url.endswith("/artifact"):
+        return  # the one route a device token may use (tested above)
+    resp = call(client, method, url, body, _bearer(devs[DEV]))
+    assert resp.status_code == 403, resp.get_json()
+    assert "device token for device 'cam-1'" in resp.get_json()["error"]["message"]
+    deploy = call(
+        client,
+        "POST",
+        f"/api/devices/{DEV}/deployments",
+        {"camera": "road", "model": "yolo", "version": 2},
+        _bearer(devs[DEV]),
+    )
+    assert deploy.status_code == 403, "not even deploying to itself"
+
+
+def test_revoked_device_token_is_refused(fleet, registry):
+    client, _, devs = fleet
+    url = "/api/models/yolo/versions/1/artifact"
+    assert client.get(url, headers=_bearer(devs[DEV])).status_code == 200
+    with registry.db.connection_context():
+        row = regdb.ApiToken.get(regdb.ApiToken.device == DEV)
+        auth.revoke_token(row.id, actor="test", reason="stolen camera")
+    resp = client.get(url, headers=_bearer(devs[DEV]))
+    assert resp.status_code == 401 and resp.get_json()["error"]["code"] == "unauthorized"
+
+
+def test_device_tokens_are_audited_listed_and_take_no_role(registry):
+    with registry.db.connection_context():
+        auth.create_user("fleet", "operator", actor="test")
+        secret, _ = auth.create_token("fleet", actor="test", device=DEV, label="pi")
+        principal = auth.authenticate(secret)
+        assert principal.device == DEV
+        assert not any(principal.allows(role) for role in auth.ROLES)
+        (listed,) = auth.list_tokens()
+        assert (listed["device"], listed["role"], listed["label"]) == (DEV, None, "pi")
+        entry = regdb.AuditEntry.get(regdb.AuditEntry.action == "token.create")
+        assert '"device": "cam-1"' in entry.details
+        with pytest.raises(auth.AuthError, match="no role"):
+            auth.create_token("fleet", actor="test", device=DEV, role="viewer")
+        with pytest.raises(auth.AuthError, match="not a valid device id"):
+            auth.create_token("fleet", actor="test", device="../etc")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -116,3 +117,62 @@ def test_users_tokens_and_key_rotation(cli, data):
         )
     with_db = regdb.database_proxy.obj
     assert with_db is not None
+
+
+def test_users_passwd_reads_stdin_and_device_tokens(cli, monkeypatch):
+    from flowfleet.registry import websession
+
+    assert cli("users", "add", "bob", "--role", "viewer")[0] == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("a long passphrase\n"))
+    rc, out, _ = cli("users", "passwd", "bob")
+    assert rc == 0 and "password of bob set" in out
+    with regdb.database_proxy.obj.connection_context():
+        stored = regdb.User.get(regdb.User.name == "bob").password_hash
+        actions = [e.action for e in regdb.AuditEntry.select()]
+    assert stored.startswith("scrypt$") and "a long passphrase" not in stored
+    assert websession.verify_password("a long passphrase", stored)
+    assert "user.password" in actions
+    for stdin, words in (("short\n", "at least 8 characters"), ("", "no password on stdin")):
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        rc, _, err = cli("users", "passwd", "bob")
+        assert rc == 2 and words in err
+    with pytest.raises(SystemExit):  # never from argv
+        build_parser().parse_args(["registry", "users", "passwd", "bob", "secret-pass"])
+    monkeypatch.setattr("sys.stdin", io.StringIO("a long passphrase\n"))
+    rc, _, err = cli("users", "passwd", "nobody")
+    assert rc == 2 and "no user 'nobody'" in err
+    assert "bob" in cli("users", "list")[1]
+
+    rc, out, err = cli("tokens", "create", "bob", "--device", "cam-7", "--label", "pi")
+    assert rc == 0 and out.strip().startswith("ffr_") and "device cam-7" in err
+    rc, out, _ = cli("tokens", "list")
+    assert "device:cam-7" in out and "pi" in out
+    rc, _, err = cli("tokens", "create", "bob", "--device", "cam-7", "--role", "viewer")
+    assert rc == 2 and "no role" in err
+
+
+def test_groups_set_list_show_delete_and_target_hardware(cli, data):
+    rc, out, _ = cli("groups", "set", "lobby", "cam-2", "cam-1", "--reason", "site A")
+    assert rc == 0 and "group lobby created: 2 device(s)" in out
+    rc, out, _ = cli("groups", "set", "lobby", "cam-3")
+    assert rc == 0 and "group lobby updated: 1 device(s)" in out
+    rc, out, _ = cli("groups", "list")
+    assert rc == 0 and out.split("\t")[0] == "lobby" and "cam-3" in out
+    rc, out, _ = cli("groups", "show", "lobby")
+    assert rc == 0 and json.loads(out)["devices"] == ["cam-3"]
+    rc, _, err = cli("groups", "set", "lobby", "bad/id")
+    assert rc == 2 and "devices:" in err
+    rc, _, err = cli("groups", "show", "nope")
+    assert rc == 1 and "no device group 'nope'" in err
+    rc, out, _ = cli("groups", "delete", "lobby")
+    assert rc == 0
+    rc, out, _ = cli("groups", "list", "--json")
+    assert rc == 0 and json.loads(out) == []
+
+    model = str(data / "models" / TFLITE)
+    rc, out, _ = cli(
+        "models", "add", model, "--name", "y", "--target", "rpi5", "--target", "x86_64"
+    )
+    assert rc == 0
+    rc, out, _ = cli("models", "show", "y", "1")
+    assert json.loads(out)["target"] == ["rpi5", "x86_64"]

@@ -23,8 +23,9 @@ from flowfleet.registry import auth
 from flowfleet.registry import db as regdb
 from flowfleet.registry.artifacts import LocalStore
 from flowfleet.registry.db import Deployment
+from flowfleet.registry.errors import PublishError
 from flowfleet.registry.keys import KeyRing
-from flowfleet.registry.modelreg import MIB, ModelRegistry, PublishError
+from flowfleet.registry.modelreg import MIB, ModelRegistry
 from flowfleet.registry.service import mqtt_publisher
 from flowfleet.registry.testing import KINDS, reset_database, temporary_database
 from flowfleet.registry.web import create_app

@@ -2,7 +2,8 @@
 
 A real registry (SQLite) served over HTTP, its publisher wired to a real
 `MqttConnection` on a real Mosquitto, and an in-process `AgentService` counting a
-looping video (set-up shared with tests/test_agent_update.py).
+looping video (set-up shared with tests/test_agent_update.py). The agent downloads
+with a *device token*: it may fetch only what is deployed to it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import pytest
 
 from flowfleet.agent.service import AgentService
 from flowfleet.mqtt import BrokerAddress, MqttConnection
+from flowfleet.registry import auth
 from flowfleet.registry.service import mqtt_publisher
 from tests.test_agent_update import (
     DEVICE,
@@ -28,14 +30,21 @@ from tests.test_agent_update import (
 @pytest.fixture
 def deploying_registry(tmp_path, broker):
     """(base URL, test client, operator token, device token) of a served registry
-    that publishes desired states through a real MQTT connection."""
+    that publishes desired states through a real MQTT connection; the device token
+    is bound to DEVICE (``tokens create --device``)."""
     conn = MqttConnection("test-registry", BrokerAddress(broker.host, broker.port))
     conn.start()
     assert conn.wait_connected(10)
 
     try:
         with served_registry(tmp_path, publish=mqtt_publisher(conn)) as served:
-            yield served
+            base, client, op, _ = served
+            app = client.application
+            db = app.extensions["flowfleet_model_registry"].db
+            with db.connection_context():
+                auth.create_user("fleet", "admin", actor="test")
+                device_token, _ = auth.create_token("fleet", actor="test", device=DEVICE)
+            yield base, client, op, device_token
     finally:
         conn.stop()
 
@@ -45,6 +54,9 @@ def test_a_deployment_is_activated_by_the_agent(
 ):
     base, client, op, dev = deploying_registry
     dyn = upload(client, op, data / "models" / DYN, "yolo-dyn")
+    artifact = "/api/models/yolo-dyn/versions/1/artifact"
+    refused = client.get(artifact, headers={"Authorization": f"Bearer {dev}"})
+    assert refused.status_code == 403, "not deployed to the device yet"
     config = make_config(tmp_path, broker, base, dev, videos, int8_model)
     watcher = Watcher(broker)
     service = AgentService(config)

@@ -161,6 +161,15 @@ def test_duplicates_and_concurrent_drops(registry, folder, data):
         ("ok.tflite", "valid", "{not json", "not valid JSON"),
         ("ok.tflite", "valid", json.dumps({"colour": "red"}), "unknown key(s) colour"),
         ("ok.tflite", "valid", json.dumps({"name": "../x"}), "not a valid model name"),
+        ("ok.tflite", "valid", json.dumps({"target": "rpi5"}), "'target' must be a list"),
+        ("ok.tflite", "valid", json.dumps({"target": ["a b"]}), "target hardware name"),
+        ("ok.tflite", "valid", json.dumps({"group": "lobby"}), "no 'camera'"),
+        (
+            "ok.tflite",
+            "valid",
+            json.dumps({"group": "lobby", "camera": "door"}),
+            "no broker connection",
+        ),
     ],
 )
 def test_refused_files_go_to_failed_with_the_reason(
@@ -190,3 +199,53 @@ def test_temporary_names_are_ignored_until_renamed(registry, folder, data):
         wait_for(lambda: "m.tflite" in names(folder / "processed"), what="processed")
         assert w.scan() == []
     assert names(folder) == {"processed", "failed", ".hidden.tflite"}
+
+
+def test_a_sidecar_with_target_hardware_and_a_device_group_deploys_to_the_group(
+    registry, folder, data, broker
+):
+    """The sidecar's target hardware is signed into the version's metadata and its
+    group gets the new version: each member's retained desired state names it."""
+    from flowfleet.contract import Topics, parse_payload
+    from flowfleet.mqtt import BrokerAddress, MqttConnection
+    from flowfleet.registry import groups
+    from flowfleet.registry.service import mqtt_publisher
+
+    from .test_registry_deploy import Subscriber
+
+    with registry.db.connection_context():
+        groups.set_group(registry.db, "lobby", ["cam-a", "cam-b"], actor="t")
+        groups.set_group(registry.db, "empty", [], actor="t")
+    conn = MqttConnection("test-watch", BrokerAddress(broker.host, broker.port))
+    conn.start()
+    assert conn.wait_connected(10)
+    folder.mkdir()
+    (folder / "door.tflite.json").write_text(
+        json.dumps({"target": ["rpi5", "jetson-orin"], "group": "lobby", "camera": "door"})
+    )
+    (folder / "bad.tflite.json").write_text(json.dumps({"group": "empty", "camera": "door"}))
+    raw = (data / "models" / TFLITE).read_bytes()
+    try:
+        with watcher(registry, folder, publish=mqtt_publisher(conn), topics=Topics()):
+            (folder / "door.tflite").write_bytes(raw)
+            (folder / "bad.tflite").write_bytes(raw)
+            wait_for(lambda: "door.tflite" in names(folder / "processed"), what="processed")
+            wait_for(lambda: "bad.tflite.error.txt" in names(folder / "failed"), what="failed")
+        for device in ("cam-a", "cam-b"):
+            sub = Subscriber(broker, device)
+            try:
+                (msg,) = sub.wait(1)
+            finally:
+                sub.close()
+            desired = parse_payload("desired", msg.payload, device=device)
+            assert (desired.models["door"].name, desired.models["door"].version) == ("door", 1)
+    finally:
+        conn.stop()
+    assert (
+        "group 'empty' has no devices" in (folder / "failed" / "bad.tflite.error.txt").read_text()
+    )
+    with registry.db.connection_context():
+        v = registry.version("door", 1)
+        assert json.loads(v.metadata)["target"] == ["jetson-orin", "rpi5"]
+        assert '"target":["jetson-orin","rpi5"]' in v.manifest  # signed
+        assert registry.version_dict(v)["target"] == ["jetson-orin", "rpi5"]

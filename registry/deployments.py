@@ -1,0 +1,164 @@
+"""Deployments: which model version each camera of a device should run, and the
+signed, retained desired state that tells the device (mixed into `ModelRegistry`)."""
+
+from __future__ import annotations
+
+import base64
+from typing import TYPE_CHECKING
+
+from flowfleet.contract import Desired, ModelRef, Topics
+
+from . import metrics
+from .auth import audit
+from .db import Deployment, DesiredCounter, ModelVersion, Signature, now
+from .errors import Publisher, RegistryError, artifact_path, check_name
+from .locks import exclusive
+
+if TYPE_CHECKING:
+    import peewee as pw
+
+
+class DeploymentsMixin:
+    """Deployment methods of `ModelRegistry` (which provides ``db``, ``version``)."""
+
+    db: pw.Database
+
+    def model_ref(self, v: ModelVersion) -> ModelRef:
+        """What a device needs to fetch and verify version ``v``: its signed manifest
+        (base64 of the exact signed bytes), the newest signature and its key id, and
+        the artifact URL relative to the registry."""
+        sig = (
+            Signature.select()
+            .where(Signature.version == v)
+            .order_by(Signature.created_at.desc(), Signature.id.desc())
+            .first()
+        )
+        if sig is None:
+            raise RegistryError(
+                409,
+                "unsigned",
+                f"model {v.model.name!r} version {v.version} has no signature",
+                "version",
+            )
+        return ModelRef(
+            name=v.model.name,
+            version=v.version,
+            sha256=v.sha256,
+            url=artifact_path(v.model.name, v.version),
+            manifest=base64.b64encode(v.manifest.encode("utf-8")).decode("ascii"),
+            signature=sig.signature,
+            key_id=sig.key_id,
+        )
+
+    def deploy(
+        self,
+        device: str,
+        camera: str,
+        name: str,
+        ref: str | int,
+        *,
+        actor: str,
+        reason: str = "",
+        publish: Publisher | None = None,
+        topics: Topics | None = None,
+    ) -> tuple[Desired, dict]:
+        """Make ``camera`` of ``device`` run model ``name`` version or alias ``ref``.
+
+        Stores the deployment (one row per device and camera, plus an audit entry),
+        builds the device's whole desired state (every camera's current deployment)
+        with the device's next desired version, and, when ``publish`` is given, hands
+        it to the broker retained on ``{root}/commands/{device}/desired`` before the
+        transaction commits: if publishing fails nothing is stored. Desired versions
+        come from a per-device counter, so a number is never reused.
+
+        Returns (the desired state, the deployment as a dict).
+        """
+        try:
+            out = self._deploy(device, camera, name, ref, actor, reason, publish, topics)
+        except RegistryError:
+            metrics.DEPLOYS.labels(result="failed").inc()
+            raise
+        metrics.DEPLOYS.labels(result="ok").inc()
+        return out
+
+    def _deploy(self, device, camera, name, ref, actor, reason, publish, topics):
+        check_name(device, "device", "device id")
+        check_name(camera, "camera", "camera name")
+        topics = topics or Topics()
+        # One deploy per device at a time: two first deploys to a new camera would
+        # both insert its row, and interleaved deploys could publish desired states
+        # out of version order.
+        with exclusive(self.db, f"deploy:{device}"):
+            v = self.version(name, ref)
+            model_ref = self.model_ref(v)
+            DesiredCounter.insert(device=device, last_version=0).on_conflict_ignore().execute()
+            DesiredCounter.update(last_version=DesiredCounter.last_version + 1).where(
+                DesiredCounter.device == device
+            ).execute()
+            desired_version = DesiredCounter.get_by_id(device).last_version
+            t = now()
+            row = Deployment.get_or_none(Deployment.device == device, Deployment.camera == camera)
+            old = f"{row.model}/v{row.version}" if row is not None else None
+            if row is None:
+                row = Deployment(device=device, camera=camera)
+            row.model = name
+            row.version = v.version
+            row.desired_version = desired_version
+            row.created_at = t
+            row.actor = actor
+            row.reason = reason or ""
+            row.save()
+            models = {}
+            for d in (
+                Deployment.select().where(Deployment.device == device).order_by(Deployment.camera)
+            ):
+                if d.camera == camera:
+                    models[d.camera] = model_ref
+                else:
+                    models[d.camera] = self.model_ref(self.version(d.model, d.version))
+            desired = Desired(device=device, version=desired_version, models=models)
+            audit(
+                actor,
+                "deployment.set",
+                f"device:{device}/camera:{camera}",
+                reason,
+                model=name,
+                version=v.version,
+                ref=str(ref),
+                old=old,
+                desired_version=desired_version,
+            )
+            if publish is not None:
+                try:
+                    publish(topics.desired(device), desired.to_json(), retain=True)
+                except Exception as exc:
+                    raise RegistryError(
+                        503,
+                        "publish_failed",
+                        f"the desired state could not be published to the broker: {exc}",
+                    ) from None
+        return desired, self.deployment_dict(row)
+
+    @staticmethod
+    def deployment_dict(d: Deployment) -> dict:
+        return {
+            "device": d.device,
+            "camera": d.camera,
+            "model": d.model,
+            "version": d.version,
+            "desired_version": d.desired_version,
+            "created_at": d.created_at,
+            "actor": d.actor,
+            "reason": d.reason,
+        }
+
+    def deployments(self, device: str) -> dict:
+        """The current deployments of a device and its last desired version."""
+        check_name(device, "device", "device id")
+        counter = DesiredCounter.get_or_none(DesiredCounter.device == device)
+        rows = Deployment.select().where(Deployment.device == device).order_by(Deployment.camera)
+        return {
+            "device": device,
+            "desired_version": counter.last_version if counter is not None else None,
+            "deployments": [self.deployment_dict(d) for d in rows],
+        }

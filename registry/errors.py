@@ -1,0 +1,44 @@
+"""The registry's refusal type and the checks shared by its modules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flowfleet.contract import is_valid_name
+
+# publish(topic, payload, retain=True): send one message to the broker (QoS 1); raises
+# PublishError (or any exception) when it cannot.
+Publisher = Callable[..., Any]
+
+
+class PublishError(Exception):
+    """The desired state could not be handed to the broker (not connected, refused)."""
+
+
+def artifact_path(name: str, number: int) -> str:
+    """The registry-relative download path of a version (the API's artifact route)."""
+    return f"/api/models/{name}/versions/{number}/artifact"
+
+
+class RegistryError(Exception):
+    """A refused request: HTTP ``status``, ``code``, message and offending ``field``."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+def check_name(value: str, field: str, what: str) -> str:
+    if not isinstance(value, str) or not is_valid_name(value):
+        raise RegistryError(
+            400,
+            "invalid_parameter",
+            f"{value!r} is not a valid {what} (1-64 of letters, digits, _ . -; starting "
+            "with a letter or digit)",
+            field,
+        )
+    return value

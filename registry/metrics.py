@@ -1,0 +1,116 @@
+"""Prometheus metrics of the registry (``GET /metrics``, text exposition format).
+
+Names follow Prometheus conventions: the ``flowfleet_registry_`` prefix, base units
+(seconds, bytes), ``_total`` for counters. Counters live in this process (each
+registry worker is scraped on its own; sum them in PromQL); the fleet gauges
+(devices by state, model versions, dead letters stored) are read from the database
+at scrape time, so every worker reports the same, shared values.
+
+==========================================================  ==========================
+metric                                                      labels
+==========================================================  ==========================
+flowfleet_registry_uploads_total                            result (created, duplicate,
+                                                            refused), runtime
+flowfleet_registry_deploys_total                            result (ok, failed)
+flowfleet_registry_rollbacks_total                          device-reported rollbacks
+flowfleet_registry_ingest_messages_total                    kind, outcome (stored,
+                                                            duplicate, dead-letter, error)
+flowfleet_registry_dead_letters_total                       dead letters written
+flowfleet_registry_http_request_duration_seconds (hist.)    method, endpoint, status
+flowfleet_registry_devices                                  state (online, offline,
+                                                            unknown)
+flowfleet_registry_model_versions                           (none)
+flowfleet_registry_dead_letters_stored                      (none)
+==========================================================  ==========================
+"""
+
+from __future__ import annotations
+
+import time
+
+import peewee as pw
+from flask import Flask, Response, g, request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+PREFIX = "flowfleet_registry"
+
+UPLOADS = Counter(
+    f"{PREFIX}_uploads_total",
+    "Model uploads, by outcome and runtime",
+    ("result", "runtime"),
+)
+DEPLOYS = Counter(
+    f"{PREFIX}_deploys_total",
+    "Deployments to one device camera (desired state published or not)",
+    ("result",),
+)
+ROLLBACKS = Counter(
+    f"{PREFIX}_rollbacks_total",
+    "Model rollbacks reported by devices (model_rolled_back events stored)",
+)
+INGEST = Counter(
+    f"{PREFIX}_ingest_messages_total",
+    "MQTT messages handled by ingest, by kind and outcome",
+    ("kind", "outcome"),
+)
+DEAD_LETTERS = Counter(f"{PREFIX}_dead_letters_total", "Dead letters written")
+REQUEST_SECONDS = Histogram(
+    f"{PREFIX}_http_request_duration_seconds",
+    "HTTP request latency, by method, route and status",
+    ("method", "endpoint", "status"),
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+
+# Read from the database at scrape time (shared by every worker).
+_SCRAPE = CollectorRegistry(auto_describe=True)
+DEVICES = Gauge(f"{PREFIX}_devices", "Devices by state", ("state",), registry=_SCRAPE)
+VERSIONS = Gauge(f"{PREFIX}_model_versions", "Model versions registered", registry=_SCRAPE)
+DEAD_STORED = Gauge(
+    f"{PREFIX}_dead_letters_stored", "Dead letters in the database", registry=_SCRAPE
+)
+
+
+def _refresh_fleet_gauges() -> None:
+    from .db import DEVICE_STATES, DeadLetter, Device, ModelVersion
+
+    # Runs inside a request, which already holds this thread's connection.
+    counts = dict(
+        Device.select(Device.state, pw.fn.COUNT(Device.id)).group_by(Device.state).tuples()
+    )
+    for state in DEVICE_STATES:
+        DEVICES.labels(state=state).set(counts.get(state, 0))
+    VERSIONS.set(ModelVersion.select().count())
+    DEAD_STORED.set(DeadLetter.select().count())
+
+
+def install_metrics(app: Flask) -> None:
+    """Time every request and serve ``GET /metrics`` (access: see registry.api)."""
+
+    @app.before_request
+    def _start_timer() -> None:
+        g.metrics_started = time.perf_counter()
+
+    @app.after_request
+    def _observe(resp: Response) -> Response:
+        started = g.pop("metrics_started", None)
+        if started is not None:
+            # The route pattern, not the path: one series per endpoint, not per model.
+            endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
+            REQUEST_SECONDS.labels(request.method, endpoint, str(resp.status_code)).observe(
+                time.perf_counter() - started
+            )
+        return resp
+
+    @app.get("/metrics", endpoint="metrics")
+    def metrics() -> Response:
+        _refresh_fleet_gauges()
+        body = generate_latest(REGISTRY) + generate_latest(_SCRAPE)
+        return Response(body, mimetype=CONTENT_TYPE_LATEST)

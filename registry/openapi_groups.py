@@ -1,0 +1,147 @@
+"""OpenAPI paths of the device-group API (`flowfleet.registry.groups_api`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .openapi import (
+    BAD,
+    DEPLOYMENT_BODY,
+    LIMIT,
+    NAME,
+    OFFSET,
+    REASON,
+    UNAUTH,
+    _error,
+    _json,
+    _paged,
+    _param,
+    _ref,
+)
+
+GROUP_PATH = _param("name", "path", {"type": "string", "pattern": NAME}, "group name")
+
+GROUP = {
+    "type": "object",
+    "required": ["name", "devices", "created_at", "created_by"],
+    "properties": {
+        "name": {"type": "string"},
+        "devices": {"type": "array", "items": {"type": "string"}},
+        "created_at": {"type": "number"},
+        "created_by": {"type": "string"},
+    },
+}
+
+GROUP_DEPLOYMENT = {
+    "type": "object",
+    "required": ["group", "camera", "model", "version", "deployed", "failed"],
+    "properties": {
+        "group": {"type": "string"},
+        "camera": {"type": "string"},
+        "model": {"type": "string"},
+        "version": {"type": "integer"},
+        "deployed": {"type": "array", "items": _ref("Deployment")},
+        "failed": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["device", "error"],
+                "properties": {"device": {"type": "string"}, "error": {"type": "string"}},
+            },
+        },
+    },
+}
+
+
+def group_paths() -> dict[str, Any]:
+    bearer = [{"bearer": []}]
+    return {
+        "/api/groups": {
+            "get": {
+                "summary": "Device groups, by name",
+                "security": bearer,
+                "parameters": [LIMIT, OFFSET],
+                "responses": {
+                    "200": _json(_paged("groups", GROUP), "a page of groups"),
+                    **BAD,
+                    **UNAUTH,
+                },
+            }
+        },
+        "/api/groups/{name}": {
+            "get": {
+                "summary": "One device group",
+                "security": bearer,
+                "parameters": [GROUP_PATH],
+                "responses": {
+                    "200": _json(GROUP, "the group"),
+                    **BAD,
+                    **UNAUTH,
+                    "404": _error("unknown group"),
+                },
+            },
+            "put": {
+                "summary": "Create a group or replace its devices (operator)",
+                "security": bearer,
+                "parameters": [GROUP_PATH],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["devices"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "devices": {
+                                        "type": "array",
+                                        "items": {"type": "string", "pattern": NAME},
+                                    },
+                                    "reason": {"type": "string"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(GROUP, "the group, updated"),
+                    "201": _json(GROUP, "the group, created"),
+                    **BAD,
+                    **UNAUTH,
+                    "415": _error("not JSON"),
+                },
+            },
+            "delete": {
+                "summary": "Delete a group (its devices keep their deployments; operator)",
+                "security": bearer,
+                "parameters": [GROUP_PATH, REASON],
+                "responses": {
+                    "204": {"description": "deleted"},
+                    **BAD,
+                    **UNAUTH,
+                    "404": _error("unknown group"),
+                },
+            },
+        },
+        "/api/groups/{name}/deployments": {
+            "post": {
+                "summary": "Deploy a model version to a camera on every device of a group",
+                "description": "Resolves an alias once, then deploys device by device as "
+                "POST /api/devices/{device}/deployments does. 502 with the same body when "
+                "some devices could not be given their new desired state ('failed').",
+                "security": bearer,
+                "parameters": [GROUP_PATH],
+                "requestBody": DEPLOYMENT_BODY,
+                "responses": {
+                    "201": _json(GROUP_DEPLOYMENT, "deployed to every device"),
+                    "502": _json(GROUP_DEPLOYMENT, "deployed to some devices only"),
+                    **BAD,
+                    **UNAUTH,
+                    "404": _error("unknown group, model, version or alias"),
+                    "409": _error("the group is empty, or the version has no signature"),
+                    "415": _error("not JSON"),
+                    "503": _error("no broker connection to publish desired states"),
+                },
+            }
+        },
+    }
