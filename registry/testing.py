@@ -113,3 +113,23 @@ def release() -> None:
             current.close_idle()
             current.close_stale(age=-1)
         regdb.database_proxy.initialize(None)
+
+
+def fresh_registry(db_url: str, tmp_path: Path, *, max_upload_bytes: int | None = None):
+    """A started `ModelRegistry` on an emptied database at ``db_url``, with its
+    artifacts, keys and upload staging under ``tmp_path`` (8 MiB upload limit)."""
+    from .artifacts import LocalStore
+    from .keys import KeyRing
+    from .modelreg import MIB, ModelRegistry
+
+    db = regdb.open_database(db_url)
+    reset_database(db)
+    reg = ModelRegistry(
+        db,
+        LocalStore(tmp_path / "artifacts"),
+        KeyRing(tmp_path / "keys"),
+        max_upload_bytes=max_upload_bytes or 8 * MIB,
+        staging_dir=tmp_path / "incoming",
+    )
+    reg.start()
+    return reg

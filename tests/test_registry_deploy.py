@@ -21,13 +21,12 @@ from flowfleet.contract import Desired, Topics, parse_payload
 from flowfleet.mqtt import BrokerAddress, MqttConnection
 from flowfleet.registry import auth
 from flowfleet.registry import db as regdb
-from flowfleet.registry.artifacts import LocalStore
 from flowfleet.registry.db import Deployment
 from flowfleet.registry.errors import PublishError
 from flowfleet.registry.keys import KeyRing
-from flowfleet.registry.modelreg import MIB, ModelRegistry
+from flowfleet.registry.modelreg import ModelRegistry
 from flowfleet.registry.service import mqtt_publisher
-from flowfleet.registry.testing import KINDS, reset_database, temporary_database
+from flowfleet.registry.testing import KINDS, fresh_registry, temporary_database
 from flowfleet.registry.web import create_app
 
 TFLITE = "yolov8n_full_integer_quant.tflite"
@@ -44,16 +43,7 @@ def db_url(request, tmp_path_factory):
 
 @pytest.fixture
 def registry(db_url, tmp_path):
-    db = regdb.open_database(db_url)
-    reset_database(db)
-    reg = ModelRegistry(
-        db,
-        LocalStore(tmp_path / "artifacts"),
-        KeyRing(tmp_path / "keys"),
-        max_upload_bytes=8 * MIB,
-        staging_dir=tmp_path / "incoming",
-    )
-    reg.start()
+    reg = fresh_registry(db_url, tmp_path)
     return reg
 
 

@@ -12,12 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from flowfleet.contract import Topics
-from flowfleet.registry import db as regdb
-from flowfleet.registry.artifacts import LocalStore
 from flowfleet.registry.ingest import Ingestor
-from flowfleet.registry.keys import KeyRing
-from flowfleet.registry.modelreg import MIB, ModelRegistry
-from flowfleet.registry.testing import KINDS, reset_database, temporary_database
+from flowfleet.registry.testing import KINDS, fresh_registry, temporary_database
 from flowfleet.registry.web import create_app
 
 from .test_registry_ingest import make_event
@@ -34,13 +30,8 @@ def db_url(request, tmp_path_factory):
 
 @pytest.fixture
 def app(db_url, tmp_path):
-    db = regdb.open_database(db_url)
-    reset_database(db)
-    reg = ModelRegistry(
-        db, LocalStore(tmp_path / "a"), KeyRing(tmp_path / "k"), max_upload_bytes=8 * MIB
-    )
-    reg.start()
-    return create_app(db, registry=reg)
+    reg = fresh_registry(db_url, tmp_path)
+    return create_app(reg.db, registry=reg)
 
 
 def scrape(client, **kw) -> dict[tuple[str, tuple], float]:

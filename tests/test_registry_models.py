@@ -17,10 +17,8 @@ import pytest
 from flowfleet import signing
 from flowfleet.registry import auth
 from flowfleet.registry import db as regdb
-from flowfleet.registry.artifacts import LocalStore
-from flowfleet.registry.keys import KeyRing
-from flowfleet.registry.modelreg import MIB, ModelRegistry
-from flowfleet.registry.testing import KINDS, reset_database, temporary_database
+from flowfleet.registry.modelreg import MIB
+from flowfleet.registry.testing import KINDS, fresh_registry, temporary_database
 from flowfleet.registry.web import create_app
 
 LIMIT = 4 * MIB  # upload limit in these tests: the sample models are 3.1-3.4 MiB
@@ -37,16 +35,7 @@ def db_url(request, tmp_path_factory):
 
 @pytest.fixture
 def registry(db_url, tmp_path):
-    db = regdb.open_database(db_url)
-    reset_database(db)
-    reg = ModelRegistry(
-        db,
-        LocalStore(tmp_path / "artifacts"),
-        KeyRing(tmp_path / "keys"),
-        max_upload_bytes=LIMIT,
-        staging_dir=tmp_path / "incoming",
-    )
-    reg.start()
+    reg = fresh_registry(db_url, tmp_path, max_upload_bytes=LIMIT)
     return reg
 
 

@@ -13,10 +13,7 @@ from pathlib import Path
 import pytest
 
 from flowfleet.registry import db as regdb
-from flowfleet.registry.artifacts import LocalStore
-from flowfleet.registry.keys import KeyRing
-from flowfleet.registry.modelreg import MIB, ModelRegistry
-from flowfleet.registry.testing import reset_database
+from flowfleet.registry.testing import fresh_registry
 from flowfleet.registry.watch import WatchFolder
 
 from .test_registry_models import db_url  # noqa: F401  (a fixture)
@@ -28,12 +25,7 @@ SETTLE = 0.6
 
 @pytest.fixture
 def registry(db_url, tmp_path):  # noqa: F811
-    db = regdb.open_database(db_url)
-    reset_database(db)
-    reg = ModelRegistry(
-        db, LocalStore(tmp_path / "a"), KeyRing(tmp_path / "k"), max_upload_bytes=8 * MIB
-    )
-    reg.start()
+    reg = fresh_registry(db_url, tmp_path)
     return reg
 
 

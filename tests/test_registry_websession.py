@@ -11,10 +11,7 @@ import pytest
 
 from flowfleet.registry import auth, websession
 from flowfleet.registry import db as regdb
-from flowfleet.registry.artifacts import LocalStore
-from flowfleet.registry.keys import KeyRing
-from flowfleet.registry.modelreg import MIB, ModelRegistry
-from flowfleet.registry.testing import reset_database
+from flowfleet.registry.testing import fresh_registry
 from flowfleet.registry.web import create_app
 
 from .test_registry_models import db_url  # noqa: F401  (a fixture)
@@ -26,12 +23,7 @@ SESSION = websession.SESSION_COOKIE
 
 @pytest.fixture
 def registry(db_url, tmp_path):  # noqa: F811
-    db = regdb.open_database(db_url)
-    reset_database(db)
-    reg = ModelRegistry(
-        db, LocalStore(tmp_path / "a"), KeyRing(tmp_path / "k"), max_upload_bytes=8 * MIB
-    )
-    reg.start()
+    reg = fresh_registry(db_url, tmp_path)
     return reg
 
 
