@@ -17,6 +17,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 from .access import install_auth, requires  # noqa: F401  (install_auth: re-exported)
 from .auth import Principal
 from .db import Deployment
+from .errors import comma_list
 from .modelreg import (
     DEFAULT_PAGE,
     MAX_PAGE,
@@ -218,8 +219,8 @@ def upload_version(name: str):
         labels = [ln.strip() for ln in text.splitlines() if ln.strip()]
         if not labels:
             raise RegistryError(400, "invalid_field", "the labels file has no labels", "labels")
-    tags = [t.strip() for t in form.get("tags", "").split(",") if t.strip()]
-    target = [t.strip() for t in form.get("target", "").split(",") if t.strip()] or None
+    tags = comma_list(form.get("tags", ""))
+    target = comma_list(form.get("target", "")) or None
     if target is not None:
         check_target(target)  # before the upload is copied
     staged = reg.staged_copy(upload.stream)

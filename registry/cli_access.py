@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from flowfleet.cliutil import EXIT_USAGE, CliError
 
-from .cli_common import _actor, _open, _run
+from .cli_common import _actor, _open, run_in_db
 
 DAY = 86400.0
 
@@ -71,9 +71,7 @@ def add_access_actions(actions, shared_options: Callable[[argparse.ArgumentParse
 def cmd_users_add(args: argparse.Namespace) -> int:
     from flowfleet.registry import auth
 
-    db, _ = _open(args)
-    with db.connection_context(), db.atomic():
-        _run(lambda: auth.create_user(args.name, args.role, actor=_actor()))
+    run_in_db(args, lambda db: auth.create_user(args.name, args.role, actor=_actor()), atomic=True)
     print(
         f"user {args.name} ({args.role}) created; give them a token: "
         f"flowfleet registry tokens create {args.name}"
@@ -84,9 +82,9 @@ def cmd_users_add(args: argparse.Namespace) -> int:
 def cmd_users_role(args: argparse.Namespace) -> int:
     from flowfleet.registry import auth
 
-    db, _ = _open(args)
-    with db.connection_context(), db.atomic():
-        _run(lambda: auth.set_user_role(args.name, args.role, actor=_actor()))
+    run_in_db(
+        args, lambda db: auth.set_user_role(args.name, args.role, actor=_actor()), atomic=True
+    )
     print(f"user {args.name} is now {args.role}")
     return 0
 
@@ -94,9 +92,7 @@ def cmd_users_role(args: argparse.Namespace) -> int:
 def cmd_users_disable(args: argparse.Namespace) -> int:
     from flowfleet.registry import auth
 
-    db, _ = _open(args)
-    with db.connection_context(), db.atomic():
-        _run(lambda: auth.disable_user(args.name, actor=_actor()))
+    run_in_db(args, lambda db: auth.disable_user(args.name, actor=_actor()), atomic=True)
     print(f"user {args.name} disabled")
     return 0
 
@@ -129,9 +125,9 @@ def cmd_users_passwd(args: argparse.Namespace) -> int:
     from flowfleet.registry import websession
 
     password = _read_new_password()
-    db, _ = _open(args)
-    with db.connection_context(), db.atomic():
-        _run(lambda: websession.set_password(args.name, password, actor=_actor()))
+    run_in_db(
+        args, lambda db: websession.set_password(args.name, password, actor=_actor()), atomic=True
+    )
     print(f"password of {args.name} set; their web sessions were ended")
     return 0
 
@@ -139,19 +135,19 @@ def cmd_users_passwd(args: argparse.Namespace) -> int:
 def cmd_tokens_create(args: argparse.Namespace) -> int:
     from flowfleet.registry import auth
 
-    db, _ = _open(args)
     ttl = args.ttl_days * DAY if args.ttl_days is not None else None
-    with db.connection_context(), db.atomic():
-        secret, row = _run(
-            lambda: auth.create_token(
-                args.user,
-                actor=_actor(),
-                role=args.role,
-                label=args.label,
-                ttl_s=ttl,
-                device=args.device,
-            )
-        )
+    secret, row = run_in_db(
+        args,
+        lambda db: auth.create_token(
+            args.user,
+            actor=_actor(),
+            role=args.role,
+            label=args.label,
+            ttl_s=ttl,
+            device=args.device,
+        ),
+        atomic=True,
+    )
     print(secret)
     what = f"device {args.device}" if args.device else row.role
     print(f"token {row.id} for {args.user} ({what}); shown once, store it now", file=sys.stderr)
@@ -161,9 +157,7 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
 def cmd_tokens_revoke(args: argparse.Namespace) -> int:
     from flowfleet.registry import auth
 
-    db, _ = _open(args)
-    with db.connection_context(), db.atomic():
-        _run(lambda: auth.revoke_token(args.id, actor=_actor()))
+    run_in_db(args, lambda db: auth.revoke_token(args.id, actor=_actor()), atomic=True)
     print(f"token {args.id} revoked")
     return 0
 

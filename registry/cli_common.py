@@ -92,3 +92,14 @@ def _run(func):
 def _print_json(value) -> None:
     json.dump(value, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
+
+
+def run_in_db(args: argparse.Namespace, func, *, atomic: bool = False):
+    """Open the registry database of ``args`` and return ``func(db)``, in one
+    transaction when ``atomic``; registry and auth errors become one-line CLI errors."""
+    db, _ = _open(args)
+    with db.connection_context():
+        if not atomic:
+            return _run(lambda: func(db))
+        with db.atomic():
+            return _run(lambda: func(db))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from .cli_common import _actor, _print_json, run_in_db
+
 
 def add_group_actions(actions, shared_options: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add ``groups list|show|set|delete`` to the registry's action parsers."""
@@ -34,12 +36,9 @@ def add_group_actions(actions, shared_options: Callable[[argparse.ArgumentParser
 
 
 def cmd_groups_list(args: argparse.Namespace) -> int:
-    from . import groups
-    from .cli_common import _open, _print_json, _run
+    from . import groups  # registry dependencies load only when a groups action runs
 
-    db, _ = _open(args)
-    with db.connection_context():
-        rows = _run(groups.list_groups)
+    rows = run_in_db(args, lambda db: groups.list_groups())
     if args.json:
         _print_json(rows)
     elif not rows:
@@ -52,25 +51,21 @@ def cmd_groups_list(args: argparse.Namespace) -> int:
 
 def cmd_groups_show(args: argparse.Namespace) -> int:
     from . import groups
-    from .cli_common import _open, _print_json, _run
 
-    db, _ = _open(args)
-    with db.connection_context():
-        _print_json(_run(lambda: groups.get_group(args.name)))
+    _print_json(run_in_db(args, lambda db: groups.get_group(args.name)))
     return 0
 
 
 def cmd_groups_set(args: argparse.Namespace) -> int:
     from . import groups
-    from .cli_common import _actor, _open, _run
 
-    db, _ = _open(args)
-    with db.connection_context():
-        group, created = _run(
-            lambda: groups.set_group(
-                db, args.name, args.devices, actor=_actor(), reason=args.reason
-            )
-        )
+    # Not atomic here: set_group takes its own group lock (BEGIN IMMEDIATE on SQLite).
+    group, created = run_in_db(
+        args,
+        lambda db: groups.set_group(
+            db, args.name, args.devices, actor=_actor(), reason=args.reason
+        ),
+    )
     what = "created" if created else "updated"
     print(f"group {group['name']} {what}: {len(group['devices'])} device(s)")
     return 0
@@ -78,10 +73,9 @@ def cmd_groups_set(args: argparse.Namespace) -> int:
 
 def cmd_groups_delete(args: argparse.Namespace) -> int:
     from . import groups
-    from .cli_common import _actor, _open, _run
 
-    db, _ = _open(args)
-    with db.connection_context():
-        _run(lambda: groups.delete_group(db, args.name, actor=_actor(), reason=args.reason))
+    run_in_db(
+        args, lambda db: groups.delete_group(db, args.name, actor=_actor(), reason=args.reason)
+    )
     print(f"group {args.name} deleted")
     return 0

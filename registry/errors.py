@@ -32,6 +32,11 @@ class RegistryError(Exception):
         self.field = field
 
 
+def comma_list(value: str) -> list[str]:
+    """The non-empty, stripped items of a comma-separated form field."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
 def check_name(value: str, field: str, what: str) -> str:
     if not isinstance(value, str) or not is_valid_name(value):
         raise RegistryError(

@@ -31,23 +31,20 @@ def _group(name: str) -> DeviceGroup:
     return row
 
 
-def members(name: str) -> list[str]:
-    """The device ids in group ``name``, sorted (404 for an unknown group)."""
-    g = _group(name)
+def _member_ids(g: DeviceGroup) -> list[str]:
     query = DeviceGroupMember.select(DeviceGroupMember.device).where(DeviceGroupMember.group == g)
     return sorted(m.device for m in query)
 
 
+def members(name: str) -> list[str]:
+    """The device ids in group ``name``, sorted (404 for an unknown group)."""
+    return _member_ids(_group(name))
+
+
 def group_dict(g: DeviceGroup) -> dict:
-    devices = sorted(
-        m.device
-        for m in DeviceGroupMember.select(DeviceGroupMember.device).where(
-            DeviceGroupMember.group == g
-        )
-    )
     return {
         "name": g.name,
-        "devices": devices,
+        "devices": _member_ids(g),
         "created_at": g.created_at,
         "created_by": g.created_by,
     }
@@ -81,7 +78,7 @@ def set_group(
         created = g is None
         if created:
             g = DeviceGroup.create(name=name, created_at=now(), created_by=actor)
-        have = {m.device for m in DeviceGroupMember.select().where(DeviceGroupMember.group == g)}
+        have = set(_member_ids(g))
         added = sorted(set(wanted) - have)
         removed = sorted(have - set(wanted))
         if removed:
@@ -106,7 +103,7 @@ def delete_group(db: pw.Database, name: str, *, actor: str, reason: str = "") ->
     """Delete a group (its devices keep their deployments)."""
     with exclusive(db, f"group:{name}"):
         g = _group(name)
-        devices = members(name)
+        devices = _member_ids(g)
         g.delete_instance(recursive=True)
         audit(actor, "group.delete", f"group:{name}", reason, devices=devices)
 

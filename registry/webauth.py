@@ -27,6 +27,7 @@ from markupsafe import escape
 from . import websession
 from .access import CSRF_FIELD, presented_csrf_token, requires
 from .auth import ROLES, Principal, audit
+from .errors import comma_list
 from .modelreg import MAX_PAGE, ModelRegistry, RegistryError, check_filename, check_name
 
 bp = Blueprint("webauth", __name__)
@@ -187,9 +188,9 @@ def upload():
         if upload_file is None or not upload_file.filename:
             raise RegistryError(400, "missing_field", "choose a model file to upload", "file")
         filename = check_filename(upload_file.filename)
-        tags = [t.strip() for t in form.get("tags", "").split(",") if t.strip()]
+        tags = comma_list(form.get("tags", ""))
         # Target hardware, comma-separated; none given: what the file says (if anything).
-        targets = [t.strip() for t in form.get("target", "").split(",") if t.strip()]
+        targets = comma_list(form.get("target", ""))
         staged = reg.staged_copy(upload_file.stream)
         try:
             version, created = reg.add_version(

@@ -28,11 +28,7 @@ from flowfleet.agent.service import AgentService
 from flowfleet.agent.updater import ProbationDetector, installed_detector
 from flowfleet.contract import Desired, ModelRef, Topics, parse_payload
 from flowfleet.registry import auth
-from flowfleet.registry import db as regdb
-from flowfleet.registry.artifacts import LocalStore
-from flowfleet.registry.keys import KeyRing
-from flowfleet.registry.modelreg import MIB, ModelRegistry
-from flowfleet.registry.testing import reset_database, temporary_database
+from flowfleet.registry.testing import fresh_registry, temporary_database
 from flowfleet.registry.web import create_app
 
 DEVICE = "upd-cam"
@@ -49,16 +45,8 @@ def served_registry(tmp_path: Path, publish=None):
     what deployments publish through (none: deployments answer 503).
     """
     with temporary_database("sqlite", tmp_path / "db") as url:
-        db = regdb.open_database(url)
-        reset_database(db)
-        reg = ModelRegistry(
-            db,
-            LocalStore(tmp_path / "artifacts"),
-            KeyRing(tmp_path / "keys"),
-            max_upload_bytes=8 * MIB,
-            staging_dir=tmp_path / "incoming",
-        )
-        reg.start()
+        reg = fresh_registry(url, tmp_path)
+        db = reg.db
         app = create_app(db, registry=reg, publish=publish)
         with db.connection_context():
             auth.create_user("ops", "operator", actor="test")
