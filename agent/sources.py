@@ -79,11 +79,9 @@ class _OfflineSource:
             raise SourceError(f"{self.name}: start_frame must be >= 0, got {start_frame}")
         if fps_cap is not None and fps_cap <= 0:
             raise SourceError(f"{self.name}: fps_cap must be > 0, got {fps_cap}")
-        self.loop = loop
-        self.realtime = realtime
+        self.loop, self.realtime = loop, realtime
         self.step = max(1, round(self.fps / fps_cap)) if fps_cap else 1
-        self.start_frame = start_frame
-        self.prefetch = prefetch
+        self.start_frame, self.prefetch = start_frame, prefetch
         self.dropped_frames = 0  # offline sources deliver every frame they read
         self._stop = threading.Event()
 
@@ -204,7 +202,7 @@ class VideoFileSource(_OfflineSource):
         self.name = str(self.path)
         if not self.path.is_file():
             raise SourceError(f"{self.path}: video file not found")
-        cap = cv2.VideoCapture(str(self.path))
+        cap = _open_file(self.path)
         ok, first = cap.read() if cap.isOpened() else (False, None)
         if not ok or first is None:
             cap.release()
@@ -224,28 +222,32 @@ class VideoFileSource(_OfflineSource):
         )
 
     def _frames_from(self, pos: int, decode: Callable[[int], bool]) -> Iterator[np.ndarray | None]:
-        cap = cv2.VideoCapture(str(self.path))
+        cap = _open_file(self.path)
         try:
             if pos:
                 cap.set(cv2.CAP_PROP_POS_FRAMES, pos)
                 if int(cap.get(cv2.CAP_PROP_POS_FRAMES)) != pos:
                     log.info("%s: inexact seek, skipping %d frames instead", self.path, pos)
                     cap.release()
-                    cap = cv2.VideoCapture(str(self.path))
+                    cap = _open_file(self.path)
                     for _ in range(pos):
                         if not cap.grab():
                             return
             while True:
-                if decode(pos):
-                    ok, image = cap.read()
-                else:
-                    ok, image = cap.grab(), None
+                ok, image = cap.read() if decode(pos) else (cap.grab(), None)
                 if not ok:
                     return
                 yield image
                 pos += 1
         finally:
             cap.release()
+
+
+def _open_file(path: Path) -> cv2.VideoCapture:
+    # One decoder thread: FFmpeg's default (one per core, frame threading) costs more
+    # CPU per frame and fights the inference threads; the reader is ahead anyway.
+    cap = cv2.VideoCapture(str(path), cv2.CAP_ANY, [cv2.CAP_PROP_N_THREADS, 1])
+    return cap if cap.isOpened() else cv2.VideoCapture(str(path))  # backend without it
 
 
 def _natural_key(path: Path) -> list:
@@ -381,11 +383,8 @@ class LiveSource:
         self.width = self.height = 0
         self.state = "connecting"
         self.error: str | None = None
-        self.frames_read = 0
-        self.dropped_frames = 0
-        self.skipped_frames = 0
-        self.connects = 0
-        self.failed_attempts = 0
+        self.frames_read = self.dropped_frames = self.skipped_frames = 0
+        self.connects = self.failed_attempts = 0
         self._stop = threading.Event()
         self._cond = threading.Condition()
         self._slot: Frame | None = None

@@ -5,11 +5,12 @@ current Pythons) or, failing that, ``tflite-runtime`` (older Raspberry Pi images
 It is imported when a detector is built, never at module import, so the agent runs
 on machines that only have another runtime.
 
-Per frame the work is: resize into a reused buffer, BGR->RGB into a reused grey
-canvas, one ``cv2.LUT`` pass that maps 0..255 pixels straight to the model's input
-values (int8 quantised or float 0..1; the quantisation parameters are fixed, so a
-256-entry table replaces float maths over 640x640x3), written directly into the
-interpreter's input tensor; invoke; decode on the raw output.
+Per frame the work is: resize into a reused buffer, one ``cv2.LUT`` pass that maps
+0..255 pixels straight to the model's input values (int8 quantised or float 0..1;
+the quantisation parameters are fixed, so a 256-entry table replaces float maths
+over 640x640x3) and a BGR->RGB swap, written directly into the interpreter's input
+tensor (for 1-byte inputs the table runs on the image area only and the letterbox
+border is a fill); invoke; decode on the raw output.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .ssd import (
     ssd_output_indices,
 )
 from .yolo import (
+    PAD_VALUE,
     LetterboxParams,
     OutputShapeError,
     decode_yolov8,
@@ -392,6 +394,7 @@ class TFLiteDetector(Detector):
                 p.pad_y : p.pad_y + p.new_h, p.pad_x : p.pad_x + p.new_w
             ]
             self._resized = np.empty((p.new_h, p.new_w, 3), dtype=np.uint8)
+            self._mapped = np.empty((p.new_h, p.new_w, 3), dtype=np.uint8)
             self._params = p
             self._plan_key = key
         return self._params
@@ -402,10 +405,14 @@ class TFLiteDetector(Detector):
             src = frame_bgr
         else:
             src = cv2.resize(frame_bgr, (p.new_w, p.new_h), dst=self._resized)
-        cv2.cvtColor(src, cv2.COLOR_BGR2RGB, dst=self._canvas_roi)
         # Write straight into the interpreter's input buffer; the view must be dropped
         # before invoke() (the runtime refuses to run while numpy holds its memory).
         view = self._input_tensor()[0]
+        if self._lut.itemsize == 1:
+            self._set_input_bytes(src, view, p)
+            del view
+            return p
+        cv2.cvtColor(src, cv2.COLOR_BGR2RGB, dst=self._canvas_roi)
         if view.dtype == self._lut.dtype:
             res = cv2.LUT(self._canvas, self._lut, dst=view)
             if res.ctypes.data != view.ctypes.data:  # OpenCV reallocated: copy over
@@ -414,6 +421,27 @@ class TFLiteDetector(Detector):
             np.copyto(view, cv2.LUT(self._canvas, self._lut), casting="unsafe")
         del view
         return p
+
+    def _set_input_bytes(self, src: np.ndarray, view: np.ndarray, p: LetterboxParams) -> None:
+        """int8/uint8 input: map only the image area, then swap channels into place.
+
+        The table maps each byte on its own, so it commutes with the BGR->RGB swap;
+        running it on the resized image (not the whole canvas) skips the border, which
+        is one constant (the table's value for the grey) filled in as a memset.
+        """
+        out = view.view(np.uint8)
+        lut = self._lut.view(np.uint8)
+        cv2.LUT(src, lut, dst=self._mapped)
+        x0, y0, x1, y1 = p.pad_x, p.pad_y, p.pad_x + p.new_w, p.pad_y + p.new_h
+        roi = out[y0:y1, x0:x1]
+        res = cv2.cvtColor(self._mapped, cv2.COLOR_BGR2RGB, dst=roi)
+        if res.ctypes.data != roi.ctypes.data:  # OpenCV reallocated: copy over
+            np.copyto(roi, res)
+        grey = lut[PAD_VALUE]
+        out[:y0] = grey
+        out[y1:] = grey
+        out[y0:y1, :x0] = grey
+        out[y0:y1, x1:] = grey
 
     _check_frame = staticmethod(check_frame)
 
