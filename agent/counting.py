@@ -78,6 +78,13 @@ class LineCounter:
         if self.length < 1.0:
             raise ValueError(f"line {name!r}: its two points are the same")
         self.unit = direction / self.length
+        # (point - A) @ _project = (signed distance, position along the segment 0..1)
+        self._project = np.array(
+            [
+                [-self.unit[1], self.unit[0] / self.length],
+                [self.unit[0], self.unit[1] / self.length],
+            ]
+        )
         self.hysteresis = hysteresis
         self.anchor = anchor
         self.margin = segment_margin
@@ -90,26 +97,22 @@ class LineCounter:
         self._seen: dict[int, float] = {}
         self._next_forget = float("-inf")
 
-    def _geometry(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Signed distance (positive = right of A->B) and position along the segment 0..1."""
-        rel = points - self.a
-        signed = self.unit[0] * rel[:, 1] - self.unit[1] * rel[:, 0]
-        along = (rel @ self.unit) / self.length
-        return signed, along
-
     def update(self, dets: Detections, ts: float) -> list[Crossing]:
         events: list[Crossing] = []
-        tracked = dets.tracker_id >= 0
-        if tracked.any():
-            rows = np.flatnonzero(tracked)
-            signed, along = self._geometry(dets.anchors(self.anchor)[rows])
-            # Plain Python numbers: numpy scalars would dominate this per-track loop.
-            ids = dets.tracker_id[rows].tolist()
+        tids = dets.tracker_id
+        if len(tids):
+            points, rows = dets.anchors(self.anchor), None
+            tracked = tids >= 0
+            if not tracked.all():  # the tracker's output is all tracked: skip the copy
+                rows = np.flatnonzero(tracked)
+                points, tids = points[rows], tids[rows]
+            # One product gives both coordinates; plain Python numbers from here on,
+            # because numpy scalars would dominate this per-track loop.
+            signed, along = ((points - self.a) @ self._project).T.tolist()
+            ids = tids.tolist()
             h, lo, hi = self.hysteresis, -self.margin, 1 + self.margin
             sides, seen = self._side, self._seen
-            for k, (tid, dist, pos) in enumerate(
-                zip(ids, signed.tolist(), along.tolist(), strict=True)
-            ):
+            for k, (tid, dist, pos) in enumerate(zip(ids, signed, along, strict=True)):
                 seen[tid] = ts
                 if -h < dist < h:
                     continue  # inside the dead band: neither side, nothing changes
@@ -125,7 +128,7 @@ class LineCounter:
                 if done & bit:
                     continue
                 self._counted[tid] = done | bit
-                cname = dets.names[int(dets.class_id[rows[k]])]
+                cname = dets.names[int(dets.class_id[k if rows is None else rows[k]])]
                 events.append(Crossing(self.name, cname, "in" if side > 0 else "out", tid, ts))
         if ts >= self._next_forget:
             self._forget(ts)

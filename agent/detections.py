@@ -44,6 +44,8 @@ class Detections:
         for name in ("confidence", "class_id", "tracker_id"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"Detections.{name} has {len(getattr(self, name))} rows, xyxy {n}")
+        # Every line, zone and speed estimator asks for the same anchor points.
+        object.__setattr__(self, "_anchors", {})
 
     @classmethod
     def empty(cls, names: tuple[str, ...] = ()) -> Detections:
@@ -71,17 +73,30 @@ class Detections:
         return [self.names[i] for i in self.class_id]
 
     def anchors(self, anchor: str = "bottom_center") -> np.ndarray:
-        """(N, 2) anchor points of the boxes: bottom_center, center or top_center."""
-        x = (self.xyxy[:, 0] + self.xyxy[:, 2]) / 2
+        """(N, 2) anchor points of the boxes: bottom_center, center or top_center.
+
+        Computed once per anchor kind and shared (read-only) by every caller.
+        """
+        points = self._anchors.get(anchor)
+        if points is not None:
+            return points
+        xyxy = self.xyxy
+        points = np.empty((len(xyxy), 2), np.float32)
+        np.add(xyxy[:, 0], xyxy[:, 2], out=points[:, 0])
         if anchor == "bottom_center":
-            y = self.xyxy[:, 3]
+            points[:, 1] = xyxy[:, 3]
+            points[:, 0] *= 0.5
         elif anchor == "center":
-            y = (self.xyxy[:, 1] + self.xyxy[:, 3]) / 2
+            np.add(xyxy[:, 1], xyxy[:, 3], out=points[:, 1])
+            points *= 0.5
         elif anchor == "top_center":
-            y = self.xyxy[:, 1]
+            points[:, 1] = xyxy[:, 1]
+            points[:, 0] *= 0.5
         else:
             raise ValueError(f"unknown anchor {anchor!r} (bottom_center, center, top_center)")
-        return np.stack([x, y], axis=1)
+        points.flags.writeable = False
+        self._anchors[anchor] = points
+        return points
 
     @staticmethod
     def concat(items: list[Detections], names: tuple[str, ...] = ()) -> Detections:

@@ -66,9 +66,9 @@ def xyxy_to_xyah(xyxy: np.ndarray) -> np.ndarray:
     return out
 
 
-def xyah_to_xyxy(xyah: np.ndarray) -> np.ndarray:
+def xyah_to_xyxy(xyah: np.ndarray, dtype=np.float64) -> np.ndarray:
     """(N, 4) centre x, centre y, aspect w/h, height -> left, top, right, bottom."""
-    out = np.empty((len(xyah), 4))
+    out = np.empty((len(xyah), 4), dtype)
     half = out[:, 2:]
     half[:, 1] = xyah[:, 3]
     np.multiply(xyah[:, 2], xyah[:, 3], out=half[:, 0])

@@ -40,9 +40,11 @@ _STATE = kalman.STATE_COLS
 _ID = _STATE + 1
 _HITS = _STATE + 2
 _LAST = _STATE + 3
-_VOTES = _STATE + 4  # one column per class id, widened when a new class id appears
+_OBS = slice(_STATE + 4, _STATE + 8)  # the last matched detection box (xyxy)
+_VOTES = _STATE + 8  # one column per class id, widened when a new class id appears
 
 _NONE = np.zeros(0, np.intp)
+LOST_SECONDS = 3.0  # how long ``TrackerConfig.for_fps`` keeps a lost track
 
 
 def _flat(mask: np.ndarray) -> np.ndarray:
@@ -57,7 +59,11 @@ class TrackerConfig:
     Defaults: ByteTrack's association gate (IoU >= 0.2) with the score thresholds of
     Roboflow's ByteTrack (0.6 to join the first stage, 0.7 to start a track), checked
     on MOT15 (``benchmarks/bench_tracker.py``: fewer false tracks than 0.5 / 0.6, the
-    better MOTA and IDF1) and on the sample videos (YOLOv8n scores people at 0.9).
+    better MOTA and IDF1) and on the sample videos (YOLOv8n scores people at 0.9);
+    SORT's confirmation on the third hit and Kalman-filtered output boxes (fewer false
+    tracks, steadier feet points at a line); lost tracks kept three seconds and
+    recovered by their last seen box (the ``recover_iou`` stage). Together these cut
+    the MOT15 line-count error from 11.3% to 8.0% and raised MOTA from 0.364 to 0.383.
 
     Attributes:
         high_thresh: detections at or above this score take part in the first
@@ -69,10 +75,14 @@ class TrackerConfig:
         tentative_match_iou: minimum IoU to continue a tentative track.
         min_hits: consecutive matched frames before a track is confirmed.
         lost_buffer: frames a lost track is kept for re-identification; scale with fps
-            (``for_fps``: two seconds, which keeps a person's id through the short
+            (``for_fps``: three seconds, which keeps a person's id through the
             occlusions that would otherwise split one walk across a line in two).
         filtered_boxes: output the Kalman-corrected box instead of the detection's
-            box (steadier boxes; off by default so the output box is the detector's).
+            box (steadier boxes and anchor points; False outputs the detector's box).
+        recover_iou: minimum IoU between a confirmed track's last matched box and a
+            confident detection left over by the other stages (observation-centric
+            recovery, as in OC-SORT): brings back a person who stood still behind an
+            occluder, where the Kalman prediction kept moving. 0 turns it off.
     """
 
     high_thresh: float = 0.6
@@ -81,14 +91,15 @@ class TrackerConfig:
     match_iou: float = 0.2
     low_match_iou: float = 0.5
     tentative_match_iou: float = 0.3
-    min_hits: int = 2
+    min_hits: int = 3
     lost_buffer: int = 30
-    filtered_boxes: bool = False
+    filtered_boxes: bool = True
+    recover_iou: float = 0.2
 
     @classmethod
     def for_fps(cls, fps: float, **overrides) -> TrackerConfig:
-        """Settings with the lost-track buffer covering about two seconds of video."""
-        overrides.setdefault("lost_buffer", max(5, round(2 * fps)))
+        """Settings with the lost-track buffer covering about three seconds of video."""
+        overrides.setdefault("lost_buffer", max(5, round(LOST_SECONDS * fps)))
         return cls(**overrides)
 
 
@@ -228,15 +239,31 @@ class ByteTracker:
         free_det[m3_d] = False
         free_track[m3_t] = False
 
+        # Stage 4: confident leftovers against the confirmed tracks still unmatched,
+        # by IoU with the box they were last seen with rather than the prediction.
+        m4_t, m4_d = _NONE, _NONE
+        if cfg.recover_iou > 0 and free_det.any():
+            orphans = _flat(free_track & confirmed)
+            if len(orphans):
+                left = _flat(free_det)
+                last_seen = iou_matrix(table[orphans, _OBS], boxes[left])
+                r, c = _match(last_seen, cfg.recover_iou)
+                m4_t, m4_d = orphans[r], left[c]
+                free_det[m4_d] = False
+                free_track[m4_t] = False
+
         # Tracks that were tracked and matched nothing are lost; unmatched tentative
         # tracks die; anything unmatched for longer than the buffer is dropped.
         lost = free_track & was_tracked
         drop = free_track & ~confirmed
         table[lost, _STATE] = LOST
 
-        matched_t = np.concatenate((m1_t, m2_t, m3_t)) if len(m2_t) or len(m3_t) else m1_t
-        matched_d = np.concatenate((m1_d, m2_d, m3_d)) if len(m2_d) or len(m3_d) else m1_d
-        n_confirmed = len(m1_t) + len(m2_t)
+        if len(m2_t) or len(m3_t) or len(m4_t):
+            matched_t = np.concatenate((m1_t, m2_t, m4_t, m3_t))
+            matched_d = np.concatenate((m1_d, m2_d, m4_d, m3_d))
+        else:
+            matched_t, matched_d = m1_t, m1_d
+        n_confirmed = len(m1_t) + len(m2_t) + len(m4_t)
         out = self._apply_matches(matched_t, matched_d, n_confirmed, boxes, scores, classes)
 
         drop |= table[:, _LAST] < frame - cfg.lost_buffer
@@ -287,6 +314,7 @@ class ByteTracker:
         else:
             rows[np.arange(len(rows)), _VOTES + classes[det_rows]] += match_scores
         rows[:, _LAST] = self.frame
+        rows[:, _OBS] = boxes[det_rows]
         rows[:n_confirmed, _STATE] = TRACKED
         if n_confirmed < len(rows):
             # Hits only matter while tentative, and an unmatched tentative track dies,
@@ -311,19 +339,20 @@ class ByteTracker:
             voted = rows[:, _VOTES:].argmax(axis=1).astype(np.int32)
         filtered = None
         if self.config.filtered_boxes:
-            filtered = kalman.xyah_to_xyxy(rows[:, :4]).astype(np.float32)
+            filtered = kalman.xyah_to_xyxy(rows[:, :4], np.float32)
         return det_rows, rows[:, _ID].astype(np.int64), voted, filtered
 
     def _start_tracks(self, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> None:
         k = len(boxes)
         new = np.zeros((k, self._table.shape[1]))
         new[:, :_STATE] = kalman.initiate(kalman.xyxy_to_xyah(boxes))
+        new[:, _OBS] = boxes
         if self.config.min_hits <= 1:
-            new[:, _STATE:_VOTES] = (TRACKED, 0, 1, self.frame)
+            new[:, _STATE : _STATE + 4] = (TRACKED, 0, 1, self.frame)
             new[:, _ID] = np.arange(self._next_id, self._next_id + k)
             self._next_id += k
         else:
-            new[:, _STATE:_VOTES] = (TENTATIVE, UNTRACKED, 1, self.frame)
+            new[:, _STATE : _STATE + 4] = (TENTATIVE, UNTRACKED, 1, self.frame)
         if new.shape[1] == _VOTES + 1:  # only class 0 seen so far
             new[:, _VOTES] = scores
         else:

@@ -9,6 +9,13 @@ ours (``ByteTracker`` defaults, and the ``MOT15_PRESET`` of ``bench_tracker.py``
 and the peers (SORT, Roboflow trackers' SORT and ByteTrack, norfair), all run as in
 ``bench_tracker.py``.
 
+A reference row, ``oracle-association``, shows what the detections allow: every
+public detection that overlaps a ground-truth box (IoU >= 0.5, one to one per frame)
+takes that person's true id, and the same counter counts those tracks. What it gets
+wrong comes from the detections alone (people not detected near a line, detection
+boxes whose feet sit elsewhere than the annotated ones); the rest of a tracker's
+error comes from association.
+
 Error per sequence: the sum over its lines and both directions of
 |tracker count - gt count|, so an "in" too many never cancels an "out" missed;
 relative error = that sum / the gt count. Overall: sums over all sequences.
@@ -30,9 +37,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mot15
+from scipy.optimize import linear_sum_assignment
 
 from flowfleet.agent.counting import LineCounter
 from flowfleet.agent.detections import Detections
+from flowfleet.agent.tracker import iou_matrix
+
+ORACLE = "oracle-association"
 
 # (name, A, B) per sequence, in image pixels; bottom-centre (feet) points cross them.
 # Placed from the gt trajectories (feet positions plotted over the frame) where many
@@ -90,6 +101,19 @@ def count(per_frame: list[tuple[np.ndarray, np.ndarray]], name: str) -> dict[str
     return totals
 
 
+def oracle_tracks(root: Path, name: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per frame (ids, xyxy): the detections matched to gt boxes, with the gt ids."""
+    frames = []
+    for (ids, gt_boxes), (det_boxes, _) in zip(
+        mot15.load_ground_truth(root, name), mot15.load_detections(root, name), strict=True
+    ):
+        iou = iou_matrix(gt_boxes.astype(np.float64), det_boxes.astype(np.float64))
+        rows, cols = linear_sum_assignment(iou, maximize=True)
+        keep = iou[rows, cols] >= 0.5
+        frames.append((ids[rows[keep]], det_boxes[cols[keep]]))
+    return frames
+
+
 def errors(result: dict, reference: dict) -> tuple[int, int]:
     """(sum of |count - reference| over lines and directions, reference total)."""
     err = sum(abs(result[ln][d] - reference[ln][d]) for ln in reference for d in ("in", "out"))
@@ -118,11 +142,12 @@ def main(argv: list[str] | None = None) -> int:
             bench_tracker.ensure_peer_envs()
             track_dir = Path(tmp)
             bench_tracker.produce_tracks(root, track_dir, rounds=1)
-        trackers = [*bench_tracker.OURS, *bench_tracker.PEERS]
-        counts: dict[str, dict] = {"gt": {}}
+        trackers = [*bench_tracker.OURS, *bench_tracker.PEERS, ORACLE]
+        counts: dict[str, dict] = {"gt": {}, ORACLE: {}}
         for name in mot15.GT_SEQUENCES:
             counts["gt"][name] = count(mot15.load_ground_truth(root, name), name)
-            for t in trackers:
+            counts[ORACLE][name] = count(oracle_tracks(root, name), name)
+            for t in trackers[:-1]:
                 frames = mot15.read_tracks(
                     track_dir / t / f"{name}.txt", mot15.SEQUENCES[name].frames
                 )

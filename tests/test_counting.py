@@ -251,3 +251,21 @@ def test_count_cli_stationary_option(videos):
     still = json.loads(count(*args, "--json", "--stationary", "10,0.2").stdout)
     assert plain["lines"] == still["lines"] and plain["lines"]["gantry"]["total"]["in"] >= 2
     assert still["zones"]["road"]["total"]["entries"] == plain["zones"]["road"]["total"]["entries"]
+
+
+@pytest.mark.parametrize(
+    ("anchor", "expected"),
+    [("bottom_center", [30, 80]), ("center", [30, 50]), ("top_center", [30, 20])],
+)
+def test_anchor_points_are_computed_once_and_read_only(anchor, expected):
+    d = dets([[10, 20, 50, 80]])
+    points = d.anchors(anchor)
+    assert points.tolist() == [expected]
+    assert d.anchors(anchor) is points, "every counter shares one array per frame"
+    with pytest.raises(ValueError):
+        points[0, 0] = 0
+
+
+def test_unknown_anchor_is_refused():
+    with pytest.raises(ValueError, match="unknown anchor 'feet'"):
+        dets([[10, 20, 50, 80]]).anchors("feet")

@@ -30,12 +30,12 @@ def test_iou_matrix():
 
 def test_two_objects_keep_their_ids():
     frames = [dets([box_at(100 + 5 * t, 200), box_at(400 - 5 * t, 200)]) for t in range(20)]
-    out = run(frames)
-    assert len(out[0]) == 0, "tracks are tentative on their first frame"
-    seen = {tuple(sorted(o.tracker_id.tolist())) for o in out[1:]}
+    out = run(frames, filtered_boxes=False)
+    assert len(out[0]) == len(out[1]) == 0, "tracks are tentative until their third frame"
+    seen = {tuple(sorted(o.tracker_id.tolist())) for o in out[2:]}
     assert seen == {(1, 2)}
-    first, last = ids_by_x(out[1]), ids_by_x(out[-1])
-    assert first[105] == last[195] and first[395] == last[305]
+    first, last = ids_by_x(out[2]), ids_by_x(out[-1])
+    assert first[110] == last[195] and first[390] == last[305]
 
 
 def test_single_frame_false_positive_never_gets_an_id():
@@ -66,7 +66,7 @@ def test_low_score_detections_keep_a_track_alive():
     scores = [0.9] * 5 + [0.3] * 10 + [0.9] * 5
     frames = [dets([box_at(100 + 4 * t, 200)], scores=[s]) for t, s in enumerate(scores)]
     out = run(frames, lost_buffer=3)
-    assert all(len(o) == 1 for o in out[1:])
+    assert all(len(o) == 1 for o in out[2:])
     assert set(np.concatenate([o.tracker_id for o in out]).tolist()) == {1}
 
 
@@ -92,8 +92,8 @@ def test_output_is_only_confirmed_tracks():
     assert UNTRACKED not in out[2].tracker_id
 
 
-def test_for_fps_keeps_lost_tracks_two_seconds():
-    assert TrackerConfig.for_fps(25).lost_buffer == 50
+def test_for_fps_keeps_lost_tracks_three_seconds():
+    assert TrackerConfig.for_fps(25).lost_buffer == 75
     assert TrackerConfig.for_fps(1).lost_buffer == 5
     assert TrackerConfig.for_fps(10, lost_buffer=7).lost_buffer == 7
 
@@ -111,7 +111,7 @@ def test_new_class_ids_widen_the_vote():
     # Class ids beyond the ones seen so far (COCO-style sparse ids) join the vote.
     classes = ["person", "truck", "truck", "bus", "truck", "person"]
     frames = [dets([box_at(100 + 5 * t, 300)], classes=[c]) for t, c in enumerate(classes)]
-    out = run(frames)
+    out = run(frames, min_hits=2)
     assert [o.class_names() for o in out[1:]] == [
         ["person"],  # tie 0.9 / 0.9: the lower class id
         ["truck"],
@@ -141,12 +141,35 @@ def test_ids_are_never_reused_and_dead_tracks_are_dropped():
 
 def test_filtered_boxes_smooth_the_detections():
     noisy = [box_at(100 + 6 * t, 200 + (3 if t % 2 else -3)) for t in range(30)]
-    raw = run([dets([b]) for b in noisy])
+    raw = run([dets([b]) for b in noisy], filtered_boxes=False)
     smooth = run([dets([b]) for b in noisy], filtered_boxes=True)
     assert [o.tracker_id.tolist() for o in raw] == [o.tracker_id.tolist() for o in smooth]
     jitter_raw = np.abs(np.diff([o.xyxy[0, 3] for o in raw[10:]])).mean()
     jitter_smooth = np.abs(np.diff([o.xyxy[0, 3] for o in smooth[10:]])).mean()
     assert jitter_smooth < 0.8 * jitter_raw
+
+
+def _stops_behind_an_occluder() -> list[Detections]:
+    """Walks right at 15 px a frame, vanishes for 8 frames, reappears where it vanished.
+
+    The Kalman prediction keeps walking (120 px on), so only the last seen box
+    still overlaps the detection when it comes back.
+    """
+    frames = [dets([box_at(100 + 15 * t, 200)]) for t in range(12)]
+    frames += [Detections.empty(frames[0].names) for _ in range(8)]
+    frames += [dets([box_at(100 + 15 * 11 + t, 200)]) for t in range(6)]
+    return frames
+
+
+def test_recovery_by_last_seen_box_keeps_the_id_of_an_object_that_stopped():
+    out = run(_stops_behind_an_occluder(), lost_buffer=30)
+    assert set(np.concatenate([o.tracker_id for o in out]).tolist()) == {1}
+    assert len(out[-1]) == 1
+
+
+def test_without_recovery_the_stopped_object_gets_a_new_id():
+    out = run(_stops_behind_an_occluder(), lost_buffer=30, recover_iou=0)
+    assert set(np.concatenate([o.tracker_id for o in out]).tolist()) == {1, 2}
 
 
 def test_match_agrees_with_the_assignment_solver():
