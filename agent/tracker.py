@@ -348,11 +348,11 @@ class ByteTracker:
         new[:, :_STATE] = kalman.initiate(kalman.xyxy_to_xyah(boxes))
         new[:, _OBS] = boxes
         if self.config.min_hits <= 1:
-            new[:, _STATE : _STATE + 4] = (TRACKED, 0, 1, self.frame)
+            new[:, _STATE : _LAST + 1] = (TRACKED, 0, 1, self.frame)
             new[:, _ID] = np.arange(self._next_id, self._next_id + k)
             self._next_id += k
         else:
-            new[:, _STATE : _STATE + 4] = (TENTATIVE, UNTRACKED, 1, self.frame)
+            new[:, _STATE : _LAST + 1] = (TENTATIVE, UNTRACKED, 1, self.frame)
         if new.shape[1] == _VOTES + 1:  # only class 0 seen so far
             new[:, _VOTES] = scores
         else:

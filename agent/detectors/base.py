@@ -70,6 +70,28 @@ class Detector(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release runtime resources."""
 
+    def _set_decode_options(
+        self,
+        *,
+        conf_threshold: float,
+        iou_threshold: float,
+        agnostic_nms: bool,
+        max_det: int,
+        threads: int,
+    ) -> None:
+        """Check and store the options every runtime that decodes on the host shares."""
+        if not 0.0 <= conf_threshold <= 1.0:
+            raise ValueError(f"conf_threshold must be in 0..1, got {conf_threshold}")
+        if not 0.0 < iou_threshold <= 1.0:
+            raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
+        if int(threads) < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.conf_threshold = float(conf_threshold)
+        self.iou_threshold = float(iou_threshold)
+        self.agnostic_nms = bool(agnostic_nms)
+        self.max_det = int(max_det)
+        self.threads = int(threads)
+
 
 def one_line(exc: BaseException) -> str:
     """An exception as one line of text (runtimes' messages often span several)."""

@@ -226,17 +226,13 @@ class ONNXDetector(Detector):
     ) -> None:
         self.path = Path(path)
         self.allow_spinning = bool(allow_spinning)
-        if not 0.0 <= conf_threshold <= 1.0:
-            raise ValueError(f"conf_threshold must be in 0..1, got {conf_threshold}")
-        if not 0.0 < iou_threshold <= 1.0:
-            raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
-        if int(threads) < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        self.conf_threshold = float(conf_threshold)
-        self.iou_threshold = float(iou_threshold)
-        self.agnostic_nms = bool(agnostic_nms)
-        self.max_det = int(max_det)
-        self.threads = int(threads)
+        self._set_decode_options(
+            conf_threshold=conf_threshold,
+            iou_threshold=iou_threshold,
+            agnostic_nms=agnostic_nms,
+            max_det=max_det,
+            threads=threads,
+        )
         self.fallback_reason: str | None = None
 
         try:
