@@ -26,6 +26,16 @@ def _error(description: str) -> dict[str, Any]:
     return _json(_ref("Error"), description)
 
 
+def json_body(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A required JSON request body: an object with these properties and no others."""
+    schema: dict[str, Any] = {"type": "object"}
+    if required:
+        schema["required"] = list(required)
+    schema["additionalProperties"] = False
+    schema["properties"] = properties
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
 def _param(name: str, where: str, schema: dict[str, Any], description: str, required: bool = False):
     return {
         "name": name,
@@ -72,25 +82,16 @@ BAD = {"400": _error("invalid parameter")}
 
 
 # What to deploy: a camera name, a model and exactly one of version or alias.
-DEPLOYMENT_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "required": ["camera", "model"],
-                "additionalProperties": False,
-                "properties": {
-                    "camera": {"type": "string", "pattern": NAME},
-                    "model": {"type": "string", "pattern": NAME},
-                    "version": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
-                    "alias": {"type": "string", "pattern": NAME},
-                    "reason": {"type": "string"},
-                },
-            }
-        }
+DEPLOYMENT_BODY = json_body(
+    {
+        "camera": {"type": "string", "pattern": NAME},
+        "model": {"type": "string", "pattern": NAME},
+        "version": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
+        "alias": {"type": "string", "pattern": NAME},
+        "reason": {"type": "string"},
     },
-}
+    required=("camera", "model"),
+)
 
 
 def _paged(key: str, item: dict[str, Any]) -> dict[str, Any]:
@@ -664,22 +665,13 @@ def _paths() -> dict[str, Any]:
                 "summary": "Change notes and/or tags",
                 "security": [{"bearer": []}],
                 "parameters": [MODEL_NAME, VERSION_NUMBER],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "additionalProperties": False,
-                                "properties": {
-                                    "notes": {"type": "string"},
-                                    "tags": {"type": "array", "items": {"type": "string"}},
-                                    "reason": {"type": "string"},
-                                },
-                            }
-                        }
-                    },
-                },
+                "requestBody": json_body(
+                    {
+                        "notes": {"type": "string"},
+                        "tags": {"type": "array", "items": {"type": "string"}},
+                        "reason": {"type": "string"},
+                    }
+                ),
                 "responses": {
                     "200": _json(_ref("Version"), "updated"),
                     **BAD,
@@ -764,26 +756,13 @@ def _paths() -> dict[str, Any]:
                 "summary": "Point an alias at a version (creates or moves it)",
                 "security": [{"bearer": []}],
                 "parameters": [MODEL_NAME, ALIAS],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["version"],
-                                "additionalProperties": False,
-                                "properties": {
-                                    "version": {
-                                        "type": "integer",
-                                        "minimum": 1,
-                                        "maximum": 2**31 - 1,
-                                    },
-                                    "reason": {"type": "string"},
-                                },
-                            }
-                        }
+                "requestBody": json_body(
+                    {
+                        "version": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
+                        "reason": {"type": "string"},
                     },
-                },
+                    required=("version",),
+                ),
                 "responses": {
                     "200": _json(_ref("Alias"), "the alias"),
                     **BAD,

@@ -17,6 +17,7 @@ from .openapi import (
     _paged,
     _param,
     _ref,
+    json_body,
 )
 
 GROUP_PATH = _param("name", "path", {"type": "string", "pattern": NAME}, "group name")
@@ -84,25 +85,13 @@ def group_paths() -> dict[str, Any]:
                 "summary": "Create a group or replace its devices (operator)",
                 "security": bearer,
                 "parameters": [GROUP_PATH],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["devices"],
-                                "additionalProperties": False,
-                                "properties": {
-                                    "devices": {
-                                        "type": "array",
-                                        "items": {"type": "string", "pattern": NAME},
-                                    },
-                                    "reason": {"type": "string"},
-                                },
-                            }
-                        }
+                "requestBody": json_body(
+                    {
+                        "devices": {"type": "array", "items": {"type": "string", "pattern": NAME}},
+                        "reason": {"type": "string"},
                     },
-                },
+                    required=("devices",),
+                ),
                 "responses": {
                     "200": _json(GROUP, "the group, updated"),
                     "201": _json(GROUP, "the group, created"),
