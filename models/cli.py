@@ -18,34 +18,24 @@ import sys
 from flowfleet.cliutil import EXIT_USAGE, CliError
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
+def _number(convert, noun: str, ok, bound: str):
+    """An argparse type: ``convert`` the text, then require ``ok(value)``."""
+
+    def parse(text: str):
+        try:
+            v = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{bound}, got {v}")
+        return v
+
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {v}")
-    return v
+_positive_int = _number(int, "a whole number", lambda v: v >= 1, "must be at least 1")
+_nonneg_int = _number(int, "a whole number", lambda v: v >= 0, "must be 0 or more")
+_positive_float = _number(float, "a number", lambda v: v > 0, "must be greater than 0")
 
 
 def register(sub) -> None:
