@@ -11,6 +11,9 @@ Robustness rules (the bugs users of other counters hit):
   ``hysteresis`` pixels from the line, so jitter around the line or a box edge
   resting on it never counts, and a track that appears on the line is not counted
   until it has been seen clearly on one side and then clearly on the other;
+- a new track's starting side is where it was first detected (`LineCounter.seed`
+  with the tracker's `confirmed_origins`), not where the tracker confirmed it a few
+  frames later, so an object that crossed while being confirmed still counts;
 - the crossing must happen within the segment (with a small margin), not on its
   infinite extension;
 - each track counts at most once per line and direction, so a person loitering on
@@ -133,6 +136,21 @@ class LineCounter:
         if ts >= self._next_forget:
             self._forget(ts)
         return events
+
+    def seed(self, origins: Detections | None) -> None:
+        """Take the starting side of tracks this counter has not seen yet from
+        ``origins`` (`ByteTracker.confirmed_origins`: where each new track was first
+        detected, before it was confirmed). Counts nothing itself: the next `update`
+        that sees such a track on the other side counts the crossing it made while
+        the tracker was still confirming it. A point inside the dead band sets no side.
+        """
+        if origins is None or not len(origins):
+            return
+        signed = ((origins.anchors(self.anchor) - self.a) @ self._project)[:, 0].tolist()
+        sides, h = self._side, self.hysteresis
+        for tid, dist in zip(origins.tracker_id.tolist(), signed, strict=True):
+            if tid not in sides and (dist >= h or dist <= -h):
+                sides[tid] = 1 if dist > 0 else -1
 
     def _forget(self, ts: float) -> None:
         """Drop tracks unseen for forget_after_s; runs at most once per second of ts."""

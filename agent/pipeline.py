@@ -85,7 +85,9 @@ class CameraPipeline:
         if self.speed is not None:
             speeds.extend(self.speed.update(counted, ts))
         crossings: list[Crossing] = []
+        origins = self.tracker.confirmed_origins()
         for line in self.lines:
+            line.seed(origins)
             crossings.extend(line.update(counted, ts))
         if self.speed is not None:
             speeds.extend(

@@ -4,7 +4,9 @@ For each MOT15 sequence with ground truth, the lines below are drawn across the
 walkways. The reference count is what our ``LineCounter`` (the agent's counter,
 default hysteresis 8 px, bottom-centre anchor) counts on the ground-truth
 trajectories (``gt.txt``, conf 1 rows); each tracker's count is what the same
-counter counts on that tracker's output for the public detections (``det.txt``):
+counter counts on that tracker's output for the public detections (``det.txt``),
+for ours seeded with each new track's starting point as the agent does (see
+``count``):
 ours (``ByteTracker`` defaults, and the ``MOT15_PRESET`` of ``bench_tracker.py``)
 and the peers (SORT, Roboflow trackers' SORT and ByteTrack, norfair), all run as in
 ``bench_tracker.py``.
@@ -85,20 +87,35 @@ LINES: dict[str, list[tuple[str, tuple[float, float], tuple[float, float]]]] = {
 }
 
 
-def count(per_frame: list[tuple[np.ndarray, np.ndarray]], name: str) -> dict[str, dict[str, int]]:
-    """{line: {"in": n, "out": n}} for per-frame (ids, xyxy) tracks."""
+def count(
+    per_frame: list[tuple[np.ndarray, np.ndarray]],
+    name: str,
+    origins: list[tuple[np.ndarray, np.ndarray]] | None = None,
+) -> dict[str, dict[str, int]]:
+    """{line: {"in": n, "out": n}} for per-frame (ids, xyxy) tracks.
+
+    ``origins``, per frame, holds the tracks confirmed in that frame at the box where
+    each was first detected (our tracker's ``confirmed_origins()``, written by
+    ``bench_tracker.py``); they seed the counters' starting sides as in the agent.
+    """
     seq = mot15.SEQUENCES[name]
     counters = [LineCounter(ln, a, b) for ln, a, b in LINES[name]]
     totals = {c.name: {"in": 0, "out": 0} for c in counters}
-    classes = None
     for i, (ids, xyxy) in enumerate(per_frame):
-        if classes is None or len(classes) != len(ids):
-            classes = np.zeros(len(ids), np.int32)
-        dets = Detections(xyxy, np.ones(len(ids), np.float32), classes, ids, ("person",))
+        dets = _person_detections(ids, xyxy)
+        born = (
+            None if origins is None or not len(origins[i][0]) else _person_detections(*origins[i])
+        )
         for c in counters:
+            c.seed(born)
             for crossing in c.update(dets, i / seq.fps):
                 totals[c.name][crossing.direction] += 1
     return totals
+
+
+def _person_detections(ids: np.ndarray, xyxy: np.ndarray) -> Detections:
+    n = len(ids)
+    return Detections(xyxy, np.ones(n, np.float32), np.zeros(n, np.int32), ids, ("person",))
 
 
 def oracle_tracks(root: Path, name: str) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -147,11 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in mot15.GT_SEQUENCES:
             counts["gt"][name] = count(mot15.load_ground_truth(root, name), name)
             counts[ORACLE][name] = count(oracle_tracks(root, name), name)
+            n_frames = mot15.SEQUENCES[name].frames
             for t in trackers[:-1]:
-                frames = mot15.read_tracks(
-                    track_dir / t / f"{name}.txt", mot15.SEQUENCES[name].frames
-                )
-                counts.setdefault(t, {})[name] = count(frames, name)
+                frames = mot15.read_tracks(track_dir / t / f"{name}.txt", n_frames)
+                origins = None
+                if t in bench_tracker.OURS:
+                    origins = mot15.read_tracks(track_dir / t / f"{name}.origins.txt", n_frames)
+                counts.setdefault(t, {})[name] = count(frames, name, origins)
 
     summary: dict[str, dict] = {}
     for t in trackers:

@@ -5,7 +5,8 @@ For each of the six MOT15 sequences (public ACF detections in ``det.txt``) it ru
 - ``ours``: ``flowfleet.agent.tracker.ByteTracker`` with ``TrackerConfig.for_fps(fps)``
   (the defaults the agent uses), fed ``Detections`` of class "person", plus one
   ``LineCounter`` per line of ``bench_count_accuracy.LINES``: the timed loop is
-  tracker + counters, per frame;
+  tracker + counters, per frame (each new track's starting side seeded from
+  ``confirmed_origins()``, as the agent's pipeline does);
 - ``ours-mot15``: the same tracker with the ``MOT15_PRESET`` overrides below;
 - ``sort``: the SORT reference (PyPI ``sort-track``, Bewley et al.'s code, its
   published settings max_age=1, min_hits=3, IoU 0.3);
@@ -161,25 +162,37 @@ def make_lines(name: str) -> list[LineCounter]:
 
 
 def run_ours(frames: list[Detections], name: str, overrides: dict, lines: bool = True):
-    """(seconds for tracker + line counters, MOT rows) on one sequence."""
+    """(seconds for tracker + line counters, MOT rows, origin rows) on one sequence.
+
+    The counters are fed as the agent's pipeline feeds them: each new track's
+    starting side from ``confirmed_origins()``, then the frame's tracks. The origin
+    rows (frame, id, box where the track was first detected) let
+    ``bench_count_accuracy.py`` count from the written files as the agent counts.
+    """
     seq = mot15.SEQUENCES[name]
     tracker = ByteTracker(TrackerConfig.for_fps(seq.fps, **overrides))
     counters = make_lines(name) if lines else []
     fps = seq.fps
-    outs = []
+    outs, origins = [], []
     start = time.process_time()
     for i, dets in enumerate(frames):
         tracked = tracker.update(dets)
+        born = tracker.confirmed_origins()
         for counter in counters:
+            counter.seed(born)
             counter.update(tracked, i / fps)
         outs.append(tracked)
+        if born is not None:
+            origins.append((i, born))
     elapsed = time.process_time() - start
-    rows = [
-        (i + 1, int(t), b)
-        for i, o in enumerate(outs)
-        for t, b in zip(o.tracker_id, o.xyxy, strict=True)
+    return elapsed, _mot_rows(enumerate(outs)), _mot_rows(origins)
+
+
+def _mot_rows(frames) -> list[tuple[int, int, np.ndarray]]:
+    """(frame number from 1, track id, xyxy) rows of (frame index, Detections) pairs."""
+    return [
+        (i + 1, int(t), b) for i, o in frames for t, b in zip(o.tracker_id, o.xyxy, strict=True)
     ]
-    return elapsed, rows
 
 
 def run_peers(env: str, root: Path, out: Path, rounds: int) -> dict[str, dict[str, list[float]]]:
@@ -244,10 +257,11 @@ def produce_tracks(root: Path, track_dir: Path, rounds: int, progress: bool = Tr
         for label, overrides in OURS.items():
             bar.set_postfix_str(f"round {r + 1}: {label}")
             for name, frames in inputs.items():
-                elapsed, rows = run_ours(frames, name, overrides)
+                elapsed, rows, origins = run_ours(frames, name, overrides)
                 times[label][name].append(elapsed)
                 if r == 0:
                     mot15.write_tracks(track_dir / label / f"{name}.txt", rows)
+                    mot15.write_tracks(track_dir / label / f"{name}.origins.txt", origins)
             bar.update(1)
         bar.set_postfix_str(f"round {r + 1}: {TRACKER_ONLY}")
         for name, frames in inputs.items():

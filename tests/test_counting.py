@@ -7,6 +7,7 @@ import pytest
 
 from flowfleet.agent.counting import LineCounter, ZoneCounter, points_in_polygon
 from flowfleet.agent.detections import Detections
+from flowfleet.agent.tracker import ByteTracker, TrackerConfig
 
 from .factories import NAMES, box_at, dets, walk
 
@@ -42,6 +43,47 @@ def ys(*values: float, x: float = 200) -> list[tuple[float, float]]:
 )
 def test_line_crossing_table(path, expected):
     assert run_line(walk(path)) == expected
+
+
+@pytest.mark.parametrize(
+    ("origin_y", "path", "expected"),
+    [
+        pytest.param(60, ys(120, 140), [("in", 1, "person")], id="crossed-while-tentative"),
+        pytest.param(140, ys(60, 40), [("out", 1, "person")], id="crossed-up-while-tentative"),
+        pytest.param(97, ys(120, 140), [], id="started-in-the-dead-band"),
+        pytest.param(130, ys(120, 140), [], id="started-on-the-same-side"),
+    ],
+)
+def test_seed_gives_a_new_track_its_starting_side(origin_y, path, expected):
+    line = LineCounter("door", (0, 100), (400, 100), hysteresis=8)
+    line.seed(walk([(200, origin_y)])[0])
+    assert run_line(walk(path), line) == expected
+
+
+def test_seed_never_changes_a_side_already_seen():
+    line = LineCounter("door", (0, 100), (400, 100), hysteresis=8)
+    assert run_line(walk(ys(60, 70)), line) == []
+    line.seed(walk([(200, 140)])[0])  # would put track 1 below the line
+    line.seed(None)
+    assert run_line(walk(ys(80, 120)), line) == [("in", 1, "person")]
+
+
+def test_crossing_made_while_the_tracker_confirmed_the_track_counts():
+    """A car seen at three frames only (low frame rate): its line is crossed between
+    the first and the third, before the tracker gives it an id."""
+    frames = [dets([box_at(200, y)], classes=["car"]) for y in (60, 90, 120, 150)]
+    counts = {}
+    for seeded in (True, False):
+        tracker = ByteTracker(TrackerConfig())
+        line = LineCounter("kerb", (0, 100), (400, 100))
+        events = []
+        for i, frame in enumerate(frames):
+            tracked = tracker.update(frame)
+            if seeded:
+                line.seed(tracker.confirmed_origins())
+            events += line.update(tracked, i / 5)
+        counts[seeded] = [(e.direction, e.class_name) for e in events]
+    assert counts == {True: [("in", "car")], False: []}
 
 
 def test_two_objects_crossing_together_count_twice():

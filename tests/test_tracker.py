@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from flowfleet.agent.detections import UNTRACKED, Detections
 from flowfleet.agent.tracker import ByteTracker, TrackerConfig, iou_matrix
 
-from .factories import box_at, dets
+from .factories import NAMES, box_at, dets
 
 
 def run(frames: list[Detections], **cfg) -> list[Detections]:
@@ -105,6 +106,51 @@ def test_min_hits_one_gives_an_id_on_the_first_frame():
     assert tracker.active_ids == {1}
     # Born in frame 1 (not matched yet, so not output), matched from frame 2 on.
     assert [o.tracker_id.tolist() for o in out] == [[], [1], [1], [1]]
+
+
+@pytest.mark.parametrize(
+    ("allowed", "gap", "filler", "first_output"),
+    [
+        # Seen at frame 0, missed for `gap` frames, then seen on every frame: with the
+        # gap allowed, the third hit (frame gap + 2) confirms the first track; else
+        # that track dies and a second one, started at frame gap + 1, confirms later.
+        pytest.param(1, 1, "empty", 3, id="one-miss-allowed"),
+        pytest.param(1, 1, "elsewhere", 3, id="one-miss-allowed-other-object-seen"),
+        pytest.param(1, 2, "empty", 5, id="two-misses-end-it"),
+        pytest.param(1, 2, "elsewhere", 5, id="two-misses-end-it-other-object-seen"),
+        pytest.param(0, 1, "empty", 4, id="bytetrack-rule-no-miss"),
+        pytest.param(2, 2, "empty", 4, id="two-misses-allowed"),
+    ],
+)
+def test_a_tentative_track_may_miss_a_frame(allowed, gap, filler, first_output):
+    frames = [dets([box_at(100 + 4 * t, 200)]) for t in range(8)]
+    for t in range(1, 1 + gap):
+        # "elsewhere": a one-frame object far away, so the frame takes the full
+        # association path rather than the no-detections one.
+        frames[t] = Detections.empty(NAMES) if filler == "empty" else dets([box_at(600, 50)])
+    out = run(frames, tentative_misses=allowed, filtered_boxes=False)
+    outputs = [t for t, o in enumerate(out) if len(o)]
+    assert outputs[0] == first_output
+    assert {int(i) for o in out for i in o.tracker_id} == {1}
+
+
+def test_confirmed_origins_give_the_box_that_started_each_track():
+    frames = [dets([box_at(100 + 10 * t, 200)]) for t in range(5)]
+    frames[1] = dets([box_at(110, 200), box_at(400, 300, w=60, h=30)], classes=["person", "car"])
+    frames[2] = dets([box_at(120, 200), box_at(402, 300, w=60, h=30)], classes=["person", "car"])
+    frames[3] = dets([box_at(130, 200), box_at(404, 300, w=60, h=30)], classes=["person", "car"])
+    tracker = ByteTracker(TrackerConfig())
+    origins = []
+    for f in frames:
+        tracker.update(f)
+        origins.append(tracker.confirmed_origins())
+    assert origins[:2] == [None, None]
+    assert origins[2].tracker_id.tolist() == [1]  # the person, confirmed on its third hit
+    np.testing.assert_array_equal(origins[2].xyxy, [box_at(100, 200)])
+    assert origins[3].tracker_id.tolist() == [2]
+    np.testing.assert_array_equal(origins[3].xyxy, [box_at(400, 300, w=60, h=30)])
+    assert origins[3].class_names() == ["car"]
+    assert origins[4] is None
 
 
 def test_new_class_ids_widen_the_vote():
