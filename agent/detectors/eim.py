@@ -223,13 +223,13 @@ class EIMDetector(Detector):
         classify_timeout: float = 30.0,
     ) -> None:
         self.path = Path(path)
-        if not 0.0 <= conf_threshold <= 1.0:
-            raise ValueError(f"conf_threshold must be in 0..1, got {conf_threshold}")
-        self.conf_threshold = float(conf_threshold)
-        self.iou_threshold = float(iou_threshold)
-        self.agnostic_nms = bool(agnostic_nms)
-        self.max_det = int(max_det)
-        self.threads = int(threads)
+        self._set_decode_options(
+            conf_threshold=conf_threshold,
+            iou_threshold=iou_threshold,
+            agnostic_nms=agnostic_nms,
+            max_det=max_det,
+            threads=threads,
+        )
         self.fomo_box = fomo_box
         self._runner = None
         self._proc = None
