@@ -20,10 +20,9 @@ tracks live in one float64 table (one row per track: the packed Kalman state of
 first box and the class votes), and every step (predict, one IoU matrix for all
 tracks against all detections, the association stages on blocks of it, the Kalman
 update, births and deaths) is a fixed, small number of numpy calls over the whole
-table. Assignment skips
-``linear_sum_assignment`` when every track and detection has at most one candidate
-above the IoU gate (usual with a few well-separated objects), where the answer is
-those pairs.
+table. Assignment skips ``linear_sum_assignment`` when every track and detection has
+at most one candidate above the IoU gate (usual with a few well-separated objects),
+where the answer is those pairs.
 """
 
 from __future__ import annotations
@@ -205,7 +204,6 @@ class ByteTracker:
     def update(self, dets: Detections) -> Detections:
         cfg = self.config
         self.frame += 1
-        frame = self.frame
         self._origins = None
         scores, classes, boxes = dets.confidence, dets.class_id, dets.xyxy
         n = len(scores)
@@ -283,13 +281,8 @@ class ByteTracker:
                 free_det[m4_d] = False
                 free_track[m4_t] = False
 
-        # Tracks that were tracked and matched nothing are lost; unmatched tentative
-        # tracks die; anything unmatched for longer than the buffer is dropped.
-        lost = free_track & was_tracked
-        drop = free_track & ~confirmed
-        if cfg.tentative_misses:
-            drop &= table[:, _LAST] < frame - cfg.tentative_misses
-        table[lost, _STATE] = LOST
+        # Tracks that were tracked and matched nothing are lost.
+        table[free_track & was_tracked, _STATE] = LOST
 
         if len(m2_t) or len(m3_t) or len(m4_t):
             matched_t = np.concatenate((m1_t, m2_t, m4_t, m3_t))
@@ -301,9 +294,7 @@ class ByteTracker:
             matched_t, matched_d, n_confirmed, boxes, scores, classes, dets.names
         )
 
-        drop |= table[:, _LAST] < frame - cfg.lost_buffer
-        if drop.any():
-            self._table = table[~drop]
+        self._drop_expired()
         births = _flat(free_det)
         if len(births):
             births = births[scores[births] >= cfg.new_track_thresh]
@@ -320,17 +311,22 @@ class ByteTracker:
     # -- internals ---------------------------------------------------------------
 
     def _no_detections(self, names: tuple[str, ...]) -> Detections:
-        """A frame without detections: tracked tracks become lost, tentative ones die."""
+        """A frame without detections: tracked tracks become lost, expired ones go."""
         table = self._table
         if len(table):
-            state = table[:, _STATE]
-            table[state == TRACKED, _STATE] = LOST
-            unmatched_for = self.frame - table[:, _LAST]
-            keep = unmatched_for <= self.config.lost_buffer
-            keep &= (state != TENTATIVE) | (unmatched_for <= self.config.tentative_misses)
-            if not keep.all():
-                self._table = table[keep]
+            table[table[:, _STATE] == TRACKED, _STATE] = LOST
+            self._drop_expired()
         return Detections.empty(names)
+
+    def _drop_expired(self) -> None:
+        """Drop tentative tracks unmatched for more than ``tentative_misses`` frames in
+        a row and any track unmatched for more than ``lost_buffer`` frames."""
+        table = self._table
+        unmatched_for = self.frame - table[:, _LAST]
+        drop = unmatched_for > self.config.lost_buffer
+        drop |= (table[:, _STATE] == TENTATIVE) & (unmatched_for > self.config.tentative_misses)
+        if drop.any():
+            self._table = table[~drop]
 
     def _apply_matches(self, track_rows, det_rows, n_confirmed, boxes, scores, classes, names):
         """Kalman-correct, vote, count hits and confirm the matched tracks.
