@@ -72,6 +72,20 @@ def assert_inside(dets: Detections, frame: np.ndarray) -> None:
     assert (b[:, 2] >= b[:, 0]).all() and (b[:, 3] >= b[:, 1]).all()
 
 
+def assert_person_found(dets: Detections, frame: np.ndarray, i: int) -> np.ndarray:
+    """Frame ``i`` of one-by-one-person-detection.mp4: boxes inside the frame and the
+    person standing near the camera found above 0.5, as a tall box in the right half
+    of the frame (catches boxes mapped back with the wrong scale or padding). Returns
+    that person's box."""
+    assert_inside(dets, frame)
+    people = dets[(dets.class_id == PERSON) & (dets.confidence > 0.5)]
+    assert len(people) >= 1, f"frame {i}: no person above 0.5 ({dets.class_names()})"
+    best = people.xyxy[np.argmax(people.confidence)]
+    assert best[3] - best[1] > 0.6 * frame.shape[0], f"frame {i}: box {best}"
+    assert (best[0] + best[2]) / 2 > frame.shape[1] / 2, f"frame {i}: box {best}"
+    return best
+
+
 def test_model_info(detector: TFLiteDetector):
     info = detector.info
     assert info.runtime == "tflite"
@@ -92,14 +106,7 @@ def test_people_found(detector: TFLiteDetector, person_frames):
         frame = person_frames[i]
         dets = detector.detect(frame)
         assert dets.names == COCO_80
-        assert_inside(dets, frame)
-        people = dets[(dets.class_id == PERSON) & (dets.confidence > 0.5)]
-        assert len(people) >= 1, f"frame {i}: no person above 0.5 ({dets.class_names()})"
-        # The person stands near the camera: a tall box, in the right half of the
-        # frame. Catches boxes mapped back with the wrong scale or padding.
-        best = people.xyxy[np.argmax(people.confidence)]
-        assert best[3] - best[1] > 0.6 * frame.shape[0], f"frame {i}: box {best}"
-        assert (best[0] + best[2]) / 2 > frame.shape[1] / 2, f"frame {i}: box {best}"
+        assert_person_found(dets, frame, i)
 
 
 def test_empty_room_has_no_person(detector: TFLiteDetector, person_frames):

@@ -21,7 +21,7 @@ from flowfleet.agent.detectors.eim import EIMDetector, Geometry, pack_features
 from flowfleet.agent.labels import COCO_80
 
 from .fixtures.fake_eim import make_fake_eim
-from .test_detector_real import assert_inside, read_frames
+from .test_detector_real import assert_inside, assert_person_found, read_frames
 
 PERSON = 0
 PERSON_FRAMES = (150, 300, 600)
@@ -56,12 +56,7 @@ def test_object_detection_through_the_runner(od_model: Path, person_frames, int8
         direct = load_detector(int8_model)
         for i in PERSON_FRAMES:
             frame = person_frames[i]
-            dets = det.detect(frame)
-            assert_inside(dets, frame)
-            people = dets[(dets.class_id == PERSON) & (dets.confidence > 0.5)]
-            assert len(people) >= 1, f"frame {i}: {dets.class_names()}"
-            best = people.xyxy[np.argmax(people.confidence)]
-            assert best[3] - best[1] > 0.6 * frame.shape[0], f"frame {i}: box {best}"
+            best = assert_person_found(det.detect(frame), frame, i)
             # Same model run directly: the box maps back to the same place (the .eim
             # letterboxes with black, not grey, and rounds boxes to whole pixels).
             ref = direct.detect(frame)

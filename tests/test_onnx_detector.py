@@ -22,7 +22,7 @@ from flowfleet.agent.detectors.onnx import (
 )
 from flowfleet.agent.labels import COCO_80
 
-from .test_detector_real import assert_inside, read_frames
+from .test_detector_real import assert_inside, assert_person_found, read_frames
 
 PERSON, CAR, BUS, TRUCK = 0, 2, 5, 7
 PERSON_FRAMES = (150, 300, 600, 1000)
@@ -78,13 +78,7 @@ def test_people_found(detector: ONNXDetector, person_frames):
         frame = person_frames[i]
         dets = detector.detect(frame)
         assert dets.names == COCO_80
-        assert_inside(dets, frame)
-        people = dets[(dets.class_id == PERSON) & (dets.confidence > 0.5)]
-        assert len(people) >= 1, f"frame {i}: no person above 0.5 ({dets.class_names()})"
-        # Pixel-unit boxes mapped back correctly: a tall box in the right half.
-        best = people.xyxy[np.argmax(people.confidence)]
-        assert best[3] - best[1] > 0.6 * frame.shape[0], f"frame {i}: box {best}"
-        assert (best[0] + best[2]) / 2 > frame.shape[1] / 2, f"frame {i}: box {best}"
+        assert_person_found(dets, frame, i)  # pixel-unit boxes mapped back correctly
     for i in EMPTY_FRAMES:
         dets = detector.detect(person_frames[i])
         assert not ((dets.class_id == PERSON) & (dets.confidence > 0.5)).any(), f"frame {i}"
