@@ -131,6 +131,29 @@ def oracle_tracks(root: Path, name: str) -> list[tuple[np.ndarray, np.ndarray]]:
     return frames
 
 
+def check_track_dir(track_dir: Path, trackers: list[str], ours) -> None:
+    """Exit with the list of missing files when ``--tracks DIR`` is incomplete.
+
+    ``bench_tracker.py --tracks DIR`` writes ``<tracker>/<seq>.txt`` for every tracker
+    and, for ours, ``<seq>.origins.txt`` (from 2026-11-24 on): a DIR from an older run,
+    or from another tool, is refused before anything is counted.
+    """
+    fix = f"write them with benchmarks/bench_tracker.py --tracks {track_dir}"
+    if not track_dir.is_dir():
+        raise SystemExit(f"--tracks {track_dir}: no such folder; {fix}")
+    missing = [
+        str(track_dir / t / f"{name}{suffix}")
+        for t in trackers
+        for name in mot15.GT_SEQUENCES
+        for suffix in ((".txt", ".origins.txt") if t in ours else (".txt",))
+        if not (track_dir / t / f"{name}{suffix}").is_file()
+    ]
+    if missing:
+        more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+        shown = ", ".join(missing[:6]) + more
+        raise SystemExit(f"--tracks {track_dir}: missing {shown}; {fix}")
+
+
 def errors(result: dict, reference: dict) -> tuple[int, int]:
     """(sum of |count - reference| over lines and directions, reference total)."""
     err = sum(abs(result[ln][d] - reference[ln][d]) for ln in reference for d in ("in", "out"))
@@ -160,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             track_dir = Path(tmp)
             bench_tracker.produce_tracks(root, track_dir, rounds=1)
         trackers = [*bench_tracker.OURS, *bench_tracker.PEERS, ORACLE]
+        check_track_dir(track_dir, trackers[:-1], bench_tracker.OURS)
         counts: dict[str, dict] = {"gt": {}, ORACLE: {}}
         for name in mot15.GT_SEQUENCES:
             counts["gt"][name] = count(mot15.load_ground_truth(root, name), name)
