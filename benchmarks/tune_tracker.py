@@ -1,0 +1,125 @@
+"""Score `TrackerConfig` overrides on MOT15: line-count error, MOTA, IDF1, ID switches.
+
+A tuning aid for the tracker and counter (a few seconds per configuration, no timing,
+no peers): each configuration given as JSON runs our `ByteTracker` on the four MOT15
+sequences with ground truth, its tracks are counted on the lines of
+``bench_count_accuracy.py`` exactly as that benchmark counts them (seeded with each new
+track's first box, as the agent does), and ``motmetrics`` scores them as
+``bench_tracker.py`` does. ``{}`` is the agent's defaults. Use the two benchmarks for
+the published tables.
+
+    .venv/bin/python benchmarks/tune_tracker.py '{}' '{"high_thresh": 0.7}' \\
+        '{"recover_iou": 0}' [--json out.json]
+
+The first run builds the benchmark virtual environment that holds motmetrics
+(``bench_tracker.py``'s ``np1``, about a minute, with a progress bar).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_count_accuracy
+import bench_tracker
+import mot15
+
+from flowfleet.agent.tracker import TrackerConfig
+
+
+def parse_overrides(text: str) -> dict:
+    """One configuration: a JSON object of `TrackerConfig` fields (checked here)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: not JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object of overrides")
+    try:
+        TrackerConfig(**value)
+    except TypeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return value
+
+
+def count_errors(root: Path, track_dir: Path) -> dict[str, int]:
+    """{sequence: count error} for the track and origin files in ``track_dir``."""
+    errors = {}
+    for name in mot15.GT_SEQUENCES:
+        frames = mot15.SEQUENCES[name].frames
+        result = bench_count_accuracy.count(
+            mot15.read_tracks(track_dir / f"{name}.txt", frames),
+            name,
+            mot15.read_tracks(track_dir / f"{name}.origins.txt", frames),
+        )
+        reference = bench_count_accuracy.count(mot15.load_ground_truth(root, name), name)
+        errors[name] = bench_count_accuracy.errors(result, reference)[0]
+    return errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument(
+        "configs", nargs="+", type=parse_overrides, help="JSON overrides, {} = defaults"
+    )
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+
+    root = mot15.mot15_dir()
+    bench_tracker.ensure_peer_envs()
+    inputs = bench_tracker.load_inputs(root)
+    labels = [f"config-{k}" for k in range(len(args.configs))]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        errors = {}
+        for label, overrides in zip(labels, args.configs, strict=True):
+            for name in mot15.GT_SEQUENCES:
+                _, rows, origins = bench_tracker.run_ours(inputs[name], name, overrides, False)
+                mot15.write_tracks(out / label / f"{name}.txt", rows)
+                mot15.write_tracks(out / label / f"{name}.origins.txt", origins)
+            errors[label] = count_errors(root, out / label)
+        metrics = bench_tracker.evaluate(root, out, labels)
+
+    crossings = sum(
+        bench_count_accuracy.errors(c, c)[1]
+        for c in (
+            bench_count_accuracy.count(mot15.load_ground_truth(root, n), n)
+            for n in mot15.GT_SEQUENCES
+        )
+    )
+    results = []
+    print(f"{'count error':>12} {'MOTA':>7} {'IDF1':>7} {'ID sw.':>6}  per sequence   overrides")
+    for label, overrides in zip(labels, args.configs, strict=True):
+        overall = metrics[label]["OVERALL"]
+        per_seq = errors[label]
+        total = sum(per_seq.values())
+        results.append(
+            {
+                "overrides": overrides,
+                "count_error": total,
+                "gt_crossings": crossings,
+                "count_error_per_sequence": per_seq,
+                "mota": overall["mota"],
+                "idf1": overall["idf1"],
+                "idsw": overall["idsw"],
+            }
+        )
+        print(
+            f"{total:>5} ({100 * total / crossings:4.1f}%) {overall['mota']:7.4f} "
+            f"{overall['idf1']:7.4f} {overall['idsw']:>6}  "
+            f"{'/'.join(str(v) for v in per_seq.values()):<13} {json.dumps(overrides)}"
+        )
+    print(f"(count error of {crossings} crossings; per sequence: {', '.join(mot15.GT_SEQUENCES)})")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
