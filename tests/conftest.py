@@ -1,4 +1,5 @@
-"""Shared fixtures: reference data (fail loudly when missing) and a real Mosquitto."""
+"""Shared fixtures: reference data (fail loudly when missing), a real Mosquitto, and the
+registry on each database kind (SQLite, then the machine's PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from flowfleet.data import data_dir
 from flowfleet.provisioning.mosquitto import Broker
+from flowfleet.registry.testing import KINDS, fresh_registry, temporary_database
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +38,16 @@ def broker(tmp_path: Path):
     """A private mosquitto on a free port with the project's generated config."""
     with Broker(tmp_path / "broker") as b:
         yield b
+
+
+@pytest.fixture(params=KINDS, scope="module")
+def db_url(request, tmp_path_factory):
+    """A registry database per test module and database kind."""
+    with temporary_database(request.param, tmp_path_factory.mktemp("db")) as url:
+        yield url
+
+
+@pytest.fixture
+def registry(db_url, tmp_path):
+    """A registry on an emptied ``db_url`` with its storage under ``tmp_path``."""
+    return fresh_registry(db_url, tmp_path)

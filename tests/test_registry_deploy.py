@@ -26,25 +26,12 @@ from flowfleet.registry.errors import PublishError
 from flowfleet.registry.keys import KeyRing
 from flowfleet.registry.modelreg import ModelRegistry
 from flowfleet.registry.service import mqtt_publisher
-from flowfleet.registry.testing import KINDS, fresh_registry, temporary_database
 from flowfleet.registry.web import create_app
 
 TFLITE = "yolov8n_full_integer_quant.tflite"
 TFLITE_DYN = "yolov8n_int8_dynamic.tflite"
 DEVICE = "cam-01"
 TOPICS = Topics()
-
-
-@pytest.fixture(params=KINDS, scope="module")
-def db_url(request, tmp_path_factory):
-    with temporary_database(request.param, tmp_path_factory.mktemp("db")) as url:
-        yield url
-
-
-@pytest.fixture
-def registry(db_url, tmp_path):
-    reg = fresh_registry(db_url, tmp_path)
-    return reg
 
 
 @pytest.fixture

@@ -17,8 +17,6 @@ from tests.test_registry_deploy import (  # noqa: F401 - fixtures
     Subscriber,
     bearer,
     connection,
-    db_url,
-    registry,
     tokens,
     upload,
     verified,

@@ -13,7 +13,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from flowfleet.contract import Topics
 from flowfleet.registry.ingest import Ingestor
-from flowfleet.registry.testing import KINDS, fresh_registry, temporary_database
 from flowfleet.registry.web import create_app
 
 from .test_registry_ingest import make_event
@@ -22,16 +21,9 @@ TFLITE = "yolov8n_full_integer_quant.tflite"
 TOPICS = Topics()
 
 
-@pytest.fixture(params=KINDS, scope="module")
-def db_url(request, tmp_path_factory):
-    with temporary_database(request.param, tmp_path_factory.mktemp("db")) as url:
-        yield url
-
-
 @pytest.fixture
-def app(db_url, tmp_path):
-    reg = fresh_registry(db_url, tmp_path)
-    return create_app(reg.db, registry=reg)
+def app(registry):
+    return create_app(registry.db, registry=registry)
 
 
 def scrape(client, **kw) -> dict[tuple[str, tuple], float]:

@@ -18,19 +18,13 @@ from flowfleet import signing
 from flowfleet.registry import auth
 from flowfleet.registry import db as regdb
 from flowfleet.registry.modelreg import MIB
-from flowfleet.registry.testing import KINDS, fresh_registry, temporary_database
+from flowfleet.registry.testing import fresh_registry
 from flowfleet.registry.web import create_app
 
 LIMIT = 4 * MIB  # upload limit in these tests: the sample models are 3.1-3.4 MiB
 TFLITE = "yolov8n_full_integer_quant.tflite"
 TFLITE_DYN = "yolov8n_int8_dynamic.tflite"
 ONNX = "yolov8n_int8.onnx"
-
-
-@pytest.fixture(params=KINDS, scope="module")
-def db_url(request, tmp_path_factory):
-    with temporary_database(request.param, tmp_path_factory.mktemp("db")) as url:
-        yield url
 
 
 @pytest.fixture

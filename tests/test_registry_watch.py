@@ -13,20 +13,11 @@ from pathlib import Path
 import pytest
 
 from flowfleet.registry import db as regdb
-from flowfleet.registry.testing import fresh_registry
 from flowfleet.registry.watch import WatchFolder
-
-from .test_registry_models import db_url  # noqa: F401  (a fixture)
 
 TFLITE = "yolov8n_full_integer_quant.tflite"
 ONNX = "yolov8n_int8.onnx"
 SETTLE = 0.6
-
-
-@pytest.fixture
-def registry(db_url, tmp_path):  # noqa: F811
-    reg = fresh_registry(db_url, tmp_path)
-    return reg
 
 
 @pytest.fixture

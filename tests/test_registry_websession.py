@@ -11,20 +11,11 @@ import pytest
 
 from flowfleet.registry import auth, websession
 from flowfleet.registry import db as regdb
-from flowfleet.registry.testing import fresh_registry
 from flowfleet.registry.web import create_app
-
-from .test_registry_models import db_url  # noqa: F401  (a fixture)
 
 TFLITE = "yolov8n_full_integer_quant.tflite"
 PASSWORD = "correct horse battery"
 SESSION = websession.SESSION_COOKIE
-
-
-@pytest.fixture
-def registry(db_url, tmp_path):  # noqa: F811
-    reg = fresh_registry(db_url, tmp_path)
-    return reg
 
 
 @pytest.fixture
