@@ -46,17 +46,25 @@ def parse_overrides(text: str) -> dict:
     return value
 
 
-def count_errors(root: Path, track_dir: Path) -> dict[str, int]:
-    """{sequence: count error} for the track and origin files in ``track_dir``."""
+def references(root: Path) -> dict[str, dict]:
+    """{sequence: {line: {"in": n, "out": n}}}: the ground truth's crossings."""
+    return {
+        name: bench_count_accuracy.count(mot15.load_ground_truth(root, name), name)
+        for name in mot15.GT_SEQUENCES
+    }
+
+
+def count_errors(refs: dict[str, dict], track_dir: Path) -> dict[str, int]:
+    """{sequence: count error} for the track and origin files in ``track_dir``,
+    against ``refs`` (from `references`)."""
     errors = {}
-    for name in mot15.GT_SEQUENCES:
+    for name, reference in refs.items():
         frames = mot15.SEQUENCES[name].frames
         result = bench_count_accuracy.count(
             mot15.read_tracks(track_dir / f"{name}.txt", frames),
             name,
             mot15.read_tracks(track_dir / f"{name}.origins.txt", frames),
         )
-        reference = bench_count_accuracy.count(mot15.load_ground_truth(root, name), name)
         errors[name] = bench_count_accuracy.errors(result, reference)[0]
     return errors
 
@@ -72,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     root = mot15.mot15_dir()
     bench_tracker.ensure_peer_envs()
     inputs = bench_tracker.load_inputs(root)
+    refs = references(root)
     labels = [f"config-{k}" for k in range(len(args.configs))]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -81,13 +90,11 @@ def main(argv: list[str] | None = None) -> int:
                 _, rows, origins = bench_tracker.run_ours(inputs[name], name, overrides, False)
                 mot15.write_tracks(out / label / f"{name}.txt", rows)
                 mot15.write_tracks(out / label / f"{name}.origins.txt", origins)
-            errors[label] = count_errors(root, out / label)
+            errors[label] = count_errors(refs, out / label)
         metrics = bench_tracker.evaluate(root, out, labels)
 
-    crossings = 0  # every ground-truth crossing, all lines and both directions
-    for name in mot15.GT_SEQUENCES:
-        reference = bench_count_accuracy.count(mot15.load_ground_truth(root, name), name)
-        crossings += sum(n for line in reference.values() for n in line.values())
+    # every ground-truth crossing, all lines and both directions
+    crossings = sum(n for ref in refs.values() for line in ref.values() for n in line.values())
     results = []
     print(f"{'count error':>12} {'MOTA':>7} {'IDF1':>7} {'ID sw.':>6}  per sequence   overrides")
     for label, overrides in zip(labels, args.configs, strict=True):

@@ -80,6 +80,6 @@ def test_default_tracker_count_error_on_mot15_does_not_regress(tmp_path):
         _, rows, origins = bench_tracker.run_ours(inputs[name], name, {}, False)
         mot15.write_tracks(tmp_path / f"{name}.txt", rows)
         mot15.write_tracks(tmp_path / f"{name}.origins.txt", origins)
-    errors = tune_tracker.count_errors(root, tmp_path)
+    errors = tune_tracker.count_errors(tune_tracker.references(root), tmp_path)
     assert set(errors) == set(mot15.GT_SEQUENCES)
     assert sum(errors.values()) <= 10, errors
