@@ -3,8 +3,10 @@
 A tuning aid for the tracker and counter (a few seconds per configuration, no timing,
 no peers): each configuration given as JSON runs our `ByteTracker` on the four MOT15
 sequences with ground truth, its tracks are counted on the lines of
-``bench_count_accuracy.py`` exactly as that benchmark counts them (seeded with each new
-track's first box, as the agent does), and ``motmetrics`` scores them as
+``bench_count_accuracy.py`` and on its held-out lines (``held_out_lines``: the same
+lines moved across the walkways, never used for tuning) exactly as that benchmark
+counts them (seeded with each new track's first box, as the agent does), and
+``motmetrics`` scores them as
 ``bench_tracker.py`` does. ``{}`` is the agent's defaults. Use the two benchmarks for
 the published tables.
 
@@ -46,17 +48,27 @@ def parse_overrides(text: str) -> dict:
     return value
 
 
-def references(root: Path) -> dict[str, dict]:
-    """{sequence: {line: {"in": n, "out": n}}}: the ground truth's crossings."""
+def benchmark_lines(name: str) -> list:
+    """The lines of ``bench_count_accuracy.py`` for one sequence."""
+    return bench_count_accuracy.LINES[name]
+
+
+def references(root: Path, lines_for=benchmark_lines) -> dict[str, dict]:
+    """{sequence: {line: {"in": n, "out": n}}}: the ground truth's crossings of
+    ``lines_for(sequence)``."""
     return {
-        name: bench_count_accuracy.count(mot15.load_ground_truth(root, name), name)
+        name: bench_count_accuracy.count(
+            mot15.load_ground_truth(root, name), name, lines=lines_for(name)
+        )
         for name in mot15.GT_SEQUENCES
     }
 
 
-def count_errors(refs: dict[str, dict], track_dir: Path) -> dict[str, int]:
+def count_errors(
+    refs: dict[str, dict], track_dir: Path, lines_for=benchmark_lines
+) -> dict[str, int]:
     """{sequence: count error} for the track and origin files in ``track_dir``,
-    against ``refs`` (from `references`)."""
+    against ``refs`` (from `references` with the same ``lines_for``)."""
     errors = {}
     for name, reference in refs.items():
         frames = mot15.SEQUENCES[name].frames
@@ -64,9 +76,15 @@ def count_errors(refs: dict[str, dict], track_dir: Path) -> dict[str, int]:
             mot15.read_tracks(track_dir / f"{name}.txt", frames),
             name,
             mot15.read_tracks(track_dir / f"{name}.origins.txt", frames),
+            lines_for(name),
         )
         errors[name] = bench_count_accuracy.errors(result, reference)[0]
     return errors
+
+
+def crossings(refs: dict[str, dict]) -> int:
+    """Every ground-truth crossing in ``refs``, all lines and both directions."""
+    return sum(n for ref in refs.values() for line in ref.values() for n in line.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,43 +99,57 @@ def main(argv: list[str] | None = None) -> int:
     bench_tracker.ensure_peer_envs()
     inputs = bench_tracker.load_inputs(root)
     refs = references(root)
+    held_refs = references(root, bench_count_accuracy.held_out_lines)
     labels = [f"config-{k}" for k in range(len(args.configs))]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        errors = {}
+        errors, held_out = {}, {}
         for label, overrides in zip(labels, args.configs, strict=True):
             for name in mot15.GT_SEQUENCES:
                 _, rows, origins = bench_tracker.run_ours(inputs[name], name, overrides, False)
                 mot15.write_tracks(out / label / f"{name}.txt", rows)
                 mot15.write_tracks(out / label / f"{name}.origins.txt", origins)
             errors[label] = count_errors(refs, out / label)
+            held_out[label] = count_errors(
+                held_refs, out / label, bench_count_accuracy.held_out_lines
+            )
         metrics = bench_tracker.evaluate(root, out, labels)
 
-    # every ground-truth crossing, all lines and both directions
-    crossings = sum(n for ref in refs.values() for line in ref.values() for n in line.values())
+    n_gt, n_held = crossings(refs), crossings(held_refs)
     results = []
-    print(f"{'count error':>12} {'MOTA':>7} {'IDF1':>7} {'ID sw.':>6}  per sequence   overrides")
+    print(
+        f"{'count error':>12} {'MOTA':>7} {'IDF1':>7} {'ID sw.':>6}  per sequence  "
+        f"{'held-out':>13}  per sequence     overrides"
+    )
     for label, overrides in zip(labels, args.configs, strict=True):
         overall = metrics[label]["OVERALL"]
-        per_seq = errors[label]
-        total = sum(per_seq.values())
+        per_seq, held = errors[label], held_out[label]
+        total, held_total = sum(per_seq.values()), sum(held.values())
         results.append(
             {
                 "overrides": overrides,
                 "count_error": total,
-                "gt_crossings": crossings,
+                "gt_crossings": n_gt,
                 "count_error_per_sequence": per_seq,
+                "held_out_count_error": held_total,
+                "held_out_gt_crossings": n_held,
+                "held_out_count_error_per_sequence": held,
                 "mota": overall["mota"],
                 "idf1": overall["idf1"],
                 "idsw": overall["idsw"],
             }
         )
         print(
-            f"{total:>5} ({100 * total / crossings:4.1f}%) {overall['mota']:7.4f} "
+            f"{total:>5} ({100 * total / n_gt:4.1f}%) {overall['mota']:7.4f} "
             f"{overall['idf1']:7.4f} {overall['idsw']:>6}  "
-            f"{'/'.join(str(v) for v in per_seq.values()):<13} {json.dumps(overrides)}"
+            f"{'/'.join(str(v) for v in per_seq.values()):<13} "
+            f"{held_total:>5} ({100 * held_total / n_held:4.1f}%)  "
+            f"{'/'.join(str(v) for v in held.values()):<16} {json.dumps(overrides)}"
         )
-    print(f"(count error of {crossings} crossings; per sequence: {', '.join(mot15.GT_SEQUENCES)})")
+    print(
+        f"(count error of {n_gt} crossings, held-out of {n_held}; per sequence: "
+        f"{', '.join(mot15.GT_SEQUENCES)})"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
