@@ -9,7 +9,10 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from flowfleet.agent.detections import Detections
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_count_accuracy
@@ -120,3 +123,42 @@ def test_held_out_lines_are_four_per_benchmark_line():
         lines = bench_count_accuracy.held_out_lines(name)
         assert len(lines) == 4 * len(bench_count_accuracy.LINES[name])
         assert len({ln for ln, _, _ in lines}) == len(lines)
+
+
+def _moving_box(x_from: float, x_to: float, frames: int) -> list[Detections]:
+    """A car (COCO class 2) 60x40 px whose feet move from x_from to x_to at y 400."""
+    out = []
+    for x in np.linspace(x_from, x_to, frames):
+        box = np.array([[x - 30, 360, x + 30, 400]], np.float32)
+        scores, classes = np.array([0.9], np.float32), np.array([2], np.int32)
+        out.append(Detections(box, scores, classes, names=("person", "bicycle", "car")))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("x_from", "x_to", "expected"),
+    [
+        (600, 360, {"in": 1, "out": 0}),  # right to left across the gantry: "in"
+        (360, 600, {"in": 0, "out": 1}),
+        (600, 500, {"in": 0, "out": 0}),  # stops short of the line
+    ],
+)
+def test_count_sample_videos_replays_the_tracker_on_the_demo_lines(x_from, x_to, expected):
+    detections = {"traffic_frames.mp4": (30.0, _moving_box(x_from, x_to, 30))}
+    counts = tune_tracker.count_sample_videos(detections, {})
+    assert counts == {"traffic_frames.mp4": {"gantry": expected}}
+
+
+def test_sample_video_table_marks_counts_that_differ_from_the_defaults(capsys):
+    defaults = {"v.mp4": {"gantry": {"in": 2, "out": 0}}}
+    changed = {"v.mp4": {"gantry": {"in": 1, "out": 0}}}
+    tune_tracker.print_sample_counts([defaults, changed], defaults, [{}, {"x": 1}])
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[-3].split() == ["2/0", "{}"]
+    assert rows[-2].split() == ["1/0*", '{"x":', "1}"]
+
+
+def test_sample_videos_need_the_reference_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWFLEET_DATA", str(tmp_path))
+    with pytest.raises(SystemExit, match=f"--videos: missing {tmp_path}/models/yolov8n"):
+        tune_tracker.detect_sample_videos(progress=False)
