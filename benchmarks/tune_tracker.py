@@ -39,8 +39,11 @@ from tqdm import tqdm
 
 from flowfleet.agent.counting import LineCounter
 from flowfleet.agent.detections import Detections
+from flowfleet.agent.pipeline import build_pipeline
+from flowfleet.agent.sources import VideoFileSource
 from flowfleet.agent.tracker import ByteTracker, TrackerConfig
 from flowfleet.data import models_dir, videos_dir
+from flowfleet.demo import SCENES
 
 SAMPLE_MODEL = "yolov8n_full_integer_quant.tflite"
 
@@ -103,10 +106,6 @@ def detect_sample_videos(progress: bool = True) -> dict[str, tuple[float, list[D
     """{video: (fps, per-frame detections)} of the demo's sample videos: YOLOv8n int8
     TFLite with the agent's default classes, every frame, as ``flowfleet count`` sees
     them before tracking."""
-    from flowfleet.agent.pipeline import build_pipeline
-    from flowfleet.agent.sources import VideoFileSource
-    from flowfleet.demo import SCENES
-
     model = models_dir() / SAMPLE_MODEL
     missing = [p for p in (model, *(videos_dir() / v for v in SCENES)) if not p.is_file()]
     if missing:
@@ -129,6 +128,7 @@ def detect_sample_videos(progress: bool = True) -> dict[str, tuple[float, list[D
             for frame in source:
                 frames.append(pipeline.class_filter.apply(pipeline.detector.detect(frame.image)))
                 bar.update(1)
+        pipeline.detector.close()
         detections[video] = (source.fps, frames)
     return detections
 
@@ -139,8 +139,6 @@ def count_sample_videos(
     """{video: {line: {"in": n, "out": n}}}: the tracker with ``overrides`` and the
     agent's line counters (seeded as the agent seeds them) on `detect_sample_videos`'s
     output, on the demo's lines."""
-    from flowfleet.demo import SCENES
-
     counts = {}
     for video, (fps, frames) in detections.items():
         tracker = ByteTracker(TrackerConfig.for_fps(fps, **overrides))
