@@ -4,11 +4,10 @@ A tuning aid for the tracker and counter (a few seconds per configuration, no ti
 no peers): each configuration given as JSON runs our `ByteTracker` on the four MOT15
 sequences with ground truth, its tracks are counted on the lines of
 ``bench_count_accuracy.py`` and on its held-out lines (``held_out_lines``: the same
-lines moved across the walkways, never used for tuning) exactly as that benchmark
-counts them (seeded with each new track's first box, as the agent does), and
-``motmetrics`` scores them as
-``bench_tracker.py`` does. ``{}`` is the agent's defaults. Use the two benchmarks for
-the published tables.
+lines moved across the walkways, which the defaults were not first tuned on) exactly
+as that benchmark counts them (seeded with each new track's first box, as the agent
+does), and ``motmetrics`` scores them as ``bench_tracker.py`` does. ``{}`` is the
+agent's defaults. Use the two benchmarks for the published tables.
 
     .venv/bin/python benchmarks/tune_tracker.py '{}' '{"high_thresh": 0.7}' \\
         '{"recover_iou": 0}' [--videos] [--json out.json]

@@ -99,6 +99,42 @@ def test_for_fps_keeps_lost_tracks_three_seconds():
     assert TrackerConfig.for_fps(10, lost_buffer=7).lost_buffer == 7
 
 
+def test_for_fps_gives_a_weakly_started_track_a_tenth_of_a_second_more():
+    assert [TrackerConfig.for_fps(f).weak_birth_hits for f in (5, 7, 10, 25, 30)] == [
+        0,
+        1,
+        1,
+        2,
+        3,
+    ]
+    assert TrackerConfig.for_fps(30, weak_birth_hits=0).weak_birth_hits == 0
+
+
+@pytest.mark.parametrize(
+    ("first_score", "later_score", "weak_birth_hits", "first_output"),
+    [
+        # The first detection's score decides: 0.85 and over is a strong start.
+        pytest.param(0.9, 0.9, 2, 2, id="strong-start"),
+        pytest.param(0.85, 0.75, 2, 2, id="threshold-is-strong"),
+        pytest.param(0.75, 0.9, 2, 4, id="weak-start-two-more-hits"),
+        pytest.param(0.75, 0.9, 1, 3, id="weak-start-one-more-hit"),
+        pytest.param(0.75, 0.9, 0, 2, id="rule-off"),
+    ],
+)
+def test_a_weakly_started_track_is_confirmed_later(
+    first_score, later_score, weak_birth_hits, first_output
+):
+    frames = [
+        dets([box_at(100 + 4 * t, 200)], scores=[first_score if t == 0 else later_score])
+        for t in range(8)
+    ]
+    out = run(frames, weak_birth_hits=weak_birth_hits, filtered_boxes=False)
+    outputs = [t for t, o in enumerate(out) if len(o)]
+    assert outputs[0] == first_output
+    assert outputs == list(range(first_output, 8))
+    assert {int(i) for o in out for i in o.tracker_id} == {1}
+
+
 def test_min_hits_one_gives_an_id_on_the_first_frame():
     frames = [dets([box_at(100 + 4 * t, 200)]) for t in range(4)]
     tracker = ByteTracker(TrackerConfig(min_hits=1))
