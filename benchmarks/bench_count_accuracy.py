@@ -100,20 +100,23 @@ LINES: dict[str, list[tuple[str, tuple[float, float], tuple[float, float]]]] = {
 HELD_OUT_SHIFTS = (-0.06, -0.03, 0.03, 0.06)
 
 
-def held_out_lines(name: str) -> list[tuple[str, tuple[float, float], tuple[float, float]]]:
-    """The lines of ``name`` moved by each of `HELD_OUT_SHIFTS` (x image width) along
-    their normal, named like ``"west+3%"`` (plus: towards the line's "in" side)."""
+def held_out_lines(
+    name: str, shifts: tuple[float, ...] | None = None
+) -> list[tuple[str, tuple[float, float], tuple[float, float]]]:
+    """The lines of ``name`` moved by each of ``shifts`` (fractions of the image width;
+    default `HELD_OUT_SHIFTS`) along their normal, named like ``"west+3%"`` (plus:
+    towards the line's "in" side)."""
     width = mot15.SEQUENCES[name].width
     lines = []
     for ln, a, b in LINES[name]:
         dx, dy = b[0] - a[0], b[1] - a[1]
         length = float(np.hypot(dx, dy))
         nx, ny = -dy / length, dx / length  # unit normal, pointing to the "in" side
-        for f in HELD_OUT_SHIFTS:
+        for f in HELD_OUT_SHIFTS if shifts is None else shifts:
             d = f * width
             lines.append(
                 (
-                    f"{ln}{100 * f:+.0f}%",
+                    f"{ln}{100 * f:+.3g}%",
                     (a[0] + nx * d, a[1] + ny * d),
                     (b[0] + nx * d, b[1] + ny * d),
                 )

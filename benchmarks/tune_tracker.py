@@ -62,6 +62,22 @@ def parse_overrides(text: str) -> dict:
     return value
 
 
+def parse_shifts(text: str) -> tuple[float, ...]:
+    """``--shifts``: comma-separated non-zero fractions of the image width."""
+    try:
+        shifts = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected comma-separated numbers such as -0.06,0.06"
+        ) from None
+    if any(f == 0 or abs(f) >= 1 for f in shifts):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: each shift must be a non-zero fraction of the image width (-1..1); "
+            "0 is the benchmark's own line"
+        )
+    return shifts
+
+
 def benchmark_lines(name: str) -> list:
     """The lines of ``bench_count_accuracy.py`` for one sequence."""
     return bench_count_accuracy.LINES[name]
@@ -179,14 +195,24 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also count the sample videos with a YOLO model (about 30 s more)",
     )
+    ap.add_argument(
+        "--shifts",
+        type=parse_shifts,
+        default=bench_count_accuracy.HELD_OUT_SHIFTS,
+        help="held-out lines: comma-separated moves, fractions of the image width "
+        "(default: the benchmark's %(default)s)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
+
+    def held_out_lines(name: str) -> list:
+        return bench_count_accuracy.held_out_lines(name, args.shifts)
 
     root = mot15.mot15_dir()
     bench_tracker.ensure_peer_envs()
     inputs = bench_tracker.load_inputs(root)
     refs = references(root)
-    held_refs = references(root, bench_count_accuracy.held_out_lines)
+    held_refs = references(root, held_out_lines)
     labels = [f"config-{k}" for k in range(len(args.configs))]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -197,9 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 mot15.write_tracks(out / label / f"{name}.txt", rows)
                 mot15.write_tracks(out / label / f"{name}.origins.txt", origins)
             errors[label] = count_errors(refs, out / label)
-            held_out[label] = count_errors(
-                held_refs, out / label, bench_count_accuracy.held_out_lines
-            )
+            held_out[label] = count_errors(held_refs, out / label, held_out_lines)
         metrics = bench_tracker.evaluate(root, out, labels)
 
     n_gt, n_held = crossings(refs), crossings(held_refs)

@@ -118,6 +118,36 @@ def test_held_out_lines_move_each_line_along_its_normal(monkeypatch, line, shift
     assert b == pytest.approx(expected[2])
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("-0.09,-0.045,0.015", (-0.09, -0.045, 0.015)),
+        ("0.06", (0.06,)),
+        ("a", "expected comma-separated numbers"),
+        ("0.03,,0.06", "expected comma-separated numbers"),
+        ("0,0.03", "non-zero fraction"),
+        ("1.5", "non-zero fraction"),
+    ],
+)
+def test_tune_tracker_shifts(text, expected):
+    if isinstance(expected, tuple):
+        assert tune_tracker.parse_shifts(text) == expected
+    else:
+        with pytest.raises(argparse.ArgumentTypeError, match=expected):
+            tune_tracker.parse_shifts(text)
+
+
+def test_held_out_lines_take_other_shifts():
+    lines = bench_count_accuracy.held_out_lines("TUD-Stadtmitte", (-0.045, 0.015))
+    # TUD-Stadtmitte: 640 px wide, lines drawn downwards ("in" = moving left).
+    assert [(n, a[0]) for n, a, _ in lines] == [
+        ("left-4.5%", 328.8),
+        ("left+1.5%", 290.4),
+        ("right-4.5%", 508.8),
+        ("right+1.5%", 470.4),
+    ]
+
+
 def test_held_out_lines_are_four_per_benchmark_line():
     for name in mot15.GT_SEQUENCES:
         lines = bench_count_accuracy.held_out_lines(name)
