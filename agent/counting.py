@@ -162,6 +162,21 @@ class LineCounter:
             self._counted.pop(t, None)
 
 
+def count_lines(
+    lines: list[LineCounter], tracked: Detections, origins: Detections | None, ts: float
+) -> list[Crossing]:
+    """One frame for every line: seed each with the tracks confirmed in this frame
+    (``ByteTracker.confirmed_origins()``), then count the frame's tracks. The seeding
+    must come first, so a track confirmed on the far side of a line counts the
+    crossing it made while tentative; the agent's pipeline and the benchmarks all
+    count through here."""
+    crossings: list[Crossing] = []
+    for line in lines:
+        line.seed(origins)
+        crossings.extend(line.update(tracked, ts))
+    return crossings
+
+
 def points_in_polygon(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
     """Vectorised even-odd rule: which of (N, 2) points lie inside the polygon (M, 2)."""
     x, y = points[:, 0:1], points[:, 1:2]

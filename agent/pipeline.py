@@ -22,6 +22,7 @@ from .counting import (
     StationarySpec,
     ZoneCounter,
     ZoneEvent,
+    count_lines,
 )
 from .detections import Detections
 from .detectors.base import Detector
@@ -84,11 +85,7 @@ class CameraPipeline:
         speeds: list[SpeedEvent] = []
         if self.speed is not None:
             speeds.extend(self.speed.update(counted, ts))
-        crossings: list[Crossing] = []
-        origins = self.tracker.confirmed_origins()
-        for line in self.lines:
-            line.seed(origins)
-            crossings.extend(line.update(counted, ts))
+        crossings = count_lines(self.lines, counted, self.tracker.confirmed_origins(), ts)
         if self.speed is not None:
             speeds.extend(
                 self.speed.crossing(c.track_id, c.class_name, c.line, ts) for c in crossings

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mot15
 from scipy.optimize import linear_sum_assignment
 
-from flowfleet.agent.counting import LineCounter
+from flowfleet.agent.counting import LineCounter, count_lines
 from flowfleet.agent.detections import Detections
 from flowfleet.agent.tracker import iou_matrix
 
@@ -145,10 +145,8 @@ def count(
         born = (
             None if origins is None or not len(origins[i][0]) else _person_detections(*origins[i])
         )
-        for c in counters:
-            c.seed(born)
-            for crossing in c.update(dets, i / seq.fps):
-                totals[c.name][crossing.direction] += 1
+        for crossing in count_lines(counters, dets, born, i / seq.fps):
+            totals[crossing.line][crossing.direction] += 1
     return totals
 
 

@@ -54,7 +54,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mot15
 
-from flowfleet.agent.counting import LineCounter
+from flowfleet.agent.counting import LineCounter, count_lines
 from flowfleet.agent.detections import Detections
 from flowfleet.agent.tracker import LOST_SECONDS, ByteTracker, TrackerConfig
 
@@ -178,9 +178,7 @@ def run_ours(frames: list[Detections], name: str, overrides: dict, lines: bool =
     for i, dets in enumerate(frames):
         tracked = tracker.update(dets)
         born = tracker.confirmed_origins()
-        for counter in counters:
-            counter.seed(born)
-            counter.update(tracked, i / fps)
+        count_lines(counters, tracked, born, i / fps)
         outs.append(tracked)
         if born is not None:
             origins.append((i, born))

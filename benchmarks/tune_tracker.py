@@ -36,7 +36,7 @@ import bench_tracker
 import mot15
 from tqdm import tqdm
 
-from flowfleet.agent.counting import LineCounter
+from flowfleet.agent.counting import LineCounter, count_lines
 from flowfleet.agent.detections import Detections
 from flowfleet.agent.pipeline import build_pipeline
 from flowfleet.agent.sources import VideoFileSource
@@ -161,11 +161,8 @@ def count_sample_videos(
         totals = {line.name: {"in": 0, "out": 0} for line in lines}
         for i, dets in enumerate(frames):
             tracked = tracker.update(dets)
-            origins = tracker.confirmed_origins()
-            for line in lines:
-                line.seed(origins)
-                for crossing in line.update(tracked, i / fps):
-                    totals[line.name][crossing.direction] += 1
+            for crossing in count_lines(lines, tracked, tracker.confirmed_origins(), i / fps):
+                totals[crossing.line][crossing.direction] += 1
         counts[video] = totals
     return counts
 
