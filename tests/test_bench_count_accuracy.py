@@ -20,6 +20,8 @@ import bench_tracker
 import mot15
 import tune_tracker
 
+from .factories import box_at, dets
+
 OURS = ("ours",)
 
 
@@ -156,13 +158,11 @@ def test_held_out_lines_are_four_per_benchmark_line():
 
 
 def _moving_box(x_from: float, x_to: float, frames: int) -> list[Detections]:
-    """A car (COCO class 2) 60x40 px whose feet move from x_from to x_to at y 400."""
-    out = []
-    for x in np.linspace(x_from, x_to, frames):
-        box = np.array([[x - 30, 360, x + 30, 400]], np.float32)
-        scores, classes = np.array([0.9], np.float32), np.array([2], np.int32)
-        out.append(Detections(box, scores, classes, names=("person", "bicycle", "car")))
-    return out
+    """A car 60x40 px whose feet move from x_from to x_to at y 400."""
+    return [
+        dets([box_at(x, 400, w=60, h=40)], classes=["car"])
+        for x in np.linspace(x_from, x_to, frames)
+    ]
 
 
 @pytest.mark.parametrize(
