@@ -79,6 +79,14 @@ def register(sub) -> None:
         "cars), e.g. 10,30 (default: off)",
     )
     p.add_argument(
+        "--tracker",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a tracker setting, e.g. lost_s=5 or new_track_thresh=0.5 (repeatable; the "
+        "keys of an agent camera's [cameras.tracker] table, see docs/counting.md)",
+    )
+    p.add_argument(
         "--fps", type=float, default=10.0, help="frame rate of an image folder (default 10)"
     )
     p.add_argument("--json", action="store_true", help="print the totals as JSON")
@@ -119,6 +127,7 @@ def cmd_count(args: argparse.Namespace) -> int:
     classes = _parse_classes(args.classes)
     speed = _parse_speed(args)
     stationary = _parse_stationary(args.stationary)
+    tracker = _parse_tracker(args.tracker)
     model = args.model or _default_model()
     try:
         report = count_video(
@@ -135,6 +144,7 @@ def cmd_count(args: argparse.Namespace) -> int:
             speed=speed,
             stationary=stationary,
             fps=args.fps,
+            tracker=tracker,
         )
     except (SourceError, ModelError) as exc:
         raise CliError(str(exc)) from None
@@ -190,6 +200,35 @@ def _parse_stationary(value: str | None):
         ) from None
 
 
+def _parse_tracker(items: list[str]):
+    """``KEY=VALUE`` pairs -> a validated `TrackerSpec` (None when none are given)."""
+    if not items:
+        return None
+    from pydantic import ValidationError
+
+    from flowfleet.agent.tracker import TrackerSpec
+
+    values: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not value.strip():
+            raise CliError(f"--tracker {item!r}: expected KEY=VALUE, e.g. lost_s=5", EXIT_USAGE)
+        if key in values:
+            raise CliError(f"--tracker {key}: given twice", EXIT_USAGE)
+        values[key] = value.strip()
+    try:
+        return TrackerSpec(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(TrackerSpec.model_fields)
+            msg = f"unknown setting (known: {known})"
+        raise CliError(f"--tracker{' ' + where if where else ''}: {msg}", EXIT_USAGE) from None
+
+
 def _parse_classes(value: str | None):
     if value is None:
         return None
@@ -206,6 +245,7 @@ def _print_report(data: dict) -> None:
         f"{data['video']}: {data['frames']} frames ({data['video_seconds']:.1f} s of video) "
         f"in {data['elapsed_s']:.1f} s, {data['fps']:.1f} frames/s"
     )
+    _print_scores(data["scores"])
     if not data["lines"] and not data["zones"] and "speed" not in data:
         print("no --line, --zone or --homography given: nothing to count")
     for name, line in data["lines"].items():
@@ -231,6 +271,18 @@ def _print_report(data: dict) -> None:
             )
     if "speed" in data:
         _print_speeds(data["speed"])
+
+
+def _print_scores(scores: dict) -> None:
+    parts = []
+    for kind, label in (("detections", "all"), ("tracked", "on tracked objects")):
+        s = scores[kind]
+        parts.append(
+            f"{label} p10 {s['p10']:.2f}, p50 {s['p50']:.2f}, p90 {s['p90']:.2f} (n {s['n']})"
+            if s["n"]
+            else f"{label}: none"
+        )
+    print("detection scores: " + "; ".join(parts))
 
 
 def _secs(v) -> str:

@@ -30,6 +30,7 @@ from flowfleet.contract import DEFAULT_ROOT, NAME_PATTERN, check_name
 
 from .counting import StationarySpec
 from .speed import SpeedSpec
+from .tracker import TrackerSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -90,6 +91,9 @@ class CameraConfig(_Strict):
     speed: SpeedSpec | None = Field(None, description="ground homography and smoothing")
     stationary: StationarySpec | None = Field(
         None, description="exclude parked objects from flow counts"
+    )
+    tracker: TrackerSpec = Field(
+        default_factory=TrackerSpec, description="tracker settings (docs/counting.md)"
     )
 
 

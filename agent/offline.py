@@ -9,14 +9,60 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from .detections import Detections
 from .pipeline import build_pipeline
 from .sources import SourceError, open_source, source_kind
 from .tally import Tally, ZoneAgg
 
 CAMERA = "video"
+SCORE_BINS = 100  # score histogram resolution: 0.01
+
+
+class ScoreSummary:
+    """Detection scores of the counted classes over a whole video: of every detection,
+    and of those the tracker kept on objects with an id.
+
+    What a user looks at to set the tracker's score thresholds for a model whose
+    scores run lower or higher than the defaults assume (docs/counting.md, "Tracker
+    settings"). Scores are kept in 0.01-wide bins, so memory does not grow with the
+    video; a percentile is the lower edge of the bin it falls in.
+    """
+
+    def __init__(self) -> None:
+        self.detections = np.zeros(SCORE_BINS, np.int64)
+        self.tracked = np.zeros(SCORE_BINS, np.int64)
+
+    def add(self, detections: Detections | None, tracked: Detections) -> None:
+        if detections is not None:
+            self._add(self.detections, detections.confidence)
+        self._add(self.tracked, tracked.confidence)
+
+    @staticmethod
+    def _add(hist: np.ndarray, scores: np.ndarray) -> None:
+        if len(scores):
+            bins = np.minimum((scores * SCORE_BINS).astype(np.intp), SCORE_BINS - 1)
+            hist += np.bincount(bins, minlength=SCORE_BINS)
+
+    @staticmethod
+    def _percentiles(hist: np.ndarray) -> dict:
+        n = int(hist.sum())
+        out: dict = {"n": n}
+        if n:
+            cum = np.cumsum(hist)
+            for q in (10, 50, 90):
+                out[f"p{q}"] = int(np.searchsorted(cum, q * n / 100)) / SCORE_BINS
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "detections": self._percentiles(self.detections),
+            "tracked": self._percentiles(self.tracked),
+        }
 
 
 @dataclass
@@ -33,6 +79,7 @@ class CountReport:
     # file and decoding ahead, plus the interpreter's slower first run. Benchmarks
     # report it apart from the steady per-frame rate (see benchmarks/bench_count.py).
     first_frame_s: float = 0.0
+    scores: ScoreSummary = field(default_factory=ScoreSummary)
 
     @property
     def fps(self) -> float:
@@ -58,6 +105,7 @@ class CountReport:
             "elapsed_s": round(self.elapsed_s, 3),
             "fps": round(self.fps, 2),
             "inference_ms_mean": round(1000 * self.inference_s / max(self.frames, 1), 2),
+            "scores": self.scores.to_dict(),
             "lines": lines,
             "zones": zones,
         }
@@ -106,11 +154,13 @@ def count_video(
     stationary=None,
     fps: float = 10.0,
     start_frame: int = 0,
+    tracker=None,
 ) -> CountReport:
     """Count a video file or image folder end to end.
 
     ``speed`` (a `SpeedSpec`) adds ground speeds; ``stationary`` (a `StationarySpec`)
-    keeps parked objects out of the counts; ``fps`` stamps image-folder frames.
+    keeps parked objects out of the counts; ``tracker`` (a `TrackerSpec`) changes the
+    tracker's settings; ``fps`` stamps image-folder frames.
     Raises SourceError / ModelError / ValueError.
     """
     if source_kind(str(video)) not in ("file", "folder"):
@@ -132,8 +182,10 @@ def count_video(
         fps=source.fps,
         speed=speed,
         stationary=stationary,
+        tracker=tracker,
     )
     tally = Tally()
+    scores = ScoreSummary()
     for spec in lines:
         tally.declare_line(CAMERA, spec.name, pipeline.counted_classes)
     for spec in zones:
@@ -159,6 +211,7 @@ def count_video(
             tally.note_occupancy(CAMERA, zone, by_class)
         for ev in result.speeds:
             tally.add_speed(CAMERA, ev)
+        scores.add(result.detections, result.tracked)
         frames += 1
         if frames == 1:
             first_frame_s = time.perf_counter() - start
@@ -183,4 +236,5 @@ def count_video(
         tally=tally,
         speed_window_s=None if speed is None else speed.window_s,
         first_frame_s=first_frame_s,
+        scores=scores,
     )

@@ -28,7 +28,7 @@ from .detections import Detections
 from .detectors.base import Detector
 from .labels import ClassFilter
 from .speed import SpeedEstimator, SpeedEvent, SpeedSpec
-from .tracker import ByteTracker, TrackerConfig
+from .tracker import ByteTracker, TrackerConfig, TrackerSpec
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class FrameResult:
     occupancy: dict[str, dict[str, int]]  # zone -> class -> objects inside now
     inference_s: float
     speeds: list[SpeedEvent] = field(default_factory=list)  # ended tracks, line crossings
+    detections: Detections | None = None  # the frame's detections of the counted classes
 
 
 @dataclass
@@ -99,7 +100,7 @@ class CameraPipeline:
         self.stats.inference_s += infer
         self.stats.last_inference_s = infer
         self.stats.detections += len(dets)
-        return FrameResult(tracked, crossings, zone_events, occupancy, infer, speeds)
+        return FrameResult(tracked, crossings, zone_events, occupancy, infer, speeds, dets)
 
     def flush(self, ts: float) -> list[ZoneEvent]:
         """Close open zone visits (end of file or shutdown)."""
@@ -127,9 +128,10 @@ def build_pipeline(
     fps: float = 25.0,
     speed: SpeedSpec | None = None,
     stationary: StationarySpec | None = None,
+    tracker: TrackerSpec | None = None,
 ) -> CameraPipeline:
     """Assemble a pipeline from config values (LineSpec / ZoneSpec sequences,
-    optional `SpeedSpec` and `StationarySpec`).
+    optional `SpeedSpec`, `StationarySpec` and `TrackerSpec`).
 
     Raises ModelError for an unusable model and ValueError for an unknown class.
     """
@@ -143,7 +145,7 @@ def build_pipeline(
     ]
     # A zone exit is declared when a track is unseen for as long as the tracker
     # keeps lost tracks, so a brief occlusion is not an exit and a re-entry.
-    tracker_config = TrackerConfig.for_fps(fps)
+    tracker_config = (tracker or TrackerSpec()).config(fps)
     zone_counters = [
         ZoneCounter(
             s.name, list(s.points), anchor=anchor, exit_after_s=tracker_config.lost_buffer / fps

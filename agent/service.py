@@ -560,6 +560,7 @@ class AgentService:
             fps=source.delivered_fps,
             speed=c.speed,
             stationary=c.stationary,
+            tracker=c.tracker,
         )
         cam.classes = tuple(pipeline.counted_classes)
         recorder = None

@@ -29,8 +29,10 @@ where the answer is those pairs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy.optimize import linear_sum_assignment
 
 from . import kalman
@@ -124,12 +126,74 @@ class TrackerConfig:
     recover_iou: float = 0.2
 
     @classmethod
-    def for_fps(cls, fps: float, **overrides) -> TrackerConfig:
-        """Settings with the lost-track buffer covering about three seconds of video
-        and a weakly started track's extra confirmation about 0.1 s."""
-        overrides.setdefault("lost_buffer", max(5, round(LOST_SECONDS * fps)))
-        overrides.setdefault("weak_birth_hits", round(WEAK_BIRTH_SECONDS * fps))
+    def for_fps(
+        cls,
+        fps: float,
+        *,
+        lost_s: float = LOST_SECONDS,
+        weak_birth_s: float = WEAK_BIRTH_SECONDS,
+        **overrides,
+    ) -> TrackerConfig:
+        """Settings for a camera at ``fps``: the lost-track buffer covers ``lost_s``
+        seconds of video (at least 5 frames) and a weakly started track's extra
+        confirmation ``weak_birth_s`` seconds; an explicit ``lost_buffer`` or
+        ``weak_birth_hits`` override wins."""
+        overrides.setdefault("lost_buffer", max(5, round(lost_s * fps)))
+        overrides.setdefault("weak_birth_hits", round(weak_birth_s * fps))
         return cls(**overrides)
+
+
+def _default(name: str, **limits) -> Any:
+    """A `TrackerSpec` field whose default is `TrackerConfig`'s, so the two never differ."""
+    return Field(getattr(TrackerConfig, name), **limits)
+
+
+class TrackerSpec(BaseModel):
+    """Tracker settings of one camera (config value; docs/counting.md, "Tracker settings").
+
+    The keys are `TrackerConfig`'s, except that the two frame counts that depend on the
+    camera's frame rate are given in seconds (``lost_s``, ``weak_birth_s``); `config`
+    turns them into frames. Every default is the tracker's own.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lost_s: float = Field(LOST_SECONDS, gt=0, le=600)
+    weak_birth_s: float = Field(WEAK_BIRTH_SECONDS, ge=0, le=10)
+    high_thresh: float = _default("high_thresh", ge=0, le=1)
+    low_thresh: float = _default("low_thresh", ge=0, le=1)
+    new_track_thresh: float = _default("new_track_thresh", ge=0, le=1)
+    strong_birth_thresh: float = _default("strong_birth_thresh", ge=0, le=1)
+    match_iou: float = _default("match_iou", gt=0, le=1)
+    low_match_iou: float = _default("low_match_iou", gt=0, le=1)
+    tentative_match_iou: float = _default("tentative_match_iou", gt=0, le=1)
+    recover_iou: float = _default("recover_iou", ge=0, le=1)
+    min_hits: int = _default("min_hits", ge=1, le=100)
+    tentative_misses: int = _default("tentative_misses", ge=0, le=100)
+    filtered_boxes: bool = _default("filtered_boxes")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.low_thresh > self.high_thresh:
+            raise ValueError(
+                f"low_thresh {self.low_thresh:g} is above high_thresh {self.high_thresh:g}"
+            )
+        # Tracks are born only from confident detections left over by the first stage,
+        # so a lower new_track_thresh would silently act as high_thresh.
+        if self.new_track_thresh < self.high_thresh:
+            raise ValueError(
+                f"new_track_thresh {self.new_track_thresh:g} is below high_thresh "
+                f"{self.high_thresh:g}: tracks start only from detections at or above "
+                "high_thresh, so lower both"
+            )
+        return self
+
+    def config(self, fps: float) -> TrackerConfig:
+        """The tracker's settings for a camera delivering ``fps`` frames per second."""
+        values = self.model_dump(exclude={"lost_s", "weak_birth_s"})
+        return TrackerConfig.for_fps(
+            fps, lost_s=self.lost_s, weak_birth_s=self.weak_birth_s, **values
+        )
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:

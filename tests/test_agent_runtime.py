@@ -393,13 +393,34 @@ model = "{int8_model}"
     assert "cannot start the agent" in busy.stderr and "Traceback" not in busy.stderr
 
 
+def count_file_camera(config, camera: str):
+    """Run an agent in-process until its file camera ``camera`` has read the whole
+    file, then close and return the count bin (bin_seconds 3600 in ``config``)."""
+    import time
+
+    from flowfleet.agent.service import AgentService
+
+    # The agent closes bins on wall-clock multiples of bin_seconds: start well clear of
+    # the next one, so every event of a short clip lands in the bin closed here.
+    left = 3600 - time.time() % 3600
+    if left < 90:
+        time.sleep(left + 0.1)
+    service = AgentService(config)
+    service.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and service.cameras[camera].state != "stopped":
+            time.sleep(0.1)
+        assert service.cameras[camera].state == "stopped"
+        return service.close_bin()
+    finally:
+        service.stop()
+
+
 def test_speed_and_zone_visits_reach_the_count_bins(tmp_path, broker, videos, int8_model):
     """A camera with a ground homography and a zone: the bins carry speeds, and the
     zone's open visits are closed when the file ends (entries == exits)."""
-    import time
-
     from flowfleet.agent.config import AgentConfig
-    from flowfleet.agent.service import AgentService
 
     config = AgentConfig.model_validate(
         {
@@ -429,23 +450,46 @@ def test_speed_and_zone_visits_reach_the_count_bins(tmp_path, broker, videos, in
             ],
         }
     )
-    # The agent closes bins on wall-clock multiples of bin_seconds: start well clear of
-    # the next one, so every event of this short clip lands in the bin closed below.
-    left = 3600 - time.time() % 3600
-    if left < 90:
-        time.sleep(left + 0.1)
-    service = AgentService(config)
-    service.start()
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and service.cameras["road"].state != "stopped":
-            time.sleep(0.1)
-        assert service.cameras["road"].state == "stopped"
-        count_bin = service.close_bin()
-    finally:
-        service.stop()
+    count_bin = count_file_camera(config, "road")
     assert count_bin.speeds, "no speed rows in the bin"
     measured = [s for s in count_bin.speeds if s.n]
     assert measured and all(0 < s.mean_kmh < 300 for s in measured)
     lane = [z for z in count_bin.zones if z.zone == "lane" and z.entries]
     assert lane and all(z.entries == z.exits for z in lane)
+
+
+@pytest.mark.parametrize(
+    ("tracker", "cars_in"),
+    [
+        ({}, 2),
+        # No track is seen often enough to get an id: nothing may be counted.
+        ({"min_hits": 100}, 0),
+    ],
+)
+def test_a_cameras_tracker_settings_reach_its_tracker(
+    tmp_path, broker, videos, int8_model, tracker, cars_in
+):
+    from flowfleet.agent.config import AgentConfig
+
+    camera = {
+        "name": "road",
+        "source": str(videos / "traffic_frames.mp4"),
+        "model": str(int8_model),
+        "realtime": False,
+        "classes": ["car"],
+        "lines": [{"name": "gantry", "points": [[480, 280], [480, 540]]}],
+        "tracker": tracker,
+    }
+    config = AgentConfig.model_validate(
+        {
+            "device_id": "tuned",
+            "state_dir": str(tmp_path / "state"),
+            "bin_seconds": 3600,
+            "drift_seconds": 0,
+            "broker": {"host": broker.host, "port": broker.port},
+            "cameras": [camera],
+        }
+    )
+    count_bin = count_file_camera(config, "road")
+    counted = {(r.line, r.class_): (r.in_, r.out) for r in count_bin.lines}
+    assert counted == {("gantry", "car"): (cars_in, 0)}

@@ -57,6 +57,36 @@ def bad_files(tmp_path_factory, data):
             "--zone",
         ),
         (
+            "unknown tracker setting",
+            ["{video}", "--model", "{model}", "--tracker", "lost=5"],
+            2,
+            "--tracker lost: unknown setting",
+        ),
+        (
+            "tracker setting out of range",
+            ["{video}", "--model", "{model}", "--tracker", "lost_s=-1"],
+            2,
+            "--tracker lost_s",
+        ),
+        (
+            "tracker settings that contradict",
+            ["{video}", "--model", "{model}", "--tracker", "new_track_thresh=0.5"],
+            2,
+            "new_track_thresh 0.5 is below high_thresh 0.6",
+        ),
+        (
+            "tracker setting without a value",
+            ["{video}", "--model", "{model}", "--tracker", "lost_s"],
+            2,
+            "expected KEY=VALUE",
+        ),
+        (
+            "tracker setting given twice",
+            ["{video}", "--model", "{model}", "--tracker", "lost_s=1", "--tracker", "lost_s=2"],
+            2,
+            "--tracker lost_s: given twice",
+        ),
+        (
             "unknown class",
             ["{video}", "--model", "{model}", "--classes", "person,unicorn"],
             2,
@@ -101,6 +131,30 @@ def test_count_traffic_vehicles(data):
     vehicles = sum(gantry["classes"][c]["in"] for c in ("car", "truck", "bus"))
     assert vehicles >= 2 and gantry["total"]["out"] == 0
     assert gantry["classes"]["person"] == {"in": 0, "out": 0}
+
+
+def test_count_with_tracker_settings(data):
+    """Settings reach the tracker: with ``min_hits`` longer than the 20-frame clip no
+    car gets an id, so nothing is counted; lowering both score thresholds keeps the
+    two cars."""
+    counts = {}
+    for name, settings in [
+        ("strict", ["min_hits=30"]),
+        ("lenient", ["high_thresh=0.4", "new_track_thresh=0.5", "lost_s=5"]),
+    ]:
+        result = flowfleet(
+            "count",
+            str(data / "videos" / "traffic_frames.mp4"),
+            "--line",
+            "gantry:480,280,480,540",
+            "--classes",
+            "car",
+            "--json",
+            *[arg for s in settings for arg in ("--tracker", s)],
+        )
+        assert result.returncode == 0, result.stderr
+        counts[name] = json.loads(result.stdout)["lines"]["gantry"]["total"]
+    assert counts == {"strict": {"in": 0, "out": 0}, "lenient": {"in": 2, "out": 0}}
 
 
 def test_count_all_classes_accepts_any_label(data):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flowfleet.agent.config import ConfigError, load_agent_config, parse_line, parse_zone
+from flowfleet.agent.tracker import TrackerConfig
 
 GOOD = """
 device_id = "cam-1"
@@ -100,6 +101,18 @@ def test_good_config_resolves_paths_relative_to_the_file(tmp_path):
         (GOOD + "\n[registry]\ngate_max_ms = 0\n", "registry.gate_max_ms"),
         (GOOD + "\n[registry]\nmax_errors = 0\n", "registry.max_errors"),
         (GOOD + "\n[registry]\nsigned = false\n", "registry.signed: unknown key"),
+        (GOOD + "\n[cameras.tracker]\nlost_s = 0\n", "cameras.0.tracker.lost_s"),
+        (GOOD + "\n[cameras.tracker]\nlost = 5\n", "cameras.0.tracker.lost: unknown key"),
+        (GOOD + "\n[cameras.tracker]\nmin_hits = 1.5\n", "cameras.0.tracker.min_hits"),
+        (GOOD + "\n[cameras.tracker]\nmatch_iou = 0\n", "cameras.0.tracker.match_iou"),
+        (
+            GOOD + "\n[cameras.tracker]\nhigh_thresh = 0.3\nlow_thresh = 0.4\n",
+            "cameras.0.tracker: low_thresh 0.4 is above high_thresh 0.3",
+        ),
+        (
+            GOOD + "\n[cameras.tracker]\nnew_track_thresh = 0.5\n",
+            "cameras.0.tracker: new_track_thresh 0.5 is below high_thresh 0.6",
+        ),
     ],
 )
 def test_bad_config_names_file_and_key(tmp_path, text, message):
@@ -107,6 +120,17 @@ def test_bad_config_names_file_and_key(tmp_path, text, message):
     with pytest.raises(ConfigError) as err:
         load_agent_config(path)
     assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_camera_tracker_settings(tmp_path):
+    text = GOOD + "\n[cameras.tracker]\nlost_s = 5\nhigh_thresh = 0.4\nnew_track_thresh = 0.5\n"
+    cfg = load_agent_config(write(tmp_path, text))
+    tracker = cfg.cameras[0].tracker.config(fps=20)
+    assert (tracker.lost_buffer, tracker.high_thresh, tracker.new_track_thresh) == (100, 0.4, 0.5)
+    # Without the table: the tracker's defaults.
+    assert load_agent_config(write(tmp_path, GOOD)).cameras[0].tracker.config(fps=20) == (
+        TrackerConfig.for_fps(20)
+    )
 
 
 def test_missing_config_file(tmp_path):

@@ -174,7 +174,8 @@ def test_count_json_matches_the_agent_pipeline(videos, int8_model):
     runs = [
         json.loads(subprocess.run(args, capture_output=True, check=True).stdout) for _ in range(2)
     ]
-    assert runs[0]["lines"] == runs[1]["lines"] and runs[0]["zones"] == runs[1]["zones"]
+    for key in ("lines", "zones", "scores"):
+        assert runs[0][key] == runs[1][key], key
     report = runs[0]
     assert report["frames"] == 1394
     assert report["lines"]["approach"]["total"] == {"in": 6, "out": 0}
@@ -182,3 +183,9 @@ def test_count_json_matches_the_agent_pipeline(videos, int8_model):
     table = report["zones"]["table"]["classes"]["person"]
     assert table["entries"] == 6 and table["peak_occupancy"] == 1
     assert 5 < table["mean_dwell_s"] < 30
+    # People in this video score high; the tracker keeps a subset of the detections.
+    scores = report["scores"]
+    assert 0 < scores["tracked"]["n"] <= scores["detections"]["n"]
+    for s in scores.values():
+        assert 0.1 <= s["p10"] <= s["p50"] <= s["p90"] <= 1.0
+    assert scores["tracked"]["p50"] >= 0.6

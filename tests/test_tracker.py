@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from flowfleet.agent.detections import UNTRACKED, Detections
-from flowfleet.agent.tracker import ByteTracker, TrackerConfig, iou_matrix
+from flowfleet.agent.tracker import ByteTracker, TrackerConfig, TrackerSpec, iou_matrix
 
 from .factories import NAMES, box_at, dets
 
@@ -108,6 +109,49 @@ def test_for_fps_gives_a_weakly_started_track_a_tenth_of_a_second_more():
         3,
     ]
     assert TrackerConfig.for_fps(30, weak_birth_hits=0).weak_birth_hits == 0
+
+
+@pytest.mark.parametrize(
+    ("settings", "fps", "expected"),
+    [
+        ({}, 25, {"lost_buffer": 75, "weak_birth_hits": 2, "min_hits": 3}),
+        ({"lost_s": 10}, 10, {"lost_buffer": 100}),
+        ({"lost_s": 0.1}, 10, {"lost_buffer": 5}),  # never under 5 frames
+        ({"weak_birth_s": 0.5}, 30, {"weak_birth_hits": 15}),
+        ({"weak_birth_s": 0}, 30, {"weak_birth_hits": 0}),
+        (
+            {"high_thresh": 0.4, "new_track_thresh": 0.5, "low_thresh": 0.05},
+            10,
+            {"high_thresh": 0.4, "new_track_thresh": 0.5, "low_thresh": 0.05},
+        ),
+        ({"min_hits": 1, "recover_iou": 0}, 10, {"min_hits": 1, "recover_iou": 0}),
+        ({"filtered_boxes": False}, 10, {"filtered_boxes": False}),
+    ],
+)
+def test_tracker_spec_turns_seconds_into_frames(settings, fps, expected):
+    config = TrackerSpec(**settings).config(fps)
+    assert {k: getattr(config, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("fps", [1, 5, 7.5, 10, 25, 30, 60])
+def test_tracker_spec_defaults_are_the_trackers(fps):
+    assert TrackerSpec().config(fps) == TrackerConfig.for_fps(fps)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"lost_s": 0}, "lost_s"),
+        ({"high_thresh": 1.5}, "high_thresh"),
+        ({"tentative_misses": -1}, "tentative_misses"),
+        ({"colour": "red"}, "colour"),
+        ({"low_thresh": 0.7}, "low_thresh 0.7 is above high_thresh 0.6"),
+        ({"new_track_thresh": 0.55}, "new_track_thresh 0.55 is below high_thresh 0.6"),
+    ],
+)
+def test_tracker_spec_rejects_bad_settings(settings, message):
+    with pytest.raises(ValidationError, match=message):
+        TrackerSpec(**settings)
 
 
 @pytest.mark.parametrize(

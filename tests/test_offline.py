@@ -1,0 +1,47 @@
+"""`ScoreSummary`: the score percentiles `flowfleet count` reports for tuning."""
+
+from __future__ import annotations
+
+import pytest
+
+from flowfleet.agent.offline import ScoreSummary
+
+from .factories import box_at, dets
+
+
+def frame(scores: list[float]):
+    return dets([box_at(50 * i, 100) for i in range(len(scores))], scores=scores)
+
+
+@pytest.mark.parametrize(
+    ("frames", "expected"),
+    [
+        ([], {"n": 0}),
+        ([[]], {"n": 0}),
+        ([[0.9]], {"n": 1, "p10": 0.9, "p50": 0.9, "p90": 0.9}),
+        # Ten scores 0.05, 0.15, ... 0.95 over two frames.
+        (
+            [[0.05, 0.15, 0.25, 0.35, 0.45], [0.55, 0.65, 0.75, 0.85, 0.95]],
+            {"n": 10, "p10": 0.05, "p50": 0.45, "p90": 0.85},
+        ),
+        # A score of exactly 1.0 lands in the top bin; percentiles are bin lower edges.
+        ([[1.0, 1.0, 0.999]], {"n": 3, "p10": 0.99, "p50": 0.99, "p90": 0.99}),
+        ([[0.123] * 9 + [0.8]], {"n": 10, "p10": 0.12, "p50": 0.12, "p90": 0.12}),
+    ],
+)
+def test_score_percentiles(frames, expected):
+    summary = ScoreSummary()
+    for scores in frames:
+        summary.add(frame(scores), frame(scores[:1]))
+    assert summary.to_dict()["detections"] == expected
+    tracked_n = sum(1 for scores in frames if scores)
+    assert summary.to_dict()["tracked"]["n"] == tracked_n
+
+
+def test_a_frame_without_detection_list_adds_only_tracked():
+    summary = ScoreSummary()
+    summary.add(None, frame([0.7]))
+    assert summary.to_dict() == {
+        "detections": {"n": 0},
+        "tracked": {"n": 1, "p10": 0.7, "p50": 0.7, "p90": 0.7},
+    }
