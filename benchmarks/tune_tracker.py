@@ -1,4 +1,4 @@
-"""Score `TrackerConfig` overrides on MOT15: line-count error, MOTA, IDF1, ID switches.
+"""Score tracker settings on MOT15: line-count error, MOTA, IDF1, ID switches.
 
 A tuning aid for the tracker and counter (a few seconds per configuration, no timing,
 no peers): each configuration given as JSON runs our `ByteTracker` on the four MOT15
@@ -7,7 +7,9 @@ sequences with ground truth, its tracks are counted on the lines of
 lines moved across the walkways, which the defaults were not first tuned on) exactly
 as that benchmark counts them (seeded with each new track's first box, as the agent
 does), and ``motmetrics`` scores them as ``bench_tracker.py`` does. ``{}`` is the
-agent's defaults. Use the two benchmarks for the published tables.
+agent's defaults. The keys are `TrackerConfig`'s, and ``lost_s`` / ``weak_birth_s``
+as in an agent's ``[cameras.tracker]`` table. Use the two benchmarks for the
+published tables.
 
     .venv/bin/python benchmarks/tune_tracker.py '{}' '{"high_thresh": 0.7}' \\
         '{"recover_iou": 0}' [--videos] [--json out.json]
@@ -48,7 +50,9 @@ SAMPLE_MODEL = "yolov8n_full_integer_quant.tflite"
 
 
 def parse_overrides(text: str) -> dict:
-    """One configuration: a JSON object of `TrackerConfig` fields (checked here)."""
+    """One configuration: a JSON object of `TrackerConfig` fields, or of the seconds
+    an agent's ``[cameras.tracker]`` table takes instead of frames (``lost_s``,
+    ``weak_birth_s``), checked here."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -56,7 +60,7 @@ def parse_overrides(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object of overrides")
     try:
-        TrackerConfig(**value)
+        TrackerConfig.for_fps(25, **value)
     except TypeError as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
     return value

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from flowfleet.agent.detections import Detections
+from flowfleet.agent.tracker import TrackerConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_count_accuracy
@@ -72,6 +73,13 @@ def test_complete_track_dir_passes(tmp_path):
 def test_tune_tracker_rejects_bad_overrides(text, message):
     with pytest.raises(argparse.ArgumentTypeError, match=message):
         tune_tracker.parse_overrides(text)
+
+
+def test_tune_tracker_takes_the_agent_configs_seconds():
+    """The keys of an agent's [cameras.tracker] table work as they do there."""
+    value = tune_tracker.parse_overrides('{"lost_s": 2, "weak_birth_s": 0, "min_hits": 4}')
+    config = TrackerConfig.for_fps(25, **value)
+    assert (config.lost_buffer, config.weak_birth_hits, config.min_hits) == (50, 0, 4)
 
 
 def test_default_tracker_count_error_on_mot15_does_not_regress(tmp_path):
