@@ -393,13 +393,26 @@ model = "{int8_model}"
     assert "cannot start the agent" in busy.stderr and "Traceback" not in busy.stderr
 
 
-def count_file_camera(config, camera: str):
-    """Run an agent in-process until its file camera ``camera`` has read the whole
-    file, then close and return the count bin (bin_seconds 3600 in ``config``)."""
+def count_file_camera(tmp_path, broker, device: str, camera: dict):
+    """Run an agent in-process with one file camera (``camera``: its config table,
+    ``realtime`` false) until it has read the whole file, then close and return the
+    count bin."""
     import time
 
+    from flowfleet.agent.config import AgentConfig
     from flowfleet.agent.service import AgentService
 
+    config = AgentConfig.model_validate(
+        {
+            "device_id": device,
+            "state_dir": str(tmp_path / "state"),
+            "bin_seconds": 3600,
+            "drift_seconds": 0,
+            "broker": {"host": broker.host, "port": broker.port},
+            "cameras": [camera],
+        }
+    )
+    name = camera["name"]
     # The agent closes bins on wall-clock multiples of bin_seconds: start well clear of
     # the next one, so every event of a short clip lands in the bin closed here.
     left = 3600 - time.time() % 3600
@@ -409,9 +422,9 @@ def count_file_camera(config, camera: str):
     service.start()
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and service.cameras[camera].state != "stopped":
+        while time.monotonic() < deadline and service.cameras[name].state != "stopped":
             time.sleep(0.1)
-        assert service.cameras[camera].state == "stopped"
+        assert service.cameras[name].state == "stopped"
         return service.close_bin()
     finally:
         service.stop()
@@ -420,37 +433,22 @@ def count_file_camera(config, camera: str):
 def test_speed_and_zone_visits_reach_the_count_bins(tmp_path, broker, videos, int8_model):
     """A camera with a ground homography and a zone: the bins carry speeds, and the
     zone's open visits are closed when the file ends (entries == exits)."""
-    from flowfleet.agent.config import AgentConfig
-
-    config = AgentConfig.model_validate(
-        {
-            "device_id": "speedy",
-            "state_dir": str(tmp_path / "state"),
-            "bin_seconds": 3600,
-            "drift_seconds": 0,
-            "broker": {"host": broker.host, "port": broker.port},
-            "cameras": [
-                {
-                    "name": "road",
-                    "source": str(videos / "traffic_frames.mp4"),
-                    "model": str(int8_model),
-                    "realtime": False,
-                    "lines": [{"name": "gantry", "points": [[480, 280], [480, 540]]}],
-                    "zones": [
-                        {"name": "lane", "points": [[0, 300], [960, 300], [960, 540], [0, 540]]}
-                    ],
-                    "speed": {
-                        "homography": {
-                            "image": [[100, 375], [900, 375], [900, 425], [100, 425]],
-                            "ground": [[0, 3.7], [15.1, 3.7], [15.1, 0], [0, 0]],
-                        },
-                        "window_s": 0.3,
-                    },
-                }
-            ],
-        }
-    )
-    count_bin = count_file_camera(config, "road")
+    camera = {
+        "name": "road",
+        "source": str(videos / "traffic_frames.mp4"),
+        "model": str(int8_model),
+        "realtime": False,
+        "lines": [{"name": "gantry", "points": [[480, 280], [480, 540]]}],
+        "zones": [{"name": "lane", "points": [[0, 300], [960, 300], [960, 540], [0, 540]]}],
+        "speed": {
+            "homography": {
+                "image": [[100, 375], [900, 375], [900, 425], [100, 425]],
+                "ground": [[0, 3.7], [15.1, 3.7], [15.1, 0], [0, 0]],
+            },
+            "window_s": 0.3,
+        },
+    }
+    count_bin = count_file_camera(tmp_path, broker, "speedy", camera)
     assert count_bin.speeds, "no speed rows in the bin"
     measured = [s for s in count_bin.speeds if s.n]
     assert measured and all(0 < s.mean_kmh < 300 for s in measured)
@@ -469,8 +467,6 @@ def test_speed_and_zone_visits_reach_the_count_bins(tmp_path, broker, videos, in
 def test_a_cameras_tracker_settings_reach_its_tracker(
     tmp_path, broker, videos, int8_model, tracker, cars_in
 ):
-    from flowfleet.agent.config import AgentConfig
-
     camera = {
         "name": "road",
         "source": str(videos / "traffic_frames.mp4"),
@@ -480,16 +476,6 @@ def test_a_cameras_tracker_settings_reach_its_tracker(
         "lines": [{"name": "gantry", "points": [[480, 280], [480, 540]]}],
         "tracker": tracker,
     }
-    config = AgentConfig.model_validate(
-        {
-            "device_id": "tuned",
-            "state_dir": str(tmp_path / "state"),
-            "bin_seconds": 3600,
-            "drift_seconds": 0,
-            "broker": {"host": broker.host, "port": broker.port},
-            "cameras": [camera],
-        }
-    )
-    count_bin = count_file_camera(config, "road")
+    count_bin = count_file_camera(tmp_path, broker, "tuned", camera)
     counted = {(r.line, r.class_): (r.in_, r.out) for r in count_bin.lines}
     assert counted == {("gantry", "car"): (cars_in, 0)}
