@@ -188,6 +188,11 @@ class TrackerSpec(BaseModel):
             )
         return self
 
+    def given(self) -> str:
+        """The settings given explicitly, as ``key=value, ...`` ('' when none)."""
+        values = self.model_dump(include=self.model_fields_set)
+        return ", ".join(f"{k}={v}" for k, v in sorted(values.items()))
+
     def config(self, fps: float) -> TrackerConfig:
         """The tracker's settings for a camera delivering ``fps`` frames per second."""
         values = self.model_dump(exclude={"lost_s", "weak_birth_s"})

@@ -465,8 +465,9 @@ def test_speed_and_zone_visits_reach_the_count_bins(tmp_path, broker, videos, in
     ],
 )
 def test_a_cameras_tracker_settings_reach_its_tracker(
-    tmp_path, broker, videos, int8_model, tracker, cars_in
+    tmp_path, broker, videos, int8_model, tracker, cars_in, caplog
 ):
+    caplog.set_level("INFO")
     camera = {
         "name": "road",
         "source": str(videos / "traffic_frames.mp4"),
@@ -479,3 +480,5 @@ def test_a_cameras_tracker_settings_reach_its_tracker(
     count_bin = count_file_camera(tmp_path, broker, "tuned", camera)
     counted = {(r.line, r.class_): (r.in_, r.out) for r in count_bin.lines}
     assert counted == {("gantry", "car"): (cars_in, 0)}
+    logged = [r.getMessage() for r in caplog.records if "tracker settings" in r.getMessage()]
+    assert logged == (["camera road tracker settings: min_hits=100"] if tracker else [])

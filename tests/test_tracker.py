@@ -133,6 +133,11 @@ def test_tracker_spec_turns_seconds_into_frames(settings, fps, expected):
     assert {k: getattr(config, k) for k in expected} == expected
 
 
+def test_tracker_spec_lists_the_settings_given():
+    assert TrackerSpec().given() == ""
+    assert TrackerSpec(lost_s=5, high_thresh=0.6).given() == "high_thresh=0.6, lost_s=5.0"
+
+
 @pytest.mark.parametrize("fps", [1, 5, 7.5, 10, 25, 30, 60])
 def test_tracker_spec_defaults_are_the_trackers(fps):
     assert TrackerSpec().config(fps) == TrackerConfig.for_fps(fps)
