@@ -6,7 +6,13 @@ import argparse
 import json
 import threading
 
-from flowfleet.cliutil import EXIT_USAGE, CliError, setup_logging, stop_on_signals
+from flowfleet.cliutil import (
+    EXIT_USAGE,
+    CliError,
+    first_problem,
+    setup_logging,
+    stop_on_signals,
+)
 
 
 def register(sub) -> None:
@@ -221,12 +227,12 @@ def _parse_tracker(items: list[str]):
         return TrackerSpec(**values)
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             known = ", ".join(TrackerSpec.model_fields)
-            msg = f"unknown setting (known: {known})"
-        raise CliError(f"--tracker{' ' + where if where else ''}: {msg}", EXIT_USAGE) from None
+            msg = f"--tracker {err['loc'][0]}: unknown setting (known: {known})"
+        else:
+            msg = first_problem(exc, "--tracker")
+        raise CliError(msg, EXIT_USAGE) from None
 
 
 def _parse_classes(value: str | None):

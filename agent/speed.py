@@ -28,6 +28,8 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flowfleet.cliutil import first_problem
+
 from .detections import Detections
 
 Point = tuple[float, float]
@@ -152,10 +154,7 @@ def homography_spec(image, ground) -> HomographySpec:
     try:
         return HomographySpec(image=tuple(image), ground=tuple(ground))
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        raise HomographyError(f"homography{' ' + where if where else ''}: {msg}") from None
+        raise HomographyError(first_problem(exc, "homography")) from None
 
 
 class GroundPlane:

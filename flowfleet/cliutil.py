@@ -23,6 +23,15 @@ class CliError(Exception):
         self.code = code
 
 
+def first_problem(exc, what: str) -> str:
+    """The first problem of a pydantic ``ValidationError`` on one line: ``what key:
+    problem``, or ``what: problem`` when it concerns the value as a whole."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{what} {where}: {msg}" if where else f"{what}: {msg}"
+
+
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
