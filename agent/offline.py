@@ -37,9 +37,8 @@ class ScoreSummary:
         self.detections = np.zeros(SCORE_BINS, np.int64)
         self.tracked = np.zeros(SCORE_BINS, np.int64)
 
-    def add(self, detections: Detections | None, tracked: Detections) -> None:
-        if detections is not None:
-            self._add(self.detections, detections.confidence)
+    def add(self, detections: Detections, tracked: Detections) -> None:
+        self._add(self.detections, detections.confidence)
         self._add(self.tracked, tracked.confidence)
 
     @staticmethod

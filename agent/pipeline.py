@@ -33,13 +33,13 @@ from .tracker import ByteTracker, TrackerConfig, TrackerSpec
 
 @dataclass(frozen=True)
 class FrameResult:
+    detections: Detections  # the frame's detections of the counted classes
     tracked: Detections
     crossings: list[Crossing]
     zone_events: list[ZoneEvent]
     occupancy: dict[str, dict[str, int]]  # zone -> class -> objects inside now
     inference_s: float
     speeds: list[SpeedEvent] = field(default_factory=list)  # ended tracks, line crossings
-    detections: Detections | None = None  # the frame's detections of the counted classes
 
 
 @dataclass
@@ -100,7 +100,7 @@ class CameraPipeline:
         self.stats.inference_s += infer
         self.stats.last_inference_s = infer
         self.stats.detections += len(dets)
-        return FrameResult(tracked, crossings, zone_events, occupancy, infer, speeds, dets)
+        return FrameResult(dets, tracked, crossings, zone_events, occupancy, infer, speeds)
 
     def flush(self, ts: float) -> list[ZoneEvent]:
         """Close open zone visits (end of file or shutdown)."""

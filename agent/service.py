@@ -585,8 +585,8 @@ class AgentService:
         with cam.lock:
             cam.pipeline = pipeline
         log.info("camera %s running: %s with %s", c.name, c.source, Path(cam.model_path).name)
-        if c.tracker.model_fields_set:  # what differs from the defaults, for the log
-            log.info("camera %s tracker settings: %s", c.name, c.tracker.given())
+        if given := c.tracker.given():  # what differs from the defaults, for the log
+            log.info("camera %s tracker settings: %s", c.name, given)
         if was_failed:
             self.event("camera_running", f"camera {c.name} runs again", camera=c.name)
         window_t, window_n = time.monotonic(), 0

@@ -38,9 +38,9 @@ def test_score_percentiles(frames, expected):
     assert summary.to_dict()["tracked"]["n"] == tracked_n
 
 
-def test_a_frame_without_detection_list_adds_only_tracked():
+def test_the_two_summaries_are_kept_apart():
     summary = ScoreSummary()
-    summary.add(None, frame([0.7]))
+    summary.add(frame([]), frame([0.7]))
     assert summary.to_dict() == {
         "detections": {"n": 0},
         "tracked": {"n": 1, "p10": 0.7, "p50": 0.7, "p90": 0.7},
