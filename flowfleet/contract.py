@@ -13,6 +13,7 @@ Topic layout (``{root}`` is ``flowfleet/v1`` unless configured otherwise)::
     {root}/devices/{device}/drift     device -> registry            QoS 1
     {root}/devices/{device}/reported  device -> registry  retained  QoS 1
     {root}/commands/{device}/desired  registry -> device  retained  QoS 1
+    {root}/commands/{device}/ack      registry -> device  retained  QoS 1
 
 A device publishes only under ``{root}/devices/{its id}/`` and reads only
 ``{root}/commands/{its id}/``, so a broker ACL can enforce that a device speaks
@@ -43,7 +44,7 @@ Count = Annotated[int, Field(ge=0)]
 Seq = Annotated[int, Field(ge=1)]
 
 DEVICE_KINDS = ("status", "counts", "health", "events", "drift", "reported")
-COMMAND_KINDS = ("desired",)
+COMMAND_KINDS = ("desired", "ack")
 
 
 class ContractError(ValueError):
@@ -100,6 +101,9 @@ class Topics:
 
     def desired(self, device: str) -> str:
         return self.command(device, "desired")
+
+    def ack(self, device: str) -> str:
+        return self.command(device, "ack")
 
     def all_devices(self) -> str:
         """Subscription filter for everything devices publish."""
@@ -394,6 +398,28 @@ class DriftSummary(_Payload):
     )
 
 
+class Ack(_Payload):
+    """Registry -> device end-to-end acknowledgement of count bins (retained).
+
+    ``counts`` is the highest count-bin seq up to which the registry has stored every
+    bin (1..counts, with no gap; 0 before the first). A device keeps a count bin until
+    an ack covers it, so no broker failure can lose one. ``counts_max`` is the highest
+    seq stored at all: a bin between the two was lost on the way and the device sends
+    it again at once. ``ts`` is when the registry published this ack.
+    """
+
+    kind: Literal["ack"] = "ack"
+    ts: float
+    counts: Annotated[int, Field(ge=0)]
+    counts_max: Annotated[int, Field(ge=0)]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Ack:
+        if self.counts_max < self.counts:
+            raise ValueError(f"counts_max {self.counts_max} is below counts {self.counts}")
+        return self
+
+
 PAYLOADS: dict[str, type[_Payload]] = {
     "status": Status,
     "counts": CountBin,
@@ -402,6 +428,7 @@ PAYLOADS: dict[str, type[_Payload]] = {
     "drift": DriftSummary,
     "reported": Reported,
     "desired": Desired,
+    "ack": Ack,
 }
 
 
