@@ -144,6 +144,23 @@ class OutboxConfig(_Strict):
     policy: Literal["keep_counts", "drop_oldest"] = "keep_counts"
     send_rate: float = Field(5000.0, gt=0, description="messages/s while draining a backlog")
     inflight: int = Field(20, ge=1, le=1000, description="unacknowledged publishes at once")
+    # End-to-end acknowledgement: "registry" keeps each count bin until the registry
+    # confirms it stored it (its retained ack), so no broker failure can lose a count;
+    # "broker" deletes it on the broker's PUBACK, for devices that publish to
+    # consumers other than a flowfleet registry (nothing would ever confirm).
+    confirm: Literal["registry", "broker"] = "registry"
+    confirm_timeout_s: float = Field(
+        120.0, gt=0, description="send an unconfirmed count bin again after this long"
+    )
+    confirm_timeout_max_s: float = Field(
+        3600.0, gt=0, description="the resend delay doubles per send up to this"
+    )
+
+    @model_validator(mode="after")
+    def _timeouts_ordered(self) -> OutboxConfig:
+        if self.confirm_timeout_max_s < self.confirm_timeout_s:
+            raise ValueError("confirm_timeout_max_s is below confirm_timeout_s")
+        return self
 
 
 class MetricsConfig(_Strict):

@@ -1,7 +1,8 @@
 """The agent's durable outbox: every message is stored before it is sent.
 
 One SQLite file (WAL) holds:
-- ``outbox``: messages not yet acknowledged by the broker, oldest first;
+- ``outbox``: messages not yet acknowledged (count bins: by the registry; the
+  rest: by the broker), oldest first;
 - ``sequences``: the last sequence number used per stream (counts, health), so a
   restarted agent continues the sequence and never reuses a number;
 - ``totals``: the device's cumulative counts per camera / line / class, updated in
@@ -13,8 +14,14 @@ One SQLite file (WAL) holds:
   counted in a stored bin and are counted again, frames before it never are;
 - ``counters``: lifetime figures such as messages dropped by the size/age cap.
 
-A message leaves the outbox only when the broker acknowledged it (PUBACK), or when
-the cap drops it (see `Outbox.enforce_limits`; the caller reports every drop).
+A health beat, event or drift summary leaves the outbox when the broker acknowledged
+it (PUBACK). A count bin stays after the PUBACK, in a "sent, unconfirmed" state
+(``due`` set: when to send it again), until the registry confirms it stored it
+(`confirm_counts`, from the registry's retained acknowledgement), so a broker that
+crashes or loses its disk cannot lose a count. A bin the registry has not confirmed
+by ``due`` is sent again (`pending`), each time after twice as long. Any message may
+also leave when the cap drops it (see `Outbox.enforce_limits`; the caller reports
+every drop).
 Commits use ``synchronous=FULL``: a bin is on disk (fsync) when ``enqueue_bin``
 returns.
 """
@@ -67,6 +74,16 @@ CREATE TABLE IF NOT EXISTS counters (
 CREATE INDEX IF NOT EXISTS outbox_stream ON outbox(stream, id);
 """
 
+# Added after the first release: outboxes created before get them by ALTER TABLE.
+# ``due`` NULL: to be sent; else a count bin the broker took, awaiting the registry's
+# confirmation, to be sent again at ``due``. ``sends``: broker acknowledgements so far.
+_COLUMNS = {
+    "due": "ALTER TABLE outbox ADD COLUMN due REAL",
+    "sent_at": "ALTER TABLE outbox ADD COLUMN sent_at REAL",
+    "sends": "ALTER TABLE outbox ADD COLUMN sends INTEGER NOT NULL DEFAULT 0",
+}
+_INDEXES = "CREATE INDEX IF NOT EXISTS outbox_due ON outbox(due, id);"
+
 # What the ``keep_counts`` policy may drop: by age, these streams; to get under
 # ``max_messages``, the size-droppable ones, oldest stream first in this order.
 # Events are kept by size (they are what reports the drops) and dropped by age only.
@@ -106,6 +123,11 @@ class Outbox:
         # FULL: a bin the agent considers enqueued survives power loss.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+        for column, ddl in _COLUMNS.items():
+            if column not in have:
+                self._db.execute(ddl)
+        self._db.execute(_INDEXES)
         self._depth = dict(
             self._db.execute("SELECT stream, COUNT(*) FROM outbox GROUP BY stream").fetchall()
         )
@@ -197,15 +219,111 @@ class Outbox:
         )
 
     def pending(
-        self, limit: int, exclude: set[int] | frozenset = frozenset(), after: int = 0
+        self,
+        limit: int,
+        exclude: set[int] | frozenset = frozenset(),
+        after: int = 0,
+        now: float | None = None,
     ) -> list[tuple]:
-        """Oldest unacknowledged messages as (id, topic, payload) with id > ``after``."""
+        """Oldest messages to send as (id, topic, payload) with id > ``after``: those
+        never acknowledged by the broker, and count bins whose confirmation is overdue."""
+        now = time.time() if now is None else now
+        n = limit + len(exclude)
+        # Two index range scans (outbox_due) rather than one OR that would walk every
+        # unconfirmed bin on each call while a registry is away.
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, topic, payload FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
-                (after, limit + len(exclude)),
+                "SELECT id, topic, payload FROM outbox WHERE due IS NULL AND id > ? "
+                "ORDER BY id LIMIT ?",
+                (after, n),
             ).fetchall()
+            rows += self._db.execute(
+                "SELECT id, topic, payload FROM outbox WHERE due <= ? AND id > ? "
+                "ORDER BY due LIMIT ?",
+                (now, after, n),
+            ).fetchall()
+        rows.sort(key=lambda r: r[0])
         return [r for r in rows if r[0] not in exclude][:limit]
+
+    def broker_acked(
+        self,
+        row_ids: Iterable[int],
+        *,
+        keep_counts: bool,
+        timeout_s: float = 120.0,
+        timeout_max_s: float = 3600.0,
+        now: float | None = None,
+    ) -> int:
+        """The broker acknowledged these rows: delete them, except count bins when
+        ``keep_counts`` (they await the registry, and are sent again if it has not
+        confirmed them after ``timeout_s``, doubling per send up to ``timeout_max_s``).
+        Returns how many rows were deleted."""
+        ids = list(row_ids)
+        if not keep_counts:
+            return self.delete_many(ids)
+        now = time.time() if now is None else now
+        with self._lock:
+            streams = {}
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                streams.update(
+                    self._db.execute(
+                        f"SELECT id, stream FROM outbox WHERE id IN ({','.join('?' * len(chunk))})",
+                        chunk,
+                    ).fetchall()
+                )
+            counts = [i for i, stream in streams.items() if stream == "counts"]
+            # One statement per row in one transaction: the backoff doubles per send.
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "UPDATE outbox SET sent_at = ?, sends = sends + 1, "
+                    "due = ? + MIN(? * (1 << MIN(sends, 20)), ?) WHERE id = ?",
+                    [(now, now, timeout_s, timeout_max_s, i) for i in counts],
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return self.delete_many([i for i, stream in streams.items() if stream != "counts"])
+
+    def confirm_counts(self, upto_seq: int) -> int:
+        """The registry stored every count bin up to ``upto_seq``: delete them.
+
+        Returns how many rows were deleted (bins still unsent included: the registry
+        may have them from an earlier run)."""
+        with self._lock:
+            cur = self._db.execute(
+                "DELETE FROM outbox WHERE stream = 'counts' AND seq <= ?", (upto_seq,)
+            )
+            n = cur.rowcount
+            if n:
+                self._depth["counts"] = self._depth.get("counts", 0) - n
+        return n
+
+    def resend_counts(self, after_seq: int, upto_seq: int, sent_before: float) -> int:
+        """Send count bins in (``after_seq``, ``upto_seq``] again now, if the broker took
+        them before ``sent_before``: the registry has a later bin but not these, so
+        they were lost on the way. Returns how many were scheduled."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE outbox SET due = NULL WHERE stream = 'counts' AND seq > ? "
+                "AND seq <= ? AND due IS NOT NULL AND sent_at < ?",
+                (after_seq, upto_seq, sent_before),
+            )
+            return cur.rowcount
+
+    def unsent(self) -> int:
+        """Messages the broker has not acknowledged yet (awaiting the registry excluded)."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM outbox WHERE due IS NULL").fetchone()[0]
+
+    def unconfirmed(self) -> int:
+        """Count bins the broker took that the registry has not confirmed yet."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM outbox WHERE due IS NOT NULL").fetchone()[
+                0
+            ]
 
     def delete(self, row_id: int) -> None:
         self.delete_many([row_id])

@@ -26,6 +26,7 @@ from pathlib import Path
 from flowfleet import __version__
 from flowfleet.contract import (
     CameraHealth,
+    ContractError,
     CountBin,
     DriftSummary,
     Event,
@@ -33,6 +34,7 @@ from flowfleet.contract import (
     Status,
     SystemHealth,
     Topics,
+    parse_payload,
 )
 from flowfleet.mqtt import BrokerAddress, MqttConnection, Will
 
@@ -49,6 +51,9 @@ from .tally import Tally
 log = logging.getLogger(__name__)
 
 DROP_REPORT_EVERY_S = 30.0  # at most one outbox_dropped event per this long
+# A registry ack that lacks a bin the broker took at least this long ago means the
+# bin was lost on the way (a later one arrived); younger ones may still be in transit.
+RESEND_GRACE_S = 5.0
 
 
 @dataclass
@@ -94,7 +99,17 @@ class AgentService:
 
         self.outbox = Outbox(state_dir / "outbox.sqlite")
         ob = config.outbox
-        self.publisher = Publisher(self.outbox, window=ob.inflight, rate=ob.send_rate)
+        self.publisher = Publisher(
+            self.outbox,
+            window=ob.inflight,
+            rate=ob.send_rate,
+            confirm_counts=ob.confirm == "registry",
+            confirm_timeout_s=ob.confirm_timeout_s,
+            confirm_timeout_max_s=ob.confirm_timeout_max_s,
+            on_refused=self._on_publish_refused,
+        )
+        self._refusal_reported = False  # one event and error log per refusal streak
+        self.last_error: str | None = None
         self.cameras = {c.name: CameraState(c) for c in config.cameras}
         self._saved_positions = self.outbox.positions()
         self._tally = Tally()
@@ -139,7 +154,71 @@ class AgentService:
         self.publisher.attach(conn)
         return conn
 
+    def _on_registry_ack(self, topic: str, payload: bytes) -> None:
+        """The registry's end-to-end acknowledgement: settle what it confirmed, and send
+        again at once the bins it lacks below a later bin it has (lost on the way)."""
+        try:
+            ack = parse_payload("ack", payload, device=self.device)
+        except ContractError as exc:
+            log.warning("ignoring an invalid registry ack on %s: %s", topic, exc)
+            return
+        confirmed = self.outbox.confirm_counts(ack.counts)
+        resend = 0
+        if ack.counts_max > ack.counts:
+            resend = self.outbox.resend_counts(
+                ack.counts, ack.counts_max, sent_before=time.time() - RESEND_GRACE_S
+            )
+        if confirmed or resend:
+            log.debug(
+                "registry ack: stored through seq %d (max %d); %d confirmed, %d to resend",
+                ack.counts,
+                ack.counts_max,
+                confirmed,
+                resend,
+            )
+        if resend:
+            log.warning(
+                "registry lacks count bins between seq %d and %d; sending %d again",
+                ack.counts,
+                ack.counts_max,
+                resend,
+            )
+            self.publisher.notify()
+
+    def _on_publish_refused(self, topic: str, reason: str) -> None:
+        """The broker refused a publish: say who we are and where we tried to publish."""
+        b = self.config.broker
+        who = b.username or (f"certificate {b.cert_file}" if b.cert_file else "anonymous")
+        self.last_error = (
+            f"broker refused publish to {topic} by device {self.device} "
+            f"(broker identity {who}): {reason}"
+        )
+        if self._refusal_reported:
+            log.debug("%s", self.last_error)
+            return
+        self._refusal_reported = True
+        hint = ""
+        if b.username and b.username != self.device:
+            hint = (
+                f"; device_id {self.device!r} differs from broker.username {b.username!r}, "
+                "and the broker's ACL lets a device publish only under its own identity"
+            )
+        retry = self.publisher.refused_retry_s
+        log.error("%s%s; retrying every %.0fs", self.last_error, hint, retry)
+        try:  # queued like any event: it reaches the registry once publishing works
+            self.event(
+                "publish_refused",
+                f"broker refused publishes to {topic}: {reason}",
+                severity="error",
+                topic=topic,
+                reason=reason,
+                username=b.username,
+            )
+        except Exception:
+            log.exception("could not record the publish_refused event")
+
     def _on_connect(self) -> None:
+        self._refusal_reported = False  # a new session: report a refusal again
         online = Status(
             device=self.device, state="online", ts=time.time(), agent_version=__version__
         )
@@ -162,6 +241,9 @@ class AgentService:
             from .metrics import MetricsServer
 
             self.metrics = MetricsServer(self, self.config.metrics.host, self.config.metrics.port)
+        if self.config.outbox.confirm == "registry":
+            # Retained: the broker hands over the registry's latest ack on subscribe.
+            self.connection.subscribe(self.topics.ack(self.device), self._on_registry_ack)
         if self.updater.enabled:
             # Retained: the broker hands over the current desired state on subscribe.
             self.connection.subscribe(self.topics.desired(self.device), self.updater.on_desired)
@@ -214,7 +296,12 @@ class AgentService:
             self.close_drift_windows()
         self._report_drops(force=True)
         if self.connection.connected.is_set():
-            self.publisher.wait_drained(drain_timeout)
+            # Until the registry confirmed the last bins too, so a clean stop leaves
+            # nothing to resend; bins still unconfirmed at the timeout stay (the
+            # registry's retained ack settles them after the next start).
+            self.publisher.wait_drained(
+                drain_timeout, confirmed=self.config.outbox.confirm == "registry"
+            )
             offline = Status(device=self.device, state="offline", ts=time.time())
             mid = self.connection.publish(
                 self.topics.status(self.device), offline.to_json(), retain=True
@@ -379,6 +466,8 @@ class AgentService:
             uptime_s=round(self.uptime(), 1),
             outbox_depth=self.outbox.depth(),
             outbox_dropped=dropped,
+            publish_refused=self.publisher.refused or None,
+            error=self.last_error,
             cameras=cams,
             system=self.last_system,
             agent_version=self.version,

@@ -273,6 +273,12 @@ class Health(_Payload):
     uptime_s: Annotated[float, Field(ge=0)]
     outbox_depth: Count = 0
     outbox_dropped: Count = Field(0, description="messages the outbox cap dropped, lifetime")
+    publish_refused: Count | None = Field(
+        None, description="publishes the broker refused since the agent started (absent: none)"
+    )
+    error: Annotated[str, Field(max_length=1024)] | None = Field(
+        None, description="the device's latest error that is not a camera's (absent: none)"
+    )
     cameras: tuple[CameraHealth, ...] = ()
     system: SystemHealth | None = None
     agent_version: str | None = None

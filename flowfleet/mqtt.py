@@ -9,8 +9,10 @@ its broker does not reconnect in lockstep).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -106,6 +108,9 @@ class MqttConnection:
         persistent: keep the broker-side session (and its queued QoS 1 messages)
             across disconnects for ``session_expiry`` seconds.
         on_ack: called with the message id of every publish the broker acknowledged.
+        on_refused: called with the message id and the broker's reason of every
+            publish the broker refused (an MQTT 5 PUBACK reason code >= 0x80, such as
+            135 "Not authorized" when the ACL forbids the topic).
         on_connect / on_disconnect: called on paho's thread after state changes.
     """
 
@@ -119,6 +124,7 @@ class MqttConnection:
         session_expiry: int = 7 * 24 * 3600,
         keepalive: int = 30,
         on_ack: Callable[[int], None] | None = None,
+        on_refused: Callable[[int, str], None] | None = None,
         on_connect: Callable[[], None] | None = None,
         on_disconnect: Callable[[str], None] | None = None,
         max_inflight: int = 20,
@@ -131,6 +137,7 @@ class MqttConnection:
         self.session_expiry = session_expiry if persistent else 0
         self.keepalive = keepalive
         self.on_ack = on_ack
+        self.on_refused = on_refused
         self._on_connect_cb = on_connect
         self._on_disconnect_cb = on_disconnect
         self._handlers: list[tuple[str, int, MessageHandler]] = []
@@ -196,6 +203,20 @@ class MqttConnection:
             self._client.loop_stop()
             self.connected.clear()
 
+    def resync(self) -> None:
+        """Drop the connection so paho reconnects (with its backoff) and the broker
+        delivers again every QoS 1 message this session has not acknowledged.
+
+        MQTT 5 lets a broker resend an unacknowledged message only on a new
+        connection; a handler that could not commit a message calls this so the
+        message comes back instead of waiting for the next network failure.
+        """
+        sock = self._client.socket()
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):  # already gone: paho reconnects anyway
+            sock.shutdown(socket.SHUT_RDWR)
+
     # -- publish / subscribe -----------------------------------------------------
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:
@@ -248,7 +269,10 @@ class MqttConnection:
             self._on_disconnect_cb(str(reason_code))
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        if self.on_ack and not reason_code.is_failure:
+        if reason_code.is_failure:
+            if self.on_refused:
+                self.on_refused(mid, f"{reason_code} ({reason_code.value})")
+        elif self.on_ack:
             self.on_ack(mid)
 
     def _handle_message(self, client, userdata, message) -> None:

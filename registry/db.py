@@ -53,6 +53,14 @@ class Device(BaseModel):
     state = pw.CharField(max_length=16, default="unknown")
     state_since = pw.DoubleField(null=True)
     agent_version = pw.CharField(max_length=128, null=True)
+    # End-to-end acknowledgement (migration 7): every count bin 1..counts_acked is in
+    # the registry's custody (stored, dead-lettered, or declared dropped by the
+    # device); counts_max is the highest seq received. Sent to the device as its ack.
+    # Nullable on purpose: adding a NOT NULL column to SQLite rebuilds the table, and
+    # rebuilding `device` inside the migration's transaction would cascade-delete
+    # every row that references it. Read through `flowfleet.registry.ack` (NULL is 0).
+    counts_acked = pw.BigIntegerField(null=True, default=0)
+    counts_max = pw.BigIntegerField(null=True, default=0)
 
 
 class CountBin(BaseModel):
@@ -134,6 +142,30 @@ class DeadLetter(BaseModel):
     reason = pw.TextField()
     payload = pw.BlobField(help_text=f"first {DEAD_LETTER_MAX_BYTES} bytes")
     payload_size = pw.IntegerField(help_text="size of the original payload in bytes")
+    # Migration 7: the topic's kind and the payload's seq where they could be read (a
+    # dead-lettered count bin is in the registry's custody for the device's ack), and
+    # the outcome of the last `flowfleet registry dead-letters replay`.
+    kind = pw.CharField(max_length=16, null=True)
+    seq = pw.BigIntegerField(null=True)
+    replayed_at = pw.DoubleField(null=True)
+    replay_outcome = pw.CharField(max_length=16, null=True)
+    replay_reason = pw.TextField(null=True)
+
+
+class CountGap(BaseModel):
+    """Count bins a device declared it dropped (its outbox cap, policy drop_oldest).
+
+    They will never arrive, so the device's ack may pass over them.
+    """
+
+    device = pw.ForeignKeyField(Device, column_name="device", on_delete="CASCADE")
+    first = pw.BigIntegerField()
+    last = pw.BigIntegerField()
+    declared_at = pw.DoubleField()
+
+    class Meta:
+        table_name = "count_gap"
+        indexes = ((("device", "last"), False),)
 
 
 # -- device events and drift summaries (schema migration 3) --------------------------
@@ -468,6 +500,9 @@ ACCESS_AND_GROUP_MODELS: tuple[type[BaseModel], ...] = (
     DeviceGroup,
     DeviceGroupMember,
 )
+# Created by schema migration 7 (which also adds device.counts_acked, .counts_max and
+# the dead_letter columns kind, seq, replayed_at, replay_outcome, replay_reason).
+DELIVERY_MODELS: tuple[type[BaseModel], ...] = (CountGap,)
 MODELS: tuple[type[BaseModel], ...] = (
     INGEST_MODELS
     + REGISTRY_MODELS
@@ -475,6 +510,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     + REPORTED_MODELS
     + DEPLOYMENT_MODELS
     + ACCESS_AND_GROUP_MODELS
+    + DELIVERY_MODELS
 )
 
 DATABASE_URL_ENV = "FLOWFLEET_DATABASE_URL"

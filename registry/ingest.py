@@ -2,9 +2,16 @@
 
 `Ingestor.handle` is the whole pipeline for one MQTT message and never raises: the
 message ends up stored, recognised as a duplicate, or in the dead-letter table with
-a reason, each committed in one transaction before `handle` returns. That matters
-because the MQTT client acknowledges a QoS 1 message as soon as the handler returns;
-whatever is not committed by then is gone.
+a reason, each committed in one transaction before `handle` returns; or, when the
+database itself fails (locked, unreachable), "deferred": nothing is written and the
+message must not be acknowledged, so the broker delivers it again. Dead letters are
+for messages that are wrong, never for a registry that had a bad moment. That
+matters because the MQTT client acknowledges a QoS 1 message as soon as the handler
+returns; whatever is not committed by then is gone.
+
+Every count bin taken into custody (stored, dead-lettered whole) advances the
+device's end-to-end acknowledgement in the same transaction (`flowfleet.registry.ack`);
+`IngestWorker` publishes it, retained, after the commit.
 
 `IngestWorker` wires an `Ingestor` to a persistent MQTT session, so the broker keeps
 queueing device messages while the registry is down and delivers them on restart.
@@ -12,9 +19,11 @@ queueing device messages while the registry is down and delivers them on restart
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +31,7 @@ import peewee as pw
 
 from flowfleet.contract import (
     QOS,
+    Ack,
     ContractError,
     Topics,
     is_valid_name,
@@ -36,6 +46,7 @@ from flowfleet.contract import Status as StatusPayload
 from flowfleet.mqtt import BrokerAddress, MqttConnection, NotAcknowledged
 
 from . import metrics
+from .ack import ack_state, note_count_seq, note_gap
 from .db import (
     DEAD_LETTER_MAX_BYTES,
     CountBin,
@@ -58,13 +69,25 @@ log = logging.getLogger(__name__)
 STORED = "stored"
 DUPLICATE = "duplicate"
 DEAD_LETTER = "dead-letter"
+# The database failed (locked, unreachable) for longer than the retry budget: nothing
+# was written; the message is left unacknowledged for the broker to deliver again.
+DEFERRED = "deferred"
 # Nothing could be committed, not even a dead letter (the database is unusable).
 ERROR = "error"
-OUTCOMES = (STORED, DUPLICATE, DEAD_LETTER, ERROR)
+OUTCOMES = (STORED, DUPLICATE, DEAD_LETTER, DEFERRED, ERROR)
+
+# A message's own fault: it is dead-lettered. Any other database error is the
+# registry's (a lock held too long, a lost connection, a full disk) and is retried.
+_MESSAGE_FAULTS = (pw.IntegrityError, pw.DataError)
+_DATABASE_ERRORS = (pw.DatabaseError, pw.InterfaceError)
 
 
 class _Conflict(Exception):
     """A (device, seq) that is already stored with different content."""
+
+
+class _Deferred(Exception):
+    """The database kept failing for the whole retry budget."""
 
 
 class Ingestor:
@@ -75,10 +98,21 @@ class Ingestor:
         topics: the topic layout the devices publish under.
     """
 
-    def __init__(self, db: pw.Database, topics: Topics) -> None:
+    def __init__(self, db: pw.Database, topics: Topics, *, retry_s: float = 15.0) -> None:
         require_bound(db)
         self.db = db
         self.topics = topics
+        self.retry_s = retry_s
+        # Devices whose count-bin custody was committed by handle(), with their
+        # (counts_acked, counts_max), for the worker to publish as acks.
+        self.acks: dict[str, tuple[int, int]] = {}
+        self._acks_lock = threading.Lock()
+
+    def take_acks(self) -> dict[str, tuple[int, int]]:
+        """The acks to publish since the last call (newest state per device)."""
+        with self._acks_lock:
+            acks, self.acks = self.acks, {}
+        return acks
 
     def handle(self, topic: str, payload: bytes) -> str:
         """Process one message; returns "stored", "duplicate", "dead-letter" or "error".
@@ -104,16 +138,75 @@ class Ingestor:
             log.exception("unexpected error validating a message on %s", topic)
             return self._dead_letter(topic, payload, f"could not validate: {exc!r}", received_at)
         try:
-            with self.db.atomic():
-                return self._store(device, message, received_at)
+            outcome = self._retrying(lambda: self._store(device, message, received_at), topic)
         except _Conflict as exc:
             # The transaction above was rolled back; record the conflict on its own.
             return self._dead_letter(topic, payload, str(exc), received_at)
-        except Exception as exc:
-            log.exception("database error storing a message on %s", topic)
-            return self._dead_letter(
-                topic, payload, f"database error while storing: {exc!r}", received_at
-            )
+        except _Deferred:
+            return DEFERRED
+        except _MESSAGE_FAULTS as exc:
+            log.warning("database refused a message on %s: %s", topic, exc)
+            return self._dead_letter(topic, payload, f"database refused it: {exc}", received_at)
+        except Exception as exc:  # a bug in storing: kept for replay once fixed
+            log.exception("error storing a message on %s", topic)
+            return self._dead_letter(topic, payload, f"could not store: {exc!r}", received_at)
+        if kind == "counts":
+            self._note_ack(device)
+        return outcome
+
+    def _retrying(self, work, topic: str):
+        """Run ``work`` in a transaction; retry database failures that are not the
+        message's fault, with backoff, for up to ``retry_s``; then raise _Deferred."""
+        deadline = time.monotonic() + self.retry_s
+        delay = 0.05
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with self.db.atomic():
+                    return work()
+            except _MESSAGE_FAULTS:
+                raise
+            except _DATABASE_ERRORS as exc:
+                if time.monotonic() + delay > deadline:
+                    log.error(
+                        "database error storing a message on %s, %d attempts in %.0fs; "
+                        "leaving it unacknowledged for redelivery: %s",
+                        topic,
+                        attempt,
+                        self.retry_s,
+                        exc,
+                    )
+                    raise _Deferred(str(exc)) from exc
+                log.warning(
+                    "database error storing a message on %s (attempt %d), retrying in %.2fs: %s",
+                    topic,
+                    attempt,
+                    delay,
+                    exc,
+                )
+                self._reset_connection()
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _reset_connection(self) -> None:
+        """After a failure a PostgreSQL connection may be dead: the next try opens a new
+        one. (SQLite's connection stays usable: its errors are locks and I/O.)"""
+        if isinstance(self.db, pw.SqliteDatabase):
+            return
+        with contextlib.suppress(Exception):
+            self.db.close()
+
+    def _note_ack(self, device: str) -> None:
+        """Queue the device's committed ack for publishing (after the commit)."""
+        try:
+            state = ack_state(device)
+        except Exception:  # the ack is an optimisation over the device's resend timer
+            log.debug("could not read the ack state of %s", device, exc_info=True)
+            return
+        if state is not None:
+            with self._acks_lock:
+                self.acks[device] = state
 
     # -- storing valid messages ----------------------------------------------------
 
@@ -189,6 +282,7 @@ class Ingestor:
         )
         if outcome != STORED:
             return outcome
+        note_count_seq(device, message.seq)
         row = CountBin.get(CountBin.device == device, CountBin.seq == message.seq)
         if message.lines:
             LineTotal.insert_many(
@@ -255,7 +349,20 @@ class Ingestor:
         )
         if outcome == STORED and message.type == "model_rolled_back":
             metrics.ROLLBACKS.inc()
+        if outcome == STORED and message.type == "outbox_dropped":
+            self._note_dropped_counts(device, message, received_at)
         return outcome
+
+    def _note_dropped_counts(self, device: str, message: EventPayload, received_at: float) -> None:
+        """A device that dropped count bins (policy drop_oldest) says which: they will
+        never arrive, and its ack may pass over them."""
+        data = message.data
+        first, last = data.get("first_seq"), data.get("last_seq")
+        if data.get("stream") != "counts" or not all(_is_seq(v) for v in (first, last)):
+            return
+        note_gap(device, first, last, received_at)
+        with self._acks_lock:
+            self.acks[device] = ack_state(device) or (0, 0)
 
     def _store_drift(self, device: str, message: DriftPayload, received_at: float) -> str:
         return self._store_once(
@@ -324,17 +431,35 @@ class Ingestor:
 
     def _dead_letter(self, topic: str, payload: bytes, reason: str, received_at: float) -> str:
         device = device_from_topic(self.topics, topic)
+        kind, seq = kind_and_seq(self.topics, topic, payload)
         log.warning("dead letter from %s on %s: %s", device or "?", topic, reason)
+
+        def write() -> None:
+            DeadLetter.create(
+                received_at=received_at,
+                topic=topic,
+                device=device,
+                reason=reason[:4096],
+                payload=bytes(payload[:DEAD_LETTER_MAX_BYTES]),
+                payload_size=len(payload),
+                kind=kind,
+                seq=seq,
+            )
+            # A whole count bin kept here is in the registry's custody: the device
+            # may let it go (an operator replays it after a fix).
+            if custody and Device.get_or_none(Device.id == device) is not None:
+                note_count_seq(device, seq)
+
+        custody = (
+            kind == "counts"
+            and device is not None
+            and seq is not None
+            and len(payload) <= DEAD_LETTER_MAX_BYTES
+        )
         try:
-            with self.db.atomic():
-                DeadLetter.create(
-                    received_at=received_at,
-                    topic=topic,
-                    device=device,
-                    reason=reason,
-                    payload=bytes(payload[:DEAD_LETTER_MAX_BYTES]),
-                    payload_size=len(payload),
-                )
+            self._retrying(write, topic)
+        except _Deferred:
+            return DEFERRED
         except Exception:
             log.exception(
                 "could not write a dead letter for %s (%d bytes); message dropped: %s",
@@ -344,7 +469,30 @@ class Ingestor:
             )
             return ERROR
         metrics.DEAD_LETTERS.inc()
+        if custody:
+            self._note_ack(device)
         return DEAD_LETTER
+
+
+MAX_SEQ = 2**53 - 1  # JSON-safe; the contract's bound
+
+
+def _is_seq(value: object) -> bool:
+    return type(value) is int and 1 <= value <= MAX_SEQ
+
+
+def kind_and_seq(topics: Topics, topic: str, payload: bytes) -> tuple[str | None, int | None]:
+    """The topic's kind and the payload's ``seq``, where they can be read at all."""
+    try:
+        kind = topics.parse_device_topic(topic)[1]
+    except ContractError:
+        return None, None
+    try:
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return kind, None
+    seq = data.get("seq") if isinstance(data, dict) else None
+    return kind, seq if _is_seq(seq) else None
 
 
 def device_from_topic(topics: Topics, topic: str) -> str | None:
@@ -375,6 +523,7 @@ class IngestWorker:
         broker: BrokerAddress,
         topics: Topics,
         client_id: str = "flowfleet-registry",
+        ack_interval_s: float = 0.2,
     ) -> None:
         self.db = open_database(db_path)
         self.topics = topics
@@ -384,6 +533,11 @@ class IngestWorker:
         self._outcomes: Counter[str] = Counter({o: 0 for o in OUTCOMES})
         self._lock = threading.Lock()
         self._started = False
+        self.ack_interval_s = ack_interval_s
+        self._unpublished: dict[str, tuple[int, int]] = {}
+        self._ack_stop = threading.Event()
+        self._ack_thread: threading.Thread | None = None
+        self.acks_published = 0
 
     def start(self, wait: float | None = None) -> bool:
         """Connect in the background; with ``wait``, block up to that many seconds
@@ -391,6 +545,11 @@ class IngestWorker:
         if not self._started:
             self.connection.start()
             self._started = True
+            self._ack_stop.clear()
+            self._ack_thread = threading.Thread(
+                target=self._ack_loop, name="ingest-acks", daemon=True
+            )
+            self._ack_thread.start()
         if wait is not None:
             return self.connection.wait_connected(wait)
         return self.connection.connected.is_set()
@@ -398,6 +557,10 @@ class IngestWorker:
     def stop(self) -> None:
         """Disconnect cleanly; the broker keeps the session and queues for it."""
         if self._started:
+            self._ack_stop.set()
+            if self._ack_thread is not None:
+                self._ack_thread.join(5)
+            self.publish_acks()  # what the last messages committed
             self.connection.stop()
             self._started = False
 
@@ -420,14 +583,43 @@ class IngestWorker:
         """Counters and connection state, for /healthz and metrics."""
         return {"connected": self.connected, "outcomes": self.outcomes}
 
+    def publish_acks(self) -> int:
+        """Publish each device's latest committed ack (retained, QoS 1); returns how
+        many went out. One that cannot go now is kept for the next call."""
+        pending = self.ingestor.take_acks()
+        with self._lock:
+            self._unpublished.update(pending)
+            todo, self._unpublished = self._unpublished, {}
+        sent = 0
+        for device, (acked, top) in todo.items():
+            body = Ack(device=device, ts=round(now(), 3), counts=acked, counts_max=top)
+            mid = self.connection.publish(self.topics.ack(device), body.to_json(), retain=True)
+            if mid is None:
+                with self._lock:
+                    self._unpublished.setdefault(device, (acked, top))
+                continue
+            sent += 1
+        self.acks_published += sent
+        return sent
+
+    def _ack_loop(self) -> None:
+        # Coalesces: a backlog of a device's bins is confirmed by one ack per tick.
+        while not self._ack_stop.wait(self.ack_interval_s):
+            try:
+                self.publish_acks()
+            except Exception:
+                log.exception("could not publish acks")
+
     def _on_message(self, topic: str, payload: bytes) -> None:
         outcome = self.ingestor.handle(topic, payload)
         with self._lock:
             self._outcomes[outcome] += 1
-        if outcome == ERROR:
-            # Neither stored nor dead-lettered (database unusable): withhold the ack so
-            # the broker keeps the message for redelivery after reconnect.
-            raise NotAcknowledged("the database could not store or dead-letter it")
+        if outcome in (DEFERRED, ERROR):
+            # Nothing committed (the database failed): withhold the ack, and reconnect
+            # so the broker delivers the message again rather than after the next
+            # network failure (MQTT 5 resends only on a new connection).
+            self.connection.resync()
+            raise NotAcknowledged("the database could not store it; the broker will resend")
 
     def __enter__(self) -> IngestWorker:
         self.start()

@@ -81,6 +81,46 @@ def _m6_access_and_groups(db: pw.Database) -> None:
     db.create_tables(regdb.ACCESS_AND_GROUP_MODELS, safe=True)
 
 
+def _add_missing_columns(db: pw.Database, table: str, fields: dict[str, pw.Field]) -> None:
+    """Add the columns a table created by an older release lacks (a database created
+    by this code already has them: create_tables uses the current models)."""
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as apply_ops
+
+    migrator = SchemaMigrator.from_database(db)
+    have = {c.name for c in db.get_columns(table)}
+    apply_ops(*(migrator.add_column(table, n, f) for n, f in fields.items() if n not in have))
+
+
+def _m7_end_to_end_ack(db: pw.Database) -> None:
+    _add_missing_columns(
+        db,
+        "device",
+        {"counts_acked": regdb.Device.counts_acked, "counts_max": regdb.Device.counts_max},
+    )
+    dl = regdb.DeadLetter
+    _add_missing_columns(
+        db,
+        "dead_letter",
+        {
+            "kind": dl.kind,
+            "seq": dl.seq,
+            "replayed_at": dl.replayed_at,
+            "replay_outcome": dl.replay_outcome,
+            "replay_reason": dl.replay_reason,
+        },
+    )
+    db.create_tables(regdb.DELIVERY_MODELS, safe=True)
+    # Devices from before: their stored bins set where the ack starts.
+    cb = regdb.CountBin
+    for device, top in cb.select(cb.device, pw.fn.MAX(cb.seq)).group_by(cb.device).tuples():
+        regdb.Device.update(counts_max=top).where(regdb.Device.id == device).execute()
+    from .ack import advance_counts_ack
+
+    for (device,) in regdb.Device.select(regdb.Device.id).tuples():
+        advance_counts_ack(device)
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
     (
         1,
@@ -113,6 +153,12 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         "access and groups: api_token.device, api_user.password_hash, web_session, "
         "login_failure, device_group, device_group_member",
         _m6_access_and_groups,
+    ),
+    (
+        7,
+        "end-to-end acknowledgement: device.counts_acked, device.counts_max, dead_letter "
+        "kind/seq/replay columns, count_gap",
+        _m7_end_to_end_ack,
     ),
 )
 LATEST = MIGRATIONS[-1][0]

@@ -232,7 +232,7 @@ def test_publisher_deletes_only_what_was_acknowledged(tmp_path):
     from flowfleet.agent.publisher import Publisher
 
     box = Outbox(tmp_path / "o.sqlite")
-    fill(box, "c")
+    fill(box, "h")
     conn = FakeConnection([6, 5])
     pub = Publisher(box, window=5)
     pub.attach(conn)
@@ -246,7 +246,7 @@ def test_publisher_deletes_only_what_was_acknowledged(tmp_path):
         while box.depth() and time.monotonic() < deadline:
             time.sleep(0.01)
         assert box.depth() == 0
-        fill(box, "c")  # paho's mid counter wrapped: this row gets mid 5 again
+        fill(box, "h")  # paho's mid counter wrapped: this row gets mid 5 again
         pub.notify()
         while len(conn.sent) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -29,7 +29,14 @@ from flowfleet.contract import (
 )
 from flowfleet.mqtt import BrokerAddress
 from flowfleet.registry import db as regdb
-from flowfleet.registry.ingest import DEAD_LETTER, DUPLICATE, ERROR, STORED, Ingestor, IngestWorker
+from flowfleet.registry.ingest import (
+    DEAD_LETTER,
+    DEFERRED,
+    DUPLICATE,
+    STORED,
+    Ingestor,
+    IngestWorker,
+)
 from flowfleet.registry.testing import KINDS, fresh_database, temporary_database
 from flowfleet.registry.web import devices, drift_summaries, events, totals
 
@@ -426,19 +433,23 @@ def test_gaps_count_missing_sequence_numbers(ingestor):
     assert (dev["bins"], dev["highest_seq"], dev["gaps"]) == (4, 9, 5)
 
 
-def test_database_errors_are_dead_lettered_not_raised(ingestor, db_path):
+def test_a_broken_database_defers_the_message_and_never_dead_letters_it(db_path):
+    """Dead letters are for wrong messages: a registry fault leaves no trace."""
+    ingestor = Ingestor(regdb.open_database(db_path), TOPICS, retry_s=0.3)
     db = ingestor.db
     db.execute_sql('DROP TABLE "line_total"')  # storing a bin now fails mid-transaction
 
     outcome = ingestor.handle(TOPICS.counts(DEVICE), make_bin(seq=1).to_json())
 
-    assert outcome == DEAD_LETTER
-    (letter,) = regdb.DeadLetter.select()
-    assert "database error" in letter.reason and "line_total" in letter.reason
+    assert outcome == DEFERRED
+    assert regdb.DeadLetter.select().count() == 0
     assert stored_bins() == 0, "the failed transaction left no half-stored bin"
+    assert regdb.Device.select().count() == 0
 
+    # A wrong message still needs the dead-letter table; without it, nothing is lost
+    # either: the message is deferred for redelivery.
     db.execute_sql('DROP TABLE "dead_letter"')
-    assert ingestor.handle(TOPICS.counts(DEVICE), make_bin(seq=2).to_json()) == ERROR
+    assert ingestor.handle(TOPICS.counts(DEVICE), b"not json") == DEFERRED
 
 
 # -- events and drift summaries (Ingestor directly) ----------------------------------
