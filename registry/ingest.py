@@ -515,6 +515,9 @@ class IngestWorker:
         broker: where the MQTT broker listens.
         topics: the topic layout.
         client_id: the MQTT client id; keep it stable across restarts.
+        ack_interval_s: how often the devices' end-to-end acks are published.
+        retry_s: how long a database failure is retried before a message is left
+            unacknowledged for redelivery (see `Ingestor`).
     """
 
     def __init__(
@@ -524,10 +527,11 @@ class IngestWorker:
         topics: Topics,
         client_id: str = "flowfleet-registry",
         ack_interval_s: float = 0.2,
+        retry_s: float = 15.0,
     ) -> None:
         self.db = open_database(db_path)
         self.topics = topics
-        self.ingestor = Ingestor(self.db, topics)
+        self.ingestor = Ingestor(self.db, topics, retry_s=retry_s)
         self.connection = MqttConnection(client_id, broker, persistent=True)
         self.connection.subscribe(topics.all_devices(), self._on_message, qos=QOS)
         self._outcomes: Counter[str] = Counter({o: 0 for o in OUTCOMES})
