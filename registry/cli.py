@@ -20,6 +20,7 @@ from flowfleet.cliutil import EXIT_USAGE, CliError, setup_logging, stop_on_signa
 
 from .cli_access import add_access_actions
 from .cli_common import DEFAULT_DB, _actor, _config, _db_url, _open, _print_json, _run
+from .cli_deadletters import add_dead_letter_actions
 from .cli_groups import add_group_actions
 
 DAY = 86400.0
@@ -61,7 +62,8 @@ def register(sub) -> None:
     p = sub.add_parser(
         "registry",
         help="run the registry (MQTT ingest and web UI), or manage models, keys, users, tokens",
-        description="Without an action, runs the registry. Actions: models, keys, users, tokens.",
+        description="Without an action, runs the registry. Actions: models, keys, users, "
+        "tokens, groups, dead-letters.",
     )
     _shared_options(p, suppress=False)
     p.add_argument("--broker-host", default="127.0.0.1")
@@ -155,6 +157,7 @@ def register(sub) -> None:
 
     add_access_actions(actions, shared)
     add_group_actions(actions, shared)
+    add_dead_letter_actions(actions, shared)
 
 
 # -- run --------------------------------------------------------------------------------

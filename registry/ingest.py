@@ -129,30 +129,46 @@ class Ingestor:
 
     def _handle(self, topic: str, payload: bytes) -> str:
         received_at = now()
+        outcome, reason = self._ingest(topic, payload, received_at)
+        if outcome == DEAD_LETTER:
+            return self._dead_letter(topic, payload, reason, received_at)
+        return outcome
+
+    def replay(self, topic: str, payload: bytes, received_at: float) -> tuple[str, str]:
+        """Ingest a dead letter's message again, as if received at ``received_at``.
+
+        Never writes a new dead letter: returns (outcome, reason), where a message
+        that is still refused comes back as ("dead-letter", why).
+        """
+        return self._ingest(topic, payload, received_at)
+
+    def _ingest(self, topic: str, payload: bytes, received_at: float) -> tuple[str, str]:
+        """Validate and store one message: (STORED | DUPLICATE | DEFERRED, "") or
+        (DEAD_LETTER, the reason it is refused)."""
         try:
             device, kind = self.topics.parse_device_topic(topic)
             message = parse_payload(kind, payload, device=device)
         except ContractError as exc:
-            return self._dead_letter(topic, payload, str(exc), received_at)
+            return DEAD_LETTER, str(exc)
         except Exception as exc:  # a validator bug must not take the worker down
             log.exception("unexpected error validating a message on %s", topic)
-            return self._dead_letter(topic, payload, f"could not validate: {exc!r}", received_at)
+            return DEAD_LETTER, f"could not validate: {exc!r}"
         try:
             outcome = self._retrying(lambda: self._store(device, message, received_at), topic)
         except _Conflict as exc:
             # The transaction above was rolled back; record the conflict on its own.
-            return self._dead_letter(topic, payload, str(exc), received_at)
+            return DEAD_LETTER, str(exc)
         except _Deferred:
-            return DEFERRED
+            return DEFERRED, ""
         except _MESSAGE_FAULTS as exc:
             log.warning("database refused a message on %s: %s", topic, exc)
-            return self._dead_letter(topic, payload, f"database refused it: {exc}", received_at)
+            return DEAD_LETTER, f"database refused it: {exc}"
         except Exception as exc:  # a bug in storing: kept for replay once fixed
             log.exception("error storing a message on %s", topic)
-            return self._dead_letter(topic, payload, f"could not store: {exc!r}", received_at)
+            return DEAD_LETTER, f"could not store: {exc!r}"
         if kind == "counts":
             self._note_ack(device)
-        return outcome
+        return outcome, ""
 
     def _retrying(self, work, topic: str):
         """Run ``work`` in a transaction; retry database failures that are not the
