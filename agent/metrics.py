@@ -69,7 +69,11 @@ class AgentCollector:
             restarts.add_metric([name], cam.restarts)
         yield from (up, fps, infer, frames, dropped, restarts)
 
-        depth = Gauge(p + "outbox_messages", "messages not yet acknowledged", labels=["stream"])
+        depth = Gauge(
+            p + "outbox_messages",
+            "messages not yet acknowledged (count bins: by the registry)",
+            labels=["stream"],
+        )
         for stream in ("counts", "health", "events", "drift"):
             depth.add_metric([stream], s.outbox.depth(stream))
         yield depth
@@ -83,6 +87,12 @@ class AgentCollector:
         yield Counter(p + "mqtt_published", "publishes handed to MQTT", value=s.publisher.sent)
         yield Counter(
             p + "mqtt_acknowledged", "publishes the broker acknowledged", value=s.publisher.acked
+        )
+        yield Counter(p + "mqtt_refused", "publishes the broker refused", value=s.publisher.refused)
+        yield Gauge(
+            p + "outbox_unconfirmed",
+            "count bins the broker took that the registry has not confirmed yet",
+            value=s.outbox.unconfirmed(),
         )
         yield Gauge(
             p + "mqtt_connected",
