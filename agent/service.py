@@ -26,7 +26,6 @@ from pathlib import Path
 from flowfleet import __version__
 from flowfleet.contract import (
     CameraHealth,
-    ContractError,
     CountBin,
     DriftSummary,
     Event,
@@ -34,13 +33,13 @@ from flowfleet.contract import (
     Status,
     SystemHealth,
     Topics,
-    parse_payload,
 )
 from flowfleet.mqtt import BrokerAddress, MqttConnection, Will
 
 from .config import AgentConfig, CameraConfig, read_password
+from .delivery import Delivery
 from .drift import DriftWindow, RecordingDetector
-from .outbox import Dropped, Position
+from .outbox import Position
 from .pipeline import CameraPipeline, build_pipeline
 from .publisher import Publisher
 from .resume import is_resumable, open_camera_source, source_size
@@ -49,11 +48,6 @@ from .system_stats import SystemStats
 from .tally import Tally
 
 log = logging.getLogger(__name__)
-
-DROP_REPORT_EVERY_S = 30.0  # at most one outbox_dropped event per this long
-# A registry ack that lacks a bin the broker took at least this long ago means the
-# bin was lost on the way (a later one arrived); younger ones may still be in transit.
-RESEND_GRACE_S = 5.0
 
 
 @dataclass
@@ -106,10 +100,9 @@ class AgentService:
             confirm_counts=ob.confirm == "registry",
             confirm_timeout_s=ob.confirm_timeout_s,
             confirm_timeout_max_s=ob.confirm_timeout_max_s,
-            on_refused=self._on_publish_refused,
+            on_refused=lambda topic, reason: self.delivery.on_publish_refused(topic, reason),
         )
-        self._refusal_reported = False  # one event and error log per refusal streak
-        self.last_error: str | None = None
+        self.delivery = Delivery(config, self.outbox, self.publisher, self.event)
         self.cameras = {c.name: CameraState(c) for c in config.cameras}
         self._saved_positions = self.outbox.positions()
         self._tally = Tally()
@@ -123,9 +116,6 @@ class AgentService:
         self.system = SystemStats(state_dir)
         self.last_system: SystemHealth | None = None
         self.metrics = None
-        self._pending_drops: dict[str, list[int]] = {}  # stream -> [n, first, last]
-        self._last_drop_event = 0.0
-        self._over_cap_reported = False
         self.connection = self._make_connection()
         from .updater import ModelUpdater
 
@@ -154,71 +144,8 @@ class AgentService:
         self.publisher.attach(conn)
         return conn
 
-    def _on_registry_ack(self, topic: str, payload: bytes) -> None:
-        """The registry's end-to-end acknowledgement: settle what it confirmed, and send
-        again at once the bins it lacks below a later bin it has (lost on the way)."""
-        try:
-            ack = parse_payload("ack", payload, device=self.device)
-        except ContractError as exc:
-            log.warning("ignoring an invalid registry ack on %s: %s", topic, exc)
-            return
-        confirmed = self.outbox.confirm_counts(ack.counts)
-        resend = 0
-        if ack.counts_max > ack.counts:
-            resend = self.outbox.resend_counts(
-                ack.counts, ack.counts_max, sent_before=time.time() - RESEND_GRACE_S
-            )
-        if confirmed or resend:
-            log.debug(
-                "registry ack: stored through seq %d (max %d); %d confirmed, %d to resend",
-                ack.counts,
-                ack.counts_max,
-                confirmed,
-                resend,
-            )
-        if resend:
-            log.warning(
-                "registry lacks count bins between seq %d and %d; sending %d again",
-                ack.counts,
-                ack.counts_max,
-                resend,
-            )
-            self.publisher.notify()
-
-    def _on_publish_refused(self, topic: str, reason: str) -> None:
-        """The broker refused a publish: say who we are and where we tried to publish."""
-        b = self.config.broker
-        who = b.username or (f"certificate {b.cert_file}" if b.cert_file else "anonymous")
-        self.last_error = (
-            f"broker refused publish to {topic} by device {self.device} "
-            f"(broker identity {who}): {reason}"
-        )
-        if self._refusal_reported:
-            log.debug("%s", self.last_error)
-            return
-        self._refusal_reported = True
-        hint = ""
-        if b.username and b.username != self.device:
-            hint = (
-                f"; device_id {self.device!r} differs from broker.username {b.username!r}, "
-                "and the broker's ACL lets a device publish only under its own identity"
-            )
-        retry = self.publisher.refused_retry_s
-        log.error("%s%s; retrying every %.0fs", self.last_error, hint, retry)
-        try:  # queued like any event: it reaches the registry once publishing works
-            self.event(
-                "publish_refused",
-                f"broker refused publishes to {topic}: {reason}",
-                severity="error",
-                topic=topic,
-                reason=reason,
-                username=b.username,
-            )
-        except Exception:
-            log.exception("could not record the publish_refused event")
-
     def _on_connect(self) -> None:
-        self._refusal_reported = False  # a new session: report a refusal again
+        self.delivery.on_connect()
         online = Status(
             device=self.device, state="online", ts=time.time(), agent_version=__version__
         )
@@ -243,7 +170,7 @@ class AgentService:
             self.metrics = MetricsServer(self, self.config.metrics.host, self.config.metrics.port)
         if self.config.outbox.confirm == "registry":
             # Retained: the broker hands over the registry's latest ack on subscribe.
-            self.connection.subscribe(self.topics.ack(self.device), self._on_registry_ack)
+            self.connection.subscribe(self.topics.ack(self.device), self.delivery.on_registry_ack)
         if self.updater.enabled:
             # Retained: the broker hands over the current desired state on subscribe.
             self.connection.subscribe(self.topics.desired(self.device), self.updater.on_desired)
@@ -294,7 +221,7 @@ class AgentService:
         self.close_bin()
         if self.config.drift_seconds:
             self.close_drift_windows()
-        self._report_drops(force=True)
+        self.delivery.report_drops(force=True)
         if self.connection.connected.is_set():
             # Until the registry confirmed the last bins too, so a clean stop leaves
             # nothing to resend; bins still unconfirmed at the timeout stay (the
@@ -467,7 +394,7 @@ class AgentService:
             outbox_depth=self.outbox.depth(),
             outbox_dropped=dropped,
             publish_refused=self.publisher.refused or None,
-            error=self.last_error,
+            error=self.delivery.last_error,
             cameras=cams,
             system=self.last_system,
             agent_version=self.version,
@@ -496,62 +423,7 @@ class AgentService:
             except Exception:
                 log.exception("could not enqueue a health beat")
 
-    # -- outbox cap and watchdog ---------------------------------------------------------
-
-    def enforce_outbox_limits(self) -> list[Dropped]:
-        ob = self.config.outbox
-        dropped = self.outbox.enforce_limits(
-            ob.max_messages, ob.max_age_s, ob.policy, exclude=self.publisher.busy_rows()
-        )
-        for d in dropped:
-            log.warning(
-                "outbox %s: dropped %d %s message(s), seq %d..%d (policy %s)",
-                d.reason,
-                d.n,
-                d.stream,
-                d.first_seq,
-                d.last_seq,
-                ob.policy,
-            )
-            agg = self._pending_drops.setdefault(d.stream, [0, d.first_seq, d.last_seq])
-            agg[0] += d.n
-            agg[1], agg[2] = min(agg[1], d.first_seq), max(agg[2], d.last_seq)
-        depth = self.outbox.depth()
-        if depth > ob.max_messages and not self._over_cap_reported:
-            self._over_cap_reported = True
-            self.event(
-                "outbox_over_cap",
-                f"outbox holds {depth} messages, over max_messages={ob.max_messages}; "
-                f"policy {ob.policy} keeps count bins",
-                severity="warning",
-                depth=depth,
-                max_messages=ob.max_messages,
-            )
-        elif depth <= ob.max_messages:
-            self._over_cap_reported = False
-        self._report_drops()
-        return dropped
-
-    def _report_drops(self, force: bool = False) -> None:
-        if not self._pending_drops:
-            return
-        now = time.monotonic()
-        if not force and now - self._last_drop_event < DROP_REPORT_EVERY_S:
-            return
-        drops, self._pending_drops = self._pending_drops, {}
-        self._last_drop_event = now
-        for stream, (n, first, last) in sorted(drops.items()):
-            self.event(
-                "outbox_dropped",
-                f"outbox cap dropped {n} {stream} message(s), seq {first}..{last} "
-                f"(policy {self.config.outbox.policy})",
-                severity="warning",
-                stream=stream,
-                n=n,
-                first_seq=first,
-                last_seq=last,
-                policy=self.config.outbox.policy,
-            )
+    # -- watchdog --------------------------------------------------------------------------
 
     def _alive(self) -> bool:
         """The loops the watchdog vouches for: bins, health and the publisher."""
@@ -568,7 +440,7 @@ class AgentService:
         interval = min(1.0, wd / 3) if wd else 1.0
         while not self._stop.wait(interval):
             try:
-                self.enforce_outbox_limits()
+                self.delivery.enforce_limits()
             except Exception:
                 log.exception("outbox housekeeping failed")
             if wd and self._alive():
