@@ -23,24 +23,33 @@ from .db import DEAD_LETTER_MAX_BYTES, CountBin, CountGap, DeadLetter, Device
 _WALK_CHUNK = 5000
 
 
-def note_count_seq(device: str, seq: int) -> None:
+def note_count_seq(device: str, seq: int) -> tuple[int, int] | None:
     """Record that ``seq`` of ``device`` is now in custody; advances the ack if it can.
 
-    Call inside the transaction that made it so. The device row must exist.
+    Call inside the transaction that made it so. Returns the device's new
+    (counts_acked, counts_max), or None if the device is unknown.
     """
+    acked = pw.fn.COALESCE(Device.counts_acked, 0)
     top = pw.fn.COALESCE(Device.counts_max, 0)
+    # The common case, bins arriving in order: one statement.
+    if (
+        Device.update(counts_acked=seq, counts_max=seq)
+        .where((Device.id == device) & (acked == seq - 1) & (top < seq))
+        .execute()
+    ):
+        return seq, seq
     Device.update(counts_max=pw.Case(None, ((top < seq, seq),), top)).where(
         Device.id == device
     ).execute()
-    advance_counts_ack(device)
+    return advance_counts_ack(device)
 
 
-def note_gap(device: str, first: int, last: int, declared_at: float) -> None:
+def note_gap(device: str, first: int, last: int, declared_at: float) -> tuple[int, int] | None:
     """The device declared bins ``first..last`` dropped: the ack may pass over them."""
     if last < first or first < 1:
-        return
+        return ack_state(device)
     CountGap.create(device=device, first=first, last=last, declared_at=declared_at)
-    advance_counts_ack(device)
+    return advance_counts_ack(device)
 
 
 def advance_counts_ack(device: str) -> tuple[int, int] | None:

@@ -107,6 +107,8 @@ class Ingestor:
         # (counts_acked, counts_max), for the worker to publish as acks.
         self.acks: dict[str, tuple[int, int]] = {}
         self._acks_lock = threading.Lock()
+        # The ack a transaction in progress computed; kept only once it committed.
+        self._staged_ack: tuple[str, tuple[int, int]] | None = None
 
     def take_acks(self) -> dict[str, tuple[int, int]]:
         """The acks to publish since the last call (newest state per device)."""
@@ -166,9 +168,13 @@ class Ingestor:
         except Exception as exc:  # a bug in storing: kept for replay once fixed
             log.exception("error storing a message on %s", topic)
             return DEAD_LETTER, f"could not store: {exc!r}"
-        if kind == "counts":
-            self._note_ack(device)
+        if kind == "counts" or self._staged_ack is not None:
+            self._note_ack(device)  # committed: the device may let go of its bins
         return outcome, ""
+
+    def _stage_ack(self, device: str, state: tuple[int, int] | None) -> None:
+        if state is not None:
+            self._staged_ack = (device, state)
 
     def _retrying(self, work, topic: str):
         """Run ``work`` in a transaction; retry database failures that are not the
@@ -178,6 +184,7 @@ class Ingestor:
         attempt = 0
         while True:
             attempt += 1
+            self._staged_ack = None
             try:
                 with self.db.atomic():
                     return work()
@@ -214,12 +221,17 @@ class Ingestor:
             self.db.close()
 
     def _note_ack(self, device: str) -> None:
-        """Queue the device's committed ack for publishing (after the commit)."""
-        try:
-            state = ack_state(device)
-        except Exception:  # the ack is an optimisation over the device's resend timer
-            log.debug("could not read the ack state of %s", device, exc_info=True)
-            return
+        """Queue the device's committed ack for publishing (after the commit): the one
+        the transaction computed, else (a duplicate) the stored one."""
+        staged, self._staged_ack = self._staged_ack, None
+        if staged is not None and staged[0] == device:
+            state = staged[1]
+        else:
+            try:
+                state = ack_state(device)
+            except Exception:  # the ack is an optimisation over the device's resend timer
+                log.debug("could not read the ack state of %s", device, exc_info=True)
+                return
         if state is not None:
             with self._acks_lock:
                 self.acks[device] = state
@@ -298,7 +310,7 @@ class Ingestor:
         )
         if outcome != STORED:
             return outcome
-        note_count_seq(device, message.seq)
+        self._stage_ack(device, note_count_seq(device, message.seq))
         row = CountBin.get(CountBin.device == device, CountBin.seq == message.seq)
         if message.lines:
             LineTotal.insert_many(
@@ -376,9 +388,7 @@ class Ingestor:
         first, last = data.get("first_seq"), data.get("last_seq")
         if data.get("stream") != "counts" or not all(_is_seq(v) for v in (first, last)):
             return
-        note_gap(device, first, last, received_at)
-        with self._acks_lock:
-            self.acks[device] = ack_state(device) or (0, 0)
+        self._stage_ack(device, note_gap(device, first, last, received_at))
 
     def _store_drift(self, device: str, message: DriftPayload, received_at: float) -> str:
         return self._store_once(
@@ -463,8 +473,8 @@ class Ingestor:
             )
             # A whole count bin kept here is in the registry's custody: the device
             # may let it go (an operator replays it after a fix).
-            if custody and Device.get_or_none(Device.id == device) is not None:
-                note_count_seq(device, seq)
+            if custody:
+                self._stage_ack(device, note_count_seq(device, seq))
 
         custody = (
             kind == "counts"
