@@ -97,7 +97,7 @@ class Ingestor:
         received_at = now()
         try:
             device, kind = self.topics.parse_device_topic(topic)
-            message = parse_payload(kind, payload, device=device)
+            message = parse_payload(kind, payload, device=device, now=received_at)
         except ContractError as exc:
             return self._dead_letter(topic, payload, str(exc), received_at)
         except Exception as exc:  # a validator bug must not take the worker down
