@@ -25,6 +25,7 @@ from pathlib import Path
 
 from flowfleet import __version__
 from flowfleet.contract import (
+    MAX_WINDOW_S,
     CameraHealth,
     CountBin,
     DriftSummary,
@@ -256,6 +257,16 @@ class AgentService:
             tally, self._tally = self._tally, Tally()
             start, self._bin_start = self._bin_start, now
             positions = {name: cam.position for name, cam in self.cameras.items() if cam.position}
+        # A clock that jumped (a Pi without a real-time clock syncing NTP) must not make
+        # the window invalid: the counts are real, their window is what we know of it.
+        if not now - MAX_WINDOW_S <= start <= now:
+            log.warning(
+                "the clock jumped: bin window %.3f..%.3f clamped to at most %.0f s",
+                start,
+                now,
+                MAX_WINDOW_S,
+            )
+            start = min(max(start, now - MAX_WINDOW_S), now)
         self._declare_zero_rows(tally)
         count_bin = self.outbox.enqueue_bin(
             self.topics.counts(self.device),

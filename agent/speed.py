@@ -29,6 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flowfleet.cliutil import first_problem
+from flowfleet.contract import MAX_SPEED_KMH
 
 from .detections import Detections
 
@@ -117,7 +118,8 @@ class SpeedSpec(BaseModel):
     homography: HomographySpec
     window_s: Annotated[float, Field(gt=0, le=10)] = 1.0
     min_samples: Annotated[int, Field(ge=1, le=1000)] = 3
-    max_kmh: Annotated[float, Field(gt=0)] = 300.0  # faster samples are tracker glitches
+    # Faster samples are tracker glitches; at most what the wire contract accepts.
+    max_kmh: Annotated[float, Field(gt=0, le=MAX_SPEED_KMH)] = 300.0
 
 
 def parse_homography(text: str) -> HomographySpec:

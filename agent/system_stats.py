@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from flowfleet.contract import SystemHealth
+from flowfleet.contract import MAX_TEMP_C, MIN_TEMP_C, SystemHealth
 
 # vcgencmd get_throttled bits (Raspberry Pi firmware documentation).
 THROTTLE_BITS = {
@@ -39,6 +39,15 @@ def _read(path: Path) -> str | None:
         return path.read_text().strip()
     except (OSError, UnicodeDecodeError):
         return None
+
+
+def _celsius(raw: str | None) -> float | None:
+    """A thermal zone's millidegrees as °C; None when unreadable or outside the range
+    the wire contract takes (a broken sensor must not cost the beat its figures)."""
+    if not raw or not raw.lstrip("-").isdigit():
+        return None
+    value = round(int(raw) / 1000.0, 1)
+    return value if MIN_TEMP_C <= value <= MAX_TEMP_C else None
 
 
 class SystemStats:
@@ -74,7 +83,8 @@ class SystemStats:
         if now is None or last is None or now[0] <= last[0]:
             return None
         total, idle = now[0] - last[0], now[1] - last[1]
-        return round(100.0 * (total - idle) / total, 1)
+        # Clamped: an idle counter that steps back must not make a beat invalid.
+        return round(min(100.0, max(0.0, 100.0 * (total - idle) / total)), 1)
 
     def memory(self) -> tuple[int | None, int | None]:
         text = _read(self.proc / "meminfo") or ""
@@ -94,20 +104,16 @@ class SystemStats:
         """(SoC/CPU temperature, GPU temperature) from thermal zones, in °C."""
         soc = gpu = None
         for zone in sorted((self.sys / "class" / "thermal").glob("thermal_zone*")):
-            raw = _read(zone / "temp")
+            value = _celsius(_read(zone / "temp"))
             kind = (_read(zone / "type") or "").lower()
-            if raw is None or not raw.lstrip("-").isdigit():
+            if value is None:
                 continue
-            value = round(int(raw) / 1000.0, 1)
             if "gpu" in kind and gpu is None:
                 gpu = value
             elif soc is None and ("cpu" in kind or "soc" in kind or "x86_pkg" in kind):
                 soc = value
         if soc is None:  # Pi: thermal_zone0 is "cpu-thermal"; otherwise take the first
-            first = self.sys / "class" / "thermal" / "thermal_zone0" / "temp"
-            raw = _read(first)
-            if raw and raw.lstrip("-").isdigit():
-                soc = round(int(raw) / 1000.0, 1)
+            soc = _celsius(_read(self.sys / "class" / "thermal" / "thermal_zone0" / "temp"))
         return soc, gpu
 
     def throttled(self) -> int | None:

@@ -47,6 +47,7 @@ from flowfleet.mqtt import BrokerAddress, MqttConnection, NotAcknowledged
 
 from . import metrics
 from .ack import ack_state, note_count_seq, note_gap
+from .bounds import check_seq_jump
 from .db import (
     DEAD_LETTER_MAX_BYTES,
     CountBin,
@@ -83,7 +84,8 @@ _DATABASE_ERRORS = (pw.DatabaseError, pw.InterfaceError)
 
 
 class _Conflict(Exception):
-    """A (device, seq) that is already stored with different content."""
+    """A valid message the registry refuses for what is stored already: a (device, seq)
+    stored with different content, or a seq far above the device's highest."""
 
 
 class _Deferred(Exception):
@@ -149,7 +151,7 @@ class Ingestor:
         (DEAD_LETTER, the reason it is refused)."""
         try:
             device, kind = self.topics.parse_device_topic(topic)
-            message = parse_payload(kind, payload, device=device)
+            message = parse_payload(kind, payload, device=device, now=received_at)
         except ContractError as exc:
             return DEAD_LETTER, str(exc)
         except Exception as exc:  # a validator bug must not take the worker down
@@ -301,6 +303,8 @@ class Ingestor:
         )
 
     def _store_bin(self, device: str, message: CountBinPayload, received_at: float) -> str:
+        if (why := check_seq_jump(self.db, device, message.seq)) is not None:
+            raise _Conflict(why)
         outcome = self._store_once(
             CountBin,
             "count bin",

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 import peewee as pw
 from flask import Flask, g, jsonify, render_template, request, url_for
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
 from flowfleet.contract import CameraModel, Topics, is_valid_name
@@ -49,6 +51,7 @@ from .db import (
     LineTotal,
     ReportedState,
     ZoneTotal,
+    database_proxy,
     require_bound,
 )
 from .groups_api import bp as groups_bp
@@ -89,6 +92,21 @@ def _error_response(status: int, code: str, message: str, field: str | None = No
 # -- queries (plain functions so the CLI and tests can use them without HTTP) ------
 
 
+def _sum(field: pw.Field) -> pw.Function:
+    """A SUM over device data that cannot overflow, whatever the devices sent.
+
+    A row holds at most `contract.MAX_COUNT` (1e6) and a device at most one row per
+    key per bin, but bins per device are bounded only by seq (2**53 - 1), so a sum
+    can reach about 9e21, past SQLite's 64-bit integer SUM ("integer overflow", which
+    would fail the whole query). SQLite's TOTAL() adds in floating point: it never
+    overflows and is exact up to 2**53 (9e15, beyond any real device's total).
+    PostgreSQL's SUM(bigint) is an exact numeric; callers convert with int().
+    """
+    if isinstance(database_proxy.obj, pw.SqliteDatabase):
+        return pw.fn.TOTAL(field)
+    return pw.fn.SUM(field)
+
+
 def totals(device: str | None = None) -> dict[str, Any]:
     """Line and zone totals, optionally for one device; see /api/totals."""
     lt = LineTotal
@@ -98,8 +116,8 @@ def totals(device: str | None = None) -> dict[str, Any]:
             lt.camera,
             lt.line,
             lt.class_,
-            pw.fn.SUM(lt.count_in).alias("in"),
-            pw.fn.SUM(lt.count_out).alias("out"),
+            _sum(lt.count_in).alias("in"),
+            _sum(lt.count_out).alias("out"),
         )
         .group_by(lt.device, lt.camera, lt.line, lt.class_)
         .order_by(lt.device, lt.camera, lt.line, lt.class_)
@@ -111,11 +129,11 @@ def totals(device: str | None = None) -> dict[str, Any]:
             zt.camera,
             zt.zone,
             zt.class_,
-            pw.fn.SUM(zt.entries).alias("entries"),
-            pw.fn.SUM(zt.exits).alias("exits"),
+            _sum(zt.entries).alias("entries"),
+            _sum(zt.exits).alias("exits"),
             pw.fn.MAX(zt.peak_occupancy).alias("peak_occupancy"),
-            pw.fn.SUM(zt.dwell_s_sum).alias("dwell_s_sum"),
-            pw.fn.SUM(zt.dwell_n).alias("dwell_n"),
+            _sum(zt.dwell_s_sum).alias("dwell_s_sum"),
+            _sum(zt.dwell_n).alias("dwell_n"),
         )
         .group_by(zt.device, zt.camera, zt.zone, zt.class_)
         .order_by(zt.device, zt.camera, zt.zone, zt.class_)
@@ -348,7 +366,45 @@ def format_ts(ts: float | None) -> str:
     """UTC time as the dashboard shows it (the page's script uses the same format)."""
     if ts is None:
         return "-"
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    try:
+        return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):  # out of datetime's range, NaN
+        return repr(ts)
+
+
+# -- JSON ------------------------------------------------------------------------
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+class StrictJSONProvider(DefaultJSONProvider):
+    """Flask JSON that is always valid JSON: never a bare NaN or Infinity.
+
+    The contract refuses non-finite numbers, but a row stored before it did (or a
+    bug) must not turn a whole page into something no JSON parser reads: such a
+    float is written as null (and logged), and everything else is unchanged.
+    """
+
+    sort_keys = False  # keep documented key order in responses
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        kwargs["allow_nan"] = False
+        try:
+            return super().dumps(obj, **kwargs)
+        except ValueError as exc:
+            if "Out of range float" not in str(exc):
+                raise
+            log.warning("non-finite number in a JSON response, written as null")
+            return super().dumps(_finite(obj), **kwargs)
 
 
 # -- request parsing -----------------------------------------------------------
@@ -410,7 +466,7 @@ def create_app(
     """
     require_bound(db)
     app = Flask(__name__)
-    app.json.sort_keys = False  # keep documented key order in responses
+    app.json = StrictJSONProvider(app)
     app.add_template_filter(format_ts, "ts")
     app.add_template_filter(camera_models, "camera_models")
     if registry is not None:

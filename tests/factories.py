@@ -56,3 +56,162 @@ def count_bin(device: str = "cam-1", seq: int = 1, *, in_: int | None = None) ->
         out=seq % 2,
     )
     return CountBin(device=device, seq=seq, start=start, end=start + 60, lines=(row,))
+
+
+# -- wire payloads ---------------------------------------------------------------------
+
+
+def valid_payload(kind: str, device: str = "cam-1", seq: int = 1, now: float | None = None):
+    """A valid JSON object (a dict) of each payload kind, every optional part present,
+    its timestamps just before ``now`` (default: the current time)."""
+    import time
+
+    t = float(int(time.time() if now is None else now)) - 600.0
+    common = {"schema": 1, "kind": kind, "device": device}
+    if kind == "counts":
+        return {
+            **common,
+            "seq": seq,
+            "start": t,
+            "end": t + 60,
+            "lines": [
+                {"camera": "front", "line": "door", "class": "person", "in": 7, "out": 5},
+                {"camera": "front", "line": "door", "class": "car", "in": 1, "out": 0},
+            ],
+            "zones": [
+                {
+                    "camera": "front",
+                    "zone": "queue",
+                    "class": "person",
+                    "entries": 4,
+                    "exits": 3,
+                    "peak_occupancy": 2,
+                    "dwell_s_sum": 61.5,
+                    "dwell_n": 3,
+                }
+            ],
+            "speeds": [
+                {
+                    "camera": "front",
+                    "line": "door",
+                    "class": "car",
+                    "n": 2,
+                    "mean_kmh": 31.5,
+                    "p85_kmh": 40.0,
+                    "max_kmh": 41.2,
+                    "insufficient": 1,
+                }
+            ],
+        }
+    if kind == "health":
+        return {
+            **common,
+            "seq": seq,
+            "ts": t,
+            "uptime_s": 512.4,
+            "outbox_depth": 0,
+            "outbox_dropped": 0,
+            "cameras": [
+                {
+                    "camera": "front",
+                    "state": "running",
+                    "fps": 9.8,
+                    "inference_ms": 14.2,
+                    "frames": 5021,
+                    "dropped_frames": 0,
+                    "model": "yolov8n_full_integer_quant.tflite",
+                    "error": None,
+                    "restarts": 0,
+                    "inference_p95_ms": 17.9,
+                }
+            ],
+            "system": {
+                "load_1m": 0.61,
+                "cpu_percent": 23.5,
+                "cpu_count": 4,
+                "mem_total_bytes": 4124413952,
+                "mem_available_bytes": 3012345856,
+                "process_rss_bytes": 187260928,
+                "disk_free_bytes": 21474836480,
+                "disk_total_bytes": 31268536320,
+                "soc_temp_c": 52.1,
+                "throttled": 0,
+                "throttled_flags": [],
+                "gpu_percent": 10.0,
+                "gpu_temp_c": 48.0,
+            },
+            "agent_version": "0.1.0",
+        }
+    if kind == "events":
+        return {
+            **common,
+            "seq": seq,
+            "ts": t,
+            "type": "outbox_dropped",
+            "severity": "warning",
+            "camera": "front",
+            "message": "outbox cap dropped 40 health message(s)",
+            "data": {"stream": "health", "n": 40, "ratio": 0.5, "final": True, "why": None},
+        }
+    if kind == "drift":
+        return {
+            **common,
+            "seq": seq,
+            "camera": "front",
+            "model": "yolov8n_full_integer_quant.tflite",
+            "start": t,
+            "end": t + 300,
+            "frames": 2990,
+            "detections": 4123,
+            "confidence_hist": [0, 310, 402, 388, 371, 420, 612, 801, 690, 129],
+            "detections_per_frame": 1.3789,
+            "detections_hist": [812, 1020, 640, 401, 117, 0, 0],
+            "class_mix": {"person": 3900, "bicycle": 223},
+            "mean_box_area": 0.0312,
+            "latency_ms_p50": 13.8,
+            "latency_ms_p90": 15.2,
+            "latency_ms_p99": 21.7,
+            "brightness": 112.4,
+            "blur": 811.9,
+        }
+    if kind == "reported":
+        return {
+            **common,
+            "ts": t,
+            "desired_version": 3,
+            "cameras": [
+                {
+                    "camera": "front",
+                    "model": "yolov8n-int8",
+                    "version": 2,
+                    "sha256": "ab" * 32,
+                    "file": "yolov8n-int8-v2.tflite",
+                    "update": "activated",
+                    "update_model": "yolov8n-int8",
+                    "update_version": 2,
+                    "reason": "pending: no frame yet",
+                    "update_ts": t - 1,
+                }
+            ],
+        }
+    if kind == "status":
+        return {**common, "state": "online", "ts": t, "agent_version": "0.1.0"}
+    if kind == "desired":
+        return {
+            **common,
+            "version": 3,
+            "models": {
+                "front": {
+                    "name": "yolov8n-int8",
+                    "version": 2,
+                    "sha256": "ab" * 32,
+                    "url": "/api/models/yolov8n-int8/versions/2/artifact",
+                    "manifest": "eyJjcmVhdGVkX2F0Ijo=",
+                    "signature": "kP3==",
+                    "key_id": "9ceac40cbbe7a3ee",
+                }
+            },
+        }
+    if kind == "ack":
+        return {**common, "ts": t, "counts": 41, "counts_max": 42}
+    raise ValueError(f"no factory for payload kind {kind!r}")

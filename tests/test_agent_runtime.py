@@ -482,3 +482,35 @@ def test_a_cameras_tracker_settings_reach_its_tracker(
     assert counted == {("gantry", "car"): (cars_in, 0)}
     logged = [r.getMessage() for r in caplog.records if "tracker settings" in r.getMessage()]
     assert logged == (["camera road tracker settings: min_hits=100"] if tracker else [])
+
+
+@pytest.mark.parametrize("jump_s", [-3 * 86400.0, 600.0])
+def test_a_clock_jump_clamps_the_bin_window_and_keeps_its_counts(tmp_path, jump_s, caplog):
+    """A bin opened 3 days ago (the clock jumped forward) or in the future (backward)
+    is still enqueued, with a window the contract accepts and its counts intact."""
+    import time
+
+    from flowfleet.agent.config import AgentConfig
+    from flowfleet.agent.counting import Crossing
+    from flowfleet.agent.service import AgentService
+    from flowfleet.contract import MAX_WINDOW_S
+
+    config = AgentConfig.model_validate(
+        {
+            "device_id": "jumpy",
+            "state_dir": str(tmp_path / "state"),
+            "broker": {"host": "127.0.0.1", "port": 1},
+            "cameras": [{"name": "c", "source": "x.mp4", "model": "m.tflite"}],
+        }
+    )
+    service = AgentService(config)
+    try:
+        service._bin_start = time.time() + jump_s
+        service._tally.add_crossing("c", Crossing("door", "person", "in", 7, 0.0))
+        count_bin = service.close_bin()
+    finally:
+        service.outbox.close()
+    assert 0 <= count_bin.end - count_bin.start <= MAX_WINDOW_S
+    assert [(r.line, r.in_) for r in count_bin.lines] == [("door", 1)]
+    assert "the clock jumped" in caplog.text
+    assert parse_payload("counts", count_bin.to_json(), now=time.time()) == count_bin

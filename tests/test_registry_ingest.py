@@ -42,6 +42,9 @@ from flowfleet.registry.web import devices, drift_summaries, events, totals
 
 TOPICS = Topics()
 DEVICE = "cam-1"
+# Test data lies on the current day: the registry refuses timestamps more than two years
+# old or a day ahead of its clock (`contract.MAX_AGE_S`, `MAX_CLOCK_AHEAD_S`).
+T0 = float(int(time.time()) // 86_400 * 86_400)
 
 # -- factories -------------------------------------------------------------------
 
@@ -49,7 +52,7 @@ DEVICE = "cam-1"
 def make_bin(device: str = DEVICE, seq: int = 1, *, lines=None, zones=None) -> CountBin:
     if lines is None:
         lines = [line_count(in_=seq % 3 + 1, out=seq % 2)]
-    start = 1_700_000_000.0 + 60 * seq
+    start = T0 + 60 * seq
     return CountBin(
         device=device,
         seq=seq,
@@ -113,7 +116,7 @@ def make_event(device: str = DEVICE, seq: int = 1, **changes) -> Event:
     fields = {
         "device": device,
         "seq": seq,
-        "ts": 1_795_430_000.0 + seq,
+        "ts": T0 + seq,
         "type": "outbox_dropped",
         "severity": "warning",
         "message": f"outbox cap dropped {seq} health message(s)",
@@ -123,7 +126,7 @@ def make_event(device: str = DEVICE, seq: int = 1, **changes) -> Event:
 
 
 def make_drift(device: str = DEVICE, seq: int = 1, **changes) -> DriftSummary:
-    start = 1_795_430_400.0 + 300 * seq
+    start = T0 + 300 * seq
     fields = {
         "device": device,
         "seq": seq,
@@ -256,7 +259,7 @@ def test_published_bins_are_stored_and_totals_equal_the_sums(worker, publisher):
 
 def test_messages_delivered_twice_are_stored_once(worker, publisher):
     bins = varied_bins(DEVICE, 20)
-    beats = [Health(device=DEVICE, seq=s, ts=1e9 + s, uptime_s=s) for s in (1, 2, 3)]
+    beats = [Health(device=DEVICE, seq=s, ts=T0 + s, uptime_s=s) for s in (1, 2, 3)]
     for _ in range(2):
         for msg in bins:
             publisher.publish(TOPICS.counts(DEVICE), msg.to_json())
@@ -468,7 +471,7 @@ def _factory(kind: str, factory):
         return factory
     if kind == "health":
         return lambda seq=1, **ch: Health(
-            **{"device": DEVICE, "seq": seq, "ts": 1e9 + seq, "uptime_s": 1.0, **ch}
+            **{"device": DEVICE, "seq": seq, "ts": T0 + seq, "uptime_s": 1.0, **ch}
         )
     return lambda seq=1, **ch: make_bin(seq=seq, lines=ch.get("lines"))
 
@@ -572,7 +575,7 @@ def test_sequences_are_per_kind(ingestor):
     for kind, message in (
         ("events", make_event(seq=1)),
         ("drift", make_drift(seq=1)),
-        ("health", Health(device=DEVICE, seq=1, ts=1e9, uptime_s=1)),
+        ("health", Health(device=DEVICE, seq=1, ts=T0, uptime_s=1)),
         ("counts", make_bin(seq=1)),
     ):
         assert ingestor.handle(TOPICS.device(DEVICE, kind), message.to_json()) == STORED
@@ -637,6 +640,8 @@ def test_malformed_event_or_drift_is_dead_lettered_naming_the_field(ingestor, ki
 
 
 def make_reported(ts: float, model: str = "yolov8n-int8", version: int = 2, **changes) -> Reported:
+    """Reported state taken ``ts`` seconds after T0."""
+    ts = T0 + ts
     fields = {
         "device": DEVICE,
         "ts": ts,
@@ -665,7 +670,7 @@ def stored_reported() -> dict | None:
 
 
 def test_reported_state_is_stored_and_shown_per_device(ingestor):
-    msg = make_reported(1_795_430_500.0)
+    msg = make_reported(500.0)
     assert ingestor.handle(TOPICS.reported(DEVICE), msg.to_json()) == STORED
 
     row = regdb.ReportedState.get_by_id(DEVICE)
@@ -718,7 +723,7 @@ def test_newer_reported_state_replaces_the_stored_one(ingestor):
 
     assert regdb.ReportedState.select().count() == 1
     row = regdb.ReportedState.get_by_id(DEVICE)
-    assert (row.ts, row.desired_version, json.loads(row.payload)) == (200.0, 3, raw(new))
+    assert (row.ts, row.desired_version, json.loads(row.payload)) == (T0 + 200.0, 3, raw(new))
     assert stored_reported()["cameras"][0]["version"] == 2
 
 
@@ -730,7 +735,7 @@ def test_older_reported_state_does_not_replace_a_newer_one(ingestor):
     assert ingestor.handle(TOPICS.reported(DEVICE), new.to_json()) == DUPLICATE
 
     row = regdb.ReportedState.get_by_id(DEVICE)
-    assert (row.ts, json.loads(row.payload)) == (200.0, raw(new))
+    assert (row.ts, json.loads(row.payload)) == (T0 + 200.0, raw(new))
     assert stored_reported()["cameras"][0]["model"] == "yolov8n-int8"
     assert stored_reported()["cameras"][0]["version"] == 2
     assert regdb.DeadLetter.select().count() == 0
@@ -742,7 +747,7 @@ def test_reported_state_is_kept_per_device(ingestor):
     assert ingestor.handle(TOPICS.reported("cam-2"), other.to_json()) == STORED
 
     by_device = {d["device"]: d["reported"] for d in devices()}
-    assert by_device[DEVICE]["ts"] == 200.0 and by_device["cam-2"]["ts"] == 100.0
+    assert by_device[DEVICE]["ts"] == T0 + 200.0 and by_device["cam-2"]["ts"] == T0 + 100.0
 
 
 def _reported_with(**fields) -> bytes:
@@ -796,7 +801,7 @@ def test_a_malformed_reported_state_leaves_the_stored_one(ingestor):
     assert ingestor.handle(TOPICS.reported(DEVICE), good.to_json()) == STORED
     newer_but_bad = json.dumps({**raw(make_reported(300.0)), "desired_version": -1}).encode()
     assert ingestor.handle(TOPICS.reported(DEVICE), newer_but_bad) == DEAD_LETTER
-    assert stored_reported()["ts"] == 100.0
+    assert stored_reported()["ts"] == T0 + 100.0
 
 
 def test_published_reported_state_is_stored_over_mqtt(worker, publisher):
@@ -806,7 +811,7 @@ def test_published_reported_state_is_stored_over_mqtt(worker, publisher):
         publisher.publish(TOPICS.reported(DEVICE), msg.to_json(), retain=True)
 
     wait_until(lambda: worker.outcomes[DUPLICATE] == 1, what="the stale copy")
-    assert stored_reported()["ts"] == 300.0
+    assert stored_reported()["ts"] == T0 + 300.0
     assert stored_reported()["cameras"][0]["version"] == 3
     assert worker.outcomes[DEAD_LETTER] == 0
 

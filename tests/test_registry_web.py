@@ -38,10 +38,13 @@ from flowfleet.registry.testing import KINDS, fresh_database, temporary_database
 from flowfleet.registry.web import create_app
 
 TOPICS = Topics()
+# Test data lies on the current day: the registry refuses timestamps more than two years
+# old or a day ahead of its clock (`contract.MAX_AGE_S`, `MAX_CLOCK_AHEAD_S`).
+T0 = float(int(time.time()) // 86_400 * 86_400)
 
 
 def make_bin(device: str, seq: int, lines=(), zones=()) -> CountBin:
-    start = 1_700_000_000.0 + 60 * seq
+    start = T0 + 60 * seq
     return CountBin(device=device, seq=seq, start=start, end=start + 60, lines=lines, zones=zones)
 
 
@@ -103,16 +106,16 @@ MESSAGES = [
         ),
     ),
     (TOPICS.counts("cam-1"), make_bin("cam-1", 4, (lc("front", "door", "person", 5, 0),))),
-    (TOPICS.health("cam-1"), Health(device="cam-1", seq=1, ts=1e9, uptime_s=12.5)),
+    (TOPICS.health("cam-1"), Health(device="cam-1", seq=1, ts=T0, uptime_s=12.5)),
     (TOPICS.counts("cam-2"), make_bin("cam-2", 1, (lc("yard", "gate", "truck", 1, 1),))),
     # Events: cam-1 seq 2 happened before seq 1 (ts decides "newest", not seq).
-    (TOPICS.events("cam-1"), ev("cam-1", 1, 1_795_000_300.0, camera="front", message="up")),
+    (TOPICS.events("cam-1"), ev("cam-1", 1, T0 + 300, camera="front", message="up")),
     (
         TOPICS.events("cam-1"),
         ev(
             "cam-1",
             2,
-            1_795_000_100.0,
+            T0 + 100,
             "outbox_dropped",
             severity="warning",
             message="outbox cap dropped 4 health message(s)",
@@ -121,17 +124,17 @@ MESSAGES = [
     ),
     (
         TOPICS.events("cam-2"),
-        ev("cam-2", 1, 1_795_000_200.0, "camera_failed", severity="error", message=HOSTILE),
+        ev("cam-2", 1, T0 + 200, "camera_failed", severity="error", message=HOSTILE),
     ),
-    (TOPICS.drift("cam-1"), drift("cam-1", 1, "front", 1_795_000_000.0, model="yolo-v1")),
-    (TOPICS.drift("cam-1"), drift("cam-1", 2, "back", 1_795_000_000.0)),
-    (TOPICS.drift("cam-1"), drift("cam-1", 3, "front", 1_795_000_300.0, brightness=80.5)),
+    (TOPICS.drift("cam-1"), drift("cam-1", 1, "front", T0, model="yolo-v1")),
+    (TOPICS.drift("cam-1"), drift("cam-1", 2, "back", T0)),
+    (TOPICS.drift("cam-1"), drift("cam-1", 3, "front", T0 + 300, brightness=80.5)),
     # Reported state: cam-1 runs a registry model on front and its config file on back.
     (
         TOPICS.reported("cam-1"),
         Reported(
             device="cam-1",
-            ts=1_795_000_400.0,
+            ts=T0 + 400,
             desired_version=2,
             cameras=(
                 CameraModel(
@@ -154,7 +157,7 @@ MESSAGES = [
         TOPICS.reported("cam-3"),
         Reported(
             device="cam-3",
-            ts=1_795_000_400.0,
+            ts=T0 + 400,
             cameras=(CameraModel(camera="yard", model=HOSTILE_MODEL, version=1),),
         ),
     ),
@@ -251,7 +254,7 @@ def test_devices_carry_their_latest_reported_state(client):
 
     assert by_id["cam-2"]["reported"] is None
     rep = by_id["cam-1"]["reported"]
-    assert (rep["ts"], rep["desired_version"]) == (1_795_000_400.0, 2)
+    assert (rep["ts"], rep["desired_version"]) == (T0 + 400, 2)
     assert isinstance(rep["received_at"], float)
     front, back = rep["cameras"]
     assert front == {
@@ -309,7 +312,7 @@ def test_events_newest_first_with_every_field(client):
     assert dropped == {
         "device": "cam-1",
         "seq": 2,
-        "ts": 1_795_000_100.0,
+        "ts": T0 + 100,
         "type": "outbox_dropped",
         "severity": "warning",
         "camera": None,
