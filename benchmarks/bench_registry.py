@@ -34,13 +34,13 @@ from pathlib import Path
 from werkzeug.serving import make_server
 
 from flowfleet.data import models_dir
-from flowfleet.registry import auth
-from flowfleet.registry import db as regdb
-from flowfleet.registry.artifacts import LocalStore
-from flowfleet.registry.keys import KeyRing
-from flowfleet.registry.modelreg import MIB, ModelRegistry
+from flowfleet.registry.catalog.artifacts import LocalStore
+from flowfleet.registry.catalog.keys import KeyRing
+from flowfleet.registry.catalog.modelreg import MIB, ModelRegistry
+from flowfleet.registry.http import auth
+from flowfleet.registry.http.web import create_app
 from flowfleet.registry.service import _QuietRequestHandler
-from flowfleet.registry.web import create_app
+from flowfleet.registry.store import db as regdb
 
 SAMPLE = "yolov8n_full_integer_quant.tflite"
 QUERIES = (

@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     from flowfleet import demo
     from flowfleet.agent import cli as agent_cli
     from flowfleet.models import cli as models_cli
-    from flowfleet.registry import cli as registry_cli
+    from flowfleet.registry.cli import main as registry_cli
 
     parser = argparse.ArgumentParser(
         prog="flowfleet",

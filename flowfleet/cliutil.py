@@ -1,6 +1,6 @@
 """Shared pieces of the `flowfleet` command line: errors, exit codes, logging, signals.
 
-Each area registers its own subcommands (`agent/cli.py`, `registry/cli.py`,
+Each area registers its own subcommands (`agent/cli.py`, `registry/cli/main.py`,
 `models/cli.py`, `flowfleet/demo.py`); `flowfleet/cli.py` only assembles them.
 """
 

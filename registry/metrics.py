@@ -79,7 +79,7 @@ DEAD_STORED = Gauge(
 
 
 def _refresh_fleet_gauges() -> None:
-    from .db import DEVICE_STATES, DeadLetter, Device, ModelVersion
+    from .store.db import DEVICE_STATES, DeadLetter, Device, ModelVersion
 
     # Runs inside a request, which already holds this thread's connection.
     counts = dict(

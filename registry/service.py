@@ -19,12 +19,12 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 from flowfleet.contract import DEFAULT_ROOT, Topics
 from flowfleet.mqtt import BrokerAddress, MqttConnection
 
-from .db import describe
+from .catalog.modelreg import ModelRegistry, RegistryConfig
+from .catalog.watch import WatchFolder
 from .errors import PublishError
-from .ingest import IngestWorker
-from .modelreg import ModelRegistry, RegistryConfig
-from .watch import WatchFolder
-from .web import create_app
+from .fleet.ingest import IngestWorker
+from .http.web import create_app
+from .store.db import describe
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def run_registry(
             the model registry; default `RegistryConfig.beside(db_path)`.
         anonymous_read: dashboard reads without a token: "local", "none" or "all".
         watch_dir: a folder whose dropped model files are registered (see
-            `flowfleet.registry.watch`); none by default.
+            `flowfleet.registry.catalog.watch`); none by default.
 
     Raises OSError if the HTTP port cannot be bound (before anything else starts).
     """

@@ -18,7 +18,7 @@ from pathlib import Path
 import peewee as pw
 from playhouse.pool import PooledDatabase
 
-from . import db as regdb
+from .store import db as regdb
 
 POSTGRES_ENV = "FLOWFLEET_TEST_POSTGRES"
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -82,7 +82,7 @@ def reset_database(db: pw.Database) -> None:
 
     Tables a test dropped are re-created; every table is emptied.
     """
-    from .migrations import migrate
+    from .store.migrations import migrate
 
     migrate(db, backup=False)
     with db.connection_context():
@@ -118,9 +118,9 @@ def release() -> None:
 def fresh_registry(db_url: str, tmp_path: Path, *, max_upload_bytes: int | None = None):
     """A started `ModelRegistry` on an emptied database at ``db_url``, with its
     artifacts, keys and upload staging under ``tmp_path`` (8 MiB upload limit)."""
-    from .artifacts import LocalStore
-    from .keys import KeyRing
-    from .modelreg import MIB, ModelRegistry
+    from .catalog.artifacts import LocalStore
+    from .catalog.keys import KeyRing
+    from .catalog.modelreg import MIB, ModelRegistry
 
     db = regdb.open_database(db_url)
     reset_database(db)

@@ -27,9 +27,9 @@ from flowfleet.agent.config import AgentConfig
 from flowfleet.agent.service import AgentService
 from flowfleet.agent.updater import ProbationDetector, installed_detector
 from flowfleet.contract import Desired, ModelRef, Topics, parse_payload
-from flowfleet.registry import auth
+from flowfleet.registry.http import auth
+from flowfleet.registry.http.web import create_app
 from flowfleet.registry.testing import fresh_registry, temporary_database
-from flowfleet.registry.web import create_app
 
 DEVICE = "upd-cam"
 DYN = "yolov8n_int8_dynamic.tflite"

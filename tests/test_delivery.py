@@ -23,10 +23,10 @@ import pytest
 from flowfleet.agent.outbox import Outbox
 from flowfleet.agent.publisher import Publisher
 from flowfleet.contract import Event, Topics, parse_payload
-from flowfleet.registry import db as regdb
-from flowfleet.registry import migrations
-from flowfleet.registry.ack import ack_state
-from flowfleet.registry.ingest import DEAD_LETTER, DUPLICATE, STORED, Ingestor
+from flowfleet.registry.fleet.ack import ack_state
+from flowfleet.registry.fleet.ingest import DEAD_LETTER, DUPLICATE, STORED, Ingestor
+from flowfleet.registry.store import db as regdb
+from flowfleet.registry.store import migrations
 from flowfleet.registry.testing import release
 
 from .factories import count_bin

@@ -23,9 +23,9 @@ import pytest
 from flowfleet.contract import Topics
 from flowfleet.mqtt import BrokerAddress
 from flowfleet.provisioning.mosquitto import Broker, BrokerSecurity, render_acl, write_password_file
-from flowfleet.registry import db as regdb
-from flowfleet.registry.ingest import DEFERRED, IngestWorker
-from flowfleet.registry.web import devices
+from flowfleet.registry.fleet.ingest import DEFERRED, IngestWorker
+from flowfleet.registry.http.web import devices
+from flowfleet.registry.store import db as regdb
 
 from .factories import count_bin
 from .test_agent_process import (

@@ -20,9 +20,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from flowfleet.contract import Topics
 from flowfleet.mqtt import BrokerAddress
-from flowfleet.registry import db as regdb
-from flowfleet.registry.ingest import IngestWorker
-from flowfleet.registry.web import devices, totals
+from flowfleet.registry.fleet.ingest import IngestWorker
+from flowfleet.registry.http.web import devices, totals
+from flowfleet.registry.store import db as regdb
 
 pytestmark = pytest.mark.slow
 

@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 
 from flowfleet import contract as c
 from flowfleet.contract import ContractError, Topics, parse_payload
-from flowfleet.registry import db as regdb
-from flowfleet.registry.ingest import DEAD_LETTER, DUPLICATE, STORED, Ingestor
+from flowfleet.registry.fleet.ingest import DEAD_LETTER, DUPLICATE, STORED, Ingestor
+from flowfleet.registry.http.web import create_app
+from flowfleet.registry.store import db as regdb
 from flowfleet.registry.testing import temporary_database
-from flowfleet.registry.web import create_app
 from tests.factories import valid_payload
 
 TOPICS = Topics()

@@ -6,9 +6,9 @@ import io
 
 import pytest
 
-from flowfleet.registry import auth
-from flowfleet.registry import db as regdb
-from flowfleet.registry.web import create_app
+from flowfleet.registry.http import auth
+from flowfleet.registry.http.web import create_app
+from flowfleet.registry.store import db as regdb
 
 TFLITE = "yolov8n_full_integer_quant.tflite"
 
@@ -110,7 +110,7 @@ def test_revoked_expired_and_disabled_tokens_stop_working(app, registry, seeded,
     assert status(other) == 401
     assert status(short) == 200
     real_now = regdb.now()
-    monkeypatch.setattr("flowfleet.registry.auth.now", lambda: real_now + 61)
+    monkeypatch.setattr("flowfleet.registry.http.auth.now", lambda: real_now + 61)
     assert status(short) == 401
     with registry.db.connection_context():
         actions = [e.action for e in regdb.AuditEntry.select().order_by(regdb.AuditEntry.id)]

@@ -1,5 +1,5 @@
 """Registry pages stay up whatever a device sends: overflow-safe sums, valid JSON, and
-the seq-jump bound (`flowfleet.registry.bounds`). On SQLite, then PostgreSQL."""
+the seq-jump bound (`flowfleet.registry.fleet.bounds`). On SQLite, then PostgreSQL."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 
 from flowfleet import contract as c
 from flowfleet.contract import CountBin, Health, LineCount, Topics, ZoneCount
-from flowfleet.registry import db as regdb
-from flowfleet.registry.bounds import MAX_SEQ_JUMP, check_seq_jump
-from flowfleet.registry.ingest import DEAD_LETTER, STORED, Ingestor
+from flowfleet.registry.fleet.bounds import MAX_SEQ_JUMP, check_seq_jump
+from flowfleet.registry.fleet.ingest import DEAD_LETTER, STORED, Ingestor
+from flowfleet.registry.http.web import create_app, format_ts
+from flowfleet.registry.store import db as regdb
 from flowfleet.registry.testing import fresh_database
-from flowfleet.registry.web import create_app, format_ts
 
 TOPICS = Topics()
 T0 = float(int(time.time()) // 60 * 60) - 3600

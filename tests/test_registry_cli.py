@@ -9,8 +9,8 @@ import pytest
 
 from flowfleet import signing
 from flowfleet.cli import build_parser, main
-from flowfleet.registry import db as regdb
-from flowfleet.registry.cli import cmd_registry
+from flowfleet.registry.cli.main import cmd_registry
+from flowfleet.registry.store import db as regdb
 from flowfleet.registry.testing import KINDS, release, temporary_database
 
 TFLITE = "yolov8n_full_integer_quant.tflite"
@@ -120,7 +120,7 @@ def test_users_tokens_and_key_rotation(cli, data):
 
 
 def test_users_passwd_reads_stdin_and_device_tokens(cli, monkeypatch):
-    from flowfleet.registry import websession
+    from flowfleet.registry.http import websession
 
     assert cli("users", "add", "bob", "--role", "viewer")[0] == 0
     monkeypatch.setattr("sys.stdin", io.StringIO("a long passphrase\n"))

@@ -13,8 +13,8 @@ import pytest
 
 from flowfleet.cli import main
 from flowfleet.contract import Topics
-from flowfleet.registry import db as regdb
-from flowfleet.registry.ack import ack_state
+from flowfleet.registry.fleet.ack import ack_state
+from flowfleet.registry.store import db as regdb
 from flowfleet.registry.testing import KINDS, release, temporary_database
 
 from .factories import count_bin

@@ -19,14 +19,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from flowfleet import signing
 from flowfleet.contract import Desired, Topics, parse_payload
 from flowfleet.mqtt import BrokerAddress, MqttConnection
-from flowfleet.registry import auth
-from flowfleet.registry import db as regdb
-from flowfleet.registry.db import Deployment
+from flowfleet.registry.catalog.keys import KeyRing
+from flowfleet.registry.catalog.modelreg import ModelRegistry
 from flowfleet.registry.errors import PublishError
-from flowfleet.registry.keys import KeyRing
-from flowfleet.registry.modelreg import ModelRegistry
+from flowfleet.registry.http import auth
+from flowfleet.registry.http.web import create_app
 from flowfleet.registry.service import mqtt_publisher
-from flowfleet.registry.web import create_app
+from flowfleet.registry.store import db as regdb
+from flowfleet.registry.store.db import Deployment
 
 TFLITE = "yolov8n_full_integer_quant.tflite"
 TFLITE_DYN = "yolov8n_int8_dynamic.tflite"
@@ -241,7 +241,7 @@ def test_run_registry_publishes_deployments_on_its_mqtt_session(tmp_path, broker
     import json
     import urllib.request
 
-    from flowfleet.registry.modelreg import RegistryConfig
+    from flowfleet.registry.catalog.modelreg import RegistryConfig
     from flowfleet.registry.service import run_registry
     from flowfleet.registry.testing import release
 

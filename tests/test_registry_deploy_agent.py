@@ -12,7 +12,7 @@ import pytest
 
 from flowfleet.agent.service import AgentService
 from flowfleet.mqtt import BrokerAddress, MqttConnection
-from flowfleet.registry import auth
+from flowfleet.registry.http import auth
 from flowfleet.registry.service import mqtt_publisher
 from tests.test_agent_update import (
     DEVICE,

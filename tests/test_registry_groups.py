@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from flowfleet.contract import Desired, parse_payload
+from flowfleet.registry.http.web import create_app
 from flowfleet.registry.service import mqtt_publisher
-from flowfleet.registry.web import create_app
 from tests.test_registry_deploy import (  # noqa: F401 - fixtures
     TFLITE,
     TOPICS,

@@ -28,8 +28,7 @@ from flowfleet.contract import (
     ZoneCount,
 )
 from flowfleet.mqtt import BrokerAddress
-from flowfleet.registry import db as regdb
-from flowfleet.registry.ingest import (
+from flowfleet.registry.fleet.ingest import (
     DEAD_LETTER,
     DEFERRED,
     DUPLICATE,
@@ -37,8 +36,9 @@ from flowfleet.registry.ingest import (
     Ingestor,
     IngestWorker,
 )
+from flowfleet.registry.http.web import devices, drift_summaries, events, totals
+from flowfleet.registry.store import db as regdb
 from flowfleet.registry.testing import KINDS, fresh_database, temporary_database
-from flowfleet.registry.web import devices, drift_summaries, events, totals
 
 TOPICS = Topics()
 DEVICE = "cam-1"

@@ -12,8 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from flowfleet.contract import Topics
-from flowfleet.registry.ingest import Ingestor
-from flowfleet.registry.web import create_app
+from flowfleet.registry.fleet.ingest import Ingestor
+from flowfleet.registry.http.web import create_app
 
 from .test_registry_ingest import make_event
 
@@ -52,7 +52,7 @@ def upload(client, token_headers, name, raw, filename):
 
 
 def test_uploads_ingest_dead_letters_rollbacks_and_latency_are_counted(app, data):
-    from flowfleet.registry import auth
+    from flowfleet.registry.http import auth
 
     client = app.test_client()
     with app.extensions["flowfleet_model_registry"].db.connection_context():

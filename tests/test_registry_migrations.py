@@ -7,8 +7,8 @@ import sqlite3
 import peewee as pw
 import pytest
 
-from flowfleet.registry import db as regdb
-from flowfleet.registry import migrations
+from flowfleet.registry.store import db as regdb
+from flowfleet.registry.store import migrations
 from flowfleet.registry.testing import KINDS, release, temporary_database, temporary_postgres
 
 

@@ -1,7 +1,7 @@
 """Model registry through its REST API, on SQLite and on PostgreSQL.
 
 Uploads use the real models in ``$FLOWFLEET_DATA/models``; every request carries a
-real token created through `flowfleet.registry.auth`.
+real token created through `flowfleet.registry.http.auth`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from flowfleet import signing
-from flowfleet.registry import auth
-from flowfleet.registry import db as regdb
-from flowfleet.registry.modelreg import MIB
+from flowfleet.registry.catalog.modelreg import MIB
+from flowfleet.registry.http import auth
+from flowfleet.registry.http.web import create_app
+from flowfleet.registry.store import db as regdb
 from flowfleet.registry.testing import fresh_registry
-from flowfleet.registry.web import create_app
 
 LIMIT = 4 * MIB  # upload limit in these tests: the sample models are 3.1-3.4 MiB
 TFLITE = "yolov8n_full_integer_quant.tflite"

@@ -11,13 +11,13 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from flowfleet.registry import auth
-from flowfleet.registry import db as regdb
-from flowfleet.registry.artifacts import LocalStore
-from flowfleet.registry.keys import KeyRing
-from flowfleet.registry.modelreg import MIB, ModelRegistry
+from flowfleet.registry.catalog.artifacts import LocalStore
+from flowfleet.registry.catalog.keys import KeyRing
+from flowfleet.registry.catalog.modelreg import MIB, ModelRegistry
+from flowfleet.registry.http import auth
+from flowfleet.registry.http.web import create_app
+from flowfleet.registry.store import db as regdb
 from flowfleet.registry.testing import release
-from flowfleet.registry.web import create_app
 
 TFLITE = "yolov8n_full_integer_quant.tflite"
 

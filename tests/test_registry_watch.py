@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from flowfleet.registry import db as regdb
-from flowfleet.registry.watch import WatchFolder
+from flowfleet.registry.catalog.watch import WatchFolder
+from flowfleet.registry.store import db as regdb
 
 TFLITE = "yolov8n_full_integer_quant.tflite"
 ONNX = "yolov8n_int8.onnx"
@@ -191,7 +191,7 @@ def test_a_sidecar_with_target_hardware_and_a_device_group_deploys_to_the_group(
     group gets the new version: each member's retained desired state names it."""
     from flowfleet.contract import Topics, parse_payload
     from flowfleet.mqtt import BrokerAddress, MqttConnection
-    from flowfleet.registry import groups
+    from flowfleet.registry.fleet import groups
     from flowfleet.registry.service import mqtt_publisher
 
     from .test_registry_deploy import Subscriber

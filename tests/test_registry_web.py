@@ -29,13 +29,13 @@ from flowfleet.contract import (
     ZoneCount,
 )
 from flowfleet.mqtt import BrokerAddress
-from flowfleet.registry.db import open_database
-from flowfleet.registry.ingest import STORED, Ingestor
-from flowfleet.registry.modelreg import RegistryConfig
-from flowfleet.registry.openapi import openapi_document
+from flowfleet.registry.catalog.modelreg import RegistryConfig
+from flowfleet.registry.fleet.ingest import STORED, Ingestor
+from flowfleet.registry.http.openapi import openapi_document
+from flowfleet.registry.http.web import create_app
 from flowfleet.registry.service import run_registry
+from flowfleet.registry.store.db import open_database
 from flowfleet.registry.testing import KINDS, fresh_database, temporary_database
-from flowfleet.registry.web import create_app
 
 TOPICS = Topics()
 # Test data lies on the current day: the registry refuses timestamps more than two years

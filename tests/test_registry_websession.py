@@ -9,9 +9,9 @@ import re
 
 import pytest
 
-from flowfleet.registry import auth, websession
-from flowfleet.registry import db as regdb
-from flowfleet.registry.web import create_app
+from flowfleet.registry.http import auth, websession
+from flowfleet.registry.http.web import create_app
+from flowfleet.registry.store import db as regdb
 
 TFLITE = "yolov8n_full_integer_quant.tflite"
 PASSWORD = "correct horse battery"

@@ -8,13 +8,13 @@ Routes:
     GET /api/events        device events, newest first (paginated)
     GET /api/drift         drift summaries, newest window first (paginated)
     GET /healthz           liveness: database reachable, ingest counters
-    /api/models/...        the model registry (see `flowfleet.registry.api`)
+    /api/models/...        the model registry (see `flowfleet.registry.http.api`)
     GET /api/openapi.json  the OpenAPI document of all of the above
 
 Web pages outside the dashboard (login, logout, the models page with its upload
-form) are the `flowfleet.registry.webauth` blueprint. Access control (tokens,
+form) are the `flowfleet.registry.http.webauth` blueprint. Access control (tokens,
 device tokens, web sessions with CSRF, roles, anonymous dashboard reads from
-localhost) is `flowfleet.registry.access.install_auth`. API errors are JSON
+localhost) is `flowfleet.registry.http.access.install_auth`. API errors are JSON
 ``{"error": {"code", "message", "field"}}`` with a matching HTTP status; unknown
 query parameters are refused (400) so a typo never silently turns a
 filtered query into an unfiltered one.
@@ -37,11 +37,9 @@ from werkzeug.exceptions import HTTPException
 from flowfleet.contract import CameraModel, Topics, is_valid_name
 from flowfleet.contract import DriftSummary as DriftPayload
 
-from .access import install_auth
-from .api import bp as api_bp
-from .api import error_response as registry_error_response
-from .api import int_arg, query_args
-from .db import (
+from ..catalog.modelreg import ModelRegistry, RegistryError
+from ..metrics import install_metrics
+from ..store.db import (
     CountBin,
     DeadLetter,
     Device,
@@ -54,9 +52,11 @@ from .db import (
     database_proxy,
     require_bound,
 )
+from .access import install_auth
+from .api import bp as api_bp
+from .api import error_response as registry_error_response
+from .api import int_arg, query_args
 from .groups_api import bp as groups_bp
-from .metrics import install_metrics
-from .modelreg import ModelRegistry, RegistryError
 from .webauth import bp as webauth_bp
 from .webauth import error_page
 

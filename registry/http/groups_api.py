@@ -1,6 +1,6 @@
 """REST API for device groups (a Flask blueprint under ``/api/groups``).
 
-Access control is the API's (`flowfleet.registry.api.install_auth`): reading needs
+Access control is the API's (`flowfleet.registry.http.api.install_auth`): reading needs
 a viewer token, changing a group or deploying to it an operator token.
 """
 
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify
 
-from . import groups
+from ..catalog.modelreg import RegistryError
+from ..fleet import groups
 from .api import (
     _actor,
     _json_body,
@@ -20,7 +21,6 @@ from .api import (
     query_args,
     requires,
 )
-from .modelreg import RegistryError
 
 bp = Blueprint("groups_api", __name__, url_prefix="/api/groups")
 

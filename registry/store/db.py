@@ -3,7 +3,7 @@
 Every model is bound to :data:`database_proxy`, never to a concrete database, so the
 same code runs on SQLite (the embedded default, in WAL mode) and PostgreSQL:
 :func:`open_database` picks the engine from a URL or path, points the proxy at it and
-applies the numbered schema migrations (`flowfleet.registry.migrations`).
+applies the numbered schema migrations (`flowfleet.registry.store.migrations`).
 
 The proxy is process-wide, so a process works with one registry database at a time;
 opening the same database again returns the database object that is already open.
@@ -58,7 +58,7 @@ class Device(BaseModel):
     # device); counts_max is the highest seq received. Sent to the device as its ack.
     # Nullable on purpose: adding a NOT NULL column to SQLite rebuilds the table, and
     # rebuilding `device` inside the migration's transaction would cascade-delete
-    # every row that references it. Read through `flowfleet.registry.ack` (NULL is 0).
+    # every row that references it. Read through `flowfleet.registry.fleet.ack` (NULL is 0).
     counts_acked = pw.BigIntegerField(null=True, default=0)
     counts_max = pw.BigIntegerField(null=True, default=0)
 
@@ -587,7 +587,7 @@ def open_database(
             ``$FLOWFLEET_DATABASE_URL``.
         create: apply pending schema migrations (creating the tables of a new database).
         backup: copy a SQLite file that has tables before migrating it (see
-            `flowfleet.registry.migrations.migrate`).
+            `flowfleet.registry.store.migrations.migrate`).
 
     Opening the database that is already open returns the same object, so the ingest
     worker and the web app share it.
@@ -640,7 +640,7 @@ def require_bound(db: pw.Database) -> None:
     if database_proxy.obj is not db:
         raise RuntimeError(
             "the registry models are bound to a different database; "
-            "open this one with flowfleet.registry.db.open_database()"
+            "open this one with flowfleet.registry.store.db.open_database()"
         )
 
 

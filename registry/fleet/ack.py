@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import peewee as pw
 
-from .db import DEAD_LETTER_MAX_BYTES, CountBin, CountGap, DeadLetter, Device
+from ..store.db import DEAD_LETTER_MAX_BYTES, CountBin, CountGap, DeadLetter, Device
 
 # Seqs read per query while walking forward over bins already in custody.
 _WALK_CHUNK = 5000

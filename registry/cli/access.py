@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from flowfleet.cliutil import EXIT_USAGE, CliError
 
-from .cli_common import _actor, _open, run_in_db
+from .common import _actor, _open, run_in_db
 
 DAY = 86400.0
 
@@ -69,7 +69,7 @@ def add_access_actions(actions, shared_options: Callable[[argparse.ArgumentParse
 
 
 def cmd_users_add(args: argparse.Namespace) -> int:
-    from flowfleet.registry import auth
+    from flowfleet.registry.http import auth
 
     run_in_db(args, lambda db: auth.create_user(args.name, args.role, actor=_actor()), atomic=True)
     print(
@@ -80,7 +80,7 @@ def cmd_users_add(args: argparse.Namespace) -> int:
 
 
 def cmd_users_role(args: argparse.Namespace) -> int:
-    from flowfleet.registry import auth
+    from flowfleet.registry.http import auth
 
     run_in_db(
         args, lambda db: auth.set_user_role(args.name, args.role, actor=_actor()), atomic=True
@@ -90,7 +90,7 @@ def cmd_users_role(args: argparse.Namespace) -> int:
 
 
 def cmd_users_disable(args: argparse.Namespace) -> int:
-    from flowfleet.registry import auth
+    from flowfleet.registry.http import auth
 
     run_in_db(args, lambda db: auth.disable_user(args.name, actor=_actor()), atomic=True)
     print(f"user {args.name} disabled")
@@ -98,7 +98,7 @@ def cmd_users_disable(args: argparse.Namespace) -> int:
 
 
 def cmd_users_list(args: argparse.Namespace) -> int:
-    from flowfleet.registry import auth
+    from flowfleet.registry.http import auth
 
     db, _ = _open(args)
     with db.connection_context():
@@ -122,7 +122,7 @@ def _read_new_password() -> str:
 
 
 def cmd_users_passwd(args: argparse.Namespace) -> int:
-    from flowfleet.registry import websession
+    from flowfleet.registry.http import websession
 
     password = _read_new_password()
     run_in_db(
@@ -133,7 +133,7 @@ def cmd_users_passwd(args: argparse.Namespace) -> int:
 
 
 def cmd_tokens_create(args: argparse.Namespace) -> int:
-    from flowfleet.registry import auth
+    from flowfleet.registry.http import auth
 
     ttl = args.ttl_days * DAY if args.ttl_days is not None else None
     secret, row = run_in_db(
@@ -155,7 +155,7 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
 
 
 def cmd_tokens_revoke(args: argparse.Namespace) -> int:
-    from flowfleet.registry import auth
+    from flowfleet.registry.http import auth
 
     run_in_db(args, lambda db: auth.revoke_token(args.id, actor=_actor()), atomic=True)
     print(f"token {args.id} revoked")
@@ -163,7 +163,7 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_tokens_list(args: argparse.Namespace) -> int:
-    from flowfleet.registry import auth
+    from flowfleet.registry.http import auth
 
     db, _ = _open(args)
     with db.connection_context():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from .cli_common import _actor, _print_json, run_in_db
+from .common import _actor, _print_json, run_in_db
 
 
 def add_group_actions(actions, shared_options: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -36,7 +36,7 @@ def add_group_actions(actions, shared_options: Callable[[argparse.ArgumentParser
 
 
 def cmd_groups_list(args: argparse.Namespace) -> int:
-    from . import groups  # registry dependencies load only when a groups action runs
+    from ..fleet import groups  # registry dependencies load only when a groups action runs
 
     rows = run_in_db(args, lambda db: groups.list_groups())
     if args.json:
@@ -50,14 +50,14 @@ def cmd_groups_list(args: argparse.Namespace) -> int:
 
 
 def cmd_groups_show(args: argparse.Namespace) -> int:
-    from . import groups
+    from ..fleet import groups
 
     _print_json(run_in_db(args, lambda db: groups.get_group(args.name)))
     return 0
 
 
 def cmd_groups_set(args: argparse.Namespace) -> int:
-    from . import groups
+    from ..fleet import groups
 
     # Not atomic here: set_group takes its own group lock (BEGIN IMMEDIATE on SQLite).
     group, created = run_in_db(
@@ -72,7 +72,7 @@ def cmd_groups_set(args: argparse.Namespace) -> int:
 
 
 def cmd_groups_delete(args: argparse.Namespace) -> int:
-    from . import groups
+    from ..fleet import groups
 
     run_in_db(
         args, lambda db: groups.delete_group(db, args.name, actor=_actor(), reason=args.reason)

@@ -1,4 +1,4 @@
-"""OpenAPI paths of the device-group API (`flowfleet.registry.groups_api`)."""
+"""OpenAPI paths of the device-group API (`flowfleet.registry.http.groups_api`)."""
 
 from __future__ import annotations
 

@@ -115,7 +115,7 @@ def _m7_end_to_end_ack(db: pw.Database) -> None:
     cb = regdb.CountBin
     for device, top in cb.select(cb.device, pw.fn.MAX(cb.seq)).group_by(cb.device).tuples():
         regdb.Device.update(counts_max=top).where(regdb.Device.id == device).execute()
-    from .ack import advance_counts_ack
+    from ..fleet.ack import advance_counts_ack
 
     for (device,) in regdb.Device.select(regdb.Device.id).tuples():
         advance_counts_ack(device)

@@ -7,7 +7,7 @@ role no higher than its user's; it stops working when it expires, is revoked, or
 user is disabled. Every change here is written to the audit trail.
 
 A *device token* (``create_token(..., device="cam-1")``) acts for one device only: it
-never passes a role check, and `flowfleet.registry.api` lets it download just the
+never passes a role check, and `flowfleet.registry.http.api` lets it download just the
 artifacts currently deployed to that device and read the public keys and that
 device's deployments. Its ``role`` column holds ``viewer`` (the lowest) only because
 the column is required; `Principal.allows` ignores it.
@@ -16,13 +16,13 @@ the column is required; `Principal.allows` ignores it.
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 from dataclasses import dataclass
 
 from flowfleet.contract import is_valid_name
 
-from .db import ApiToken, AuditEntry, User, WebSession, now
+from ..store.audit import audit
+from ..store.db import ApiToken, User, WebSession, now
 
 ROLES = ("viewer", "operator", "admin")
 TOKEN_PREFIX = "ffr_"
@@ -61,18 +61,6 @@ class Principal:
 def hash_token(token: str) -> str:
     """The sha256 (hex) stored for a token or session cookie."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def audit(actor: str, action: str, target: str, reason: str = "", **details) -> AuditEntry:
-    """Write one audit entry."""
-    return AuditEntry.create(
-        ts=now(),
-        actor=actor,
-        action=action,
-        target=target,
-        reason=reason or "",
-        details=json.dumps(details, sort_keys=True, default=str),
-    )
 
 
 def _role(role: str) -> str:

@@ -4,7 +4,7 @@ Every request is authorised in `install_auth`'s ``before_request`` hook, by endp
 
 * public (no token): ``/healthz``, ``/api/openapi.json``, ``/api/keys`` (public keys),
   and the web login and logout (``/login``, ``/logout``: they check their own CSRF
-  tokens, see `flowfleet.registry.webauth`);
+  tokens, see `flowfleet.registry.http.webauth`);
 * the dashboard (``/``, ``/api/totals``, ``/api/devices``, ``/api/dead-letters``,
   ``/api/events``, ``/api/drift``):
   a viewer token, or no token at all when the ``anonymous_read`` policy allows it
@@ -15,7 +15,7 @@ Every request is authorised in `install_auth`'s ``before_request`` hook, by endp
 
 Who is asking:
 
-* ``Authorization: Bearer <token>`` (an API token, see `flowfleet.registry.auth`);
+* ``Authorization: Bearer <token>`` (an API token, see `flowfleet.registry.http.auth`);
   a missing or invalid token is a 401 (with ``WWW-Authenticate: Bearer``); a valid
   token with too low a role is a 403.
 * A *device token* (bound to one device) passes no role check. It may only download
@@ -36,9 +36,9 @@ from collections.abc import Callable
 
 from flask import Flask, Response, g, request
 
+from ..catalog.modelreg import RegistryError
 from . import websession
 from .auth import ROLES, Principal, authenticate
-from .modelreg import RegistryError
 
 ANONYMOUS_READ = ("local", "none", "all")
 PUBLIC_ENDPOINTS = {

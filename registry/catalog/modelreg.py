@@ -24,10 +24,14 @@ import peewee as pw
 from flowfleet import signing
 from flowfleet.contract import is_valid_name
 
-from . import metrics
-from .artifacts import LocalStore, S3Store, open_store
-from .auth import audit
-from .db import (
+from .. import metrics
+from ..errors import (  # re-exported: the registry's public error API
+    RegistryError,
+    check_name,
+)
+from ..fleet.deployments import DeploymentsMixin
+from ..store.audit import audit
+from ..store.db import (
     Alias,
     AuditEntry,
     Deployment,
@@ -37,11 +41,7 @@ from .db import (
     is_postgres_url,
     now,
 )
-from .deployments import DeploymentsMixin
-from .errors import (  # re-exported: the registry's public error API
-    RegistryError,
-    check_name,
-)
+from .artifacts import LocalStore, S3Store, open_store
 from .formats import FormatError, inspect_model
 from .keys import DEFAULT_OVERLAP_S, KeyRing
 
@@ -140,7 +140,7 @@ class RegistryConfig:
         if is_postgres_url(database):
             base = Path("flowfleet-registry-data")
         else:
-            from .db import sqlite_path
+            from ..store.db import sqlite_path
 
             p = sqlite_path(database)
             base = p.with_name(f"{p.stem}-data")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import peewee as pw
 
-from .db import CountBin
+from ..store.db import CountBin
 
 # A device may run ahead of the registry by this many bins: a million one-minute bins
 # is almost two years offline, far beyond what an outbox keeps.

@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives.serialization import (
 
 from flowfleet import signing
 
-from .db import ModelVersion, Signature, SigningKey, database_proxy, now
-from .locks import exclusive
+from ..store.db import ModelVersion, Signature, SigningKey, database_proxy, now
+from ..store.locks import exclusive
 
 log = logging.getLogger(__name__)
 

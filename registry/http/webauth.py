@@ -9,7 +9,7 @@ Routes:
 
 The login form is protected against cross-site posts by a double-submit cookie
 (`websession.LOGIN_CSRF_COOKIE` must equal the form's ``csrf_token``); every other
-form carries the session's own CSRF token, which `flowfleet.registry.access` checks
+form carries the session's own CSRF token, which `flowfleet.registry.http.access` checks
 before the view runs (logout checks it itself: it is reachable without a session).
 Cookies are HttpOnly, SameSite=Lax, path ``/`` and Secure when the request came over
 HTTPS (behind a TLS-terminating proxy, let the app see the scheme, for example with
@@ -24,11 +24,12 @@ import secrets
 from flask import Blueprint, Response, current_app, g, redirect, render_template, request, url_for
 from markupsafe import escape
 
+from ..catalog.modelreg import MAX_PAGE, ModelRegistry, RegistryError, check_filename, check_name
+from ..errors import comma_list
+from ..store.audit import audit
 from . import websession
 from .access import CSRF_FIELD, presented_csrf_token, requires
-from .auth import ROLES, Principal, audit
-from .errors import comma_list
-from .modelreg import MAX_PAGE, ModelRegistry, RegistryError, check_filename, check_name
+from .auth import ROLES, Principal
 
 bp = Blueprint("webauth", __name__)
 

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 
 from flowfleet.contract import Desired, ModelRef, Topics
 
-from . import metrics
-from .auth import audit
-from .db import Deployment, DesiredCounter, ModelVersion, Signature, now
-from .errors import Publisher, RegistryError, artifact_path, check_name
-from .locks import exclusive
+from .. import metrics
+from ..errors import Publisher, RegistryError, artifact_path, check_name
+from ..store.audit import audit
+from ..store.db import Deployment, DesiredCounter, ModelVersion, Signature, now
+from ..store.locks import exclusive
 
 if TYPE_CHECKING:
     import peewee as pw

@@ -47,8 +47,8 @@ import peewee as pw
 
 from flowfleet.contract import Topics
 
-from . import groups
-from .errors import Publisher, RegistryError, check_name
+from ..errors import Publisher, RegistryError, check_name
+from ..fleet import groups
 from .modelreg import ModelRegistry
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ matters because the MQTT client acknowledges a QoS 1 message as soon as the hand
 returns; whatever is not committed by then is gone.
 
 Every count bin taken into custody (stored, dead-lettered whole) advances the
-device's end-to-end acknowledgement in the same transaction (`flowfleet.registry.ack`);
+device's end-to-end acknowledgement in the same transaction (`flowfleet.registry.fleet.ack`);
 `IngestWorker` publishes it, retained, after the commit.
 
 `IngestWorker` wires an `Ingestor` to a persistent MQTT session, so the broker keeps
@@ -45,10 +45,8 @@ from flowfleet.contract import Reported as ReportedPayload
 from flowfleet.contract import Status as StatusPayload
 from flowfleet.mqtt import BrokerAddress, MqttConnection, NotAcknowledged
 
-from . import metrics
-from .ack import ack_state, note_count_seq, note_gap
-from .bounds import check_seq_jump
-from .db import (
+from .. import metrics
+from ..store.db import (
     DEAD_LETTER_MAX_BYTES,
     CountBin,
     DeadLetter,
@@ -63,6 +61,8 @@ from .db import (
     open_database,
     require_bound,
 )
+from .ack import ack_state, note_count_seq, note_gap
+from .bounds import check_seq_jump
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Dead letters for operators: list them, look at one, and replay them after a fix.
 
 A dead letter is a message the registry refused, kept with the reason (see
-`flowfleet.registry.ingest`). Once the cause is fixed (a registry bug, a schema the
+`flowfleet.registry.fleet.ingest`). Once the cause is fixed (a registry bug, a schema the
 registry did not know yet, a device sending a bad field that an upgrade accepts),
 `replay` ingests the kept messages again as if they had just arrived at their
 original receive time. A replay never writes new dead letters: each letter records
@@ -17,7 +17,7 @@ import peewee as pw
 
 from flowfleet.contract import Topics
 
-from .db import DeadLetter, now
+from ..store.db import DeadLetter, now
 from .ingest import DEAD_LETTER, DEFERRED, DUPLICATE, STORED, Ingestor
 
 RESOLVED = (STORED, DUPLICATE)

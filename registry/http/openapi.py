@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document served at ``/api/openapi.json``.
 
-Kept next to the routes it describes (`flowfleet.registry.api`, `flowfleet.registry.web`);
+Kept next to the routes it describes (`flowfleet.registry.http.api`, `flowfleet.registry.http.web`);
 tests check that every route of the app is documented and that responses validate
 against the schemas here.
 """

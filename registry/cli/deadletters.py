@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 
 from flowfleet.cliutil import EXIT_USAGE, CliError
 
-from .cli_common import _actor, _print_json, run_in_db
+from .common import _actor, _print_json, run_in_db
 
 
 def add_dead_letter_actions(
@@ -54,7 +54,7 @@ def _when(ts: float) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from . import deadletters
+    from ..fleet import deadletters
 
     if args.limit < 1:
         raise CliError("--limit must be at least 1", EXIT_USAGE)
@@ -82,7 +82,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from . import deadletters
+    from ..fleet import deadletters
 
     def one(db):
         try:
@@ -97,8 +97,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from flowfleet.contract import Topics
 
-    from . import deadletters
-    from .auth import audit
+    from ..fleet import deadletters
+    from ..store.audit import audit
 
     chosen = sum(bool(x) for x in (args.ids, args.device, args.all))
     if chosen != 1:

@@ -16,7 +16,8 @@ DEFAULT_DB = "flowfleet-registry.sqlite"
 
 def _imports():
     try:
-        from flowfleet.registry import db, modelreg
+        from flowfleet.registry.catalog import modelreg
+        from flowfleet.registry.store import db
     except ImportError as exc:
         raise CliError(
             f"the registry needs its extras: pip install 'flowfleet[registry]' ({exc})"
@@ -73,9 +74,9 @@ def _actor() -> str:
 
 def _run(func):
     """Run ``func`` and turn registry/auth errors into one-line CLI errors."""
-    from flowfleet.registry.auth import AuthError
-    from flowfleet.registry.keys import SigningKeyError
-    from flowfleet.registry.modelreg import RegistryError
+    from flowfleet.registry.catalog.keys import SigningKeyError
+    from flowfleet.registry.catalog.modelreg import RegistryError
+    from flowfleet.registry.http.auth import AuthError
 
     try:
         return func()

@@ -9,7 +9,7 @@ bits) and the database only its sha256, so a copy of the database opens no sessi
 A session ends on logout, after `IDLE_TIMEOUT_S` without a request, `MAX_AGE_S`
 after login whatever happens, when its user is disabled, or when the user's password
 is changed. Each session has its own CSRF token that every state-changing request
-authenticated by the cookie must carry (see `flowfleet.registry.api`).
+authenticated by the cookie must carry (see `flowfleet.registry.http.api`).
 
 Failed logins are rows in ``login_failure`` (shared by every registry worker): after
 `MAX_USER_FAILURES` failures for one user name or `MAX_REMOTE_FAILURES` from one
@@ -28,8 +28,9 @@ import math
 import secrets
 from dataclasses import dataclass
 
-from .auth import AuthError, Principal, audit, get_user, hash_token
-from .db import LoginFailure, User, WebSession, now
+from ..store.audit import audit
+from ..store.db import LoginFailure, User, WebSession, now
+from .auth import AuthError, Principal, get_user, hash_token
 
 SESSION_COOKIE = "ffr_session"
 LOGIN_CSRF_COOKIE = "ffr_login_csrf"

@@ -14,11 +14,11 @@ from collections.abc import Iterable
 
 import peewee as pw
 
-from .auth import audit
-from .db import DeviceGroup, DeviceGroupMember, now
-from .errors import Publisher, RegistryError, check_name
-from .locks import exclusive
-from .modelreg import ModelRegistry
+from ..catalog.modelreg import ModelRegistry
+from ..errors import Publisher, RegistryError, check_name
+from ..store.audit import audit
+from ..store.db import DeviceGroup, DeviceGroupMember, now
+from ..store.locks import exclusive
 
 MAX_MEMBERS = 10_000
 

@@ -1,7 +1,7 @@
 """REST API of the model registry (a Flask blueprint).
 
 Access control (tokens, device tokens, web sessions with CSRF, roles, anonymous
-dashboard reads) is `flowfleet.registry.access`; views declare the least role they
+dashboard reads) is `flowfleet.registry.http.access`; views declare the least role they
 need with `requires`.
 """
 
@@ -14,11 +14,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 
-from .access import install_auth, requires  # noqa: F401  (install_auth: re-exported)
-from .auth import Principal
-from .db import Deployment
-from .errors import comma_list
-from .modelreg import (
+from ..catalog.modelreg import (
     DEFAULT_PAGE,
     MAX_PAGE,
     ModelRegistry,
@@ -26,6 +22,10 @@ from .modelreg import (
     check_name,
     check_target,
 )
+from ..errors import comma_list
+from ..store.db import Deployment
+from .access import install_auth, requires  # noqa: F401  (install_auth: re-exported)
+from .auth import Principal
 from .openapi import openapi_document
 
 MAX_VERSION = 2**31 - 1
@@ -210,7 +210,7 @@ def upload_version(name: str):
     for key in request.files:
         if key not in ("file", "labels"):
             raise RegistryError(400, "unknown_field", f"unknown file part {key!r}", key)
-    from .modelreg import check_filename
+    from ..catalog.modelreg import check_filename
 
     filename = check_filename(upload.filename)
     labels = None

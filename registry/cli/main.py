@@ -18,10 +18,10 @@ from pathlib import Path
 
 from flowfleet.cliutil import EXIT_USAGE, CliError, setup_logging, stop_on_signals
 
-from .cli_access import add_access_actions
-from .cli_common import DEFAULT_DB, _actor, _config, _db_url, _open, _print_json, _run
-from .cli_deadletters import add_dead_letter_actions
-from .cli_groups import add_group_actions
+from .access import add_access_actions
+from .common import DEFAULT_DB, _actor, _config, _db_url, _open, _print_json, _run
+from .deadletters import add_dead_letter_actions
+from .groups import add_group_actions
 
 DAY = 86400.0
 
@@ -202,7 +202,7 @@ def cmd_models_add(args: argparse.Namespace) -> int:
         raise CliError(f"{args.file}: no such file", EXIT_USAGE)
     labels = None
     if args.labels is not None:
-        from flowfleet.registry.formats import FormatError, read_labels
+        from flowfleet.registry.catalog.formats import FormatError, read_labels
 
         try:
             labels = read_labels(args.labels)
@@ -362,7 +362,7 @@ def cmd_keys_export(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    from flowfleet.registry.db import SigningKey
+    from flowfleet.registry.store.db import SigningKey
 
     db, _ = _open(args)
     with db.connection_context():
