@@ -8,6 +8,9 @@ certificate, optionally requiring client certificates whose CN becomes the MQTT
 username), a password file (`write_password_file`, Mosquitto 2's PBKDF2-SHA512
 format) and an ACL file (`render_acl`) that lets each device publish only under
 ``{root}/devices/<its username>/`` and read only ``{root}/commands/<its username>/``.
+Every listener of a secured broker binds the client id to the authenticated identity
+(``use_username_as_clientid``). Without `BrokerSecurity` the broker is anonymous and
+has no identities: for the local demo and tests only (docs/security.md).
 """
 
 from __future__ import annotations
@@ -107,14 +110,22 @@ class BrokerSecurity:
     require_certificate: bool = False
     use_identity_as_username: bool = False
     plain: bool = True
+    bind_client_id: bool = True
 
     def render(self, host: str, plain_port: int) -> list[str]:
+        # use_username_as_clientid (a per-listener option): the broker replaces the
+        # client id a client sends with its authenticated username (on the mTLS
+        # listener with use_identity_as_username: the certificate's CN), so a session
+        # belongs to an identity and no one can resume or discard another's session,
+        # the registry's queue included, by sending its client id.
+        bind = ["use_username_as_clientid true"] if self.bind_client_id else []
         lines = []
         if self.plain:
-            lines.append(f"listener {plain_port} {host}")
+            lines += [f"listener {plain_port} {host}", *bind]
         if self.tls_port:
             lines += [
                 f"listener {self.tls_port} {host}",
+                *bind,
                 f"cafile {self.cafile}",
                 f"certfile {self.certfile}",
                 f"keyfile {self.keyfile}",
@@ -146,6 +157,8 @@ class BrokerConfig:
 
     def render(self) -> str:
         if self.security is None:
+            # No identities at all (the demo and most tests): any local client may
+            # publish as any device and resume any session. Local use only.
             listeners = [f"listener {self.port} {self.host}", "allow_anonymous true"]
         else:
             listeners = self.security.render(self.host, self.port)
