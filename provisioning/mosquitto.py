@@ -170,6 +170,16 @@ class BrokerConfig:
     # Mosquitto's default of 1000 queued QoS 1 messages per client silently drops
     # messages for a slow subscriber; the registry must never lose counts that way.
     max_queued_messages: int = 100_000
+    # When the in-memory state is written to disk: with `autosave_on_changes` once
+    # `autosave_interval` changes accumulated (a message queued for an offline client,
+    # a PUBACK from a subscriber, a subscription, a retained message), else every
+    # `autosave_interval` seconds. The default saves after every change, so what the
+    # broker acknowledged is on disk by the end of the loop pass that acknowledged it
+    # (time-based: up to two seconds later). Each save rewrites and fsyncs the whole
+    # file, so the cost grows with the queue (benchmarks/bench_broker_persistence.py;
+    # docs/operations.md, "What the generated broker settings buy").
+    autosave_on_changes: bool = True
+    autosave_interval: int = 1
     security: BrokerSecurity | None = None
 
     def render(self) -> str:
@@ -188,7 +198,8 @@ class BrokerConfig:
             *(["user root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []),
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.data_dir}/",
-            "autosave_interval 1",
+            f"autosave_on_changes {'true' if self.autosave_on_changes else 'false'}",
+            f"autosave_interval {self.autosave_interval}",
             f"max_queued_messages {self.max_queued_messages}",
             "max_inflight_messages 100",
             "log_dest stdout",
@@ -208,13 +219,16 @@ class Broker:
         port: int | None = None,
         host: str = "127.0.0.1",
         security: BrokerSecurity | None = None,
+        **settings,
     ):
+        """``settings``: further `BrokerConfig` fields (for example the autosave ones)."""
         self.data_dir = Path(data_dir)
         self.config = BrokerConfig(
             port=port or free_port(host),
             host=host,
             data_dir=self.data_dir.resolve(),
             security=security,
+            **settings,
         )
         self.proc: subprocess.Popen | None = None
 
