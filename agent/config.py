@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from flowfleet.contract import DEFAULT_ROOT, NAME_PATTERN, check_name
+from flowfleet.identity import check_device_id
 
 from .counting import StationarySpec
 from .speed import SpeedSpec
@@ -113,6 +114,12 @@ class BrokerConfig(_Strict):
     keepalive_s: int = Field(30, ge=5, le=3600)
     reconnect_min_s: float = Field(1.0, gt=0, le=60)
     reconnect_max_s: float = Field(30.0, gt=0, le=3600)
+
+    @field_validator("username")
+    @classmethod
+    def _username(cls, v):
+        # The broker makes it the ACL's %u and the client id: a device's identity.
+        return None if v is None else check_device_id(v, "username")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -238,6 +245,11 @@ class AgentConfig(_Strict):
     metrics: MetricsConfig = MetricsConfig()
     registry: RegistryConfig = RegistryConfig()
     cameras: tuple[CameraConfig, ...] = Field(min_length=1)
+
+    @field_validator("device_id")
+    @classmethod
+    def _not_reserved(cls, v):
+        return check_device_id(v, "device id")
 
     @field_validator("cameras")
     @classmethod

@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from flowfleet.identity import check_device_id, check_registry_identity
+
 
 @dataclass(frozen=True)
 class Issued:
@@ -92,10 +94,21 @@ def issue(
     folder: str | Path,
     *,
     server: bool = False,
+    registry: bool = False,
     hosts: tuple[str, ...] = (),
     days: int = 825,
 ) -> Issued:
-    """Sign a server (``server=True``, SANs from ``hosts``) or client certificate."""
+    """Sign a server (``server=True``, SANs from ``hosts``) or client certificate.
+
+    A client certificate's CN is an identity on the broker (the MQTT username with
+    ``use_identity_as_username``) and names its files, so it must be a contract
+    name. It is a device id unless ``registry=True``: a device certificate under one
+    of the registry's reserved names (``registry``, ``registry-<n>``) is refused, and
+    ``registry=True`` requires one. Raises ValueError (ContractError).
+    """
+    if not server:
+        check = check_registry_identity if registry else check_device_id
+        check(common_name, "registry certificate CN" if registry else "device certificate CN")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
