@@ -165,6 +165,14 @@ class AgentService:
             self.outbox.depth(),
             self.outbox.last_seq("counts") + 1,
         )
+        b = self.config.broker
+        if b.username and b.username != self.device:
+            log.warning(
+                "broker.username %r differs from device_id %r: a broker with flowfleet's "
+                "generated ACL lets a device publish only under its own username",
+                b.username,
+                self.device,
+            )
         if self.config.metrics.port:
             from .metrics import MetricsServer
 

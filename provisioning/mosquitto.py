@@ -173,12 +173,16 @@ class BrokerConfig:
     # When the in-memory state is written to disk: with `autosave_on_changes` once
     # `autosave_interval` changes accumulated (a message queued for an offline client,
     # a PUBACK from a subscriber, a subscription, a retained message), else every
-    # `autosave_interval` seconds. The default saves after every change, so what the
-    # broker acknowledged is on disk by the end of the loop pass that acknowledged it
-    # (time-based: up to two seconds later). Each save rewrites and fsyncs the whole
-    # file, so the cost grows with the queue (benchmarks/bench_broker_persistence.py;
-    # docs/operations.md, "What the generated broker settings buy").
-    autosave_on_changes: bool = True
+    # `autosave_interval` seconds. Mosquitto 2.0 rewrites and fsyncs its whole file on
+    # every save, so saving on every change costs a write of the whole queue per
+    # message: quadratic in a registry outage's backlog (10,000 queued: 31.6 GB
+    # written, 97 s to process the registry's catch-up; benchmarks/
+    # bench_broker_persistence.py). The default saves every second, and count bins do
+    # not depend on it: the agent keeps each until the registry confirms it (end-to-end
+    # acknowledgement). `autosave_on_changes=True` also keeps what a crash would lose
+    # of the last second's health beats, events and drift summaries, for fleets whose
+    # outages queue little (docs/operations.md, "What the generated broker settings buy").
+    autosave_on_changes: bool = False
     autosave_interval: int = 1
     security: BrokerSecurity | None = None
 
