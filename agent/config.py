@@ -13,30 +13,25 @@ those into the same typed values.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from flowfleet.configfile import ConfigError, Strict, read_toml
+from flowfleet.configfile import describe as _describe
+from flowfleet.configfile import read_secret as _read_secret
 from flowfleet.contract import DEFAULT_ROOT, NAME_PATTERN, check_name
 from flowfleet.identity import check_device_id
 
 from .counting import StationarySpec
 from .speed import SpeedSpec
 from .tracker import TrackerSpec
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 on Jetson images
-    import tomli as tomllib
 
 DEFAULT_CONFIG = Path("/etc/flowfleet/agent.toml")
 MIN_LATENCY_FRAMES = 5  # fewest probation frames whose median may roll a model back
@@ -45,12 +40,7 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 Point = tuple[float, float]
 
 
-class ConfigError(ValueError):
-    """Invalid configuration; the message names the file and the key."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Strict = Strict
 
 
 class LineSpec(_Strict):
@@ -261,28 +251,10 @@ class AgentConfig(_Strict):
         return v
 
 
-def _describe(exc: ValidationError, source: str) -> str:
-    """All problems on one line, unknown keys first: 'file: key: problem; key: ...'."""
-    problems = []
-    for err in sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden"):
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        msg = msg.removeprefix("Value error, ")
-        problems.append(f"{where}: {msg}")
-    return f"{source}: " + "; ".join(problems)
-
-
 def load_agent_config(path: str | Path) -> AgentConfig:
     """Read and validate an agent TOML file; relative paths resolve against its folder."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data = read_toml(path)
     try:
         config = AgentConfig.model_validate(data)
     except ValidationError as exc:
@@ -364,22 +336,6 @@ def check_key_bundle(path: str) -> str | None:
     for entry in keys:
         if not isinstance(entry, dict) or not {"key_id", "public_key"} <= entry.keys():
             return f"a key entry lacks key_id or public_key: {path}"
-    return None
-
-
-def _read_secret(key: str, path: str | None, env: str | None, *, strip_env: bool) -> str | None:
-    """A secret from ``<key>_file`` (stripped) or the variable named by ``<key>_env``;
-    errors name the config key, never the value."""
-    if path:
-        try:
-            return Path(path).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"{key}_file: cannot read: {exc.strerror}") from None
-    if env:
-        value = os.environ.get(env)
-        if value is None:
-            raise ConfigError(f"{key}_env: environment variable {env} is not set")
-        return value.strip() if strip_env else value
     return None
 
 
