@@ -12,7 +12,7 @@ Prints a table and writes JSON (default benchmarks/results/registry.json).
    ``GET /api/models/m/versions?limit=100``, ``GET /api/models/m/versions/500``.
    p95 of 200 each.
 3. Artifact download throughput of a 64 MiB artifact through the registry's own
-   HTTP server (werkzeug, threaded, as `run_registry` serves it) compared with
+   HTTP server (waitress, as `run_registry` serves it) compared with
    Python's ``http.server`` serving the same file, alternating; the median of 9
    per-round ratios.
 """
@@ -31,15 +31,13 @@ import urllib.request
 from functools import partial
 from pathlib import Path
 
-from werkzeug.serving import make_server
-
 from flowfleet.data import models_dir
 from flowfleet.registry.catalog.artifacts import LocalStore
 from flowfleet.registry.catalog.keys import KeyRing
 from flowfleet.registry.catalog.modelreg import MIB, ModelRegistry
 from flowfleet.registry.http import auth
+from flowfleet.registry.http.server import HttpServer
 from flowfleet.registry.http.web import create_app
-from flowfleet.registry.service import _QuietRequestHandler
 from flowfleet.registry.store import db as regdb
 
 SAMPLE = "yolov8n_full_integer_quant.tflite"
@@ -134,13 +132,13 @@ def bench_download(reg: ModelRegistry, app, headers, work: Path, rounds: int = 9
     static_dir = work / "static"
     static_dir.mkdir()
     os.link(reg.store.path(v.sha256), static_dir / "big.tflite")
-    ours = make_server("127.0.0.1", 0, app, threaded=True, request_handler=_QuietRequestHandler)
+    ours = HttpServer(app, "127.0.0.1", 0)
     plain = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), partial(_Quiet, directory=str(static_dir))
     )
     _serve(ours), _serve(plain)
     try:
-        url_ours = f"http://127.0.0.1:{ours.server_port}/api/models/big/versions/1/artifact"
+        url_ours = f"http://127.0.0.1:{ours.port}/api/models/big/versions/1/artifact"
         url_plain = f"http://127.0.0.1:{plain.server_port}/big.tflite"
         a, b = [], []
         for _ in range(rounds):

@@ -55,6 +55,12 @@ class BrokerAddress:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
+# CONNACK reason codes that mean "these credentials are not accepted" (MQTT 5):
+# 134 Bad user name or password, 135 Not authorized, 138 Banned, 140 Bad
+# authentication method. Retrying does not help until someone changes them.
+AUTH_REFUSALS = frozenset({134, 135, 138, 140})
+
+
 def backoff_delay(attempt: int, min_delay: float, max_delay: float, rng=random) -> float:
     """Seconds to wait before reconnect ``attempt`` (1, 2, ...): "equal jitter".
 
@@ -73,6 +79,16 @@ class _JitterClient(mqtt.Client):
     """
 
     attempt = 0
+    last_error: OSError | None = None  # why the latest connection attempt failed
+
+    def reconnect(self):
+        # paho reports a failed attempt (DNS, refused, TLS handshake) only as "connect
+        # failed"; keep the exception so the log can say why.
+        try:
+            return super().reconnect()
+        except OSError as exc:
+            self.last_error = exc
+            raise
 
     def _reconnect_wait(self) -> None:
         self.attempt += 1
@@ -112,6 +128,10 @@ class MqttConnection:
             publish the broker refused (an MQTT 5 PUBACK reason code >= 0x80, such as
             135 "Not authorized" when the ACL forbids the topic).
         on_connect / on_disconnect: called on paho's thread after state changes.
+        on_connect_refused: called on paho's thread with the broker's reason (text)
+            and reason code when it refuses the session (a CONNACK failure, such as
+            135 "Not authorized" for wrong credentials); the owner then reports it
+            and this class logs it at debug level only.
     """
 
     def __init__(
@@ -127,6 +147,7 @@ class MqttConnection:
         on_refused: Callable[[int, str], None] | None = None,
         on_connect: Callable[[], None] | None = None,
         on_disconnect: Callable[[str], None] | None = None,
+        on_connect_refused: Callable[[str, int], None] | None = None,
         max_inflight: int = 20,
         reconnect_min_s: float = 1.0,
         reconnect_max_s: float = 30.0,
@@ -140,6 +161,7 @@ class MqttConnection:
         self.on_refused = on_refused
         self._on_connect_cb = on_connect
         self._on_disconnect_cb = on_disconnect
+        self._on_connect_refused_cb = on_connect_refused
         self._handlers: list[tuple[str, int, MessageHandler]] = []
         self.connected = threading.Event()
         self._stopping = False
@@ -241,7 +263,13 @@ class MqttConnection:
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.warning("broker %s refused the connection: %s", self.address, reason_code)
+            self._failures += 1
+            if self._on_connect_refused_cb is not None:
+                log.debug("broker %s refused the connection: %s", self.address, reason_code)
+                self._on_connect_refused_cb(str(reason_code), reason_code.value)
+            else:  # the first refusal of an outage, then every 20th
+                level = logging.WARNING if self._failures % 20 == 1 else logging.DEBUG
+                log.log(level, "broker %s refused the connection: %s", self.address, reason_code)
             return
         for topic_filter, qos, _ in self._handlers:
             client.subscribe(topic_filter, qos=qos)
@@ -257,7 +285,11 @@ class MqttConnection:
         # Warn on the first failure of an outage and then every 20th, not every try.
         self._failures += 1
         level = logging.WARNING if self._failures % 20 == 1 else logging.DEBUG
-        log.log(level, "cannot reach %s (attempt %d); retrying", self.address, self._failures)
+        error = self._client.last_error
+        why = f": {error}" if error is not None else ""
+        log.log(
+            level, "cannot reach %s%s (attempt %d); retrying", self.address, why, self._failures
+        )
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was = self.connected.is_set()

@@ -21,6 +21,11 @@ def artifact_path(name: str, number: int) -> str:
     return f"/api/models/{name}/versions/{number}/artifact"
 
 
+class BrokerRefused(RuntimeError):
+    """The broker refused the registry's credentials when it first connected; the
+    message names the broker and the identity, never the password."""
+
+
 class RegistryError(Exception):
     """A refused request: HTTP ``status``, ``code``, message and offending ``field``."""
 

@@ -2,7 +2,17 @@
 
 `run_registry` blocks until it is asked to stop (``stop_event``, Ctrl-C or SIGTERM)
 and then shuts both halves down cleanly. Importing this module has no side effects;
-the ``flowfleet registry`` CLI calls `run_registry`.
+the ``flowfleet registry`` CLI calls `run_registry` with the settings of its config
+file (`flowfleet.registry.config`).
+
+The web UI and API are served by waitress (`flowfleet.registry.http.server`).
+
+When the broker refuses the registry's credentials on the first connection, the
+registry stops and `run_registry` raises `BrokerRefused` (the CLI exits 1 with that one
+line): nothing would ever be ingested, and a service manager shows the failure at
+once. When it refuses them later (a password rotated on the broker first), the registry
+logs one error for that outage and keeps retrying with backoff, serving the web UI
+meanwhile.
 """
 
 from __future__ import annotations
@@ -14,15 +24,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from werkzeug.serving import WSGIRequestHandler, make_server
-
 from flowfleet.contract import DEFAULT_ROOT, Topics
-from flowfleet.mqtt import BrokerAddress, MqttConnection
+from flowfleet.mqtt import AUTH_REFUSALS, BrokerAddress, MqttConnection
 
 from .catalog.modelreg import ModelRegistry, RegistryConfig
 from .catalog.watch import WatchFolder
-from .errors import PublishError
+from .errors import BrokerRefused, PublishError
 from .fleet.ingest import IngestWorker
+from .http.server import HttpServer, ProxyTrust
 from .http.web import create_app
 from .store.db import describe
 
@@ -47,12 +56,36 @@ def mqtt_publisher(connection: MqttConnection) -> Callable[..., int]:
 CONNECT_GRACE_S = 10.0
 
 
-class _QuietRequestHandler(WSGIRequestHandler):
-    """Logs only failed requests: the dashboard polls every 2 s and would flood the log."""
+def _identity(broker: BrokerAddress) -> str:
+    """Who the registry is on the broker, for error messages (never the password)."""
+    if broker.username:
+        return f"user {broker.username!r}"
+    if broker.cert_file:
+        return f"client certificate {broker.cert_file}"
+    return "no credentials"
 
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        if str(getattr(code, "value", code)).startswith(("4", "5")):
-            super().log_request(code, size)
+
+class _RefusalWatch:
+    """Tells a refused first connection from a refusal after the registry was in,
+    and reports the latter once per outage (MqttConnection logs the rest at debug)."""
+
+    def __init__(self, broker: BrokerAddress) -> None:
+        self.broker = broker
+        self.connection: MqttConnection | None = None
+        self.first = threading.Event()  # credentials refused before any session
+        self.message = ""
+        self._reported_after = -1  # the session count when the last error was logged
+
+    def refused(self, reason: str, code: int) -> None:  # paho's thread
+        auth = code in AUTH_REFUSALS
+        what = "the registry's credentials" if auth else "the registry's session"
+        self.message = f"broker {self.broker} refused {what} ({_identity(self.broker)}): {reason}"
+        sessions = self.connection.connects if self.connection is not None else 0
+        if sessions == 0 and auth:
+            self.first.set()
+        elif self._reported_after != sessions:
+            self._reported_after = sessions
+            log.error("%s; retrying with backoff", self.message)
 
 
 def _url(host: str, port: int) -> str:
@@ -76,12 +109,15 @@ def run_registry(
     registry_config: RegistryConfig | None = None,
     anonymous_read: str = "local",
     watch_dir: str | Path | None = None,
+    http_threads: int = 8,
+    proxy: ProxyTrust | None = None,
 ) -> None:
     """Ingest device messages from ``broker`` into ``db_path`` and serve the web UI.
 
     Args:
         db_path: SQLite file or ``sqlite:///`` URL; created if missing.
-        broker: the MQTT broker the devices publish to.
+        broker: the MQTT broker the devices publish to, with the registry's
+            credentials (username and password, and/or TLS CA and client certificate).
         http_host, http_port: where the web UI/API listens; port 0 picks a free port.
         topics_root: topic root shared with the agents (``flowfleet/v1``).
         stop_event: set it to stop; without one, runs until Ctrl-C or SIGTERM.
@@ -94,11 +130,23 @@ def run_registry(
         anonymous_read: dashboard reads without a token: "local", "none" or "all".
         watch_dir: a folder whose dropped model files are registered (see
             `flowfleet.registry.catalog.watch`); none by default.
+        http_threads: requests the web server handles at once.
+        proxy: which reverse-proxy headers to believe; none by default.
 
-    Raises OSError if the HTTP port cannot be bound (before anything else starts).
+    Raises OSError if the HTTP port cannot be bound (before anything else starts), and
+    BrokerRefused if the broker refuses the registry's credentials on the first
+    connection (after stopping what it started).
     """
     stop = stop_event if stop_event is not None else threading.Event()
-    worker = IngestWorker(db_path, broker, Topics(topics_root), client_id=client_id)
+    refusals = _RefusalWatch(broker)
+    worker = IngestWorker(
+        db_path,
+        broker,
+        Topics(topics_root),
+        client_id=client_id,
+        on_connect_refused=refusals.refused,
+    )
+    refusals.connection = worker.connection
     models = ModelRegistry.from_config(worker.db, registry_config or RegistryConfig.beside(db_path))
     models.start()  # creates the signing key on first start
     topics = Topics(topics_root)
@@ -113,15 +161,13 @@ def run_registry(
         publish=publish,
         topics=topics,
     )
-    server = make_server(
-        http_host, http_port, app, threaded=True, request_handler=_QuietRequestHandler
-    )
+    server = HttpServer(app, http_host, http_port, threads=http_threads, proxy=proxy)
     watcher = (
         WatchFolder(models, watch_dir, publish=publish, topics=topics)
         if watch_dir is not None
         else None
     )
-    url = _url(http_host, server.server_port)
+    url = _url(http_host, server.port)
     http_thread = threading.Thread(target=server.serve_forever, name="registry-http", daemon=True)
     restore_signals = _stop_on_sigterm(stop)
     try:
@@ -129,10 +175,22 @@ def run_registry(
         http_thread.start()
         if watcher is not None:
             watcher.start()
-        log.info("registry web UI at %s (database %s)", url, describe(worker.db))
+        log.info(
+            "registry web UI at %s (waitress, %d threads; database %s)",
+            url,
+            http_threads,
+            describe(worker.db),
+        )
         deadline = time.monotonic() + CONNECT_GRACE_S
-        while not worker.connected and not stop.is_set() and time.monotonic() < deadline:
+        while (
+            not worker.connected
+            and not refusals.first.is_set()
+            and not stop.is_set()
+            and time.monotonic() < deadline
+        ):
             stop.wait(0.05)
+        if refusals.first.is_set():
+            raise BrokerRefused(refusals.message)
         if worker.connected:
             log.info("ingesting from %s under %s/", broker, topics_root)
         elif not stop.is_set():
@@ -149,7 +207,7 @@ def run_registry(
             watcher.stop()
         if http_thread.is_alive():
             server.shutdown()
-        server.server_close()
+        server.close()
         # Stop ingest last-but-cleanly: a clean DISCONNECT keeps the persistent
         # session, so the broker queues whatever devices send until the next start.
         worker.stop()

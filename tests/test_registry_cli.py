@@ -36,7 +36,9 @@ def cli(request, tmp_path, capsys):
 def test_run_is_still_the_default_action():
     args = build_parser().parse_args(["registry", "--db", "x.db", "--broker-port", "1884"])
     assert args.func is cmd_registry
-    assert (args.db, args.broker_port, args.anonymous_read) == ("x.db", 1884, "local")
+    assert (args.db, args.broker_port) == ("x.db", 1884)
+    # A flag left out is None: the config file's value or the model's default applies.
+    assert args.anonymous_read is None
     args = build_parser().parse_args(["registry", "--db", "a.db", "models", "list"])
     assert args.db == "a.db", "shared options before the action are kept"
 

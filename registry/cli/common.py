@@ -25,23 +25,106 @@ def _imports():
     return db, modelreg
 
 
+# Command-line flags that override keys of the config file: {section: {key: dest}}.
+FLAGS = {
+    "storage": {
+        "state_dir": "state_dir",
+        "artifacts": "artifacts",
+        "s3_endpoint_url": "s3_endpoint_url",
+        "key_dir": "key_dir",
+        "max_upload_mib": "max_upload_mib",
+    },
+    "broker": {
+        "host": "broker_host",
+        "port": "broker_port",
+        "topic_root": "topic_root",
+        "username": "broker_username",
+        "password_file": "broker_password_file",
+        "ca_file": "broker_ca_file",
+        "cert_file": "broker_cert_file",
+        "key_file": "broker_key_file",
+        "client_id": "client_id",
+    },
+    "http": {
+        "host": "http_host",
+        "port": "http_port",
+        "threads": "http_threads",
+        "anonymous_read": "anonymous_read",
+        "proxy_hops": "proxy_hops",
+    },
+    "watch": {"dir": "watch"},
+}
+
+
+def config_path(args: argparse.Namespace) -> Path | None:
+    """``--config``, else the default file when it exists, else None."""
+    from flowfleet.registry.config import DEFAULT_CONFIG
+
+    given = getattr(args, "config", None)
+    if given:
+        return Path(given)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def settings(args: argparse.Namespace, *, check: bool = False):
+    """The registry settings: the config file (if any) with the flags over it.
+
+    ``check``: files the broker section names must be readable (running the service,
+    check-config); management actions never connect to the broker and skip that.
+    Bad config: a one-line CliError naming the file and the key, exit code 2.
+    """
+    cached = getattr(args, "_settings", None)
+    if cached is not None and (cached[1] or not check):
+        return cached[0]
+    from flowfleet.registry.config import (
+        ConfigError,
+        RegistrySettings,
+        check_files,
+        load_registry_config,
+        with_overrides,
+    )
+
+    path = config_path(args)
+    try:
+        base = load_registry_config(path, check=False) if path else RegistrySettings()
+        overrides = {
+            section: {key: getattr(args, dest, None) for key, dest in keys.items()}
+            for section, keys in FLAGS.items()
+        }
+        source = f"{path} with the command-line options" if path else "command line"
+        merged = with_overrides(base, overrides, source)
+        if check:
+            check_files(merged, str(path) if path else "command line")
+    except ConfigError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    args._settings = (merged, check)
+    return merged
+
+
 def _db_url(args: argparse.Namespace) -> str:
-    return args.db or os.environ.get("FLOWFLEET_DATABASE_URL") or DEFAULT_DB
+    """--db, else $FLOWFLEET_DATABASE_URL, else the config file's database.url."""
+    return (
+        args.db
+        or os.environ.get("FLOWFLEET_DATABASE_URL")
+        or settings(args).database.url
+        or DEFAULT_DB
+    )
 
 
 def _config(args: argparse.Namespace):
     _, modelreg = _imports()
     url = _db_url(args)
+    storage = settings(args).storage
     overrides = {
-        "artifacts": args.artifacts,
-        "key_dir": args.key_dir,
-        "max_upload_bytes": args.max_upload_mib * modelreg.MIB,
-        "s3_endpoint_url": args.s3_endpoint_url,
+        "artifacts": storage.artifacts,
+        "key_dir": storage.key_dir,
+        "max_upload_bytes": storage.max_upload_mib * modelreg.MIB,
+        "s3_endpoint_url": storage.s3_endpoint_url,
     }
-    if args.state_dir:
-        state = Path(args.state_dir)
-        overrides["artifacts"] = args.artifacts or str(state / "artifacts")
-        overrides["key_dir"] = args.key_dir or state / "keys"
+    if storage.state_dir:
+        state = Path(storage.state_dir)
+        overrides["artifacts"] = storage.artifacts or str(state / "artifacts")
+        overrides["key_dir"] = storage.key_dir or state / "keys"
     return modelreg.RegistryConfig.beside(url, **overrides)
 
 

@@ -19,7 +19,17 @@ from pathlib import Path
 from flowfleet.cliutil import EXIT_USAGE, CliError, setup_logging, stop_on_signals
 
 from .access import add_access_actions
-from .common import DEFAULT_DB, _actor, _config, _db_url, _open, _print_json, _run
+from .common import (
+    DEFAULT_DB,
+    _actor,
+    _config,
+    _db_url,
+    _open,
+    _print_json,
+    _run,
+    config_path,
+    settings,
+)
 from .deadletters import add_dead_letter_actions
 from .groups import add_group_actions
 
@@ -33,6 +43,13 @@ def _shared_options(p: argparse.ArgumentParser, *, suppress: bool) -> None:
     def d(value):
         return argparse.SUPPRESS if suppress else value
 
+    p.add_argument(
+        "--config",
+        default=d(None),
+        metavar="FILE",
+        help="registry TOML file (default: /etc/flowfleet/registry.toml if it exists); "
+        "the flags override it",
+    )
     p.add_argument(
         "--db",
         default=d(None),
@@ -53,9 +70,68 @@ def _shared_options(p: argparse.ArgumentParser, *, suppress: bool) -> None:
         "--key-dir", default=d(None), help="directory of the private signing keys (0700)"
     )
     p.add_argument(
-        "--max-upload-mib", type=int, default=d(512), help="largest model accepted (default 512)"
+        "--max-upload-mib",
+        type=int,
+        default=d(None),
+        help="largest model accepted (default 512)",
     )
     p.add_argument("-v", "--verbose", action="store_true", default=d(False))
+
+
+def _run_options(p: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """Options of the service (and of check-config). Their defaults live in the config
+    model (flowfleet.registry.config): a flag left out is None here, and the file's
+    value (or the model's default) applies."""
+
+    def d(value):
+        return argparse.SUPPRESS if suppress else value
+
+    p.add_argument("--broker-host", default=d(None), help="default 127.0.0.1")
+    p.add_argument("--broker-port", default=d(None), type=int, help="default 1883")
+    p.add_argument(
+        "--broker-username", default=d(None), help="the registry's broker identity: registry"
+    )
+    p.add_argument(
+        "--broker-password-file",
+        default=d(None),
+        help="file holding the broker password (mode 0600)",
+    )
+    p.add_argument(
+        "--broker-ca-file", default=d(None), help="CA certificate of the broker's TLS listener"
+    )
+    p.add_argument("--broker-cert-file", default=d(None), help="the registry's client certificate")
+    p.add_argument("--broker-key-file", default=d(None), help="the key of --broker-cert-file")
+    p.add_argument(
+        "--client-id", default=d(None), help="MQTT client id (default flowfleet-registry)"
+    )
+    p.add_argument("--topic-root", default=d(None), help="default flowfleet/v1")
+    p.add_argument("--http-host", default=d(None), help="default 127.0.0.1")
+    p.add_argument(
+        "--http-port", default=d(None), type=int, help="default 8080; 0 picks a free port"
+    )
+    p.add_argument(
+        "--http-threads", default=d(None), type=int, help="requests served at once (default 8)"
+    )
+    p.add_argument(
+        "--proxy-hops",
+        default=d(None),
+        type=int,
+        help="reverse proxies in front that set X-Forwarded-For/-Proto (default 0: "
+        "ignore those headers); see docs/registry.md",
+    )
+    p.add_argument(
+        "--anonymous-read",
+        default=d(None),
+        choices=("local", "none", "all"),
+        help="dashboard pages and /api/totals|devices|dead-letters without a token: "
+        "from localhost only (default), never, or from anyone",
+    )
+    p.add_argument(
+        "--watch",
+        default=d(None),
+        metavar="DIR",
+        help="register model files dropped into DIR (see docs/registry.md)",
+    )
 
 
 def register(sub) -> None:
@@ -66,26 +142,16 @@ def register(sub) -> None:
         "tokens, groups, dead-letters.",
     )
     _shared_options(p, suppress=False)
-    p.add_argument("--broker-host", default="127.0.0.1")
-    p.add_argument("--broker-port", type=int, default=1883)
-    p.add_argument("--topic-root", default="flowfleet/v1")
-    p.add_argument("--http-host", default="127.0.0.1")
-    p.add_argument("--http-port", type=int, default=8080)
-    p.add_argument(
-        "--anonymous-read",
-        choices=("local", "none", "all"),
-        default="local",
-        help="dashboard pages and /api/totals|devices|dead-letters without a token: "
-        "from localhost only (default), never, or from anyone",
-    )
-    p.add_argument(
-        "--watch",
-        type=Path,
-        metavar="DIR",
-        help="register model files dropped into DIR (see docs/registry.md)",
-    )
+    _run_options(p, suppress=False)
     p.set_defaults(func=cmd_registry)
     actions = p.add_subparsers(dest="registry_action", metavar="ACTION")
+
+    check = actions.add_parser(
+        "check-config", help="validate the config file (and the flags) and exit"
+    )
+    _shared_options(check, suppress=True)
+    _run_options(check, suppress=True)
+    check.set_defaults(func=cmd_check_config)
 
     # models
     models = actions.add_parser("models", help="model versions, aliases")
@@ -163,29 +229,67 @@ def register(sub) -> None:
 # -- run --------------------------------------------------------------------------------
 
 
+def cmd_check_config(args: argparse.Namespace) -> int:
+    s = settings(args, check=True)
+    from flowfleet.registry.config import broker_address
+
+    try:
+        broker = broker_address(s)  # reads the password, as the service will
+    except ValueError as exc:
+        raise CliError(f"{config_path(args) or 'command line'}: {exc}", EXIT_USAGE) from None
+    who = f"user {broker.username!r}" if broker.username else "no username"
+    if broker.cert_file:
+        who += f", certificate {broker.cert_file}"
+    print(
+        f"{config_path(args) or 'command line'}: ok (database {_db_url(args)}, broker {broker} "
+        f"as {who}, http {s.http.host}:{s.http.port} with {s.http.threads} threads)"
+    )
+    return 0
+
+
 def cmd_registry(args: argparse.Namespace) -> int:
     try:
+        from flowfleet.registry.errors import BrokerRefused
+        from flowfleet.registry.http.server import ProxyTrust
         from flowfleet.registry.service import run_registry
     except ImportError as exc:
         raise CliError(
             f"the registry needs its extras: pip install 'flowfleet[registry]' ({exc})"
         ) from None
-    from flowfleet.mqtt import BrokerAddress
+    from flowfleet.registry.config import broker_address
 
+    s = settings(args, check=True)
+    try:
+        broker = broker_address(s)
+    except ValueError as exc:
+        raise CliError(f"{config_path(args) or 'command line'}: {exc}", EXIT_USAGE) from None
     setup_logging(args.verbose)
     stop = threading.Event()
     stop_on_signals(stop)
-    run_registry(
-        _db_url(args),
-        BrokerAddress(args.broker_host, args.broker_port),
-        args.http_host,
-        args.http_port,
-        args.topic_root,
-        stop,
-        registry_config=_config(args),
-        anonymous_read=args.anonymous_read,
-        watch_dir=args.watch,
-    )
+    h = s.http
+    try:
+        run_registry(
+            _db_url(args),
+            broker,
+            h.host,
+            h.port,
+            s.broker.topic_root,
+            stop,
+            client_id=s.broker.client_id,
+            registry_config=_config(args),
+            anonymous_read=h.anonymous_read,
+            watch_dir=s.watch.dir,
+            http_threads=h.threads,
+            proxy=ProxyTrust(
+                hops=h.proxy_hops,
+                headers=tuple(h.proxy_headers),
+                trusted=tuple(str(n) for n in h.trusted_proxies),
+            ),
+        )
+    except BrokerRefused as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:  # the HTTP port is taken, most likely
+        raise CliError(f"cannot start the registry: {exc}") from None
     return 0
 
 

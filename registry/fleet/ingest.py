@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import peewee as pw
@@ -548,6 +549,8 @@ class IngestWorker:
         ack_interval_s: how often the devices' end-to-end acks are published.
         retry_s: how long a database failure is retried before a message is left
             unacknowledged for redelivery (see `Ingestor`).
+        on_connect_refused: called with the broker's reason and reason code when it
+            refuses the session (see `MqttConnection`); the caller reports it.
     """
 
     def __init__(
@@ -558,11 +561,14 @@ class IngestWorker:
         client_id: str = "flowfleet-registry",
         ack_interval_s: float = 0.2,
         retry_s: float = 15.0,
+        on_connect_refused: Callable[[str, int], None] | None = None,
     ) -> None:
         self.db = open_database(db_path)
         self.topics = topics
         self.ingestor = Ingestor(self.db, topics, retry_s=retry_s)
-        self.connection = MqttConnection(client_id, broker, persistent=True)
+        self.connection = MqttConnection(
+            client_id, broker, persistent=True, on_connect_refused=on_connect_refused
+        )
         self.connection.subscribe(topics.all_devices(), self._on_message, qos=QOS)
         self._outcomes: Counter[str] = Counter({o: 0 for o in OUTCOMES})
         self._lock = threading.Lock()

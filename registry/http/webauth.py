@@ -12,8 +12,8 @@ The login form is protected against cross-site posts by a double-submit cookie
 form carries the session's own CSRF token, which `flowfleet.registry.http.access` checks
 before the view runs (logout checks it itself: it is reachable without a session).
 Cookies are HttpOnly, SameSite=Lax, path ``/`` and Secure when the request came over
-HTTPS (behind a TLS-terminating proxy, let the app see the scheme, for example with
-werkzeug's ``ProxyFix``).
+HTTPS (behind a TLS-terminating proxy, set ``http.proxy_hops`` so the app sees the
+scheme: `flowfleet.registry.http.server.TrustedProxyFix`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,226 @@
+"""The registry's TOML config file, validated at load.
+
+``flowfleet registry --config registry.toml`` (default ``/etc/flowfleet/registry.toml``
+when that file exists). Unknown keys are rejected and every error names the file and
+the key, for example::
+
+    registry.toml: broker.port: Input should be less than or equal to 65535
+
+Relative paths resolve against the file's folder. Command-line flags override the
+file (`with_overrides`). The broker password never sits in the file: ``password_file``
+(mode 0600) or ``password_env`` name where it is, and it is never logged.
+docs/registry.md ("Config file") has the reference and an example.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    Field,
+    IPvAnyNetwork,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from flowfleet.configfile import (
+    ENV_NAME,
+    ConfigError,
+    Strict,
+    describe,
+    read_secret,
+    read_toml,
+    unreadable,
+    unset_env,
+)
+from flowfleet.contract import DEFAULT_ROOT
+from flowfleet.identity import check_registry_identity
+from flowfleet.mqtt import BrokerAddress
+
+DEFAULT_CONFIG = Path("/etc/flowfleet/registry.toml")
+DEFAULT_CLIENT_ID = "flowfleet-registry"
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "ConfigError",
+    "RegistrySettings",
+    "broker_address",
+    "check_files",
+    "load_registry_config",
+    "with_overrides",
+]
+
+
+class DatabaseSection(Strict):
+    url: str | None = Field(
+        None,
+        description="SQLite path, sqlite:///path or postgresql://user@host/db; default "
+        "$FLOWFLEET_DATABASE_URL, else flowfleet-registry.sqlite",
+    )
+
+
+class StorageSection(Strict):
+    state_dir: str | None = Field(None, description="holds artifacts/ and keys/")
+    artifacts: str | None = Field(None, description="a directory or s3://bucket/prefix")
+    s3_endpoint_url: str | None = Field(None, pattern=r"^https?://\S+$")
+    key_dir: str | None = Field(None, description="private signing keys (0700)")
+    max_upload_mib: int = Field(512, ge=1, le=1 << 20)
+
+
+class BrokerSection(Strict):
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(1883, ge=1, le=65535)
+    topic_root: str = DEFAULT_ROOT
+    username: str | None = Field(None, description="registry or registry-<n>")
+    # Refused with a message saying where the password goes instead.
+    password: Any = Field(None, exclude=True, repr=False)
+    password_file: str | None = None
+    password_env: str | None = Field(None, pattern=ENV_NAME)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_id: str = DEFAULT_CLIENT_ID
+
+    @field_validator("password", mode="before")
+    @classmethod
+    def _no_password(cls, v):
+        if v is not None:
+            raise ValueError(
+                "the password never goes in the config file: put it in a file (mode 0600) "
+                "named by password_file, or in the environment variable named by password_env"
+            )
+        return v
+
+    @field_validator("username", "client_id")
+    @classmethod
+    def _reserved(cls, v, info):
+        # The generated ACL grants every device's telemetry to these names only, and
+        # no device can be provisioned under them.
+        return None if v is None else check_registry_identity(v, info.field_name)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.password_file and self.password_env:
+            raise ValueError("give password_file or password_env, not both")
+        if (self.password_file or self.password_env) and not self.username:
+            raise ValueError("a password needs a username")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together (the registry's certificate)")
+        if self.cert_file and not self.ca_file:
+            raise ValueError("a client certificate needs ca_file (TLS)")
+        return self
+
+
+class HttpSection(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535, description="0: a free port")
+    threads: int = Field(8, ge=1, le=64, description="requests served at once")
+    anonymous_read: Literal["local", "none", "all"] = "local"
+    proxy_hops: int = Field(
+        0, ge=0, le=10, description="reverse proxies in front that set X-Forwarded-*; 0: off"
+    )
+    proxy_headers: tuple[Literal["for", "proto", "host", "port", "prefix"], ...] = (
+        "for",
+        "proto",
+    )
+    trusted_proxies: tuple[IPvAnyNetwork, ...] = Field(("127.0.0.1/32", "::1/128"), min_length=1)
+
+
+class WatchSection(Strict):
+    dir: str | None = Field(None, description="register model files dropped here")
+
+
+class RegistrySettings(Strict):
+    database: DatabaseSection = DatabaseSection()
+    storage: StorageSection = StorageSection()
+    broker: BrokerSection = BrokerSection()
+    http: HttpSection = HttpSection()
+    watch: WatchSection = WatchSection()
+
+
+_BROKER_FILES = ("password_file", "ca_file", "cert_file", "key_file")
+_STORAGE_PATHS = ("state_dir", "artifacts", "key_dir")
+
+
+def _is_plain_path(value: str) -> bool:
+    return "://" not in value and not value.startswith("sqlite:")
+
+
+def load_registry_config(path: str | Path, *, check: bool = True) -> RegistrySettings:
+    """Read and validate a registry TOML file; relative paths resolve against its
+    folder. With ``check``, files it names must be readable and ``password_env`` set
+    (the management commands, which never connect to the broker, skip that)."""
+    path = Path(path)
+    data = read_toml(path)
+    try:
+        settings = RegistrySettings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe(exc, str(path))) from None
+    base = path.resolve().parent
+
+    def rel(p: str | None) -> str | None:
+        return None if p is None or not _is_plain_path(p) else str(base / Path(p).expanduser())
+
+    s = settings
+    settings = s.model_copy(
+        update={
+            "database": s.database.model_copy(update={"url": rel(s.database.url)}),
+            "storage": s.storage.model_copy(
+                update={k: rel(getattr(s.storage, k)) for k in _STORAGE_PATHS}
+            ),
+            "broker": s.broker.model_copy(
+                update={k: rel(getattr(s.broker, k)) for k in _BROKER_FILES}
+            ),
+            "watch": s.watch.model_copy(update={"dir": rel(s.watch.dir)}),
+        }
+    )
+    if check:
+        check_files(settings, str(path))
+    return settings
+
+
+def check_files(settings: RegistrySettings, source: str) -> None:
+    """ConfigError naming ``source`` and the keys whose files cannot be read."""
+    b = settings.broker
+    problems = [unreadable(f"broker.{k}", getattr(b, k)) for k in _BROKER_FILES]
+    problems.append(unset_env("broker.password_env", b.password_env))
+    problems = [p for p in problems if p]
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def with_overrides(
+    settings: RegistrySettings, overrides: dict[str, dict[str, Any]], source: str
+) -> RegistrySettings:
+    """``settings`` with the non-None values of ``{section: {key: value}}`` (the
+    command line) put over it, validated again; errors name ``source``."""
+    data = settings.model_dump()
+    changed = False
+    for section, values in overrides.items():
+        for key, value in values.items():
+            if value is not None:
+                data[section][key] = value
+                changed = True
+    if not changed:
+        return settings
+    try:
+        return RegistrySettings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe(exc, source)) from None
+
+
+def broker_address(settings: RegistrySettings) -> BrokerAddress:
+    """The broker address with the registry's credentials (the password read now)."""
+    b = settings.broker
+    password = read_secret("broker.password", b.password_file, b.password_env, strip_env=False)
+    return BrokerAddress(
+        b.host,
+        b.port,
+        username=b.username,
+        password=password,
+        ca_file=b.ca_file,
+        cert_file=b.cert_file,
+        key_file=b.key_file,
+    )
