@@ -76,6 +76,7 @@ def run_registry(
     registry_config: RegistryConfig | None = None,
     anonymous_read: str = "local",
     watch_dir: str | Path | None = None,
+    site_timezone: str = "UTC",
 ) -> None:
     """Ingest device messages from ``broker`` into ``db_path`` and serve the web UI.
 
@@ -94,11 +95,16 @@ def run_registry(
         anonymous_read: dashboard reads without a token: "local", "none" or "all".
         watch_dir: a folder whose dropped model files are registered (see
             `flowfleet.registry.catalog.watch`); none by default.
+        site_timezone: IANA name of the site's timezone: day rollups (and the day
+            buckets of /api/series) run from its midnight to midnight.
 
     Raises OSError if the HTTP port cannot be bound (before anything else starts).
     """
     stop = stop_event if stop_event is not None else threading.Event()
-    worker = IngestWorker(db_path, broker, Topics(topics_root), client_id=client_id)
+    worker = IngestWorker(
+        db_path, broker, Topics(topics_root), client_id=client_id, site_timezone=site_timezone
+    )
+    fill_rollups(worker.db, worker.ingestor.buckets)
     models = ModelRegistry.from_config(worker.db, registry_config or RegistryConfig.beside(db_path))
     models.start()  # creates the signing key on first start
     topics = Topics(topics_root)
@@ -112,6 +118,7 @@ def run_registry(
         anonymous_read=anonymous_read,
         publish=publish,
         topics=topics,
+        site_timezone=site_timezone,
     )
     server = make_server(
         http_host, http_port, app, threaded=True, request_handler=_QuietRequestHandler
@@ -155,6 +162,21 @@ def run_registry(
         worker.stop()
         restore_signals()
         log.info("registry stopped")
+
+
+def fill_rollups(db, buckets) -> None:
+    """Bins stored before the rollups existed: fill the rollups once, at start."""
+    from .fleet import series
+    from .store.db import CountBin, LineRollup, SpeedRollup, ZoneRollup
+
+    if any(m.select().exists() for m in (LineRollup, ZoneRollup, SpeedRollup)):
+        return
+    if not CountBin.select().exists():
+        return
+    total = CountBin.select().count()
+    log.info("filling the rollups from %d stored count bins (%s days)", total, buckets.name)
+    n = series.rebuild(db, buckets, progress=lambda n: log.info("rollups: %d of %d bins", n, total))
+    log.info("rollups filled from %d bins", n)
 
 
 def _stop_on_sigterm(stop: threading.Event) -> Callable[[], None]:

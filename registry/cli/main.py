@@ -22,6 +22,7 @@ from .access import add_access_actions
 from .common import DEFAULT_DB, _actor, _config, _db_url, _open, _print_json, _run
 from .deadletters import add_dead_letter_actions
 from .groups import add_group_actions
+from .series import add_series_actions
 
 DAY = 86400.0
 
@@ -63,7 +64,7 @@ def register(sub) -> None:
         "registry",
         help="run the registry (MQTT ingest and web UI), or manage models, keys, users, tokens",
         description="Without an action, runs the registry. Actions: models, keys, users, "
-        "tokens, groups, dead-letters.",
+        "tokens, groups, dead-letters, series, rollups.",
     )
     _shared_options(p, suppress=False)
     p.add_argument("--broker-host", default="127.0.0.1")
@@ -77,6 +78,12 @@ def register(sub) -> None:
         default="local",
         help="dashboard pages and /api/totals|devices|dead-letters without a token: "
         "from localhost only (default), never, or from anyone",
+    )
+    p.add_argument(
+        "--timezone",
+        default="UTC",
+        help="the site's IANA timezone (e.g. Europe/Paris): day buckets of the counts "
+        "over time run from its midnight (default UTC)",
     )
     p.add_argument(
         "--watch",
@@ -158,6 +165,7 @@ def register(sub) -> None:
     add_access_actions(actions, shared)
     add_group_actions(actions, shared)
     add_dead_letter_actions(actions, shared)
+    add_series_actions(actions, shared)
 
 
 # -- run --------------------------------------------------------------------------------
@@ -185,8 +193,21 @@ def cmd_registry(args: argparse.Namespace) -> int:
         registry_config=_config(args),
         anonymous_read=args.anonymous_read,
         watch_dir=args.watch,
+        site_timezone=_timezone(args.timezone),
     )
     return 0
+
+
+def _timezone(name: str) -> str:
+    from zoneinfo import ZoneInfo
+
+    try:
+        ZoneInfo(name)
+    except Exception:
+        raise CliError(
+            f"--timezone: unknown timezone {name!r} (an IANA name such as Europe/Paris)", EXIT_USAGE
+        ) from None
+    return name
 
 
 # -- models -----------------------------------------------------------------------------

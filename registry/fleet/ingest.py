@@ -63,6 +63,7 @@ from ..store.db import (
 )
 from .ack import ack_state, note_count_seq, note_gap
 from .bounds import check_seq_jump
+from .series import Buckets, add_bin
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +101,19 @@ class Ingestor:
         topics: the topic layout the devices publish under.
     """
 
-    def __init__(self, db: pw.Database, topics: Topics, *, retry_s: float = 15.0) -> None:
+    def __init__(
+        self,
+        db: pw.Database,
+        topics: Topics,
+        *,
+        retry_s: float = 15.0,
+        site_timezone: str = "UTC",
+    ) -> None:
         require_bound(db)
         self.db = db
         self.topics = topics
         self.retry_s = retry_s
+        self.buckets = Buckets(site_timezone)  # day rollups start at its midnight
         # Devices whose count-bin custody was committed by handle(), with their
         # (counts_acked, counts_max), for the worker to publish as acks.
         self.acks: dict[str, tuple[int, int]] = {}
@@ -353,6 +362,7 @@ class Ingestor:
                     for zc in message.zones
                 ]
             ).execute()
+        add_bin(device, message, self.buckets)
         return STORED
 
     def _store_health(self, device: str, message: HealthPayload, received_at: float) -> str:
@@ -548,6 +558,7 @@ class IngestWorker:
         ack_interval_s: how often the devices' end-to-end acks are published.
         retry_s: how long a database failure is retried before a message is left
             unacknowledged for redelivery (see `Ingestor`).
+        site_timezone: the site's IANA timezone, where day rollups start at midnight.
     """
 
     def __init__(
@@ -558,10 +569,11 @@ class IngestWorker:
         client_id: str = "flowfleet-registry",
         ack_interval_s: float = 0.2,
         retry_s: float = 15.0,
+        site_timezone: str = "UTC",
     ) -> None:
         self.db = open_database(db_path)
         self.topics = topics
-        self.ingestor = Ingestor(self.db, topics, retry_s=retry_s)
+        self.ingestor = Ingestor(self.db, topics, retry_s=retry_s, site_timezone=site_timezone)
         self.connection = MqttConnection(client_id, broker, persistent=True)
         self.connection.subscribe(topics.all_devices(), self._on_message, qos=QOS)
         self._outcomes: Counter[str] = Counter({o: 0 for o in OUTCOMES})

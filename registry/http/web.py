@@ -38,6 +38,7 @@ from flowfleet.contract import CameraModel, Topics, is_valid_name
 from flowfleet.contract import DriftSummary as DriftPayload
 
 from ..catalog.modelreg import ModelRegistry, RegistryError
+from ..fleet import series
 from ..metrics import install_metrics
 from ..store.db import (
     CountBin,
@@ -57,6 +58,7 @@ from .api import bp as api_bp
 from .api import error_response as registry_error_response
 from .api import int_arg, query_args
 from .groups_api import bp as groups_bp
+from .series_api import bp as series_bp
 from .webauth import bp as webauth_bp
 from .webauth import error_page
 
@@ -452,6 +454,7 @@ def create_app(
     anonymous_read: str = "local",
     publish: Callable[..., Any] | None = None,
     topics: Topics | None = None,
+    site_timezone: str = "UTC",
 ) -> Flask:
     """The registry web app on ``db`` (opened with `open_database`).
 
@@ -462,7 +465,7 @@ def create_app(
     ``"none"`` or ``"all"``. ``publish(topic, payload, retain=True)`` sends a message
     to the broker (deployments publish the devices' retained desired state through
     it, under ``topics``, default root ``flowfleet/v1``); without one, deploying
-    answers 503.
+    answers 503. ``site_timezone`` is the site's, where day buckets of /api/series start.
     """
     require_bound(db)
     app = Flask(__name__)
@@ -477,7 +480,10 @@ def create_app(
     if publish is not None:
         app.extensions["flowfleet_publish"] = publish
     app.extensions["flowfleet_topics"] = topics or Topics()
+    app.extensions["flowfleet_db"] = db
+    app.extensions["flowfleet_buckets"] = series.Buckets(site_timezone)
     app.register_blueprint(api_bp)
+    app.register_blueprint(series_bp)
     app.register_blueprint(webauth_bp)
     app.register_blueprint(groups_bp)
     install_metrics(app)  # first before_request hook: times everything after it
