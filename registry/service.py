@@ -23,6 +23,7 @@ from .catalog.modelreg import ModelRegistry, RegistryConfig
 from .catalog.watch import WatchFolder
 from .errors import PublishError
 from .fleet.ingest import IngestWorker
+from .fleet.retention import RetentionJob
 from .http.web import create_app
 from .store.db import describe
 
@@ -77,6 +78,7 @@ def run_registry(
     anonymous_read: str = "local",
     watch_dir: str | Path | None = None,
     site_timezone: str = "UTC",
+    raw_retention_days: float | None = 90.0,
 ) -> None:
     """Ingest device messages from ``broker`` into ``db_path`` and serve the web UI.
 
@@ -97,6 +99,8 @@ def run_registry(
             `flowfleet.registry.catalog.watch`); none by default.
         site_timezone: IANA name of the site's timezone: day rollups (and the day
             buckets of /api/series) run from its midnight to midnight.
+        raw_retention_days: raw count bins and health beats older than this are
+            removed once an hour (the rollups keep every count); None keeps them.
 
     Raises OSError if the HTTP port cannot be bound (before anything else starts).
     """
@@ -128,6 +132,7 @@ def run_registry(
         if watch_dir is not None
         else None
     )
+    retention = RetentionJob(worker.db, raw_retention_days) if raw_retention_days else None
     url = _url(http_host, server.server_port)
     http_thread = threading.Thread(target=server.serve_forever, name="registry-http", daemon=True)
     restore_signals = _stop_on_sigterm(stop)
@@ -136,6 +141,8 @@ def run_registry(
         http_thread.start()
         if watcher is not None:
             watcher.start()
+        if retention is not None:
+            retention.start()
         log.info("registry web UI at %s (database %s)", url, describe(worker.db))
         deadline = time.monotonic() + CONNECT_GRACE_S
         while not worker.connected and not stop.is_set() and time.monotonic() < deadline:
@@ -154,6 +161,8 @@ def run_registry(
         log.info("registry stopping")
         if watcher is not None:
             watcher.stop()
+        if retention is not None:
+            retention.stop()
         if http_thread.is_alive():
             server.shutdown()
         server.server_close()

@@ -235,11 +235,53 @@ def test_series_on_the_command_line(loaded, db_url, capsys):
 
 def test_the_registry_fills_rollups_for_bins_stored_before_them(loaded):
     db, base = loaded
+    buckets = series.Buckets()
+    speeds = series.Query(kind="speeds", step="day", start=base - 86400, end=base + 5 * 3600)
+    speeds_before = series.query(db, speeds, buckets)["total"]
     for model in regdb.ROLLUP_MODELS:
         model.delete().execute()
     fill_rollups(db, series.Buckets())
-    buckets = series.Buckets()
+    assert series.query(db, speeds, buckets)["total"] == speeds_before
     result = series.query(
         db, series.Query(step="hour", start=base, end=base + 4 * 3600, name="door"), buckets
     )
     assert result["total"] == {"in": 42, "out": 12}
+
+
+# -- retention ---------------------------------------------------------------------------
+
+
+def test_retention_removes_old_raw_bins_and_changes_no_total(fresh):
+    from flowfleet.registry.fleet.retention import prune
+    from flowfleet.registry.http.web import devices, totals
+
+    db = fresh()
+    ingestor = Ingestor(db, TOPICS)
+    now = time.time()
+    bins = [
+        make_bin("cam-1", seq, now - (200 - 15 * seq) * 86400.0, [seq, 1, 2, 1])
+        for seq in range(1, 11)
+    ]
+    late = make_bin("cam-1", 12, now - 100 * 86400.0, [5, 5, 5, 5])  # 11 never arrives
+    for b in [*bins, late]:
+        assert ingestor.handle(TOPICS.counts("cam-1"), b.to_json()) == STORED
+    before_totals = totals()
+    buckets = series.Buckets()
+    span = series.Query(kind="zones", step="day", start=now - 300 * 86400.0, end=now)
+    before_series = series.query(db, span, buckets)
+    before_dev = devices()[0]
+    assert (before_dev["bins"], before_dev["gaps"]) == (11, 1)
+
+    removed = prune(db, keep_days=30)
+
+    # Covered by the ack (1..10), older than 30 days, not the newest stored (12).
+    assert removed["bins"] == 10
+    assert sorted(b.seq for b in regdb.CountBin.select()) == [12]
+    assert totals() == before_totals
+    assert series.query(db, span, buckets) == before_series
+    dev = devices()[0]
+    assert (dev["bins"], dev["gaps"], dev["highest_seq"]) == (11, 1, 12)
+    # A bin sent again after its raw record went is a duplicate, not a second count.
+    assert ingestor.handle(TOPICS.counts("cam-1"), bins[0].to_json()) == DUPLICATE
+    assert totals() == before_totals
+    assert prune(db, keep_days=30) == {"bins": 0, "health_beats": 0}

@@ -86,6 +86,14 @@ def register(sub) -> None:
         "over time run from its midnight (default UTC)",
     )
     p.add_argument(
+        "--raw-retention-days",
+        type=float,
+        default=90.0,
+        metavar="DAYS",
+        help="remove raw count bins and health beats older than this, once an hour; the "
+        "minute/hour/day rollups keep every count (default 90; 0 keeps them)",
+    )
+    p.add_argument(
         "--watch",
         type=Path,
         metavar="DIR",
@@ -194,8 +202,15 @@ def cmd_registry(args: argparse.Namespace) -> int:
         anonymous_read=args.anonymous_read,
         watch_dir=args.watch,
         site_timezone=_timezone(args.timezone),
+        raw_retention_days=_retention(args.raw_retention_days),
     )
     return 0
+
+
+def _retention(days: float) -> float | None:
+    if days < 0:
+        raise CliError("--raw-retention-days must not be negative", EXIT_USAGE)
+    return days or None
 
 
 def _timezone(name: str) -> str:

@@ -314,6 +314,17 @@ class Ingestor:
     def _store_bin(self, device: str, message: CountBinPayload, received_at: float) -> str:
         if (why := check_seq_jump(self.db, device, message.seq)) is not None:
             raise _Conflict(why)
+        state = ack_state(device)
+        if (
+            state is not None
+            and message.seq <= state[0]
+            and not CountBin.select()
+            .where((CountBin.device == device) & (CountBin.seq == message.seq))
+            .exists()
+        ):
+            # Settled before (stored, dead-lettered or declared dropped) and its raw
+            # record since removed by retention: a resend, counted once already.
+            return DUPLICATE
         outcome = self._store_once(
             CountBin,
             "count bin",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -31,7 +32,17 @@ import peewee as pw
 
 from flowfleet.contract import CountBin as CountBinPayload
 
-from ..store.db import STEPS, CountBin, LineRollup, SpeedRollup, ZoneRollup
+from ..store.db import (
+    STEPS,
+    CountBin,
+    LineRollup,
+    LineTotal,
+    SpeedRollup,
+    ZoneRollup,
+    ZoneTotal,
+)
+
+log = logging.getLogger(__name__)
 
 KINDS = ("lines", "zones", "speeds")
 GROUPS = ("device", "camera", "line", "zone", "class")
@@ -167,18 +178,19 @@ def rebuild(db: pw.Database, buckets: Buckets, chunk: int = 2000, progress=None)
     """Recompute every rollup from the raw bins still stored (after a timezone change,
     or for bins stored before rollups existed). Returns how many bins were read.
 
-    Buckets of bins that retention already removed are lost by a rebuild: run it
-    before retention removes anything, or not at all.
+    Reads the stored rows, not the payloads, and leaves out (with a warning) rows an
+    older registry stored before the contract had bounds (a count over MAX_COUNT, a
+    dwell sum that is not finite): no bin stored today can hold them, and one device
+    must not break the fleet's totals. Buckets of bins that retention already
+    removed are lost by a rebuild.
     """
-    from flowfleet.contract import parse_payload
-
     with db.atomic():
         for model in (LineRollup, ZoneRollup, SpeedRollup):
             model.delete().execute()
         last, n = 0, 0
         while True:
             rows = list(
-                CountBin.select(CountBin.id, CountBin.device, CountBin.payload)
+                CountBin.select(CountBin.id, CountBin.device, CountBin.seq, CountBin.payload)
                 .where(CountBin.id > last)
                 .order_by(CountBin.id)
                 .limit(chunk)
@@ -186,12 +198,75 @@ def rebuild(db: pw.Database, buckets: Buckets, chunk: int = 2000, progress=None)
             )
             if not rows:
                 return n
-            for row_id, device, payload in rows:
-                add_bin(device, parse_payload("counts", payload.encode()), buckets)
+            ids = [r[0] for r in rows]
+            lines = defaultdict(list)
+            for r in LineTotal.select().where(LineTotal.bin.in_(ids)):
+                lines[r.bin_id].append(r)
+            zones = defaultdict(list)
+            for r in ZoneTotal.select().where(ZoneTotal.bin.in_(ids)):
+                zones[r.bin_id].append(r)
+            for row_id, device, seq, payload in rows:
+                _add_stored(device, seq, lines[row_id], zones[row_id], payload, buckets)
                 last = row_id
             n += len(rows)
             if progress is not None:
                 progress(n)
+
+
+def _add_stored(device, seq, lines, zones, payload: str, buckets: Buckets) -> None:
+    """One stored bin's rows into its buckets (see `rebuild`)."""
+    import json
+
+    from flowfleet.contract import MAX_COUNT, LineCount, SpeedCount, ZoneCount
+    from flowfleet.contract import CountBin as Payload
+
+    def ok(*counts, dwell=0.0) -> bool:
+        good = all(0 <= c <= MAX_COUNT for c in counts) and math.isfinite(dwell)
+        if not good:
+            log.warning("rollups leave out a row of %s bin %d: values out of bounds", device, seq)
+        return good
+
+    start = (lines or zones)[0].start if (lines or zones) else None
+    speeds = ()
+    try:
+        body = json.loads(payload)
+        start = body["start"] if start is None else start
+        speeds = tuple(
+            SpeedCount.model_validate(s) for s in body.get("speeds") or () if isinstance(s, dict)
+        )
+    except Exception:  # an older registry's payload: its speeds are left out
+        speeds = ()
+    if start is None:
+        return
+    message = Payload.model_construct(
+        device=device,
+        seq=seq,
+        start=start,
+        end=start,
+        lines=tuple(
+            LineCount.model_construct(
+                camera=r.camera, line=r.line, class_=r.class_, in_=r.count_in, out=r.count_out
+            )
+            for r in lines
+            if ok(r.count_in, r.count_out)
+        ),
+        zones=tuple(
+            ZoneCount.model_construct(
+                camera=r.camera,
+                zone=r.zone,
+                class_=r.class_,
+                entries=r.entries,
+                exits=r.exits,
+                peak_occupancy=r.peak_occupancy,
+                dwell_s_sum=r.dwell_s_sum,
+                dwell_n=r.dwell_n,
+            )
+            for r in zones
+            if ok(r.entries, r.exits, r.peak_occupancy, r.dwell_n, dwell=r.dwell_s_sum)
+        ),
+        speeds=speeds,
+    )
+    add_bin(device, message, buckets)
 
 
 # -- queries -------------------------------------------------------------------------

@@ -41,15 +41,16 @@ from ..catalog.modelreg import ModelRegistry, RegistryError
 from ..fleet import series
 from ..metrics import install_metrics
 from ..store.db import (
+    STEPS,
     CountBin,
     DeadLetter,
     Device,
     DriftSummary,
     Event,
     HealthBeat,
-    LineTotal,
+    LineRollup,
     ReportedState,
-    ZoneTotal,
+    ZoneRollup,
     database_proxy,
     require_bound,
 )
@@ -110,8 +111,11 @@ def _sum(field: pw.Field) -> pw.Function:
 
 
 def totals(device: str | None = None) -> dict[str, Any]:
-    """Line and zone totals, optionally for one device; see /api/totals."""
-    lt = LineTotal
+    """Line and zone totals, optionally for one device; see /api/totals.
+
+    Summed over the day rollups, which hold every count even after retention removed
+    the raw bins (and are far fewer rows)."""
+    lt = LineRollup
     lines = (
         lt.select(
             lt.device,
@@ -121,10 +125,11 @@ def totals(device: str | None = None) -> dict[str, Any]:
             _sum(lt.count_in).alias("in"),
             _sum(lt.count_out).alias("out"),
         )
+        .where(lt.step == STEPS["day"])
         .group_by(lt.device, lt.camera, lt.line, lt.class_)
         .order_by(lt.device, lt.camera, lt.line, lt.class_)
     )
-    zt = ZoneTotal
+    zt = ZoneRollup
     zones = (
         zt.select(
             zt.device,
@@ -137,6 +142,7 @@ def totals(device: str | None = None) -> dict[str, Any]:
             _sum(zt.dwell_s_sum).alias("dwell_s_sum"),
             _sum(zt.dwell_n).alias("dwell_n"),
         )
+        .where(zt.step == STEPS["day"])
         .group_by(zt.device, zt.camera, zt.zone, zt.class_)
         .order_by(zt.device, zt.camera, zt.zone, zt.class_)
     )
@@ -195,6 +201,7 @@ def devices() -> list[dict[str, Any]]:
     result = []
     for dev in Device.select().order_by(Device.id):
         n_bins, top = bins.get(dev.id, (0, None))
+        n_bins += dev.bins_pruned or 0  # retention removed them; they were received
         n_beats, top_beat = beats.get(dev.id, (0, None))
         result.append(
             {
@@ -207,7 +214,8 @@ def devices() -> list[dict[str, Any]]:
                 "bins": n_bins,
                 "highest_seq": top,
                 # seq starts at 1 and (device, seq) is unique, so every missing number
-                # below the highest is exactly highest - received.
+                # below the highest is exactly highest - received (retention keeps
+                # each device's newest bin, so the highest is still stored).
                 "gaps": (top - n_bins) if top is not None else 0,
                 "health_beats": n_beats,
                 "last_health": _last_health(dev.id, top_beat) if top_beat else None,

@@ -61,6 +61,9 @@ class Device(BaseModel):
     # every row that references it. Read through `flowfleet.registry.fleet.ack` (NULL is 0).
     counts_acked = pw.BigIntegerField(null=True, default=0)
     counts_max = pw.BigIntegerField(null=True, default=0)
+    # Migration 8: count bins retention removed (they stay in the rollups), so bins
+    # received = stored + pruned.
+    bins_pruned = pw.BigIntegerField(null=True, default=0)
 
 
 class CountBin(BaseModel):

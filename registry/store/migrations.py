@@ -125,6 +125,7 @@ def _m8_rollups(db: pw.Database) -> None:
     # Empty: the registry fills them from the stored bins at its next start, in the
     # site's timezone (`flowfleet.registry.fleet.series.rebuild`).
     db.create_tables(regdb.ROLLUP_MODELS, safe=True)
+    _add_missing_columns(db, "device", {"bins_pruned": regdb.Device.bins_pruned})
 
 
 MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
@@ -168,7 +169,8 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
     ),
     (
         8,
-        "rollups per minute, hour and day: line_rollup, zone_rollup, speed_rollup",
+        "rollups per minute, hour and day: line_rollup, zone_rollup, speed_rollup; "
+        "device.bins_pruned (raw bins removed by retention)",
         _m8_rollups,
     ),
 )
