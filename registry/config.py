@@ -132,8 +132,30 @@ class WatchSection(Strict):
     dir: str | None = Field(None, description="register model files dropped here")
 
 
+class CountsSection(Strict):
+    """Counts over time: the site's timezone (day rollups start at its midnight) and
+    how long raw count bins are kept (the rollups keep every count)."""
+
+    timezone: str = Field("UTC", description="IANA name, e.g. Europe/Paris")
+    raw_retention_days: float = Field(90.0, ge=0, description="0 keeps raw bins forever")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo
+
+        try:
+            ZoneInfo(value)
+        except Exception:
+            raise ValueError(
+                f"unknown timezone {value!r} (an IANA name such as Europe/Paris)"
+            ) from None
+        return value
+
+
 class RegistrySettings(Strict):
     database: DatabaseSection = DatabaseSection()
+    counts: CountsSection = CountsSection()
     storage: StorageSection = StorageSection()
     broker: BrokerSection = BrokerSection()
     http: HttpSection = HttpSection()

@@ -31,6 +31,7 @@ from .catalog.modelreg import ModelRegistry, RegistryConfig
 from .catalog.watch import WatchFolder
 from .errors import BrokerRefused, PublishError
 from .fleet.ingest import IngestWorker
+from .fleet.retention import RetentionJob
 from .http.server import HttpServer, ProxyTrust
 from .http.web import create_app
 from .store.db import describe
@@ -111,6 +112,8 @@ def run_registry(
     watch_dir: str | Path | None = None,
     http_threads: int = 8,
     proxy: ProxyTrust | None = None,
+    site_timezone: str = "UTC",
+    raw_retention_days: float | None = 90.0,
 ) -> None:
     """Ingest device messages from ``broker`` into ``db_path`` and serve the web UI.
 
@@ -132,6 +135,10 @@ def run_registry(
             `flowfleet.registry.catalog.watch`); none by default.
         http_threads: requests the web server handles at once.
         proxy: which reverse-proxy headers to believe; none by default.
+        site_timezone: IANA name of the site's timezone: day rollups (and the day
+            buckets of /api/series) run from its midnight to midnight.
+        raw_retention_days: raw count bins and health beats older than this are
+            removed once an hour (the rollups keep every count); None keeps them.
 
     Raises OSError if the HTTP port cannot be bound (before anything else starts), and
     BrokerRefused if the broker refuses the registry's credentials on the first
@@ -145,8 +152,10 @@ def run_registry(
         Topics(topics_root),
         client_id=client_id,
         on_connect_refused=refusals.refused,
+        site_timezone=site_timezone,
     )
     refusals.connection = worker.connection
+    fill_rollups(worker.db, worker.ingestor.buckets)
     models = ModelRegistry.from_config(worker.db, registry_config or RegistryConfig.beside(db_path))
     models.start()  # creates the signing key on first start
     topics = Topics(topics_root)
@@ -160,6 +169,7 @@ def run_registry(
         anonymous_read=anonymous_read,
         publish=publish,
         topics=topics,
+        site_timezone=site_timezone,
     )
     server = HttpServer(app, http_host, http_port, threads=http_threads, proxy=proxy)
     watcher = (
@@ -167,6 +177,7 @@ def run_registry(
         if watch_dir is not None
         else None
     )
+    retention = RetentionJob(worker.db, raw_retention_days) if raw_retention_days else None
     url = _url(http_host, server.port)
     http_thread = threading.Thread(target=server.serve_forever, name="registry-http", daemon=True)
     restore_signals = _stop_on_sigterm(stop)
@@ -175,6 +186,8 @@ def run_registry(
         http_thread.start()
         if watcher is not None:
             watcher.start()
+        if retention is not None:
+            retention.start()
         log.info(
             "registry web UI at %s (waitress, %d threads; database %s)",
             url,
@@ -205,6 +218,8 @@ def run_registry(
         log.info("registry stopping")
         if watcher is not None:
             watcher.stop()
+        if retention is not None:
+            retention.stop()
         if http_thread.is_alive():
             server.shutdown()
         server.close()
@@ -213,6 +228,21 @@ def run_registry(
         worker.stop()
         restore_signals()
         log.info("registry stopped")
+
+
+def fill_rollups(db, buckets) -> None:
+    """Bins stored before the rollups existed: fill the rollups once, at start."""
+    from .fleet import series
+    from .store.db import CountBin, LineRollup, SpeedRollup, ZoneRollup
+
+    if any(m.select().exists() for m in (LineRollup, ZoneRollup, SpeedRollup)):
+        return
+    if not CountBin.select().exists():
+        return
+    total = CountBin.select().count()
+    log.info("filling the rollups from %d stored count bins (%s days)", total, buckets.name)
+    n = series.rebuild(db, buckets, progress=lambda n: log.info("rollups: %d of %d bins", n, total))
+    log.info("rollups filled from %d bins", n)
 
 
 def _stop_on_sigterm(stop: threading.Event) -> Callable[[], None]:

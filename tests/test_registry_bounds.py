@@ -10,9 +10,11 @@ import pytest
 
 from flowfleet import contract as c
 from flowfleet.contract import CountBin, Health, LineCount, Topics, ZoneCount
+from flowfleet.registry.fleet import series
 from flowfleet.registry.fleet.bounds import MAX_SEQ_JUMP, check_seq_jump
 from flowfleet.registry.fleet.ingest import DEAD_LETTER, STORED, Ingestor
 from flowfleet.registry.http.web import create_app, format_ts
+from flowfleet.registry.service import fill_rollups
 from flowfleet.registry.store import db as regdb
 from flowfleet.registry.testing import fresh_database
 
@@ -107,24 +109,28 @@ def _legacy_rows(db, count: int, dwell: float, n: int = 2) -> None:
         )
 
 
-def test_totals_past_64_bits_do_not_fail_the_page(db, client):
-    """Two rows of 2**62 each: SQLite's integer SUM would raise "integer overflow"."""
+def test_totals_past_64_bits_do_not_fail_the_page(db, client, caplog):
+    """Two rows of 2**62 each (SQLite's integer SUM would raise "integer overflow"):
+    the rollups leave out rows no bin can hold today, and the pages answer."""
     _legacy_rows(db, 2**62, 1.0)
+    fill_rollups(db, series.Buckets())
 
     body = strict_json(get(client, "/api/totals"))
-    (line,) = body["lines"]
-    assert line["in"] == 2**63  # exact here (a power of two); beyond 2**53 SQLite rounds
+    assert body["lines"] == [] and body["zones"] == []
+    assert "rollups leave out a row of old-cam bin 1: values out of bounds" in caplog.text
     get(client, "/")
 
 
-def test_a_stored_infinity_is_written_as_null(db, client):
-    """JSON has no Infinity: the page answers valid JSON, with null for that figure."""
+def test_a_stored_infinity_is_left_out_and_the_rest_kept(db, client):
+    """JSON has no Infinity: the zone row with an infinite dwell is left out, its
+    line rows count, and the page answers valid JSON."""
     _legacy_rows(db, 1, float("inf"))
+    fill_rollups(db, series.Buckets())
 
     body = strict_json(get(client, "/api/totals"))
-    (zone,) = body["zones"]
-    assert zone["dwell_s_sum"] is None and zone["dwell_s_avg"] is None
-    assert zone["entries"] == 2
+    assert body["zones"] == []
+    (line,) = body["lines"]
+    assert line["in"] == 2
     get(client, "/")
 
 

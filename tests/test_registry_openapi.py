@@ -52,7 +52,11 @@ def test_api_matches_its_openapi_document(served):
         # An upload that is schema-valid (any bytes) is rightly refused when the bytes
         # are not a model (422): that is content validation, not a schema mismatch.
         upload = operation.method.upper() == "POST"
-        excluded = [schemathesis.checks.positive_data_acceptance] if upload else []
+        # /api/series has rules across parameters that a schema cannot state (from
+        # before to, at most 100,000 points, group values that fit the kind): a
+        # schema-valid request may rightly get 400 there too.
+        across = operation.path == "/api/series"
+        excluded = [schemathesis.checks.positive_data_acceptance] if upload or across else []
         try:
             _checker(operation, headers, excluded)()
         except Exception as exc:

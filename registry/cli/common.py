@@ -53,6 +53,7 @@ FLAGS = {
         "proxy_hops": "proxy_hops",
     },
     "watch": {"dir": "watch"},
+    "counts": {"timezone": "timezone", "raw_retention_days": "raw_retention_days"},
 }
 
 

@@ -32,6 +32,7 @@ from .common import (
 )
 from .deadletters import add_dead_letter_actions
 from .groups import add_group_actions
+from .series import add_series_actions
 
 DAY = 86400.0
 
@@ -132,6 +133,20 @@ def _run_options(p: argparse.ArgumentParser, *, suppress: bool) -> None:
         metavar="DIR",
         help="register model files dropped into DIR (see docs/registry.md)",
     )
+    p.add_argument(
+        "--timezone",
+        default=d(None),
+        help="the site's IANA timezone (e.g. Europe/Paris): day buckets of the counts "
+        "over time run from its midnight (default UTC)",
+    )
+    p.add_argument(
+        "--raw-retention-days",
+        default=d(None),
+        type=float,
+        metavar="DAYS",
+        help="remove raw count bins and health beats older than this, once an hour; the "
+        "minute/hour/day rollups keep every count (default 90; 0 keeps them)",
+    )
 
 
 def register(sub) -> None:
@@ -139,7 +154,7 @@ def register(sub) -> None:
         "registry",
         help="run the registry (MQTT ingest and web UI), or manage models, keys, users, tokens",
         description="Without an action, runs the registry. Actions: models, keys, users, "
-        "tokens, groups, dead-letters.",
+        "tokens, groups, dead-letters, series, rollups.",
     )
     _shared_options(p, suppress=False)
     _run_options(p, suppress=False)
@@ -224,6 +239,7 @@ def register(sub) -> None:
     add_access_actions(actions, shared)
     add_group_actions(actions, shared)
     add_dead_letter_actions(actions, shared)
+    add_series_actions(actions, shared)
 
 
 # -- run --------------------------------------------------------------------------------
@@ -280,6 +296,8 @@ def cmd_registry(args: argparse.Namespace) -> int:
             anonymous_read=h.anonymous_read,
             watch_dir=s.watch.dir,
             http_threads=h.threads,
+            site_timezone=s.counts.timezone,
+            raw_retention_days=s.counts.raw_retention_days or None,
             proxy=ProxyTrust(
                 hops=h.proxy_hops,
                 headers=tuple(h.proxy_headers),

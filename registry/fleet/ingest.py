@@ -64,6 +64,7 @@ from ..store.db import (
 )
 from .ack import ack_state, note_count_seq, note_gap
 from .bounds import check_seq_jump
+from .series import Buckets, add_bin
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +102,19 @@ class Ingestor:
         topics: the topic layout the devices publish under.
     """
 
-    def __init__(self, db: pw.Database, topics: Topics, *, retry_s: float = 15.0) -> None:
+    def __init__(
+        self,
+        db: pw.Database,
+        topics: Topics,
+        *,
+        retry_s: float = 15.0,
+        site_timezone: str = "UTC",
+    ) -> None:
         require_bound(db)
         self.db = db
         self.topics = topics
         self.retry_s = retry_s
+        self.buckets = Buckets(site_timezone)  # day rollups start at its midnight
         # Devices whose count-bin custody was committed by handle(), with their
         # (counts_acked, counts_max), for the worker to publish as acks.
         self.acks: dict[str, tuple[int, int]] = {}
@@ -306,6 +315,17 @@ class Ingestor:
     def _store_bin(self, device: str, message: CountBinPayload, received_at: float) -> str:
         if (why := check_seq_jump(self.db, device, message.seq)) is not None:
             raise _Conflict(why)
+        state = ack_state(device)
+        if (
+            state is not None
+            and message.seq <= state[0]
+            and not CountBin.select()
+            .where((CountBin.device == device) & (CountBin.seq == message.seq))
+            .exists()
+        ):
+            # Settled before (stored, dead-lettered or declared dropped) and its raw
+            # record since removed by retention: a resend, counted once already.
+            return DUPLICATE
         outcome = self._store_once(
             CountBin,
             "count bin",
@@ -354,6 +374,7 @@ class Ingestor:
                     for zc in message.zones
                 ]
             ).execute()
+        add_bin(device, message, self.buckets)
         return STORED
 
     def _store_health(self, device: str, message: HealthPayload, received_at: float) -> str:
@@ -551,6 +572,7 @@ class IngestWorker:
             unacknowledged for redelivery (see `Ingestor`).
         on_connect_refused: called with the broker's reason and reason code when it
             refuses the session (see `MqttConnection`); the caller reports it.
+        site_timezone: the site's IANA timezone, where day rollups start at midnight.
     """
 
     def __init__(
@@ -562,10 +584,11 @@ class IngestWorker:
         ack_interval_s: float = 0.2,
         retry_s: float = 15.0,
         on_connect_refused: Callable[[str, int], None] | None = None,
+        site_timezone: str = "UTC",
     ) -> None:
         self.db = open_database(db_path)
         self.topics = topics
-        self.ingestor = Ingestor(self.db, topics, retry_s=retry_s)
+        self.ingestor = Ingestor(self.db, topics, retry_s=retry_s, site_timezone=site_timezone)
         self.connection = MqttConnection(
             client_id, broker, persistent=True, on_connect_refused=on_connect_refused
         )

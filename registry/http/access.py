@@ -57,6 +57,7 @@ CSRF_HEADER = "X-CSRF-Token"
 DASHBOARD_ENDPOINTS = {
     "index",
     "api_totals",
+    "series.api_series",
     "api_devices",
     "api_dead_letters",
     "api_events",

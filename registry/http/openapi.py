@@ -850,6 +850,7 @@ def _paths() -> dict[str, Any]:
 
 def openapi_document() -> dict[str, Any]:
     from .openapi_groups import group_paths
+    from .openapi_series import series_paths
 
     return {
         "openapi": "3.1.0",
@@ -857,8 +858,9 @@ def openapi_document() -> dict[str, Any]:
             "title": "flowfleet registry API",
             "version": __version__,
             "description": (
-                "Model registry, fleet totals, device events and drift, device groups, audit "
-                'trail. Errors are {"error": {"code", "message", "field"}}. Tokens: '
+                "Model registry, fleet totals and counts over time, device events and drift, "
+                "device groups, audit trail. "
+                'Errors are {"error": {"code", "message", "field"}}. Tokens: '
                 "Authorization: Bearer <token>; roles viewer < operator < admin. A device "
                 "token (tokens create --device) may only download the artifacts deployed to "
                 "its device, read /api/keys and its own /api/devices/{device}/deployments "
@@ -881,5 +883,5 @@ def openapi_document() -> dict[str, Any]:
             },
         },
         "security": [{"bearer": []}, {"session": []}],
-        "paths": {**_paths(), **group_paths()},
+        "paths": {**_paths(), **group_paths(), **series_paths()},
     }

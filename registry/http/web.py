@@ -38,17 +38,19 @@ from flowfleet.contract import CameraModel, Topics, is_valid_name
 from flowfleet.contract import DriftSummary as DriftPayload
 
 from ..catalog.modelreg import ModelRegistry, RegistryError
+from ..fleet import series
 from ..metrics import install_metrics
 from ..store.db import (
+    STEPS,
     CountBin,
     DeadLetter,
     Device,
     DriftSummary,
     Event,
     HealthBeat,
-    LineTotal,
+    LineRollup,
     ReportedState,
-    ZoneTotal,
+    ZoneRollup,
     database_proxy,
     require_bound,
 )
@@ -57,6 +59,7 @@ from .api import bp as api_bp
 from .api import error_response as registry_error_response
 from .api import int_arg, query_args
 from .groups_api import bp as groups_bp
+from .series_api import bp as series_bp
 from .webauth import bp as webauth_bp
 from .webauth import error_page
 
@@ -108,8 +111,11 @@ def _sum(field: pw.Field) -> pw.Function:
 
 
 def totals(device: str | None = None) -> dict[str, Any]:
-    """Line and zone totals, optionally for one device; see /api/totals."""
-    lt = LineTotal
+    """Line and zone totals, optionally for one device; see /api/totals.
+
+    Summed over the day rollups, which hold every count even after retention removed
+    the raw bins (and are far fewer rows)."""
+    lt = LineRollup
     lines = (
         lt.select(
             lt.device,
@@ -119,10 +125,11 @@ def totals(device: str | None = None) -> dict[str, Any]:
             _sum(lt.count_in).alias("in"),
             _sum(lt.count_out).alias("out"),
         )
+        .where(lt.step == STEPS["day"])
         .group_by(lt.device, lt.camera, lt.line, lt.class_)
         .order_by(lt.device, lt.camera, lt.line, lt.class_)
     )
-    zt = ZoneTotal
+    zt = ZoneRollup
     zones = (
         zt.select(
             zt.device,
@@ -135,6 +142,7 @@ def totals(device: str | None = None) -> dict[str, Any]:
             _sum(zt.dwell_s_sum).alias("dwell_s_sum"),
             _sum(zt.dwell_n).alias("dwell_n"),
         )
+        .where(zt.step == STEPS["day"])
         .group_by(zt.device, zt.camera, zt.zone, zt.class_)
         .order_by(zt.device, zt.camera, zt.zone, zt.class_)
     )
@@ -193,6 +201,7 @@ def devices() -> list[dict[str, Any]]:
     result = []
     for dev in Device.select().order_by(Device.id):
         n_bins, top = bins.get(dev.id, (0, None))
+        n_bins += dev.bins_pruned or 0  # retention removed them; they were received
         n_beats, top_beat = beats.get(dev.id, (0, None))
         result.append(
             {
@@ -205,7 +214,8 @@ def devices() -> list[dict[str, Any]]:
                 "bins": n_bins,
                 "highest_seq": top,
                 # seq starts at 1 and (device, seq) is unique, so every missing number
-                # below the highest is exactly highest - received.
+                # below the highest is exactly highest - received (retention keeps
+                # each device's newest bin, so the highest is still stored).
                 "gaps": (top - n_bins) if top is not None else 0,
                 "health_beats": n_beats,
                 "last_health": _last_health(dev.id, top_beat) if top_beat else None,
@@ -452,6 +462,7 @@ def create_app(
     anonymous_read: str = "local",
     publish: Callable[..., Any] | None = None,
     topics: Topics | None = None,
+    site_timezone: str = "UTC",
 ) -> Flask:
     """The registry web app on ``db`` (opened with `open_database`).
 
@@ -462,7 +473,7 @@ def create_app(
     ``"none"`` or ``"all"``. ``publish(topic, payload, retain=True)`` sends a message
     to the broker (deployments publish the devices' retained desired state through
     it, under ``topics``, default root ``flowfleet/v1``); without one, deploying
-    answers 503.
+    answers 503. ``site_timezone`` is the site's, where day buckets of /api/series start.
     """
     require_bound(db)
     app = Flask(__name__)
@@ -477,7 +488,10 @@ def create_app(
     if publish is not None:
         app.extensions["flowfleet_publish"] = publish
     app.extensions["flowfleet_topics"] = topics or Topics()
+    app.extensions["flowfleet_db"] = db
+    app.extensions["flowfleet_buckets"] = series.Buckets(site_timezone)
     app.register_blueprint(api_bp)
+    app.register_blueprint(series_bp)
     app.register_blueprint(webauth_bp)
     app.register_blueprint(groups_bp)
     install_metrics(app)  # first before_request hook: times everything after it

@@ -61,6 +61,9 @@ class Device(BaseModel):
     # every row that references it. Read through `flowfleet.registry.fleet.ack` (NULL is 0).
     counts_acked = pw.BigIntegerField(null=True, default=0)
     counts_max = pw.BigIntegerField(null=True, default=0)
+    # Migration 8: count bins retention removed (they stay in the rollups), so bins
+    # received = stored + pruned.
+    bins_pruned = pw.BigIntegerField(null=True, default=0)
 
 
 class CountBin(BaseModel):
@@ -467,6 +470,79 @@ class DesiredCounter(BaseModel):
         table_name = "desired_counter"
 
 
+# -- rollups (schema migration 8): counts per time bucket ----------------------------
+
+# Bucket steps as stored in the rollup tables' ``step`` column.
+STEPS = {"minute": "m", "hour": "h", "day": "d"}
+
+
+class _Rollup(BaseModel):
+    """One (device, camera, line or zone, class) per time bucket of one step.
+
+    ``bucket`` is the bucket's start (epoch seconds): minutes and hours are aligned
+    to UTC, days to midnight in the registry's site timezone. A bin counts in the
+    bucket of its window start. Kept by `flowfleet.registry.fleet.series` in the
+    transaction that stores the bin, so a rollup always equals the sum of its bins.
+    """
+
+    device = pw.ForeignKeyField(Device, column_name="device", on_delete="CASCADE")
+    camera = pw.CharField(max_length=64)
+    class_ = pw.CharField(column_name="class", max_length=64)
+    step = pw.CharField(max_length=1)
+    bucket = pw.DoubleField()
+    bins = pw.BigIntegerField(default=0)
+
+
+class LineRollup(_Rollup):
+    line = pw.CharField(max_length=64)
+    count_in = pw.BigIntegerField(default=0)
+    count_out = pw.BigIntegerField(default=0)
+
+    class Meta:
+        table_name = "line_rollup"
+        indexes = (
+            (("device", "camera", "line", "class_", "step", "bucket"), True),
+            (("device", "step", "bucket"), False),
+            (("step", "bucket"), False),
+        )
+
+
+class ZoneRollup(_Rollup):
+    zone = pw.CharField(max_length=64)
+    entries = pw.BigIntegerField(default=0)
+    exits = pw.BigIntegerField(default=0)
+    peak_occupancy = pw.BigIntegerField(default=0)
+    dwell_s_sum = pw.DoubleField(default=0.0)
+    dwell_n = pw.BigIntegerField(default=0)
+
+    class Meta:
+        table_name = "zone_rollup"
+        indexes = (
+            (("device", "camera", "zone", "class_", "step", "bucket"), True),
+            (("device", "step", "bucket"), False),
+            (("step", "bucket"), False),
+        )
+
+
+class SpeedRollup(_Rollup):
+    """Speeds combine as n, the n-weighted sum of means (mean = kmh_sum / n) and max;
+    ``line`` is "" for the camera-wide row (every track that ended)."""
+
+    line = pw.CharField(max_length=64)
+    n = pw.BigIntegerField(default=0)
+    kmh_sum = pw.DoubleField(default=0.0)
+    kmh_max = pw.DoubleField(null=True)
+    insufficient = pw.BigIntegerField(default=0)
+
+    class Meta:
+        table_name = "speed_rollup"
+        indexes = (
+            (("device", "camera", "line", "class_", "step", "bucket"), True),
+            (("device", "step", "bucket"), False),
+            (("step", "bucket"), False),
+        )
+
+
 # Tables created by schema migration 1 (the ingest tables) and 2 (the model registry).
 # Released migrations never change: new tables go in a new tuple and migration.
 INGEST_MODELS: tuple[type[BaseModel], ...] = (
@@ -503,6 +579,8 @@ ACCESS_AND_GROUP_MODELS: tuple[type[BaseModel], ...] = (
 # Created by schema migration 7 (which also adds device.counts_acked, .counts_max and
 # the dead_letter columns kind, seq, replayed_at, replay_outcome, replay_reason).
 DELIVERY_MODELS: tuple[type[BaseModel], ...] = (CountGap,)
+# Created by schema migration 8.
+ROLLUP_MODELS: tuple[type[BaseModel], ...] = (LineRollup, ZoneRollup, SpeedRollup)
 MODELS: tuple[type[BaseModel], ...] = (
     INGEST_MODELS
     + REGISTRY_MODELS
@@ -511,6 +589,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     + DEPLOYMENT_MODELS
     + ACCESS_AND_GROUP_MODELS
     + DELIVERY_MODELS
+    + ROLLUP_MODELS
 )
 
 DATABASE_URL_ENV = "FLOWFLEET_DATABASE_URL"

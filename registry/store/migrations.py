@@ -121,6 +121,13 @@ def _m7_end_to_end_ack(db: pw.Database) -> None:
         advance_counts_ack(device)
 
 
+def _m8_rollups(db: pw.Database) -> None:
+    # Empty: the registry fills them from the stored bins at its next start, in the
+    # site's timezone (`flowfleet.registry.fleet.series.rebuild`).
+    db.create_tables(regdb.ROLLUP_MODELS, safe=True)
+    _add_missing_columns(db, "device", {"bins_pruned": regdb.Device.bins_pruned})
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
     (
         1,
@@ -159,6 +166,12 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         "end-to-end acknowledgement: device.counts_acked, device.counts_max, dead_letter "
         "kind/seq/replay columns, count_gap",
         _m7_end_to_end_ack,
+    ),
+    (
+        8,
+        "rollups per minute, hour and day: line_rollup, zone_rollup, speed_rollup; "
+        "device.bins_pruned (raw bins removed by retention)",
+        _m8_rollups,
     ),
 )
 LATEST = MIGRATIONS[-1][0]

@@ -1,0 +1,458 @@
+"""Counts over time: minute, hour and day rollups, kept as bins arrive, and queried.
+
+Every stored count bin adds its rows to three buckets per (device, camera, line or
+zone, class): the minute and the hour of its window start (aligned to UTC) and the
+day of its window start (midnight to midnight in the registry's site timezone).
+`add_bin` runs in the transaction that stores the bin, with upserts that add to
+what a bucket holds, so a rollup always equals the sum of its raw bins, whatever
+order the bins arrive in and however late (`tests/test_series.py` checks it with
+generated bins across bucket and day boundaries in random order).
+
+Speeds combine as n, the n-weighted sum of the bins' means, and the max; the mean of
+a bucket is ``kmh_sum / n``. (A bin's p85 does not combine, so buckets have none.)
+
+Queries (`query`) read one step's buckets for a range, optionally split by device,
+camera, line or zone, and class, and return points plus a total; `to_csv` renders
+them for export. The raw bins may later be removed by retention; rollups stay.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from zoneinfo import ZoneInfo
+
+import peewee as pw
+
+from flowfleet.contract import CountBin as CountBinPayload
+
+from ..store.db import (
+    STEPS,
+    CountBin,
+    LineRollup,
+    LineTotal,
+    SpeedRollup,
+    ZoneRollup,
+    ZoneTotal,
+)
+
+log = logging.getLogger(__name__)
+
+KINDS = ("lines", "zones", "speeds")
+GROUPS = ("device", "camera", "line", "zone", "class")
+# Points one query may return (buckets x series), so one request cannot ask for
+# years of minutes.
+MAX_POINTS = 100_000
+
+
+class SeriesError(ValueError):
+    """A query that cannot be answered as asked (the message names the parameter)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class Buckets:
+    """Bucket starts for one site timezone."""
+
+    def __init__(self, tz: str = "UTC") -> None:
+        try:
+            self.tz = ZoneInfo(tz)
+        except Exception:
+            raise SeriesError("timezone", f"unknown timezone {tz!r}") from None
+        self.name = tz
+
+    def start(self, step: str, ts: float) -> float:
+        """The start of the ``step`` ("minute", "hour", "day") bucket holding ``ts``."""
+        if step == "minute":
+            return math.floor(ts / 60.0) * 60.0
+        if step == "hour":
+            return math.floor(ts / 3600.0) * 3600.0
+        local = datetime.fromtimestamp(ts, self.tz)
+        midnight = datetime(local.year, local.month, local.day, tzinfo=self.tz)
+        return midnight.timestamp()
+
+    def starts(self, step: str, start: float, end: float) -> list[float]:
+        """Every bucket start of ``step`` from the one holding ``start`` to before ``end``."""
+        out = []
+        t = self.start(step, start)
+        while t < end:
+            out.append(t)
+            if step == "day":
+                # 26 h after a local midnight is always within the next day, whether
+                # that day has 23, 24 or 25 hours (DST).
+                t = self.start("day", t + 26 * 3600.0)
+            else:
+                t += 60.0 if step == "minute" else 3600.0
+        return out
+
+
+# -- keeping rollups -----------------------------------------------------------------
+
+
+def _upsert(model: type[pw.Model], rows: list[dict], adds: tuple[str, ...], maxes=()) -> None:
+    if not rows:
+        return
+    update = {getattr(model, f): getattr(model, f) + pw.EXCLUDED[f] for f in adds}
+    for f in maxes:
+        col, new = getattr(model, f), pw.EXCLUDED[f]
+        # NULL-safe max: a bucket without a value takes the new one.
+        update[col] = pw.Case(None, ((col.is_null() | (new > col), new),), col)
+    key = [model.device, model.camera, getattr(model, _NAME[model]), model.class_]
+    model.insert_many(rows).on_conflict(
+        conflict_target=[*key, model.step, model.bucket], update=update
+    ).execute()
+
+
+_NAME = {LineRollup: "line", ZoneRollup: "zone", SpeedRollup: "line"}
+
+
+def add_bin(device: str, message: CountBinPayload, buckets: Buckets) -> None:
+    """Add one stored bin to its minute, hour and day buckets (call in its transaction)."""
+    for step, code in STEPS.items():
+        bucket = buckets.start(step, message.start)
+        base = {"device": device, "step": code, "bucket": bucket, "bins": 1}
+        _upsert(
+            LineRollup,
+            [
+                {
+                    **base,
+                    "camera": r.camera,
+                    "line": r.line,
+                    "class_": r.class_,
+                    "count_in": r.in_,
+                    "count_out": r.out,
+                }
+                for r in message.lines
+            ],
+            ("bins", "count_in", "count_out"),
+        )
+        _upsert(
+            ZoneRollup,
+            [
+                {
+                    **base,
+                    "camera": r.camera,
+                    "zone": r.zone,
+                    "class_": r.class_,
+                    "entries": r.entries,
+                    "exits": r.exits,
+                    "peak_occupancy": r.peak_occupancy,
+                    "dwell_s_sum": r.dwell_s_sum,
+                    "dwell_n": r.dwell_n,
+                }
+                for r in message.zones
+            ],
+            ("bins", "entries", "exits", "dwell_s_sum", "dwell_n"),
+            maxes=("peak_occupancy",),
+        )
+        _upsert(
+            SpeedRollup,
+            [
+                {
+                    **base,
+                    "camera": r.camera,
+                    "line": r.line or "",
+                    "class_": r.class_,
+                    "n": r.n,
+                    "kmh_sum": (r.mean_kmh or 0.0) * r.n,
+                    "kmh_max": r.max_kmh,
+                    "insufficient": r.insufficient,
+                }
+                for r in message.speeds or ()
+            ],
+            ("bins", "n", "kmh_sum", "insufficient"),
+            maxes=("kmh_max",),
+        )
+
+
+def rebuild(db: pw.Database, buckets: Buckets, chunk: int = 2000, progress=None) -> int:
+    """Recompute every rollup from the raw bins still stored (after a timezone change,
+    or for bins stored before rollups existed). Returns how many bins were read.
+
+    Reads the stored rows, not the payloads, and leaves out (with a warning) rows an
+    older registry stored before the contract had bounds (a count over MAX_COUNT, a
+    dwell sum that is not finite): no bin stored today can hold them, and one device
+    must not break the fleet's totals. Buckets of bins that retention already
+    removed are lost by a rebuild.
+    """
+    with db.atomic():
+        for model in (LineRollup, ZoneRollup, SpeedRollup):
+            model.delete().execute()
+        last, n = 0, 0
+        while True:
+            rows = list(
+                CountBin.select(CountBin.id, CountBin.device, CountBin.seq, CountBin.payload)
+                .where(CountBin.id > last)
+                .order_by(CountBin.id)
+                .limit(chunk)
+                .tuples()
+            )
+            if not rows:
+                return n
+            ids = [r[0] for r in rows]
+            lines = defaultdict(list)
+            for r in LineTotal.select().where(LineTotal.bin.in_(ids)):
+                lines[r.bin_id].append(r)
+            zones = defaultdict(list)
+            for r in ZoneTotal.select().where(ZoneTotal.bin.in_(ids)):
+                zones[r.bin_id].append(r)
+            for row_id, device, seq, payload in rows:
+                _add_stored(device, seq, lines[row_id], zones[row_id], payload, buckets)
+                last = row_id
+            n += len(rows)
+            if progress is not None:
+                progress(n)
+
+
+def _add_stored(device, seq, lines, zones, payload: str, buckets: Buckets) -> None:
+    """One stored bin's rows into its buckets (see `rebuild`)."""
+    import json
+
+    from flowfleet.contract import MAX_COUNT, LineCount, SpeedCount, ZoneCount
+    from flowfleet.contract import CountBin as Payload
+
+    def ok(*counts, dwell=0.0) -> bool:
+        good = all(0 <= c <= MAX_COUNT for c in counts) and math.isfinite(dwell)
+        if not good:
+            log.warning("rollups leave out a row of %s bin %d: values out of bounds", device, seq)
+        return good
+
+    start = (lines or zones)[0].start if (lines or zones) else None
+    speeds = ()
+    try:
+        body = json.loads(payload)
+        start = body["start"] if start is None else start
+        speeds = tuple(
+            SpeedCount.model_validate(s) for s in body.get("speeds") or () if isinstance(s, dict)
+        )
+    except Exception:  # an older registry's payload: its speeds are left out
+        speeds = ()
+    if start is None:
+        return
+    message = Payload.model_construct(
+        device=device,
+        seq=seq,
+        start=start,
+        end=start,
+        lines=tuple(
+            LineCount.model_construct(
+                camera=r.camera, line=r.line, class_=r.class_, in_=r.count_in, out=r.count_out
+            )
+            for r in lines
+            if ok(r.count_in, r.count_out)
+        ),
+        zones=tuple(
+            ZoneCount.model_construct(
+                camera=r.camera,
+                zone=r.zone,
+                class_=r.class_,
+                entries=r.entries,
+                exits=r.exits,
+                peak_occupancy=r.peak_occupancy,
+                dwell_s_sum=r.dwell_s_sum,
+                dwell_n=r.dwell_n,
+            )
+            for r in zones
+            if ok(r.entries, r.exits, r.peak_occupancy, r.dwell_n, dwell=r.dwell_s_sum)
+        ),
+        speeds=speeds,
+    )
+    add_bin(device, message, buckets)
+
+
+# -- queries -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Query:
+    kind: str = "lines"  # lines | zones | speeds
+    step: str = "hour"  # minute | hour | day
+    start: float = 0.0  # first bucket: the one holding ``start``
+    end: float = 0.0  # up to (not including) the bucket holding ``end``
+    device: str | None = None
+    camera: str | None = None
+    name: str | None = None  # the line or zone
+    class_: str | None = None
+    group: tuple[str, ...] = ()  # split the series by these
+
+    def check(self) -> Query:
+        if self.kind not in KINDS:
+            raise SeriesError("kind", f"must be one of {', '.join(KINDS)}, not {self.kind!r}")
+        if self.step not in STEPS:
+            raise SeriesError("step", f"must be one of {', '.join(STEPS)}, not {self.step!r}")
+        if not self.end > self.start:
+            raise SeriesError("to", "must be after from")
+        for g in self.group:
+            if g not in GROUPS:
+                raise SeriesError("group", f"{g!r} is not one of {', '.join(GROUPS)}")
+            if (g == "line" and self.kind == "zones") or (g == "zone" and self.kind != "zones"):
+                raise SeriesError("group", f"{g!r} does not go with kind {self.kind}")
+        return self
+
+
+_VALUES = {
+    "lines": ("count_in", "count_out"),
+    "zones": ("entries", "exits", "peak_occupancy", "dwell_s_sum", "dwell_n"),
+    "speeds": ("n", "kmh_sum", "kmh_max", "insufficient"),
+}
+_MODEL = {"lines": LineRollup, "zones": ZoneRollup, "speeds": SpeedRollup}
+# JSON names of the values.
+_OUT = {
+    "count_in": "in",
+    "count_out": "out",
+    "peak_occupancy": "peak_occupancy",
+    "kmh_max": "max_kmh",
+}
+
+
+def _is_sqlite(db: pw.Database) -> bool:
+    return isinstance(db, pw.SqliteDatabase)
+
+
+def query(db: pw.Database, q: Query, buckets: Buckets) -> dict:
+    """The buckets of ``q`` with their values, per series (``q.group``), and totals."""
+    q.check()
+    model = _MODEL[q.kind]
+    starts = buckets.starts(q.step, q.start, q.end)
+    group_cols = [_column(model, g) for g in q.group]
+    n_series = 1
+    if len(starts) > MAX_POINTS:
+        raise SeriesError("from", f"{len(starts)} {q.step} buckets; at most {MAX_POINTS}")
+    total = pw.fn.TOTAL if _is_sqlite(db) else pw.fn.SUM
+    values = []
+    for v in _VALUES[q.kind]:
+        col = getattr(model, v)
+        agg = pw.fn.MAX(col) if v in ("peak_occupancy", "kmh_max") else total(col)
+        values.append(agg.alias(v))
+    sel = (
+        model.select(*group_cols, model.bucket, *values)
+        .where(
+            (model.step == STEPS[q.step])
+            & (model.bucket >= (starts[0] if starts else q.start))
+            & (model.bucket < q.end)
+        )
+        .group_by(*group_cols, model.bucket)
+        .order_by(*group_cols, model.bucket)
+    )
+    for g, want in (("device", q.device), ("camera", q.camera), ("class", q.class_)):
+        if want is not None:
+            sel = sel.where(_column(model, g) == want)
+    if q.name is not None:
+        sel = sel.where(getattr(model, _NAME[model]) == q.name)
+    series: dict[tuple, list] = defaultdict(list)
+    for row in sel.tuples():
+        key = tuple(row[: len(group_cols)])
+        series[key].append(_point(q.kind, row[len(group_cols)], row[len(group_cols) + 1 :]))
+    n_series = max(1, len(series))
+    if len(starts) * n_series > MAX_POINTS:
+        raise SeriesError("from", f"{len(starts) * n_series} points; at most {MAX_POINTS}")
+    out = []
+    for key, points in sorted(series.items(), key=lambda kv: [str(k) for k in kv[0]]):
+        out.append(
+            {
+                "key": dict(zip(q.group, key, strict=True)),
+                "points": points,
+                "total": _combine(q.kind, points),
+            }
+        )
+    all_points = [p for s in out for p in s["points"]]
+    return {
+        "kind": q.kind,
+        "step": q.step,
+        "from": starts[0] if starts else q.start,
+        "to": q.end,
+        "timezone": buckets.name,
+        "group": list(q.group),
+        "series": out,
+        "total": _combine(q.kind, all_points),
+    }
+
+
+def _column(model, group: str):
+    if group in ("line", "zone"):
+        return getattr(model, _NAME[model])
+    return model.class_ if group == "class" else getattr(model, group)
+
+
+def _point(kind: str, bucket: float, vals: tuple) -> dict:
+    names = _VALUES[kind]
+    p: dict = {"t": bucket}
+    for name, v in zip(names, vals, strict=True):
+        if name == "kmh_sum":
+            continue
+        if name in ("dwell_s_sum", "kmh_max"):
+            p[_OUT.get(name, name)] = None if v is None else round(float(v), 3)
+        else:
+            p[_OUT.get(name, name)] = int(v or 0)
+    if kind == "speeds":
+        n, kmh_sum = int(vals[0] or 0), float(vals[1] or 0.0)
+        p["mean_kmh"] = round(kmh_sum / n, 2) if n else None
+        p["_kmh_sum"] = kmh_sum
+    if kind == "zones":
+        p["dwell_mean_s"] = round(p["dwell_s_sum"] / p["dwell_n"], 2) if p["dwell_n"] else None
+    return p
+
+
+def _combine(kind: str, points: Iterable[dict]) -> dict:
+    points = list(points)
+    if kind == "lines":
+        return {"in": sum(p["in"] for p in points), "out": sum(p["out"] for p in points)}
+    if kind == "zones":
+        dwell_s = sum(p["dwell_s_sum"] for p in points)
+        dwell_n = sum(p["dwell_n"] for p in points)
+        return {
+            "entries": sum(p["entries"] for p in points),
+            "exits": sum(p["exits"] for p in points),
+            "peak_occupancy": max((p["peak_occupancy"] for p in points), default=0),
+            "dwell_s_sum": round(dwell_s, 3),
+            "dwell_n": dwell_n,
+            "dwell_mean_s": round(dwell_s / dwell_n, 2) if dwell_n else None,
+        }
+    n = sum(p["n"] for p in points)
+    kmh = sum(p["_kmh_sum"] for p in points)
+    maxes = [p["max_kmh"] for p in points if p["max_kmh"] is not None]
+    return {
+        "n": n,
+        "mean_kmh": round(kmh / n, 2) if n else None,
+        "max_kmh": max(maxes) if maxes else None,
+        "insufficient": sum(p["insufficient"] for p in points),
+    }
+
+
+def public(result: dict) -> dict:
+    """The result without internal fields (what the API and CLI return)."""
+    for s in result["series"]:
+        for p in s["points"]:
+            p.pop("_kmh_sum", None)
+    return result
+
+
+def to_csv(result: dict) -> str:
+    """One row per series and bucket: the group keys, the bucket (ISO UTC and epoch),
+    then the values."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    values = [k for k in (result["series"][0]["points"][0] if result["series"] else {}) if k != "t"]
+    values = [v for v in values if not v.startswith("_")]
+    w.writerow([*result["group"], "bucket_utc", "bucket_epoch", *values])
+    for s in result["series"]:
+        for p in s["points"]:
+            iso = datetime.fromtimestamp(p["t"], timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            w.writerow(
+                [
+                    *(s["key"][g] for g in result["group"]),
+                    iso,
+                    p["t"],
+                    *("" if p[v] is None else p[v] for v in values),
+                ]
+            )
+    return buf.getvalue()
