@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 
 from flowfleet.cliutil import EXIT_USAGE, CliError
 
-from .common import _actor, _print_json, run_in_db
+from .common import _actor, _print_json, run_in_db, settings
 
 
 def add_dead_letter_actions(
@@ -111,7 +111,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
             letters = [deadletters.get(i) for i in args.ids]
         else:
             letters = deadletters.select(device=args.device, reason=args.reason)
-        results = deadletters.replay(db, Topics(args.topic_root), letters)
+        root = getattr(args, "topic_root", None) or settings(args).broker.topic_root
+        results = deadletters.replay(db, Topics(root), letters)
         if results:
             audit(
                 _actor(),
