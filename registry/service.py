@@ -17,29 +17,16 @@ from pathlib import Path
 from werkzeug.serving import WSGIRequestHandler, make_server
 
 from flowfleet.contract import DEFAULT_ROOT, Topics
-from flowfleet.mqtt import BrokerAddress, MqttConnection
+from flowfleet.mqtt import BrokerAddress
 
 from .catalog.modelreg import ModelRegistry, RegistryConfig
 from .catalog.watch import WatchFolder
-from .errors import PublishError
+from .fleet.commands import CommandPublisher
 from .fleet.ingest import IngestWorker
 from .http.web import create_app
 from .store.db import describe
 
 log = logging.getLogger(__name__)
-
-
-def mqtt_publisher(connection: MqttConnection) -> Callable[..., int]:
-    """The ``publish(topic, payload, retain=True)`` callable `create_app` takes:
-    QoS 1 on ``connection``; raises PublishError while it is not connected."""
-
-    def publish(topic: str, payload: bytes, retain: bool = True) -> int:
-        mid = connection.publish(topic, payload, qos=1, retain=retain)
-        if mid is None:
-            raise PublishError(f"not connected to the broker {connection.address}")
-        return mid
-
-    return publish
 
 
 # How long the broker gets to accept the session before we log that it has not (the
@@ -103,21 +90,22 @@ def run_registry(
     models.start()  # creates the signing key on first start
     topics = Topics(topics_root)
 
-    # Deployments: the devices' retained desired state, QoS 1 on the ingest session.
-    publish = mqtt_publisher(worker.connection)
+    # Deployments queue the devices' retained desired states in the commands outbox;
+    # this publishes them after commit, QoS 1 on the ingest session (its PUBACKs).
+    commands = CommandPublisher(worker.db, worker.connection)
     app = create_app(
         worker.db,
         ingest_stats=worker.stats,
         registry=models,
         anonymous_read=anonymous_read,
-        publish=publish,
+        commands=commands,
         topics=topics,
     )
     server = make_server(
         http_host, http_port, app, threaded=True, request_handler=_QuietRequestHandler
     )
     watcher = (
-        WatchFolder(models, watch_dir, publish=publish, topics=topics)
+        WatchFolder(models, watch_dir, commands=commands, topics=topics)
         if watch_dir is not None
         else None
     )
@@ -126,6 +114,7 @@ def run_registry(
     restore_signals = _stop_on_sigterm(stop)
     try:
         worker.start()
+        commands.start()
         http_thread.start()
         if watcher is not None:
             watcher.start()
@@ -150,6 +139,7 @@ def run_registry(
         if http_thread.is_alive():
             server.shutdown()
         server.server_close()
+        commands.stop()  # what is not acknowledged yet is sent on the next start
         # Stop ingest last-but-cleanly: a clean DISCONNECT keeps the persistent
         # session, so the broker queues whatever devices send until the next start.
         worker.stop()

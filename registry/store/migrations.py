@@ -121,6 +121,10 @@ def _m7_end_to_end_ack(db: pw.Database) -> None:
         advance_counts_ack(device)
 
 
+def _m8_commands(db: pw.Database) -> None:
+    db.create_tables(regdb.COMMAND_MODELS, safe=True)
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
     (
         1,
@@ -159,6 +163,11 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         "end-to-end acknowledgement: device.counts_acked, device.counts_max, dead_letter "
         "kind/seq/replay columns, count_gap",
         _m7_end_to_end_ack,
+    ),
+    (
+        8,
+        "commands outbox: device_command (desired states published after commit)",
+        _m8_commands,
     ),
 )
 LATEST = MIGRATIONS[-1][0]
