@@ -5,7 +5,8 @@ One folder per subsystem, imports running downwards (``http`` and ``cli`` use
 
 - ``store/``: database connection and tables, migrations, named locks, audit trail;
 - ``catalog/``: model versions, artifacts, formats, signing keys, watch folder;
-- ``fleet/``: ingest and the end-to-end ack, dead letters, deployments, groups;
+- ``fleet/``: ingest and the end-to-end ack, dead letters, deployments, groups, the
+  commands outbox (desired states published after commit);
 - ``http/``: REST API, pages and templates, tokens, sessions, access rules, OpenAPI;
 - ``cli/``: the ``flowfleet registry ...`` commands;
 - ``service.py`` starts the pieces; ``errors.py`` and ``metrics.py`` are shared.

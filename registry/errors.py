@@ -2,18 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 from flowfleet.contract import is_valid_name
-
-# publish(topic, payload, retain=True): send one message to the broker (QoS 1); raises
-# PublishError (or any exception) when it cannot.
-Publisher = Callable[..., Any]
-
-
-class PublishError(Exception):
-    """The desired state could not be handed to the broker (not connected, refused)."""
 
 
 def artifact_path(name: str, number: int) -> str:

@@ -16,11 +16,16 @@ flowfleet_registry_rollbacks_total                          device-reported roll
 flowfleet_registry_ingest_messages_total                    kind, outcome (stored,
                                                             duplicate, dead-letter, error)
 flowfleet_registry_dead_letters_total                       dead letters written
+flowfleet_registry_commands_published_total                 commands the broker acknowledged
 flowfleet_registry_http_request_duration_seconds (hist.)    method, endpoint, status
 flowfleet_registry_devices                                  state (online, offline,
                                                             unknown)
 flowfleet_registry_model_versions                           (none)
 flowfleet_registry_dead_letters_stored                      (none)
+flowfleet_registry_commands_pending                         (none): commands outbox rows not
+                                                            yet acknowledged by the broker
+flowfleet_registry_commands_oldest_pending_seconds          (none): age of the oldest (0
+                                                            when none is pending)
 ==========================================================  ==========================
 """
 
@@ -49,7 +54,7 @@ UPLOADS = Counter(
 )
 DEPLOYS = Counter(
     f"{PREFIX}_deploys_total",
-    "Deployments to one device camera (desired state published or not)",
+    "Deployments to one device camera (desired state queued in the commands outbox)",
     ("result",),
 )
 ROLLBACKS = Counter(
@@ -62,6 +67,10 @@ INGEST = Counter(
     ("kind", "outcome"),
 )
 DEAD_LETTERS = Counter(f"{PREFIX}_dead_letters_total", "Dead letters written")
+COMMANDS_PUBLISHED = Counter(
+    f"{PREFIX}_commands_published_total",
+    "Commands (desired states) the broker acknowledged, marked published by this process",
+)
 REQUEST_SECONDS = Histogram(
     f"{PREFIX}_http_request_duration_seconds",
     "HTTP request latency, by method, route and status",
@@ -76,6 +85,16 @@ VERSIONS = Gauge(f"{PREFIX}_model_versions", "Model versions registered", regist
 DEAD_STORED = Gauge(
     f"{PREFIX}_dead_letters_stored", "Dead letters in the database", registry=_SCRAPE
 )
+COMMANDS_PENDING = Gauge(
+    f"{PREFIX}_commands_pending",
+    "Commands in the outbox not yet acknowledged by the broker",
+    registry=_SCRAPE,
+)
+COMMANDS_OLDEST = Gauge(
+    f"{PREFIX}_commands_oldest_pending_seconds",
+    "Age of the oldest pending command (0 when none is pending)",
+    registry=_SCRAPE,
+)
 
 
 def _refresh_fleet_gauges() -> None:
@@ -89,6 +108,11 @@ def _refresh_fleet_gauges() -> None:
         DEVICES.labels(state=state).set(counts.get(state, 0))
     VERSIONS.set(ModelVersion.select().count())
     DEAD_STORED.set(DeadLetter.select().count())
+    from .fleet.commands import pending_summary
+
+    summary = pending_summary()
+    COMMANDS_PENDING.set(summary["pending"])
+    COMMANDS_OLDEST.set(summary["oldest_pending_s"] or 0)
 
 
 def install_metrics(app: Flask) -> None:

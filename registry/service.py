@@ -29,7 +29,8 @@ from flowfleet.mqtt import AUTH_REFUSALS, BrokerAddress, MqttConnection
 
 from .catalog.modelreg import ModelRegistry, RegistryConfig
 from .catalog.watch import WatchFolder
-from .errors import BrokerRefused, PublishError
+from .errors import BrokerRefused
+from .fleet.commands import CommandPublisher
 from .fleet.ingest import IngestWorker
 from .fleet.retention import RetentionJob
 from .http.server import HttpServer, ProxyTrust
@@ -37,19 +38,6 @@ from .http.web import create_app
 from .store.db import describe
 
 log = logging.getLogger(__name__)
-
-
-def mqtt_publisher(connection: MqttConnection) -> Callable[..., int]:
-    """The ``publish(topic, payload, retain=True)`` callable `create_app` takes:
-    QoS 1 on ``connection``; raises PublishError while it is not connected."""
-
-    def publish(topic: str, payload: bytes, retain: bool = True) -> int:
-        mid = connection.publish(topic, payload, qos=1, retain=retain)
-        if mid is None:
-            raise PublishError(f"not connected to the broker {connection.address}")
-        return mid
-
-    return publish
 
 
 # How long the broker gets to accept the session before we log that it has not (the
@@ -160,20 +148,21 @@ def run_registry(
     models.start()  # creates the signing key on first start
     topics = Topics(topics_root)
 
-    # Deployments: the devices' retained desired state, QoS 1 on the ingest session.
-    publish = mqtt_publisher(worker.connection)
+    # Deployments queue the devices' retained desired states in the commands outbox;
+    # this publishes them after commit, QoS 1 on the ingest session (its PUBACKs).
+    commands = CommandPublisher(worker.db, worker.connection)
     app = create_app(
         worker.db,
         ingest_stats=worker.stats,
         registry=models,
         anonymous_read=anonymous_read,
-        publish=publish,
+        commands=commands,
         topics=topics,
         site_timezone=site_timezone,
     )
     server = HttpServer(app, http_host, http_port, threads=http_threads, proxy=proxy)
     watcher = (
-        WatchFolder(models, watch_dir, publish=publish, topics=topics)
+        WatchFolder(models, watch_dir, commands=commands, topics=topics)
         if watch_dir is not None
         else None
     )
@@ -183,6 +172,7 @@ def run_registry(
     restore_signals = _stop_on_sigterm(stop)
     try:
         worker.start()
+        commands.start()
         http_thread.start()
         if watcher is not None:
             watcher.start()
@@ -223,6 +213,7 @@ def run_registry(
         if http_thread.is_alive():
             server.shutdown()
         server.close()
+        commands.stop()  # what is not acknowledged yet is sent on the next start
         # Stop ingest last-but-cleanly: a clean DISCONNECT keeps the persistent
         # session, so the broker queues whatever devices send until the next start.
         worker.stop()

@@ -27,6 +27,7 @@ from flowfleet.agent.config import AgentConfig
 from flowfleet.agent.service import AgentService
 from flowfleet.agent.updater import ProbationDetector, installed_detector
 from flowfleet.contract import Desired, ModelRef, Topics, parse_payload
+from flowfleet.registry.fleet.commands import CommandPublisher
 from flowfleet.registry.http import auth
 from flowfleet.registry.http.web import create_app
 from flowfleet.registry.testing import fresh_registry, temporary_database
@@ -38,16 +39,21 @@ TOPICS = Topics()
 
 
 @contextlib.contextmanager
-def served_registry(tmp_path: Path, publish=None):
+def served_registry(tmp_path: Path, connection=None):
     """A registry (SQLite) served over real HTTP, with an operator and a device user.
 
-    Yields (base URL, test client, operator token, device token); ``publish`` is
-    what deployments publish through (none: deployments answer 503).
+    Yields (base URL, test client, operator token, device token); ``connection`` is
+    the MQTT session its command publisher sends desired states on (none:
+    deployments answer 503).
     """
     with temporary_database("sqlite", tmp_path / "db") as url:
         reg = fresh_registry(url, tmp_path)
         db = reg.db
-        app = create_app(db, registry=reg, publish=publish)
+        commands = None
+        if connection is not None:
+            commands = CommandPublisher(db, connection, tick_s=0.2)
+            commands.start()
+        app = create_app(db, registry=reg, commands=commands)
         with db.connection_context():
             auth.create_user("ops", "operator", actor="test")
             auth.create_user(DEVICE, "viewer", actor="test")
@@ -61,6 +67,8 @@ def served_registry(tmp_path: Path, publish=None):
         finally:
             server.shutdown()
             thread.join(5)
+            if commands is not None:
+                commands.stop()
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import io
 
 import pytest
 
+from flowfleet.registry.fleet.commands import CommandPublisher
 from flowfleet.registry.http import auth
 from flowfleet.registry.http.web import create_app
 from flowfleet.registry.store import db as regdb
@@ -196,9 +197,10 @@ DEV, OTHER = "cam-1", "cam-2"
 
 @pytest.fixture
 def fleet(registry, data):
-    """An app that deploys (no-op publisher); yolo v1 and v2, v1 deployed to cam-1 and
-    v2 to cam-2; an operator token and a device token per device."""
-    app = create_app(registry.db, registry=registry, publish=lambda *a, **k: None)
+    """An app that deploys (a queue-only command publisher: the desired states stay in
+    the commands outbox); yolo v1 and v2, v1 deployed to cam-1 and v2 to cam-2; an
+    operator token and a device token per device."""
+    app = create_app(registry.db, registry=registry, commands=CommandPublisher(registry.db))
     models = data / "models"
     with registry.db.connection_context():
         registry.add_version(models / TFLITE, name="yolo", filename=TFLITE, actor="test")

@@ -1,8 +1,9 @@
 """Deployments through the REST API with real components, on SQLite and PostgreSQL.
 
-A registry app whose publisher is a real `flowfleet.mqtt.MqttConnection` to a real
-Mosquitto; a plain paho client subscribes to the device's desired-state topic and
-checks what arrives the way an agent would (contract parse, signature).
+A registry app whose command publisher (the commands outbox, published after commit)
+runs on a real `flowfleet.mqtt.MqttConnection` to a real Mosquitto; a plain paho
+client subscribes to the device's desired-state topic and checks what arrives the way
+an agent would (contract parse, signature).
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ from flowfleet.contract import Desired, Topics, parse_payload
 from flowfleet.mqtt import BrokerAddress, MqttConnection
 from flowfleet.registry.catalog.keys import KeyRing
 from flowfleet.registry.catalog.modelreg import ModelRegistry
-from flowfleet.registry.errors import PublishError
+from flowfleet.registry.fleet.commands import CommandPublisher
 from flowfleet.registry.http import auth
 from flowfleet.registry.http.web import create_app
-from flowfleet.registry.service import mqtt_publisher
 from flowfleet.registry.store import db as regdb
-from flowfleet.registry.store.db import Deployment
+from flowfleet.registry.store.db import Command, Deployment
 
 TFLITE = "yolov8n_full_integer_quant.tflite"
 TFLITE_DYN = "yolov8n_int8_dynamic.tflite"
@@ -41,6 +41,15 @@ def connection(broker):
     assert conn.wait_connected(10)
     yield conn
     conn.stop()
+
+
+@pytest.fixture
+def commands(registry, connection):
+    """The registry's command publisher on ``connection``, running."""
+    publisher = CommandPublisher(registry.db, connection, tick_s=0.2)
+    publisher.start()
+    yield publisher
+    publisher.stop()
 
 
 class Subscriber:
@@ -106,10 +115,8 @@ def verified(desired: Desired, camera: str, bundle: dict) -> dict:
     return doc
 
 
-def test_deploy_publishes_a_retained_signed_desired_state(
-    registry, tokens, broker, connection, data
-):
-    app = create_app(registry.db, registry=registry, publish=mqtt_publisher(connection))
+def test_deploy_publishes_a_retained_signed_desired_state(registry, tokens, broker, commands, data):
+    app = create_app(registry.db, registry=registry, commands=commands)
     client = app.test_client()
     op = tokens["operator"]
     v1 = upload(client, op, data / "models" / TFLITE, "yolo")
@@ -121,6 +128,10 @@ def test_deploy_publishes_a_retained_signed_desired_state(
     body = resp.get_json()
     assert body["deployment"]["desired_version"] == 1
     assert body["topic"] == TOPICS.desired(DEVICE)
+    # Published after commit; the request waited for the broker's PUBACK.
+    assert body["command"]["status"] == "published", body["command"]
+    assert body["command"]["topic"] == TOPICS.desired(DEVICE)
+    assert body["command"]["id"] == body["deployment"]["command_id"]
 
     # A subscriber that arrives later gets the retained message.
     sub = Subscriber(broker)
@@ -208,32 +219,112 @@ def test_without_a_publisher_deploying_answers_503_and_stores_nothing(registry, 
     assert resp.get_json()["error"]["code"] == "no_publisher"
     with registry.db.connection_context():
         assert Deployment.select().count() == 0
+        assert Command.select().count() == 0
     listed = client.get(f"/api/devices/{DEVICE}/deployments", headers=bearer(tokens["viewer"]))
     assert listed.get_json() == {"device": DEVICE, "desired_version": None, "deployments": []}
 
 
-def test_a_failed_publish_stores_nothing_and_does_not_use_up_the_version(registry, tokens, data):
-    sent = []
-    fail = [True]
-
-    def publish(topic, payload, retain=True):
-        if fail[0]:
-            raise PublishError("not connected")
-        sent.append((topic, payload, retain))
-
-    client = create_app(registry.db, registry=registry, publish=publish).test_client()
-    upload(client, tokens["operator"], data / "models" / TFLITE, "yolo")
-    resp = deploy(client, tokens["operator"], camera="road", model="yolo", version=1)
-    assert resp.status_code == 503
-    assert resp.get_json()["error"]["code"] == "publish_failed"
+def test_a_failed_transaction_publishes_no_desired_state(registry, broker, commands, data):
+    """The desired state is queued inside the deployment's transaction: when that
+    transaction fails after the command was written, there is no row and nothing
+    reaches the broker (the publisher was even woken up before the rollback)."""
     with registry.db.connection_context():
-        assert Deployment.select().count() == 0
-    fail[0] = False
-    resp = deploy(client, tokens["operator"], camera="road", model="yolo", version=1)
-    assert resp.status_code == 201
-    ((topic, payload, retain),) = sent
-    assert topic == TOPICS.desired(DEVICE) and retain
-    assert parse_payload("desired", payload, device=DEVICE).version == 1
+        registry.add_version(data / "models" / TFLITE, name="yolo", filename=TFLITE, actor="t")
+    sub = Subscriber(broker)
+    try:
+        with registry.db.connection_context():
+            with pytest.raises(RuntimeError, match="after enqueue"), registry.db.atomic():
+                desired, row = registry.deploy(
+                    DEVICE, "road", "yolo", 1, actor="t", commands=commands
+                )
+                assert Command.get_by_id(row["command_id"]).published_at is None
+                raise RuntimeError("the transaction fails after enqueue")
+            assert Command.select().count() == 0
+            assert Deployment.select().count() == 0
+        commands.publish_pending()
+        time.sleep(0.5)
+        assert sub.messages == []
+
+        # The next deployment is delivered, with the version the failed one did not use.
+        with registry.db.connection_context():
+            desired, row = registry.deploy(DEVICE, "road", "yolo", 1, actor="t", commands=commands)
+        (msg,) = sub.wait(1)
+        assert parse_payload("desired", msg.payload, device=DEVICE).version == desired.version == 1
+    finally:
+        sub.close()
+    late = Subscriber(broker)  # the retained state is that one
+    try:
+        (msg,) = late.wait(1)
+        assert msg.retain and parse_payload("desired", msg.payload, device=DEVICE).version == 1
+    finally:
+        late.close()
+
+
+def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_deploy_while_the_broker_is_down_is_queued_and_published_when_it_is_back(
+    registry, tokens, broker, data
+):
+    """Accepted and queued during a broker outage (201, command "queued"); published
+    once the broker is back, and marked published only after its PUBACK."""
+    conn = MqttConnection(
+        "test-registry-outage",
+        BrokerAddress(broker.host, broker.port),
+        reconnect_min_s=0.2,
+        reconnect_max_s=0.5,
+    )
+    conn.start()
+    assert conn.wait_connected(10)
+    publisher = CommandPublisher(registry.db, conn, tick_s=0.1)
+    publisher.start()
+    acked: list[int] = []
+    on_ack = conn.on_ack
+    conn.on_ack = lambda mid: (acked.append(mid), on_ack(mid))  # observe the PUBACKs
+    sub = None
+    try:
+        client = create_app(registry.db, registry=registry, commands=publisher).test_client()
+        upload(client, tokens["operator"], data / "models" / TFLITE, "yolo")
+        broker.stop()
+        wait_until(lambda: not conn.connected.is_set(), what="the disconnect")
+
+        started = time.monotonic()
+        resp = deploy(client, tokens["operator"], camera="road", model="yolo", version=1)
+        assert resp.status_code == 201, resp.get_json()
+        assert time.monotonic() - started < 1.0, "must not wait for a broker that is down"
+        command = resp.get_json()["command"]
+        assert command["status"] == "queued" and command["published_at"] is None
+        time.sleep(0.5)  # several publisher ticks
+        with registry.db.connection_context():
+            row = Command.get_by_id(command["id"])
+            assert row.published_at is None and row.attempts == 0
+        assert acked == []
+
+        broker.start()
+
+        def marked() -> bool:
+            with registry.db.connection_context():
+                return Command.get_by_id(command["id"]).published_at is not None
+
+        wait_until(marked, what="the command to be marked published")
+        assert acked, "marked published without a PUBACK"
+        with registry.db.connection_context():
+            assert Command.get_by_id(command["id"]).attempts >= 1
+        sub = Subscriber(broker)  # after the publish: it gets the retained message
+        (msg,) = sub.wait(1)
+        assert msg.retain
+        assert parse_payload("desired", msg.payload, device=DEVICE).version == 1
+        health = client.get("/healthz").get_json()
+        assert health["commands"] == {"pending": 0, "oldest_pending_s": None}
+    finally:
+        if sub is not None:
+            sub.close()
+        publisher.stop()
+        conn.stop()
 
 
 def test_run_registry_publishes_deployments_on_its_mqtt_session(tmp_path, broker, data):
@@ -280,6 +371,15 @@ def test_run_registry_publishes_deployments_on_its_mqtt_session(tmp_path, broker
         (msg,) = sub.wait(1)
         assert msg.retain
         assert parse_payload("desired", msg.payload, device=DEVICE).version == 1
+
+        def health() -> dict:
+            with urllib.request.urlopen(f"{ready[0]}healthz", timeout=10) as resp:
+                return json.load(resp)
+
+        deadline = time.monotonic() + 10
+        while health()["commands"]["pending"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health()["commands"] == {"pending": 0, "oldest_pending_s": None}
     finally:
         if sub is not None:
             sub.close()
@@ -289,14 +389,13 @@ def test_run_registry_publishes_deployments_on_its_mqtt_session(tmp_path, broker
 
 
 def test_concurrent_first_deploys_to_one_new_camera_all_succeed_in_order(
-    registry, connection, data
+    registry, broker, commands, data
 ):
     """Several operators deploying to the same new camera at once: no 500 from the
-    unique (device, camera) index; each gets its own desired version, and the row
-    left holds the last one."""
+    unique (device, camera) index; each gets its own desired version, the row left
+    holds the last one, and so does the broker's retained desired state."""
     with registry.db.connection_context():
         registry.add_version(data / "models" / TFLITE, name="yolo", filename=TFLITE, actor="t")
-    publish = mqtt_publisher(connection)
     results: list[int] = []
     errors: list[BaseException] = []
     start = threading.Barrier(6)
@@ -305,7 +404,9 @@ def test_concurrent_first_deploys_to_one_new_camera_all_succeed_in_order(
         try:
             with registry.db.connection_context():
                 start.wait()
-                desired, _ = registry.deploy("cam-02", "new", "yolo", 1, actor="t", publish=publish)
+                desired, _ = registry.deploy(
+                    "cam-02", "new", "yolo", 1, actor="t", commands=commands
+                )
                 results.append(desired.version)
         except BaseException as exc:
             errors.append(exc)
@@ -320,6 +421,22 @@ def test_concurrent_first_deploys_to_one_new_camera_all_succeed_in_order(
     with registry.db.connection_context():
         rows = list(Deployment.select().where(Deployment.device == "cam-02"))
     assert len(rows) == 1 and rows[0].desired_version == 6
+
+    def settled() -> bool:  # every command published or superseded, none queued
+        with registry.db.connection_context():
+            return (
+                not Command.select()
+                .where(Command.published_at.is_null() & Command.superseded_by.is_null())
+                .count()
+            )
+
+    wait_until(settled, what="the commands to be published")
+    sub = Subscriber(broker, "cam-02")
+    try:
+        (msg,) = sub.wait(1)
+        assert parse_payload("desired", msg.payload, device="cam-02").version == 6
+    finally:
+        sub.close()
 
 
 def test_workers_starting_together_on_an_empty_database_create_one_signing_key(registry, tmp_path):

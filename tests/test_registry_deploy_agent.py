@@ -13,7 +13,6 @@ import pytest
 from flowfleet.agent.service import AgentService
 from flowfleet.mqtt import BrokerAddress, MqttConnection
 from flowfleet.registry.http import auth
-from flowfleet.registry.service import mqtt_publisher
 from tests.test_agent_update import (
     DEVICE,
     DYN,
@@ -37,7 +36,7 @@ def deploying_registry(tmp_path, broker):
     assert conn.wait_connected(10)
 
     try:
-        with served_registry(tmp_path, publish=mqtt_publisher(conn)) as served:
+        with served_registry(tmp_path, connection=conn) as served:
             base, client, op, _ = served
             app = client.application
             db = app.extensions["flowfleet_model_registry"].db

@@ -10,12 +10,12 @@ import pytest
 
 from flowfleet.contract import Desired, parse_payload
 from flowfleet.registry.http.web import create_app
-from flowfleet.registry.service import mqtt_publisher
 from tests.test_registry_deploy import (  # noqa: F401 - fixtures
     TFLITE,
     TOPICS,
     Subscriber,
     bearer,
+    commands,
     connection,
     tokens,
     upload,
@@ -24,10 +24,8 @@ from tests.test_registry_deploy import (  # noqa: F401 - fixtures
 
 
 @pytest.fixture
-def client(registry, connection):
-    return create_app(
-        registry.db, registry=registry, publish=mqtt_publisher(connection)
-    ).test_client()
+def client(registry, commands):
+    return create_app(registry.db, registry=registry, commands=commands).test_client()
 
 
 def put_group(client, token, name, devices, **extra):
@@ -114,6 +112,7 @@ def test_deploying_to_a_group_publishes_each_members_signed_desired_state(
         body = resp.get_json()
         assert body["version"] == 1 and body["failed"] == []
         assert [d["device"] for d in body["deployed"]] == ["cam-a", "cam-b"]
+        assert body["commands"] == {"published": 2, "queued": 0, "superseded": 0}
         bundle = client.get("/api/keys").get_json()
         for device, sub in subs.items():
             (msg,) = sub.wait(1)

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from flowfleet.registry.catalog.artifacts import LocalStore
 from flowfleet.registry.catalog.keys import KeyRing
 from flowfleet.registry.catalog.modelreg import MIB, ModelRegistry
+from flowfleet.registry.fleet.commands import CommandPublisher
 from flowfleet.registry.http import auth
 from flowfleet.registry.http.web import create_app
 from flowfleet.registry.store import db as regdb
@@ -33,9 +34,9 @@ def served(tmp_path_factory, data):
         reg.set_alias("yolo", "production", 1, actor="test")
         auth.create_user("admin", "admin", actor="test")
         token, _ = auth.create_token("admin", actor="test")
-    # A publisher that accepts everything: schemathesis may deploy a real model/version,
-    # and "no broker configured" (503) would otherwise count as a failure.
-    app = create_app(db, registry=reg, publish=lambda *args, **kwargs: None)
+    # A queue-only command publisher: schemathesis may deploy a real model/version, and
+    # "no publisher configured" (503) would otherwise count as a failure.
+    app = create_app(db, registry=reg, commands=CommandPublisher(db))
     yield app, token
     release()
 

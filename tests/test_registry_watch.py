@@ -151,7 +151,7 @@ def test_duplicates_and_concurrent_drops(registry, folder, data):
             "ok.tflite",
             "valid",
             json.dumps({"group": "lobby", "camera": "door"}),
-            "no broker connection",
+            "no command publisher",
         ),
     ],
 )
@@ -192,7 +192,7 @@ def test_a_sidecar_with_target_hardware_and_a_device_group_deploys_to_the_group(
     from flowfleet.contract import Topics, parse_payload
     from flowfleet.mqtt import BrokerAddress, MqttConnection
     from flowfleet.registry.fleet import groups
-    from flowfleet.registry.service import mqtt_publisher
+    from flowfleet.registry.fleet.commands import CommandPublisher
 
     from .test_registry_deploy import Subscriber
 
@@ -208,8 +208,10 @@ def test_a_sidecar_with_target_hardware_and_a_device_group_deploys_to_the_group(
     )
     (folder / "bad.tflite.json").write_text(json.dumps({"group": "empty", "camera": "door"}))
     raw = (data / "models" / TFLITE).read_bytes()
+    publisher = CommandPublisher(registry.db, conn, tick_s=0.2)
+    publisher.start()
     try:
-        with watcher(registry, folder, publish=mqtt_publisher(conn), topics=Topics()):
+        with watcher(registry, folder, commands=publisher, topics=Topics()):
             (folder / "door.tflite").write_bytes(raw)
             (folder / "bad.tflite").write_bytes(raw)
             wait_for(lambda: "door.tflite" in names(folder / "processed"), what="processed")
@@ -223,6 +225,7 @@ def test_a_sidecar_with_target_hardware_and_a_device_group_deploys_to_the_group(
             desired = parse_payload("desired", msg.payload, device=device)
             assert (desired.models["door"].name, desired.models["door"].version) == ("door", 1)
     finally:
+        publisher.stop()
         conn.stop()
     assert (
         "group 'empty' has no devices" in (folder / "failed" / "bad.tflite.error.txt").read_text()

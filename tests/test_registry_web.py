@@ -401,7 +401,11 @@ def test_wrong_method_under_api_is_a_json_405(client):
 def test_healthz(client):
     resp = client.get("/healthz")
     assert resp.status_code == 200
-    assert resp.get_json() == {"status": "ok", "database": "ok"}
+    assert resp.get_json() == {
+        "status": "ok",
+        "database": "ok",
+        "commands": {"pending": 0, "oldest_pending_s": None},
+    }
 
 
 def test_dashboard_renders_devices_and_totals_offline(client):

@@ -47,8 +47,9 @@ import peewee as pw
 
 from flowfleet.contract import Topics
 
-from ..errors import Publisher, RegistryError, check_name
+from ..errors import RegistryError, check_name
 from ..fleet import groups
+from ..fleet.commands import CommandPublisher
 from .modelreg import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,10 @@ class WatchFolder:
         settle_s: how long a file must stay unchanged to count as complete.
         closed_settle_s: the same, once its writer closed it.
         poll_s: how often the folder is scanned (watchdog events wake it sooner).
-        publish: the desired-state publisher, for sidecars that name a ``group``
-            (without one such files fail with a clear reason).
-        topics: the topic layout the publisher uses.
+        commands: the registry's command publisher, for sidecars that name a
+            ``group`` (without one such files fail with a clear reason); the desired
+            states are queued in the commands outbox and it publishes them.
+        topics: the topic layout of the desired states.
     """
 
     def __init__(
@@ -90,11 +92,11 @@ class WatchFolder:
         settle_s: float = 3.0,
         poll_s: float = 1.0,
         closed_settle_s: float = 1.0,
-        publish: Publisher | None = None,
+        commands: CommandPublisher | None = None,
         topics: Topics | None = None,
     ) -> None:
         self.registry = registry
-        self.publish = publish
+        self.commands = commands
         self.topics = topics
         self.folder = Path(folder)
         self.processed = self.folder / "processed"
@@ -271,9 +273,9 @@ class WatchFolder:
     def _check_group(self, options: dict[str, Any]) -> None:
         if "camera" not in options:
             raise ValueError("the sidecar names a 'group' but no 'camera' to deploy to")
-        if self.publish is None:
+        if self.commands is None:
             raise ValueError(
-                "the sidecar names a group, but this watch folder has no broker connection "
+                "the sidecar names a group, but this watch folder has no command publisher "
                 "to deploy with (run it inside 'flowfleet registry --watch')"
             )
         check_name(options["camera"], "camera", "camera name")
@@ -289,7 +291,7 @@ class WatchFolder:
             version.version,
             actor=ACTOR,
             reason=reason,
-            publish=self.publish,
+            commands=self.commands,
             topics=self.topics,
         )
         if result["failed"]:

@@ -1,5 +1,9 @@
 """Deployments: which model version each camera of a device should run, and the
-signed, retained desired state that tells the device (mixed into `ModelRegistry`)."""
+signed, retained desired state that tells the device (mixed into `ModelRegistry`).
+
+The desired state goes into the commands outbox (`flowfleet.registry.fleet.commands`)
+in the deployment's own transaction; the registry's `CommandPublisher` sends it to
+the broker after commit."""
 
 from __future__ import annotations
 
@@ -9,13 +13,16 @@ from typing import TYPE_CHECKING
 from flowfleet.contract import Desired, ModelRef, Topics
 
 from .. import metrics
-from ..errors import Publisher, RegistryError, artifact_path, check_name
+from ..errors import RegistryError, artifact_path, check_name
 from ..store.audit import audit
 from ..store.db import Deployment, DesiredCounter, ModelVersion, Signature, now
 from ..store.locks import exclusive
+from .commands import enqueue_command
 
 if TYPE_CHECKING:
     import peewee as pw
+
+    from .commands import CommandPublisher
 
 
 class DeploymentsMixin:
@@ -59,29 +66,34 @@ class DeploymentsMixin:
         *,
         actor: str,
         reason: str = "",
-        publish: Publisher | None = None,
+        commands: CommandPublisher | None = None,
         topics: Topics | None = None,
     ) -> tuple[Desired, dict]:
         """Make ``camera`` of ``device`` run model ``name`` version or alias ``ref``.
 
         Stores the deployment (one row per device and camera, plus an audit entry),
         builds the device's whole desired state (every camera's current deployment)
-        with the device's next desired version, and, when ``publish`` is given, hands
-        it to the broker retained on ``{root}/commands/{device}/desired`` before the
-        transaction commits: if publishing fails nothing is stored. Desired versions
-        come from a per-device counter, so a number is never reused.
+        with the device's next desired version, and queues it, in the same
+        transaction, as a retained command on ``{root}/commands/{device}/desired``
+        (`enqueue_command`). After commit ``commands.wake()`` has it published at
+        once; without ``commands`` it waits for the next pass of a running
+        publisher. Desired versions come from a per-device counter, so a number is
+        never reused.
 
-        Returns (the desired state, the deployment as a dict).
+        Returns (the desired state, the deployment as a dict plus ``command_id``,
+        the queued command's id).
         """
         try:
-            out = self._deploy(device, camera, name, ref, actor, reason, publish, topics)
+            out = self._deploy(device, camera, name, ref, actor, reason, topics)
         except RegistryError:
             metrics.DEPLOYS.labels(result="failed").inc()
             raise
         metrics.DEPLOYS.labels(result="ok").inc()
+        if commands is not None:
+            commands.wake()  # committed (or, inside an outer transaction, at its commit)
         return out
 
-    def _deploy(self, device, camera, name, ref, actor, reason, publish, topics):
+    def _deploy(self, device, camera, name, ref, actor, reason, topics):
         check_name(device, "device", "device id")
         check_name(camera, "camera", "camera name")
         topics = topics or Topics()
@@ -117,6 +129,9 @@ class DeploymentsMixin:
                 else:
                     models[d.camera] = self.model_ref(self.version(d.model, d.version))
             desired = Desired(device=device, version=desired_version, models=models)
+            command_id = enqueue_command(
+                device, topics.desired(device), desired.to_json(), retain=True
+            )
             audit(
                 actor,
                 "deployment.set",
@@ -127,17 +142,9 @@ class DeploymentsMixin:
                 ref=str(ref),
                 old=old,
                 desired_version=desired_version,
+                command=command_id,
             )
-            if publish is not None:
-                try:
-                    publish(topics.desired(device), desired.to_json(), retain=True)
-                except Exception as exc:
-                    raise RegistryError(
-                        503,
-                        "publish_failed",
-                        f"the desired state could not be published to the broker: {exc}",
-                    ) from None
-        return desired, self.deployment_dict(row)
+        return desired, {**self.deployment_dict(row), "command_id": command_id}
 
     @staticmethod
     def deployment_dict(d: Deployment) -> dict:

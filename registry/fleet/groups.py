@@ -3,22 +3,28 @@
 A group holds device ids (a device may be in several groups, and may be added before
 it has ever connected). Deploying to a group (`deploy_to_group`) deploys the same
 model version to one camera name on every member, device by device, each with its
-own desired-state version, exactly as `ModelRegistry.deploy` does for one device; the
-result lists every member's outcome, so a broker failure part-way through says which
-devices got the new desired state and which did not. Every change is audited.
+own desired-state version, exactly as `ModelRegistry.deploy` does for one device
+(each desired state is queued in the commands outbox and published after commit);
+the result lists every member's outcome, so a refusal part-way through (a version
+that lost its signature) says which devices got the new desired state and which did
+not. Every change is audited.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import peewee as pw
 
 from ..catalog.modelreg import ModelRegistry
-from ..errors import Publisher, RegistryError, check_name
+from ..errors import RegistryError, check_name
 from ..store.audit import audit
 from ..store.db import DeviceGroup, DeviceGroupMember, now
 from ..store.locks import exclusive
+
+if TYPE_CHECKING:
+    from .commands import CommandPublisher
 
 MAX_MEMBERS = 10_000
 
@@ -117,15 +123,16 @@ def deploy_to_group(
     *,
     actor: str,
     reason: str = "",
-    publish: Publisher | None = None,
+    commands: CommandPublisher | None = None,
     topics=None,
 ) -> dict:
     """Deploy ``model`` ``ref`` to ``camera`` on every device of group ``name``.
 
     Resolves ``ref`` once, so an alias moved during the rollout cannot split the
     group between two versions. Returns ``{"group", "model", "version", "camera",
-    "deployed": [...], "failed": [{"device", "error"}]}``; raises 409 for an empty
-    group and 404 for an unknown group, model or version.
+    "deployed": [...], "failed": [{"device", "error"}]}`` (each deployed row has the
+    ``command_id`` of its queued desired state); raises 409 for an empty group and
+    404 for an unknown group, model or version.
     """
     check_name(camera, "camera", "camera name")
     devices = members(name)
@@ -153,7 +160,7 @@ def deploy_to_group(
                 version,
                 actor=actor,
                 reason=reason or f"deployed to group {name}",
-                publish=publish,
+                commands=commands,
                 topics=topics,
             )
         except RegistryError as exc:

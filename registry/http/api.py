@@ -23,6 +23,7 @@ from ..catalog.modelreg import (
     check_target,
 )
 from ..errors import comma_list
+from ..fleet.commands import CommandPublisher
 from ..store.db import Deployment
 from .access import install_auth, requires  # noqa: F401  (install_auth: re-exported)
 from .auth import Principal
@@ -423,12 +424,13 @@ def list_deployments(device: str):
 @bp.post("/devices/<device>/deployments")
 @requires("operator")
 def deploy(device: str):
-    """Store a deployment and publish the device's retained desired state."""
+    """Store a deployment and queue the device's retained desired state (published
+    after commit; ``command.status`` says whether the broker acknowledged it yet)."""
     query_args(())
     reg = _registry()
     check_name(device, "device", "device id")
     body, ref = deployment_body()
-    publish = deployment_publisher()
+    publisher = deployment_commands()
     desired, row = reg.deploy(
         device,
         body["camera"],
@@ -436,14 +438,16 @@ def deploy(device: str):
         ref,
         actor=_actor(),
         reason=body.get("reason", ""),
-        publish=publish,
+        commands=publisher,
         topics=current_app.extensions.get("flowfleet_topics"),
     )
+    (command,) = command_outcomes(publisher, [row["command_id"]])
     resp = jsonify(
         {
             "deployment": row,
             "desired": json.loads(desired.to_json()),
             "topic": current_app.extensions["flowfleet_topics"].desired(device),
+            "command": command,
         }
     )
     resp.status_code = 201
@@ -475,17 +479,28 @@ def deployment_body() -> tuple[dict[str, Any], str | int]:
     return body, ref
 
 
-def deployment_publisher():
-    """The app's desired-state publisher; 503 when it has none (nothing is stored)."""
-    publish = current_app.extensions.get("flowfleet_publish")
-    if publish is None:
+def deployment_commands() -> CommandPublisher:
+    """The app's command publisher; 503 when it has none (nothing is stored)."""
+    publisher = current_app.extensions.get("flowfleet_commands")
+    if publisher is None:
         raise RegistryError(
             503,
             "no_publisher",
-            "this registry has no MQTT connection to publish desired states "
+            "this registry has no command publisher for desired states "
             "(deploy through a running 'flowfleet registry' service); nothing was stored",
         )
-    return publish
+    return publisher
+
+
+# How long a deploy request waits for the broker's PUBACK before it answers "queued"
+# (not at all while the broker is unreachable); the command is published either way.
+PUBLISH_WAIT_S = 1.0
+
+
+def command_outcomes(publisher: CommandPublisher, ids: list[int]) -> list[dict[str, Any]]:
+    """The commands ``ids`` after a short wait for their publication."""
+    wait = current_app.config.get("FLOWFLEET_PUBLISH_WAIT_S", PUBLISH_WAIT_S)
+    return publisher.wait_published(ids, wait)
 
 
 @bp.get("/audit")

@@ -16,8 +16,9 @@ from .api import (
     _page,
     _paged,
     _registry,
+    command_outcomes,
     deployment_body,
-    deployment_publisher,
+    deployment_commands,
     query_args,
     requires,
 )
@@ -74,10 +75,13 @@ def deploy_to_group(name: str):
 
     201 when every device got its new desired state; 502 with the same body when
     some did not (``failed`` names them and why; deploy again to retry them).
+    ``commands`` counts the queued desired states by status (published: the broker
+    acknowledged it; queued: it will be published when the broker can take it).
     """
     query_args(())
     groups.members(name)  # 404 for an unknown group before anything else
     body, ref = deployment_body()
+    publisher = deployment_commands()
     result = groups.deploy_to_group(
         _registry(),
         name,
@@ -86,9 +90,14 @@ def deploy_to_group(name: str):
         ref,
         actor=_actor(),
         reason=body.get("reason", ""),
-        publish=deployment_publisher(),
+        commands=publisher,
         topics=current_app.extensions.get("flowfleet_topics"),
     )
+    outcomes = command_outcomes(publisher, [row["command_id"] for row in result["deployed"]])
+    result["commands"] = {
+        status: sum(1 for c in outcomes if c["status"] == status)
+        for status in ("published", "queued", "superseded")
+    }
     resp = jsonify(result)
     resp.status_code = 502 if result["failed"] else 201
     return resp

@@ -130,6 +130,37 @@ SCHEMAS: dict[str, Any] = {
             "created_at": {"type": "number"},
             "actor": {"type": "string"},
             "reason": {"type": "string"},
+            "command_id": {
+                "type": "integer",
+                "description": "in a deploy's answer: the id of the queued desired state",
+            },
+        },
+    },
+    "Command": {
+        "type": "object",
+        "description": "A message to a device in the commands outbox. status: queued "
+        "(stored, waiting for the broker's acknowledgement; it is retried until the "
+        "broker takes it), published (the broker acknowledged it), superseded (a newer "
+        "retained message for the same topic replaced it before it was sent).",
+        "required": [
+            "id",
+            "device",
+            "topic",
+            "status",
+            "created_at",
+            "published_at",
+            "attempts",
+            "last_error",
+        ],
+        "properties": {
+            "id": {"type": "integer"},
+            "device": {"type": "string"},
+            "topic": {"type": "string"},
+            "status": {"type": "string", "enum": ["queued", "published", "superseded"]},
+            "created_at": {"type": "number"},
+            "published_at": {"type": ["number", "null"]},
+            "attempts": {"type": "integer"},
+            "last_error": {"type": ["string", "null"]},
         },
     },
     "Deployments": {
@@ -436,10 +467,28 @@ def _paths() -> dict[str, Any]:
     return {
         "/healthz": {
             "get": {
-                "summary": "Liveness: database reachable, ingest counters",
+                "summary": "Liveness: database reachable, ingest counters, pending commands",
+                "description": "commands: the commands outbox (desired states not yet "
+                "acknowledged by the broker): pending count and the oldest one's age.",
                 "security": [],
                 "responses": {
-                    "200": _json({"type": "object", "required": ["status", "database"]}, "healthy"),
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["status", "database"],
+                            "properties": {
+                                "commands": {
+                                    "type": "object",
+                                    "required": ["pending", "oldest_pending_s"],
+                                    "properties": {
+                                        "pending": {"type": "integer"},
+                                        "oldest_pending_s": {"type": ["number", "null"]},
+                                    },
+                                }
+                            },
+                        },
+                        "healthy",
+                    ),
                     "503": _json({"type": "object"}, "database unreachable"),
                 },
             }
@@ -796,9 +845,14 @@ def _paths() -> dict[str, Any]:
             },
             "post": {
                 "summary": "Deploy a model version to a camera (operator)",
-                "description": "Stores the deployment and publishes the device's whole desired "
-                "state, retained, on {root}/commands/{device}/desired with the next desired "
-                "version. 503 when the registry has no broker connection (nothing is stored).",
+                "description": "Stores the deployment and, in the same transaction, queues "
+                "the device's whole desired state with the next desired version as a "
+                "command (retained, on {root}/commands/{device}/desired); the registry "
+                "publishes it after commit and retries until the broker acknowledges it. "
+                "'command' says whether that happened within about a second (published) "
+                "or not yet (queued, for example while the broker is down: the deployment "
+                "is accepted and delivered when the broker is back). 503 when the "
+                "registry has no command publisher (nothing is stored).",
                 "security": [{"bearer": []}],
                 "parameters": [DEVICE_PATH],
                 "requestBody": DEPLOYMENT_BODY,
@@ -806,21 +860,22 @@ def _paths() -> dict[str, Any]:
                     "201": _json(
                         {
                             "type": "object",
-                            "required": ["deployment", "desired", "topic"],
+                            "required": ["deployment", "desired", "topic", "command"],
                             "properties": {
                                 "deployment": _ref("Deployment"),
                                 "desired": {"type": "object"},
                                 "topic": {"type": "string"},
+                                "command": _ref("Command"),
                             },
                         },
-                        "deployed and published",
+                        "deployed; the desired state published or queued",
                     ),
                     **BAD,
                     **UNAUTH,
                     "404": _error("unknown model, version or alias"),
                     "409": _error("the version has no signature"),
                     "415": _error("not JSON"),
-                    "503": _error("no broker connection to publish the desired state"),
+                    "503": _error("no command publisher for the desired state"),
                 },
             },
         },

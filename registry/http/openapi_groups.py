@@ -35,13 +35,25 @@ GROUP = {
 
 GROUP_DEPLOYMENT = {
     "type": "object",
-    "required": ["group", "camera", "model", "version", "deployed", "failed"],
+    "required": ["group", "camera", "model", "version", "deployed", "failed", "commands"],
     "properties": {
         "group": {"type": "string"},
         "camera": {"type": "string"},
         "model": {"type": "string"},
         "version": {"type": "integer"},
         "deployed": {"type": "array", "items": _ref("Deployment")},
+        "commands": {
+            "type": "object",
+            "description": "the deployed devices' desired states by status: published "
+            "(acknowledged by the broker within about a second) or queued (published "
+            "when the broker can take it)",
+            "required": ["published", "queued", "superseded"],
+            "properties": {
+                "published": {"type": "integer"},
+                "queued": {"type": "integer"},
+                "superseded": {"type": "integer"},
+            },
+        },
         "failed": {
             "type": "array",
             "items": {
@@ -116,8 +128,9 @@ def group_paths() -> dict[str, Any]:
             "post": {
                 "summary": "Deploy a model version to a camera on every device of a group",
                 "description": "Resolves an alias once, then deploys device by device as "
-                "POST /api/devices/{device}/deployments does. 502 with the same body when "
-                "some devices could not be given their new desired state ('failed').",
+                "POST /api/devices/{device}/deployments does (each desired state queued "
+                "and published after commit). 502 with the same body when some devices "
+                "could not be given their new desired state ('failed').",
                 "security": bearer,
                 "parameters": [GROUP_PATH],
                 "requestBody": DEPLOYMENT_BODY,
@@ -129,7 +142,7 @@ def group_paths() -> dict[str, Any]:
                     "404": _error("unknown group, model, version or alias"),
                     "409": _error("the group is empty, or the version has no signature"),
                     "415": _error("not JSON"),
-                    "503": _error("no broker connection to publish desired states"),
+                    "503": _error("no command publisher for desired states"),
                 },
             }
         },

@@ -7,7 +7,7 @@ Routes:
     GET /api/dead-letters  rejected messages, newest first
     GET /api/events        device events, newest first (paginated)
     GET /api/drift         drift summaries, newest window first (paginated)
-    GET /healthz           liveness: database reachable, ingest counters
+    GET /healthz           liveness: database reachable, ingest counters, pending commands
     /api/models/...        the model registry (see `flowfleet.registry.http.api`)
     GET /api/openapi.json  the OpenAPI document of all of the above
 
@@ -39,6 +39,7 @@ from flowfleet.contract import DriftSummary as DriftPayload
 
 from ..catalog.modelreg import ModelRegistry, RegistryError
 from ..fleet import series
+from ..fleet.commands import CommandPublisher, pending_summary
 from ..metrics import install_metrics
 from ..store.db import (
     STEPS,
@@ -460,7 +461,7 @@ def create_app(
     ingest_stats: Callable[[], dict[str, Any]] | None = None,
     registry: ModelRegistry | None = None,
     anonymous_read: str = "local",
-    publish: Callable[..., Any] | None = None,
+    commands: CommandPublisher | None = None,
     topics: Topics | None = None,
     site_timezone: str = "UTC",
 ) -> Flask:
@@ -470,10 +471,11 @@ def create_app(
     (for example ``IngestWorker.stats``). ``registry`` serves the model registry
     API (without one those endpoints answer 503). ``anonymous_read`` is the
     dashboard's policy for requests without a token: ``"local"`` (loopback only),
-    ``"none"`` or ``"all"``. ``publish(topic, payload, retain=True)`` sends a message
-    to the broker (deployments publish the devices' retained desired state through
-    it, under ``topics``, default root ``flowfleet/v1``); without one, deploying
-    answers 503. ``site_timezone`` is the site's, where day buckets of /api/series start.
+    ``"none"`` or ``"all"``. ``commands`` is the registry's `CommandPublisher`:
+    deployments queue the devices' retained desired states (under ``topics``,
+    default root ``flowfleet/v1``) in the commands outbox and wake it to publish
+    them after commit; without one, deploying answers 503. ``site_timezone`` is the
+    site's, where the day buckets of /api/series start.
     """
     require_bound(db)
     app = Flask(__name__)
@@ -485,8 +487,8 @@ def create_app(
         # Multipart overhead on top of the model itself; the exact limit is checked
         # on the file (RegistryError 413).
         app.config["MAX_CONTENT_LENGTH"] = registry.max_upload_bytes + 1024 * 1024
-    if publish is not None:
-        app.extensions["flowfleet_publish"] = publish
+    if commands is not None:
+        app.extensions["flowfleet_commands"] = commands
     app.extensions["flowfleet_topics"] = topics or Topics()
     app.extensions["flowfleet_db"] = db
     app.extensions["flowfleet_buckets"] = series.Buckets(site_timezone)
@@ -577,6 +579,8 @@ def create_app(
         status = 200
         try:
             db.execute_sql("SELECT 1").fetchone()
+            # The commands outbox: desired states not yet acknowledged by the broker.
+            body["commands"] = pending_summary()
         except Exception as exc:
             body.update(status="error", database=f"error: {exc!r}")
             status = 503

@@ -541,6 +541,34 @@ class SpeedRollup(_Rollup):
             (("device", "step", "bucket"), False),
             (("step", "bucket"), False),
         )
+class Command(BaseModel):
+    """One message to a device (the commands outbox, migration 9).
+
+    Written in the transaction of the change it carries (a deployment writes the
+    device's desired state here), then published by `flowfleet.registry.fleet.commands`
+    after commit, and marked ``published_at`` once the broker acknowledged it (PUBACK).
+    For a retained message only the newest per topic matters: a newer one sets
+    ``superseded_by`` on the older unpublished ones, which are then never sent.
+    ``next_attempt_at`` is when it is due (again): a publisher claims a row by moving
+    it forward (the ack timeout, with backoff), so several registry processes do not
+    send the same row at once.
+    """
+
+    id = pw.AutoField()
+    device = pw.CharField(max_length=64, index=True)
+    topic = pw.CharField(max_length=255, index=True)
+    payload = pw.BlobField()
+    retain = pw.BooleanField(default=False)
+    created_at = pw.DoubleField()
+    published_at = pw.DoubleField(null=True)
+    attempts = pw.IntegerField(default=0)
+    last_error = pw.TextField(null=True)
+    next_attempt_at = pw.DoubleField(default=0.0)
+    superseded_by = pw.BigIntegerField(null=True)
+
+    class Meta:
+        table_name = "device_command"
+        indexes = ((("published_at", "superseded_by", "next_attempt_at"), False),)
 
 
 # Tables created by schema migration 1 (the ingest tables) and 2 (the model registry).
@@ -581,6 +609,8 @@ ACCESS_AND_GROUP_MODELS: tuple[type[BaseModel], ...] = (
 DELIVERY_MODELS: tuple[type[BaseModel], ...] = (CountGap,)
 # Created by schema migration 8.
 ROLLUP_MODELS: tuple[type[BaseModel], ...] = (LineRollup, ZoneRollup, SpeedRollup)
+# Created by schema migration 9.
+COMMAND_MODELS: tuple[type[BaseModel], ...] = (Command,)
 MODELS: tuple[type[BaseModel], ...] = (
     INGEST_MODELS
     + REGISTRY_MODELS
@@ -590,6 +620,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     + ACCESS_AND_GROUP_MODELS
     + DELIVERY_MODELS
     + ROLLUP_MODELS
+    + COMMAND_MODELS
 )
 
 DATABASE_URL_ENV = "FLOWFLEET_DATABASE_URL"

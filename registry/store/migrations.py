@@ -128,6 +128,10 @@ def _m8_rollups(db: pw.Database) -> None:
     _add_missing_columns(db, "device", {"bins_pruned": regdb.Device.bins_pruned})
 
 
+def _m9_commands(db: pw.Database) -> None:
+    db.create_tables(regdb.COMMAND_MODELS, safe=True)
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
     (
         1,
@@ -172,6 +176,11 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         "rollups per minute, hour and day: line_rollup, zone_rollup, speed_rollup; "
         "device.bins_pruned (raw bins removed by retention)",
         _m8_rollups,
+    ),
+    (
+        9,
+        "commands outbox: device_command (desired states published after commit)",
+        _m9_commands,
     ),
 )
 LATEST = MIGRATIONS[-1][0]
