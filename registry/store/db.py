@@ -541,6 +541,8 @@ class SpeedRollup(_Rollup):
             (("device", "step", "bucket"), False),
             (("step", "bucket"), False),
         )
+
+
 class Command(BaseModel):
     """One message to a device (the commands outbox, migration 9).
 
