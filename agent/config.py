@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from flowfleet.configfile import ConfigError, Strict, read_toml
+from flowfleet.configfile import ConfigError, Strict, check_broker_login, read_toml
 from flowfleet.configfile import describe as _describe
 from flowfleet.configfile import read_secret as _read_secret
 from flowfleet.contract import DEFAULT_ROOT, NAME_PATTERN, check_name
@@ -113,14 +113,7 @@ class BrokerConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.password_file and self.password_env:
-            raise ValueError("give password_file or password_env, not both")
-        if (self.password_file or self.password_env) and not self.username:
-            raise ValueError("a password needs a username")
-        if bool(self.cert_file) != bool(self.key_file):
-            raise ValueError("cert_file and key_file go together (the device certificate)")
-        if self.cert_file and not self.ca_file:
-            raise ValueError("a client certificate needs ca_file (TLS)")
+        check_broker_login(self, "the device certificate")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s is below reconnect_min_s")
         return self

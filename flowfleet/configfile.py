@@ -86,3 +86,17 @@ def read_secret(key: str, path: str | None, env: str | None, *, strip_env: bool)
             raise ConfigError(f"{key}_env: environment variable {env} is not set")
         return value.strip() if strip_env else value
     return None
+
+
+def check_broker_login(section, certificate: str) -> None:
+    """The broker section's credentials hang together (agent and registry alike);
+    raises ValueError with the first contradiction. ``certificate`` names whose client
+    certificate it is, for the message."""
+    if section.password_file and section.password_env:
+        raise ValueError("give password_file or password_env, not both")
+    if (section.password_file or section.password_env) and not section.username:
+        raise ValueError("a password needs a username")
+    if bool(section.cert_file) != bool(section.key_file):
+        raise ValueError(f"cert_file and key_file go together ({certificate})")
+    if section.cert_file and not section.ca_file:
+        raise ValueError("a client certificate needs ca_file (TLS)")

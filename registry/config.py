@@ -29,6 +29,7 @@ from flowfleet.configfile import (
     ENV_NAME,
     ConfigError,
     Strict,
+    check_broker_login,
     describe,
     read_secret,
     read_toml,
@@ -102,14 +103,7 @@ class BrokerSection(Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.password_file and self.password_env:
-            raise ValueError("give password_file or password_env, not both")
-        if (self.password_file or self.password_env) and not self.username:
-            raise ValueError("a password needs a username")
-        if bool(self.cert_file) != bool(self.key_file):
-            raise ValueError("cert_file and key_file go together (the registry's certificate)")
-        if self.cert_file and not self.ca_file:
-            raise ValueError("a client certificate needs ca_file (TLS)")
+        check_broker_login(self, "the registry's certificate")
         return self
 
 
