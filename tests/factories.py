@@ -215,3 +215,37 @@ def valid_payload(kind: str, device: str = "cam-1", seq: int = 1, now: float | N
     if kind == "ack":
         return {**common, "ts": t, "counts": 41, "counts_max": 42}
     raise ValueError(f"no factory for payload kind {kind!r}")
+
+
+def secured_broker_config(
+    tmp_path, passwords: dict[str, str], *, mtls: bool = True, plain: bool = True
+):
+    """The generated secured broker config: a fleet CA under ``tmp_path/pki`` with the
+    broker's server certificate, a password file and the generated ACL, and a TLS
+    listener on a free port (mutual TLS with the CN as username when ``mtls``).
+    Returns (BrokerSecurity, the CA); issue client certificates with `pki.issue`."""
+    from flowfleet.provisioning.mosquitto import (
+        BrokerSecurity,
+        free_port,
+        render_acl,
+        write_password_file,
+    )
+    from flowfleet.provisioning.pki import issue, make_ca
+
+    pki = tmp_path / "pki"
+    ca = make_ca(pki)
+    server = issue(ca, "broker", pki, server=True, hosts=("127.0.0.1", "localhost"))
+    acl = tmp_path / "acl"
+    acl.write_text(render_acl())
+    security = BrokerSecurity(
+        password_file=write_password_file(tmp_path / "passwd", passwords),
+        acl_file=acl,
+        tls_port=free_port(),
+        cafile=ca.cert,
+        certfile=server.cert,
+        keyfile=server.key,
+        require_certificate=mtls,
+        use_identity_as_username=mtls,
+        plain=plain,
+    )
+    return security, ca

@@ -19,12 +19,10 @@ from flowfleet.contract import Topics
 from flowfleet.mqtt import BrokerAddress, MqttConnection
 from flowfleet.provisioning.mosquitto import (
     Broker,
-    BrokerSecurity,
-    free_port,
-    render_acl,
-    write_password_file,
 )
 from flowfleet.provisioning.pki import issue, make_ca
+
+from .factories import secured_broker_config
 
 T = Topics()
 
@@ -56,28 +54,13 @@ def connect(address: BrokerAddress, name: str, acks: list | None = None) -> Mqtt
 
 
 def test_tls_and_passwords_with_per_device_acl(tmp_path):
-    pki = tmp_path / "pki"
-    ca = make_ca(pki)
-    server = issue(ca, "broker", pki, server=True, hosts=("127.0.0.1", "localhost"))
-    cam_a = issue(ca, "cam-a", pki)
+    security, ca = secured_broker_config(
+        tmp_path, {"registry": "reg-secret", "cam-p": "cam-p-secret"}, mtls=True
+    )
+    cam_a = issue(ca, "cam-a", tmp_path / "pki")
     stranger_ca = make_ca(tmp_path / "other")
     forged = issue(stranger_ca, "cam-b", tmp_path / "other")
-    pwfile = write_password_file(
-        tmp_path / "passwd", {"registry": "reg-secret", "cam-p": "cam-p-secret"}
-    )
-    assert oct(pwfile.stat().st_mode & 0o777) == "0o600"
-    acl = tmp_path / "acl"
-    acl.write_text(render_acl())
-    security = BrokerSecurity(
-        password_file=pwfile,
-        acl_file=acl,
-        tls_port=free_port(),
-        cafile=ca.cert,
-        certfile=server.cert,
-        keyfile=server.key,
-        require_certificate=True,
-        use_identity_as_username=True,
-    )
+    assert oct(security.password_file.stat().st_mode & 0o777) == "0o600"
     with Broker(tmp_path / "broker", security=security) as broker:
         conf = (tmp_path / "broker" / "mosquitto.conf").read_text()
         assert "allow_anonymous false" in conf and "require_certificate true" in conf

@@ -24,12 +24,10 @@ from flowfleet.contract import Topics
 from flowfleet.mqtt import BrokerAddress, MqttConnection
 from flowfleet.provisioning.mosquitto import (
     Broker,
-    BrokerSecurity,
-    free_port,
-    render_acl,
-    write_password_file,
 )
-from flowfleet.provisioning.pki import Issued, issue, make_ca
+from flowfleet.provisioning.pki import Issued, issue
+
+from .factories import secured_broker_config
 
 T = Topics()
 REGISTRY_PW = "reg-secret"
@@ -59,23 +57,10 @@ class Setup:
 
 @pytest.fixture
 def setup(tmp_path: Path):
-    pki = tmp_path / "pki"
-    ca = make_ca(pki)
-    server = issue(ca, "broker", pki, server=True, hosts=("127.0.0.1", "localhost"))
-    cam_a = issue(ca, "cam-a", pki)
-    pwfile = write_password_file(tmp_path / "passwd", {"registry": REGISTRY_PW, "cam-p": DEVICE_PW})
-    acl = tmp_path / "acl"
-    acl.write_text(render_acl())
-    security = BrokerSecurity(
-        password_file=pwfile,
-        acl_file=acl,
-        tls_port=free_port(),
-        cafile=ca.cert,
-        certfile=server.cert,
-        keyfile=server.key,
-        require_certificate=True,
-        use_identity_as_username=True,
+    security, ca = secured_broker_config(
+        tmp_path, {"registry": REGISTRY_PW, "cam-p": DEVICE_PW}, mtls=True
     )
+    cam_a = issue(ca, "cam-a", tmp_path / "pki")
     with Broker(tmp_path / "broker", security=security) as broker:
         yield Setup(broker, ca, cam_a)
 

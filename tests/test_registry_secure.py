@@ -28,17 +28,15 @@ from flowfleet.contract import Topics
 from flowfleet.mqtt import BrokerAddress, MqttConnection
 from flowfleet.provisioning.mosquitto import (
     Broker,
-    BrokerSecurity,
     free_port,
-    render_acl,
     write_password_file,
 )
-from flowfleet.provisioning.pki import Issued, issue, make_ca
+from flowfleet.provisioning.pki import Issued, issue
 from flowfleet.registry.errors import BrokerRefused
 from flowfleet.registry.http.server import HttpServer, ProxyTrust
 from flowfleet.registry.service import run_registry
 
-from .factories import count_bin
+from .factories import count_bin, secured_broker_config
 
 T = Topics()
 REGISTRY_PW = "registry-pw-7f3a"
@@ -76,27 +74,13 @@ class Secured:
 
 
 def secured_broker(tmp_path: Path, *, mtls: bool) -> Secured:
-    pki = tmp_path / "pki"
-    ca = make_ca(pki)
-    server = issue(ca, "broker", pki, server=True, hosts=("127.0.0.1", "localhost"))
-    registry = issue(ca, "registry", pki, registry=True)
-    cam_a = issue(ca, "cam-a", pki)
-    passwd = write_password_file(tmp_path / "passwd", {"registry": REGISTRY_PW, "cam-p": DEVICE_PW})
-    acl = tmp_path / "acl"
-    acl.write_text(render_acl())
-    security = BrokerSecurity(
-        password_file=passwd,
-        acl_file=acl,
-        tls_port=free_port(),
-        cafile=ca.cert,
-        certfile=server.cert,
-        keyfile=server.key,
-        require_certificate=mtls,
-        use_identity_as_username=mtls,
-        plain=False,  # TLS only
-    )
+    security, ca = secured_broker_config(
+        tmp_path, {"registry": REGISTRY_PW, "cam-p": DEVICE_PW}, mtls=mtls, plain=False
+    )  # TLS only
+    registry = issue(ca, "registry", tmp_path / "pki", registry=True)
+    cam_a = issue(ca, "cam-a", tmp_path / "pki")
     broker = Broker(tmp_path / "broker", security=security)
-    return Secured(broker, ca, registry, cam_a, passwd, mtls)
+    return Secured(broker, ca, registry, cam_a, security.password_file, mtls)
 
 
 def get(url: str, headers: dict | None = None):
