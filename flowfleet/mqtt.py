@@ -29,6 +29,26 @@ log = logging.getLogger(__name__)
 MessageHandler = Callable[[str, bytes], None]
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """A received message whose acknowledgement its handler sends later (`MqttConnection.ack`).
+
+    ``session`` numbers the connection it arrived on: a PUBACK belongs to that
+    connection only, so an ack for an older one is dropped and the broker's redelivery
+    of the message is acknowledged instead.
+    """
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    session: int
+    received_at: float
+
+
+DeliveryHandler = Callable[[Delivery], None]
+
+
 class NotAcknowledged(Exception):
     """Raised by a message handler that could not commit a message.
 
@@ -163,6 +183,8 @@ class MqttConnection:
         self._on_disconnect_cb = on_disconnect
         self._on_connect_refused_cb = on_connect_refused
         self._handlers: list[tuple[str, int, MessageHandler]] = []
+        self._deferred: list[tuple[str, int, DeliveryHandler]] = []
+        self._drop_filters: list[str] = []
         self.connected = threading.Event()
         self._stopping = False
         self.connects = 0  # successful sessions (CONNACK accepted) since start
@@ -259,6 +281,36 @@ class MqttConnection:
         if self.connected.is_set():
             self._client.subscribe(topic_filter, qos=qos)
 
+    def subscribe_deferred(
+        self, topic_filter: str, handler: DeliveryHandler, qos: int = 1
+    ) -> None:
+        """Register a handler that acknowledges later: it gets a `Delivery` on paho's
+        thread and must return at once; the message is acknowledged only when the
+        owner calls `ack` (after committing it), so the broker keeps it until then.
+
+        The broker sends at most its inflight window (Mosquitto's
+        ``max_inflight_messages``) of unacknowledged messages, which bounds how many
+        wait for a commit at once.
+        """
+        self._deferred.append((topic_filter, qos, handler))
+        if self.connected.is_set():
+            self._client.subscribe(topic_filter, qos=qos)
+
+    def drop_subscription(self, topic_filter: str) -> None:
+        """Unsubscribe ``topic_filter`` on every connect: a persistent session keeps
+        the subscriptions of an earlier configuration (a plain filter after moving to a
+        shared one would deliver every message twice)."""
+        self._drop_filters.append(topic_filter)
+
+    def ack(self, delivery: Delivery) -> bool:
+        """Acknowledge a deferred delivery (thread-safe). Returns False when the
+        connection it arrived on is gone: the broker delivers it again on the new one."""
+        if delivery.qos == 0:
+            return True
+        if delivery.session != self.connects or not self.connected.is_set():
+            return False
+        return self._client.ack(delivery.mid, delivery.qos) == mqtt.MQTT_ERR_SUCCESS
+
     # -- paho callbacks (network thread) -------------------------------------------
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -271,7 +323,9 @@ class MqttConnection:
                 level = logging.WARNING if self._failures % 20 == 1 else logging.DEBUG
                 log.log(level, "broker %s refused the connection: %s", self.address, reason_code)
             return
-        for topic_filter, qos, _ in self._handlers:
+        for topic_filter in self._drop_filters:
+            client.unsubscribe(topic_filter)
+        for topic_filter, qos, _ in self._handlers + self._deferred:
             client.subscribe(topic_filter, qos=qos)
         self._client.attempt = 0
         self._failures = 0
@@ -308,6 +362,21 @@ class MqttConnection:
             self.on_ack(mid)
 
     def _handle_message(self, client, userdata, message) -> None:
+        for topic_filter, _, deferred in self._deferred:
+            if mqtt.topic_matches_sub(_strip_share(topic_filter), message.topic):
+                delivery = Delivery(
+                    message.topic,
+                    message.payload,
+                    message.mid,
+                    message.qos,
+                    self.connects,
+                    time.time(),
+                )
+                try:
+                    deferred(delivery)
+                except Exception:  # a handler bug must not kill the network thread
+                    log.exception("handler for %s failed on %s", topic_filter, message.topic)
+                return  # its owner acknowledges it (or not) once committed
         committed = True
         for topic_filter, _, handler in self._handlers:
             if mqtt.topic_matches_sub(_strip_share(topic_filter), message.topic):

@@ -184,6 +184,11 @@ class BrokerConfig:
     # outages queue little (docs/operations.md, "What the generated broker settings buy").
     autosave_on_changes: bool = False
     autosave_interval: int = 1
+    # QoS 1 messages the broker sends a client before waiting for its PUBACKs. The
+    # registry's ingest acknowledges a message only once its batch committed, so this
+    # window is the most a batch can hold: Mosquitto's default of 20 would cap ingest
+    # at 20 messages per transaction (docs/operations.md, "Ingest workers").
+    max_inflight_messages: int = 1000
     security: BrokerSecurity | None = None
 
     def render(self) -> str:
@@ -205,7 +210,7 @@ class BrokerConfig:
             f"autosave_on_changes {'true' if self.autosave_on_changes else 'false'}",
             f"autosave_interval {self.autosave_interval}",
             f"max_queued_messages {self.max_queued_messages}",
-            "max_inflight_messages 100",
+            f"max_inflight_messages {self.max_inflight_messages}",
             "log_dest stdout",
             "log_type error",
             "log_type warning",

@@ -16,6 +16,8 @@ flowfleet_registry_rollbacks_total                          device-reported roll
 flowfleet_registry_ingest_messages_total                    kind, outcome (stored,
                                                             duplicate, dead-letter, error)
 flowfleet_registry_dead_letters_total                       dead letters written
+flowfleet_registry_ingest_batch_size (hist.)                (none): messages per ingest
+                                                            transaction
 flowfleet_registry_commands_published_total                 commands the broker acknowledged
 flowfleet_registry_http_request_duration_seconds (hist.)    method, endpoint, status
 flowfleet_registry_devices                                  state (online, offline,
@@ -67,6 +69,11 @@ INGEST = Counter(
     ("kind", "outcome"),
 )
 DEAD_LETTERS = Counter(f"{PREFIX}_dead_letters_total", "Dead letters written")
+INGEST_BATCH = Histogram(
+    f"{PREFIX}_ingest_batch_size",
+    "Messages stored per ingest transaction",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+)
 COMMANDS_PUBLISHED = Counter(
     f"{PREFIX}_commands_published_total",
     "Commands (desired states) the broker acknowledged, marked published by this process",

@@ -31,8 +31,8 @@ from .catalog.modelreg import ModelRegistry, RegistryConfig
 from .catalog.watch import WatchFolder
 from .errors import BrokerRefused
 from .fleet.commands import CommandPublisher
-from .fleet.ingest import IngestWorker
 from .fleet.retention import RetentionJob
+from .fleet.worker import IngestWorker
 from .http.server import HttpServer, ProxyTrust
 from .http.web import create_app
 from .store.db import describe

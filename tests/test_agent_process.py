@@ -34,7 +34,7 @@ from paho.mqtt.properties import Properties
 from flowfleet.contract import Topics, parse_payload
 from flowfleet.mqtt import BrokerAddress
 from flowfleet.provisioning.mosquitto import free_port
-from flowfleet.registry.fleet.ingest import IngestWorker
+from flowfleet.registry.fleet.worker import IngestWorker
 from flowfleet.registry.http.web import devices, totals
 from flowfleet.registry.store import db as regdb
 

@@ -23,7 +23,8 @@ import pytest
 from flowfleet.contract import Topics
 from flowfleet.mqtt import BrokerAddress
 from flowfleet.provisioning.mosquitto import Broker, BrokerSecurity, render_acl, write_password_file
-from flowfleet.registry.fleet.ingest import DEFERRED, IngestWorker
+from flowfleet.registry.fleet.ingest import DEFERRED
+from flowfleet.registry.fleet.worker import IngestWorker
 from flowfleet.registry.http.web import devices
 from flowfleet.registry.store import db as regdb
 

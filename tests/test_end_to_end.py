@@ -20,7 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from flowfleet.contract import Topics
 from flowfleet.mqtt import BrokerAddress
-from flowfleet.registry.fleet.ingest import IngestWorker
+from flowfleet.registry.fleet.worker import IngestWorker
 from flowfleet.registry.http.web import devices, totals
 from flowfleet.registry.store import db as regdb
 

@@ -34,8 +34,8 @@ from flowfleet.registry.fleet.ingest import (
     DUPLICATE,
     STORED,
     Ingestor,
-    IngestWorker,
 )
+from flowfleet.registry.fleet.worker import IngestWorker
 from flowfleet.registry.http.web import devices, drift_summaries, events, totals
 from flowfleet.registry.store import db as regdb
 from flowfleet.registry.testing import KINDS, fresh_database, temporary_database

@@ -13,8 +13,8 @@ Every count bin taken into custody (stored, dead-lettered whole) advances the
 device's end-to-end acknowledgement in the same transaction (`flowfleet.registry.fleet.ack`);
 `IngestWorker` publishes it, retained, after the commit.
 
-`IngestWorker` wires an `Ingestor` to a persistent MQTT session, so the broker keeps
-queueing device messages while the registry is down and delivers them on restart.
+`IngestWorker` (`flowfleet.registry.fleet.worker`) feeds an `Ingestor` from a
+persistent MQTT session, in batches (`handle_batch`).
 """
 
 from __future__ import annotations
@@ -24,15 +24,11 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Sequence
 
 import peewee as pw
 
 from flowfleet.contract import (
-    QOS,
-    Ack,
     ContractError,
     Topics,
     is_valid_name,
@@ -44,7 +40,6 @@ from flowfleet.contract import Event as EventPayload
 from flowfleet.contract import Health as HealthPayload
 from flowfleet.contract import Reported as ReportedPayload
 from flowfleet.contract import Status as StatusPayload
-from flowfleet.mqtt import BrokerAddress, MqttConnection, NotAcknowledged
 
 from .. import metrics
 from ..store.db import (
@@ -59,12 +54,12 @@ from ..store.db import (
     ReportedState,
     ZoneTotal,
     now,
-    open_database,
     require_bound,
 )
 from .ack import ack_state, note_count_seq, note_gap
+from .batch import BinItem, settle_acks, store_bins, touch_devices
 from .bounds import check_seq_jump
-from .series import Buckets, add_bin
+from .series import Buckets, RollupBatch, add_bin
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +114,8 @@ class Ingestor:
         # (counts_acked, counts_max), for the worker to publish as acks.
         self.acks: dict[str, tuple[int, int]] = {}
         self._acks_lock = threading.Lock()
-        # The ack a transaction in progress computed; kept only once it committed.
-        self._staged_ack: tuple[str, tuple[int, int]] | None = None
+        # The acks a transaction in progress computed; kept only once it committed.
+        self._staged_acks: dict[str, tuple[int, int]] = {}
 
     def take_acks(self) -> dict[str, tuple[int, int]]:
         """The acks to publish since the last call (newest state per device)."""
@@ -128,21 +123,106 @@ class Ingestor:
             acks, self.acks = self.acks, {}
         return acks
 
-    def handle(self, topic: str, payload: bytes) -> str:
-        """Process one message; returns "stored", "duplicate", "dead-letter" or "error".
+    def handle(self, topic: str, payload: bytes, received_at: float | None = None) -> str:
+        """Process one message; returns "stored", "duplicate", "dead-letter",
+        "deferred" or "error".
 
         Never raises. "error" means not even a dead letter could be written.
         """
-        outcome = self._handle(topic, payload)
+        outcome = self._handle(topic, payload, now() if received_at is None else received_at)
+        self._count(topic, outcome)
+        return outcome
+
+    def _count(self, topic: str, outcome: str) -> None:
         try:
             kind = self.topics.parse_device_topic(topic)[1]
         except ContractError:
             kind = "invalid"  # bounded label values, whatever the topic was
         metrics.INGEST.labels(kind=kind, outcome=outcome).inc()
-        return outcome
 
-    def _handle(self, topic: str, payload: bytes) -> str:
-        received_at = now()
+    def handle_batch(self, items: Sequence[tuple[str, bytes, float]]) -> list[str]:
+        """Process (topic, payload, received_at) messages in one transaction; returns
+        their outcomes in order (those of `handle`). Never raises.
+
+        Count bins are stored in bulk (`flowfleet.registry.fleet.batch`), other kinds
+        one after the other in arrival order. The database failing (locked,
+        unreachable) is retried as for one message, then every message of the batch is
+        "deferred". An error that is neither that nor a refusal the batch path knows
+        (a database constraint, a bug) rolls the batch back and stores its messages
+        one by one, so it costs only the message that caused it.
+        """
+        if len(items) == 1:
+            return [self.handle(*items[0])]
+        parsed: list[tuple[int, str, object]] = []
+        refused: dict[int, str] = {}
+        for i, (topic, payload, received_at) in enumerate(items):
+            try:
+                device, kind = self.topics.parse_device_topic(topic)
+                parsed.append(
+                    (i, device, parse_payload(kind, payload, device=device, now=received_at))
+                )
+            except ContractError as exc:
+                refused[i] = str(exc)
+            except Exception as exc:  # a validator bug must not take the worker down
+                log.exception("unexpected error validating a message on %s", topic)
+                refused[i] = f"could not validate: {exc!r}"
+        try:
+            outcomes = self._retrying(
+                lambda: self._store_batch(items, parsed, refused), f"a batch of {len(items)}"
+            )
+        except _Deferred:
+            outcomes = [DEFERRED] * len(items)
+        except Exception as exc:
+            log.warning(
+                "a batch of %d messages failed (%r); storing them one by one", len(items), exc
+            )
+            outcomes = [self._handle(*item) for item in items]
+        else:
+            with self._acks_lock:
+                self.acks.update(self._staged_acks)
+            self._staged_acks = {}
+            metrics.DEAD_LETTERS.inc(outcomes.count(DEAD_LETTER))
+        for (topic, _, _), outcome in zip(items, outcomes, strict=True):
+            self._count(topic, outcome)
+        return outcomes
+
+    def _store_batch(
+        self,
+        items: Sequence[tuple[str, bytes, float]],
+        parsed: list[tuple[int, str, object]],
+        refused: dict[int, str],
+    ) -> list[str]:
+        """`handle_batch`'s transaction (run by `_retrying`, so it may run again)."""
+        outcomes = [DEAD_LETTER] * len(items)
+        refused = dict(refused)
+        seen: dict[str, float] = {}
+        for i, device, _ in parsed:
+            seen[device] = max(seen.get(device, 0.0), items[i][2])
+        touch_devices(seen)
+        bins: list[BinItem] = []
+        for i, device, message in parsed:
+            if isinstance(message, CountBinPayload):
+                bins.append(BinItem(i, device, message, items[i][2]))
+                continue
+            try:
+                outcomes[i] = self._store(device, message, items[i][2], touch=False)
+            except _Conflict as exc:  # it wrote nothing: refused on its own
+                refused[i] = str(exc)
+        rollups = RollupBatch(self.buckets)
+        result = store_bins(bins, rollups)
+        rollups.flush()
+        for i, outcome in result.outcomes.items():
+            outcomes[i] = outcome
+        refused.update(result.refused)
+        for i, reason in sorted(refused.items()):
+            topic, payload, received_at = items[i]
+            custody = self._write_dead_letter(topic, payload, reason, received_at)
+            if custody is not None:
+                result.custody[custody[0]].append(custody[1])
+        self._staged_acks.update(settle_acks(self.db, result))
+        return outcomes
+
+    def _handle(self, topic: str, payload: bytes, received_at: float) -> str:
         outcome, reason = self._ingest(topic, payload, received_at)
         if outcome == DEAD_LETTER:
             return self._dead_letter(topic, payload, reason, received_at)
@@ -180,13 +260,13 @@ class Ingestor:
         except Exception as exc:  # a bug in storing: kept for replay once fixed
             log.exception("error storing a message on %s", topic)
             return DEAD_LETTER, f"could not store: {exc!r}"
-        if kind == "counts" or self._staged_ack is not None:
+        if kind == "counts" or self._staged_acks:
             self._note_ack(device)  # committed: the device may let go of its bins
         return outcome, ""
 
     def _stage_ack(self, device: str, state: tuple[int, int] | None) -> None:
         if state is not None:
-            self._staged_ack = (device, state)
+            self._staged_acks[device] = state
 
     def _retrying(self, work, topic: str):
         """Run ``work`` in a transaction; retry database failures that are not the
@@ -196,7 +276,7 @@ class Ingestor:
         attempt = 0
         while True:
             attempt += 1
-            self._staged_ack = None
+            self._staged_acks = {}
             try:
                 with self.db.atomic():
                     return work()
@@ -235,9 +315,9 @@ class Ingestor:
     def _note_ack(self, device: str) -> None:
         """Queue the device's committed ack for publishing (after the commit): the one
         the transaction computed, else (a duplicate) the stored one."""
-        staged, self._staged_ack = self._staged_ack, None
-        if staged is not None and staged[0] == device:
-            state = staged[1]
+        staged, self._staged_acks = self._staged_acks, {}
+        if device in staged:
+            state = staged[device]
         else:
             try:
                 state = ack_state(device)
@@ -250,8 +330,9 @@ class Ingestor:
 
     # -- storing valid messages ----------------------------------------------------
 
-    def _store(self, device: str, message: object, received_at: float) -> str:
-        self._touch_device(device, received_at)
+    def _store(self, device: str, message: object, received_at: float, touch: bool = True) -> str:
+        if touch:
+            self._touch_device(device, received_at)
         if isinstance(message, CountBinPayload):
             return self._store_bin(device, message, received_at)
         if isinstance(message, HealthPayload):
@@ -483,31 +564,14 @@ class Ingestor:
 
     def _dead_letter(self, topic: str, payload: bytes, reason: str, received_at: float) -> str:
         device = device_from_topic(self.topics, topic)
-        kind, seq = kind_and_seq(self.topics, topic, payload)
-        log.warning("dead letter from %s on %s: %s", device or "?", topic, reason)
+        custody = None
 
         def write() -> None:
-            DeadLetter.create(
-                received_at=received_at,
-                topic=topic,
-                device=device,
-                reason=reason[:4096],
-                payload=bytes(payload[:DEAD_LETTER_MAX_BYTES]),
-                payload_size=len(payload),
-                kind=kind,
-                seq=seq,
-            )
-            # A whole count bin kept here is in the registry's custody: the device
-            # may let it go (an operator replays it after a fix).
-            if custody:
-                self._stage_ack(device, note_count_seq(device, seq))
+            nonlocal custody
+            custody = self._write_dead_letter(topic, payload, reason, received_at)
+            if custody is not None:
+                self._stage_ack(device, note_count_seq(*custody))
 
-        custody = (
-            kind == "counts"
-            and device is not None
-            and seq is not None
-            and len(payload) <= DEAD_LETTER_MAX_BYTES
-        )
         try:
             self._retrying(write, topic)
         except _Deferred:
@@ -521,9 +585,33 @@ class Ingestor:
             )
             return ERROR
         metrics.DEAD_LETTERS.inc()
-        if custody:
+        if custody is not None:
             self._note_ack(device)
         return DEAD_LETTER
+
+    def _write_dead_letter(
+        self, topic: str, payload: bytes, reason: str, received_at: float
+    ) -> tuple[str, int] | None:
+        """Insert the dead letter (inside a transaction). Returns (device, seq) when it
+        holds a whole count bin, which is then in the registry's custody: the device
+        may let it go (an operator replays it after a fix)."""
+        device = device_from_topic(self.topics, topic)
+        kind, seq = kind_and_seq(self.topics, topic, payload)
+        log.warning("dead letter from %s on %s: %s", device or "?", topic, reason)
+        DeadLetter.create(
+            received_at=received_at,
+            topic=topic,
+            device=device,
+            reason=reason[:4096],
+            payload=bytes(payload[:DEAD_LETTER_MAX_BYTES]),
+            payload_size=len(payload),
+            kind=kind,
+            seq=seq,
+        )
+        whole = len(payload) <= DEAD_LETTER_MAX_BYTES
+        if kind == "counts" and device is not None and seq is not None and whole:
+            return device, seq
+        return None
 
 
 MAX_SEQ = 2**53 - 1  # JSON-safe; the contract's bound
@@ -554,139 +642,3 @@ def device_from_topic(topics: Topics, topic: str) -> str | None:
         return None
     candidate = topic[len(prefix) :].split("/", 1)[0]
     return candidate if is_valid_name(candidate) else None
-
-
-class IngestWorker:
-    """Subscribes to everything devices publish and feeds it to an `Ingestor`.
-
-    The MQTT session is persistent under a fixed ``client_id``: while the worker is
-    stopped the broker queues QoS 1 messages for it and delivers them on restart.
-
-    Args:
-        db_path: SQLite path or ``sqlite:///`` URL (see `open_database`).
-        broker: where the MQTT broker listens.
-        topics: the topic layout.
-        client_id: the MQTT client id; keep it stable across restarts.
-        ack_interval_s: how often the devices' end-to-end acks are published.
-        retry_s: how long a database failure is retried before a message is left
-            unacknowledged for redelivery (see `Ingestor`).
-        on_connect_refused: called with the broker's reason and reason code when it
-            refuses the session (see `MqttConnection`); the caller reports it.
-        site_timezone: the site's IANA timezone, where day rollups start at midnight.
-    """
-
-    def __init__(
-        self,
-        db_path: str | Path,
-        broker: BrokerAddress,
-        topics: Topics,
-        client_id: str = "flowfleet-registry",
-        ack_interval_s: float = 0.2,
-        retry_s: float = 15.0,
-        on_connect_refused: Callable[[str, int], None] | None = None,
-        site_timezone: str = "UTC",
-    ) -> None:
-        self.db = open_database(db_path)
-        self.topics = topics
-        self.ingestor = Ingestor(self.db, topics, retry_s=retry_s, site_timezone=site_timezone)
-        self.connection = MqttConnection(
-            client_id, broker, persistent=True, on_connect_refused=on_connect_refused
-        )
-        self.connection.subscribe(topics.all_devices(), self._on_message, qos=QOS)
-        self._outcomes: Counter[str] = Counter({o: 0 for o in OUTCOMES})
-        self._lock = threading.Lock()
-        self._started = False
-        self.ack_interval_s = ack_interval_s
-        self._unpublished: dict[str, tuple[int, int]] = {}
-        self._ack_stop = threading.Event()
-        self._ack_thread: threading.Thread | None = None
-        self.acks_published = 0
-
-    def start(self, wait: float | None = None) -> bool:
-        """Connect in the background; with ``wait``, block up to that many seconds
-        for the broker to accept the session. Returns whether it is connected."""
-        if not self._started:
-            self.connection.start()
-            self._started = True
-            self._ack_stop.clear()
-            self._ack_thread = threading.Thread(
-                target=self._ack_loop, name="ingest-acks", daemon=True
-            )
-            self._ack_thread.start()
-        if wait is not None:
-            return self.connection.wait_connected(wait)
-        return self.connection.connected.is_set()
-
-    def stop(self) -> None:
-        """Disconnect cleanly; the broker keeps the session and queues for it."""
-        if self._started:
-            self._ack_stop.set()
-            if self._ack_thread is not None:
-                self._ack_thread.join(5)
-            self.publish_acks()  # what the last messages committed
-            self.connection.stop()
-            self._started = False
-
-    @property
-    def connected(self) -> bool:
-        return self.connection.connected.is_set()
-
-    @property
-    def outcomes(self) -> dict[str, int]:
-        """A snapshot of how many messages ended in each outcome."""
-        with self._lock:
-            return dict(self._outcomes)
-
-    def processed(self) -> int:
-        """Messages handled so far, whatever the outcome."""
-        with self._lock:
-            return sum(self._outcomes.values())
-
-    def stats(self) -> dict[str, object]:
-        """Counters and connection state, for /healthz and metrics."""
-        return {"connected": self.connected, "outcomes": self.outcomes}
-
-    def publish_acks(self) -> int:
-        """Publish each device's latest committed ack (retained, QoS 1); returns how
-        many went out. One that cannot go now is kept for the next call."""
-        pending = self.ingestor.take_acks()
-        with self._lock:
-            self._unpublished.update(pending)
-            todo, self._unpublished = self._unpublished, {}
-        sent = 0
-        for device, (acked, top) in todo.items():
-            body = Ack(device=device, ts=round(now(), 3), counts=acked, counts_max=top)
-            mid = self.connection.publish(self.topics.ack(device), body.to_json(), retain=True)
-            if mid is None:
-                with self._lock:
-                    self._unpublished.setdefault(device, (acked, top))
-                continue
-            sent += 1
-        self.acks_published += sent
-        return sent
-
-    def _ack_loop(self) -> None:
-        # Coalesces: a backlog of a device's bins is confirmed by one ack per tick.
-        while not self._ack_stop.wait(self.ack_interval_s):
-            try:
-                self.publish_acks()
-            except Exception:
-                log.exception("could not publish acks")
-
-    def _on_message(self, topic: str, payload: bytes) -> None:
-        outcome = self.ingestor.handle(topic, payload)
-        with self._lock:
-            self._outcomes[outcome] += 1
-        if outcome in (DEFERRED, ERROR):
-            # Nothing committed (the database failed): withhold the ack, and reconnect
-            # so the broker delivers the message again rather than after the next
-            # network failure (MQTT 5 resends only on a new connection).
-            self.connection.resync()
-            raise NotAcknowledged("the database could not store it; the broker will resend")
-
-    def __enter__(self) -> IngestWorker:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -32,6 +32,7 @@ import peewee as pw
 
 from flowfleet.contract import CountBin as CountBinPayload
 
+from ..store import bulk
 from ..store.db import (
     STEPS,
     CountBin,
@@ -98,80 +99,130 @@ class Buckets:
 # -- keeping rollups -----------------------------------------------------------------
 
 
-def _upsert(model: type[pw.Model], rows: list[dict], adds: tuple[str, ...], maxes=()) -> None:
+_NAME = {LineRollup: "line", ZoneRollup: "zone", SpeedRollup: "line"}
+# Per table: the columns a bucket adds up, and those it keeps the maximum of.
+_ADDS = {
+    LineRollup: ("bins", "count_in", "count_out"),
+    ZoneRollup: ("bins", "entries", "exits", "dwell_s_sum", "dwell_n"),
+    SpeedRollup: ("bins", "n", "kmh_sum", "insufficient"),
+}
+_MAXES = {LineRollup: (), ZoneRollup: ("peak_occupancy",), SpeedRollup: ("kmh_max",)}
+
+
+def _upsert(model: type[pw.Model], rows: list[dict]) -> None:
+    """Add ``rows`` to their buckets: insert new buckets, add to (or take the max
+    with) the stored ones. ``rows`` must hold each bucket once (PostgreSQL refuses to
+    update one row twice in a statement)."""
     if not rows:
         return
-    update = {getattr(model, f): getattr(model, f) + pw.EXCLUDED[f] for f in adds}
-    for f in maxes:
-        col, new = getattr(model, f), pw.EXCLUDED[f]
-        # NULL-safe max: a bucket without a value takes the new one.
-        update[col] = pw.Case(None, ((col.is_null() | (new > col), new),), col)
-    key = [model.device, model.camera, getattr(model, _NAME[model]), model.class_]
-    model.insert_many(rows).on_conflict(
-        conflict_target=[*key, model.step, model.bucket], update=update
-    ).execute()
+    key = ("device", "camera", _NAME[model], "class_", "step", "bucket")
+    order = (*key, *_ADDS[model], *_MAXES[model])
+    bulk.upsert_adding(
+        model._meta.database,
+        model,
+        key,
+        _ADDS[model],
+        _MAXES[model],
+        [tuple(row[f] for f in order) for row in rows],
+    )
 
 
-_NAME = {LineRollup: "line", ZoneRollup: "zone", SpeedRollup: "line"}
+class RollupBatch:
+    """The rollup changes of any number of stored bins, summed in memory and written
+    with one upsert per table (`flush`, in the bins' transaction): a batch of 500 bins
+    costs three statements instead of nine per bin."""
+
+    def __init__(self, buckets: Buckets) -> None:
+        self.buckets = buckets
+        self._rows: dict[type[pw.Model], dict[tuple, dict]] = {
+            LineRollup: {},
+            ZoneRollup: {},
+            SpeedRollup: {},
+        }
+
+    def _add(self, model: type[pw.Model], key: tuple, row: dict) -> None:
+        held = self._rows[model].get(key)
+        if held is None:
+            self._rows[model][key] = row
+            return
+        for f in _ADDS[model]:
+            held[f] += row[f]
+        for f in _MAXES[model]:
+            new = row[f]
+            if new is not None and (held[f] is None or new > held[f]):
+                held[f] = new
+
+    def add(self, device: str, message: CountBinPayload) -> None:
+        """Add one stored bin to its minute, hour and day buckets."""
+        for step, code in STEPS.items():
+            bucket = self.buckets.start(step, message.start)
+            for r in message.lines:
+                self._add(
+                    LineRollup,
+                    (device, r.camera, r.line, r.class_, code, bucket),
+                    {
+                        "device": device,
+                        "step": code,
+                        "bucket": bucket,
+                        "bins": 1,
+                        "camera": r.camera,
+                        "line": r.line,
+                        "class_": r.class_,
+                        "count_in": r.in_,
+                        "count_out": r.out,
+                    },
+                )
+            for r in message.zones:
+                self._add(
+                    ZoneRollup,
+                    (device, r.camera, r.zone, r.class_, code, bucket),
+                    {
+                        "device": device,
+                        "step": code,
+                        "bucket": bucket,
+                        "bins": 1,
+                        "camera": r.camera,
+                        "zone": r.zone,
+                        "class_": r.class_,
+                        "entries": r.entries,
+                        "exits": r.exits,
+                        "peak_occupancy": r.peak_occupancy,
+                        "dwell_s_sum": r.dwell_s_sum,
+                        "dwell_n": r.dwell_n,
+                    },
+                )
+            for r in message.speeds or ():
+                line = r.line or ""
+                self._add(
+                    SpeedRollup,
+                    (device, r.camera, line, r.class_, code, bucket),
+                    {
+                        "device": device,
+                        "step": code,
+                        "bucket": bucket,
+                        "bins": 1,
+                        "camera": r.camera,
+                        "line": line,
+                        "class_": r.class_,
+                        "n": r.n,
+                        "kmh_sum": (r.mean_kmh or 0.0) * r.n,
+                        "kmh_max": r.max_kmh,
+                        "insufficient": r.insufficient,
+                    },
+                )
+
+    def flush(self) -> None:
+        """Write what was added (inside the bins' transaction) and start empty."""
+        for model, rows in self._rows.items():
+            _upsert(model, list(rows.values()))
+            rows.clear()
 
 
 def add_bin(device: str, message: CountBinPayload, buckets: Buckets) -> None:
     """Add one stored bin to its minute, hour and day buckets (call in its transaction)."""
-    for step, code in STEPS.items():
-        bucket = buckets.start(step, message.start)
-        base = {"device": device, "step": code, "bucket": bucket, "bins": 1}
-        _upsert(
-            LineRollup,
-            [
-                {
-                    **base,
-                    "camera": r.camera,
-                    "line": r.line,
-                    "class_": r.class_,
-                    "count_in": r.in_,
-                    "count_out": r.out,
-                }
-                for r in message.lines
-            ],
-            ("bins", "count_in", "count_out"),
-        )
-        _upsert(
-            ZoneRollup,
-            [
-                {
-                    **base,
-                    "camera": r.camera,
-                    "zone": r.zone,
-                    "class_": r.class_,
-                    "entries": r.entries,
-                    "exits": r.exits,
-                    "peak_occupancy": r.peak_occupancy,
-                    "dwell_s_sum": r.dwell_s_sum,
-                    "dwell_n": r.dwell_n,
-                }
-                for r in message.zones
-            ],
-            ("bins", "entries", "exits", "dwell_s_sum", "dwell_n"),
-            maxes=("peak_occupancy",),
-        )
-        _upsert(
-            SpeedRollup,
-            [
-                {
-                    **base,
-                    "camera": r.camera,
-                    "line": r.line or "",
-                    "class_": r.class_,
-                    "n": r.n,
-                    "kmh_sum": (r.mean_kmh or 0.0) * r.n,
-                    "kmh_max": r.max_kmh,
-                    "insufficient": r.insufficient,
-                }
-                for r in message.speeds or ()
-            ],
-            ("bins", "n", "kmh_sum", "insufficient"),
-            maxes=("kmh_max",),
-        )
+    batch = RollupBatch(buckets)
+    batch.add(device, message)
+    batch.flush()
 
 
 def rebuild(db: pw.Database, buckets: Buckets, chunk: int = 2000, progress=None) -> int:
@@ -205,15 +256,17 @@ def rebuild(db: pw.Database, buckets: Buckets, chunk: int = 2000, progress=None)
             zones = defaultdict(list)
             for r in ZoneTotal.select().where(ZoneTotal.bin.in_(ids)):
                 zones[r.bin_id].append(r)
+            batch = RollupBatch(buckets)
             for row_id, device, seq, payload in rows:
-                _add_stored(device, seq, lines[row_id], zones[row_id], payload, buckets)
+                _add_stored(device, seq, lines[row_id], zones[row_id], payload, batch)
                 last = row_id
+            batch.flush()
             n += len(rows)
             if progress is not None:
                 progress(n)
 
 
-def _add_stored(device, seq, lines, zones, payload: str, buckets: Buckets) -> None:
+def _add_stored(device, seq, lines, zones, payload: str, batch: RollupBatch) -> None:
     """One stored bin's rows into its buckets (see `rebuild`)."""
     import json
 
@@ -266,7 +319,7 @@ def _add_stored(device, seq, lines, zones, payload: str, buckets: Buckets) -> No
         ),
         speeds=speeds,
     )
-    add_bin(device, message, buckets)
+    batch.add(device, message)
 
 
 # -- queries -------------------------------------------------------------------------

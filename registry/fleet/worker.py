@@ -1,0 +1,296 @@
+"""Ingest workers: MQTT sessions that feed an `Ingestor` in batches.
+
+An `IngestWorker` holds a persistent MQTT session, so the broker queues device
+messages while it is down and delivers them on restart. Its handler on paho's network
+thread only queues each message; a writer thread takes them in batches (up to
+``batch_max`` messages, or what arrived within ``batch_wait_s`` of the first) and
+stores each batch in one transaction (`Ingestor.handle_batch`). A QoS 1 message is
+acknowledged to the broker only after its batch committed (paho's manual ack), in the
+order the messages arrived: a worker killed mid-batch leaves the batch
+unacknowledged, and the broker delivers it again, to this session when it comes back.
+Storage is idempotent on (device, kind, seq), so a redelivery is a duplicate.
+
+Several workers share the load through an MQTT 5 shared subscription
+(``$share/<group>/<root>/devices/+/+``): the broker hands each message to one member.
+Each worker needs its own client id (and, where the broker binds client ids to
+usernames, its own username; see `worker_identity`). Mosquitto keeps queueing a
+stopped member's share in its session until it returns, so every worker of a group
+must come back (or its session be removed) for its share to be stored.
+
+How many messages wait for a commit at once is bounded by the broker's inflight
+window for the session (Mosquitto ``max_inflight_messages``, which the generated
+config sets; see docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from flowfleet.contract import QOS, Ack, Topics
+from flowfleet.mqtt import BrokerAddress, Delivery, MqttConnection
+
+from .. import metrics
+from ..store.db import now, open_database
+from .ingest import DEFERRED, ERROR, OUTCOMES, Ingestor
+
+log = logging.getLogger(__name__)
+
+# The shared-subscription group of the registry's ingest workers.
+INGEST_GROUP = "flowfleet-ingest"
+# A batch ends early when no message arrived for this long: the stream paused (or the
+# broker's inflight window is full and waits for our acks).
+_IDLE_GAP_S = 0.003
+_STOP = object()
+
+
+def worker_identity(broker: BrokerAddress, client_id: str, index: int) -> tuple[BrokerAddress, str]:
+    """The broker login and client id of ingest worker ``index`` (1-based).
+
+    Worker 1 is the registry's own session (``client_id``, the configured username).
+    Worker n > 1 appends ``-n`` to both: ``flowfleet-registry-2`` and, with a username,
+    ``registry-2``, with the same password; brokers that bind the client id to the
+    username (the generated Mosquitto config does) need a distinct user per worker.
+    These are reserved registry identities (`flowfleet.identity`).
+    """
+    if index <= 1:
+        return broker, client_id
+    username = f"{broker.username}-{index}" if broker.username else None
+    return replace(broker, username=username), f"{client_id}-{index}"
+
+
+class IngestWorker:
+    """Subscribes to everything devices publish and stores it in batches.
+
+    Args:
+        db_path: SQLite path or URL, or a PostgreSQL URL (see `open_database`).
+        broker: where the MQTT broker listens, with this worker's login.
+        topics: the topic layout.
+        client_id: the MQTT client id; keep it stable across restarts.
+        ack_interval_s: how often the devices' end-to-end acks are published.
+        retry_s: how long a database failure is retried before a batch is left
+            unacknowledged for redelivery (see `Ingestor`).
+        on_connect_refused: called with the broker's reason and reason code when it
+            refuses the session (see `MqttConnection`); the caller reports it.
+        site_timezone: the site's IANA timezone, where day rollups start at midnight.
+        shared: subscribe as a member of the shared subscription group
+            `INGEST_GROUP` (several workers); else a plain subscription (one worker).
+        batch_max: most messages per transaction.
+        batch_wait_s: how long a batch waits for more messages after its first.
+    """
+
+    def __init__(
+        self,
+        db_path: str | Path,
+        broker: BrokerAddress,
+        topics: Topics,
+        client_id: str = "flowfleet-registry",
+        ack_interval_s: float = 0.2,
+        retry_s: float = 15.0,
+        on_connect_refused: Callable[[str, int], None] | None = None,
+        site_timezone: str = "UTC",
+        *,
+        shared: bool = False,
+        batch_max: int = 500,
+        batch_wait_s: float = 0.02,
+    ) -> None:
+        self.db = open_database(db_path)
+        self.topics = topics
+        self.ingestor = Ingestor(self.db, topics, retry_s=retry_s, site_timezone=site_timezone)
+        self.connection = MqttConnection(
+            client_id, broker, persistent=True, on_connect_refused=on_connect_refused
+        )
+        plain = topics.all_devices()
+        group = f"$share/{INGEST_GROUP}/{plain}"
+        # A persistent session keeps the other configuration's subscription: drop it,
+        # or each message would arrive twice (once per filter).
+        self.connection.drop_subscription(plain if shared else group)
+        self.connection.subscribe_deferred(group if shared else plain, self._on_delivery, qos=QOS)
+        self.batch_max = max(1, batch_max)
+        self.batch_wait_s = batch_wait_s
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._outcomes: Counter[str] = Counter({o: 0 for o in OUTCOMES})
+        self._lock = threading.Lock()
+        self._started = False
+        self.ack_interval_s = ack_interval_s
+        self._unpublished: dict[str, tuple[int, int]] = {}
+        self._ack_stop = threading.Event()
+        self._ack_thread: threading.Thread | None = None
+        self._writer: threading.Thread | None = None
+        self.acks_published = 0
+        self.batches = 0
+
+    def start(self, wait: float | None = None) -> bool:
+        """Connect in the background; with ``wait``, block up to that many seconds
+        for the broker to accept the session. Returns whether it is connected."""
+        if not self._started:
+            self._writer = threading.Thread(
+                target=self._write_loop, name="ingest-writer", daemon=True
+            )
+            self._writer.start()
+            self.connection.start()
+            self._started = True
+            self._ack_stop.clear()
+            self._ack_thread = threading.Thread(
+                target=self._ack_loop, name="ingest-acks", daemon=True
+            )
+            self._ack_thread.start()
+        if wait is not None:
+            return self.connection.wait_connected(wait)
+        return self.connection.connected.is_set()
+
+    def stop(self) -> None:
+        """Store and acknowledge what was received, then disconnect cleanly; the
+        broker keeps the session and queues for it."""
+        if self._started:
+            self._queue.put(_STOP)
+            if self._writer is not None:
+                self._writer.join(30)
+            self._ack_stop.set()
+            if self._ack_thread is not None:
+                self._ack_thread.join(5)
+            self.publish_acks()  # what the last batches committed
+            self.connection.stop()
+            self._started = False
+
+    @property
+    def connected(self) -> bool:
+        return self.connection.connected.is_set()
+
+    @property
+    def outcomes(self) -> dict[str, int]:
+        """A snapshot of how many messages ended in each outcome."""
+        with self._lock:
+            return dict(self._outcomes)
+
+    def processed(self) -> int:
+        """Messages handled so far, whatever the outcome."""
+        with self._lock:
+            return sum(self._outcomes.values())
+
+    def stats(self) -> dict[str, object]:
+        """Counters and connection state, for /healthz and metrics."""
+        with self._lock:
+            batches, handled = self.batches, sum(self._outcomes.values())
+        return {
+            "connected": self.connected,
+            "outcomes": self.outcomes,
+            "batches": batches,
+            "mean_batch": round(handled / batches, 1) if batches else 0.0,
+            "queued": self._queue.qsize(),
+        }
+
+    # -- receiving and storing ------------------------------------------------------
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        # paho's network thread: queue and return; the writer commits and acks.
+        self._queue.put(delivery)
+
+    def _next_batch(self) -> tuple[list[Delivery], bool]:
+        """Wait for a message, then take more until the batch is full, the wait is
+        over or the stream pauses. Returns (batch, stop requested)."""
+        first = self._queue.get()
+        if first is _STOP:
+            return [], True
+        batch = [first]
+        deadline = time.monotonic() + self.batch_wait_s
+        while len(batch) < self.batch_max:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                item = self._queue.get(timeout=min(left, _IDLE_GAP_S))
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _write_loop(self) -> None:
+        while True:
+            batch, stopping = self._next_batch()
+            if stopping:  # store what was received before the stop, then end
+                batch += self._drain()
+            for i in range(0, len(batch), self.batch_max):
+                part = batch[i : i + self.batch_max]
+                try:
+                    self._write(part)
+                except Exception:  # never let the writer die: it stays unacknowledged
+                    log.exception("could not store a batch of %d messages", len(part))
+                    self.connection.resync()
+            if stopping:
+                return
+
+    def _drain(self) -> list[Delivery]:
+        out = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return out
+            if item is not _STOP:
+                out.append(item)
+
+    def _write(self, batch: list[Delivery]) -> None:
+        outcomes = self.ingestor.handle_batch([(d.topic, d.payload, d.received_at) for d in batch])
+        metrics.INGEST_BATCH.observe(len(batch))
+        with self._lock:
+            self._outcomes.update(outcomes)
+            self.batches += 1
+        for delivery, outcome in zip(batch, outcomes, strict=True):
+            if outcome in (DEFERRED, ERROR):
+                # Nothing committed (the database failed): withhold this ack and every
+                # later one (PUBACKs go in arrival order), and reconnect so the broker
+                # delivers them again now rather than after the next network failure
+                # (MQTT 5 resends only on a new connection).
+                log.error(
+                    "not acknowledging %s and the rest of its batch: the database could "
+                    "not store it; the broker will resend",
+                    delivery.topic,
+                )
+                self.connection.resync()
+                return
+            self.connection.ack(delivery)
+
+    # -- end-to-end acks ------------------------------------------------------------
+
+    def publish_acks(self) -> int:
+        """Publish each device's latest committed ack (retained, QoS 1); returns how
+        many went out. One that cannot go now is kept for the next call."""
+        pending = self.ingestor.take_acks()
+        with self._lock:
+            self._unpublished.update(pending)
+            todo, self._unpublished = self._unpublished, {}
+        sent = 0
+        for device, (acked, top) in todo.items():
+            body = Ack(device=device, ts=round(now(), 3), counts=acked, counts_max=top)
+            mid = self.connection.publish(self.topics.ack(device), body.to_json(), retain=True)
+            if mid is None:
+                with self._lock:
+                    self._unpublished.setdefault(device, (acked, top))
+                continue
+            sent += 1
+        self.acks_published += sent
+        return sent
+
+    def _ack_loop(self) -> None:
+        # Coalesces: a backlog of a device's bins is confirmed by one ack per tick.
+        while not self._ack_stop.wait(self.ack_interval_s):
+            try:
+                self.publish_acks()
+            except Exception:
+                log.exception("could not publish acks")
+
+    def __enter__(self) -> IngestWorker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
