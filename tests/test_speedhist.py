@@ -321,7 +321,7 @@ def series_topics():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_speed_series_report_percentiles_that_combine_across_bins(tmp_path, kind):
+def test_speed_series_report_percentiles_that_combine_across_bins(tmp_path, kind, capsys):
     rng = np.random.default_rng(11)
     with temporary_database(kind, tmp_path) as url:
         db = regdb.open_database(url)
@@ -381,6 +381,15 @@ def test_speed_series_report_percentiles_that_combine_across_bins(tmp_path, kind
         series.rebuild(db, series.Buckets())
         assert speed_hists("hour") == before
         assert before[T0] == speedhist.histogram(per_hour[0])
+
+        # The command line answers the same.
+        release()
+        from flowfleet.cli import main
+
+        argv = ["registry", "series", "--db", url, "--kind", "speeds", "--step", "hour"]
+        argv += ["--from", f"{T0:.0f}", "--to", f"{T0 + 3 * 3600:.0f}", "--format", "json"]
+        assert main(argv) == 0
+        assert json.loads(capsys.readouterr().out)["total"] == body["total"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
