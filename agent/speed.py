@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flowfleet import speedhist
 from flowfleet.cliutil import first_problem
 from flowfleet.contract import MAX_SPEED_KMH
 
@@ -277,7 +278,8 @@ class SpeedEstimator:
 
 @dataclass
 class SpeedAgg:
-    """Speeds of one camera / line (or all tracks) / class: mean, p85, count."""
+    """Speeds of one camera / line (or all tracks) / class: mean, p85, max, count and
+    the histogram that lets the registry combine percentiles across bins."""
 
     kmh: list[float] = field(default_factory=list)
     insufficient: int = 0
@@ -307,6 +309,12 @@ class SpeedAgg:
     @property
     def max_kmh(self) -> float | None:
         return round(max(self.kmh), 2) if self.kmh else None
+
+    @property
+    def hist(self) -> tuple[int, ...] | None:
+        """Tracks per bucket of the contract's speed histogram (sums to ``n``), from
+        the same per-track speeds as the mean and p85; None when nothing was measured."""
+        return speedhist.histogram(self.kmh) if self.kmh else None
 
     def to_dict(self) -> dict:
         return {

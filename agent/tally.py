@@ -158,6 +158,7 @@ class Tally:
                 p85_kmh=a.p85_kmh,
                 max_kmh=a.max_kmh,
                 insufficient=a.insufficient,
+                hist=a.hist,
             )
             for (cam, line, cls), a in sorted(self.speeds.items(), key=_speed_key)
         )

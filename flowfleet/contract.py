@@ -46,6 +46,8 @@ from pydantic import (
     field_validator,
 )
 
+from . import speedhist
+
 SCHEMA_VERSION = 1
 DEFAULT_ROOT = "flowfleet/v1"
 QOS = 1
@@ -273,6 +275,8 @@ class SpeedCount(_Row):
     speed); ``line`` given: the speed of each track at the moment it crossed the line.
     ``n`` counts measured tracks; ``insufficient`` counts tracks too short to measure
     (never reported as 0 km/h). The means and p85 are None when ``n`` is 0.
+    ``hist`` (optional; agents before it omit it) counts the ``n`` tracks per bucket
+    of `flowfleet.speedhist.EDGES_KMH`, so percentiles combine across bins.
     """
 
     camera: Name
@@ -283,6 +287,13 @@ class SpeedCount(_Row):
     p85_kmh: Kmh | None = None
     max_kmh: Kmh | None = None
     insufficient: Count = 0
+    # max_length bounds the work a hostile list costs before the exact check.
+    hist: tuple[Count, ...] | None = Field(None, max_length=speedhist.BUCKETS)
+
+    @field_validator("hist")
+    @classmethod
+    def _hist_of_n(cls, hist: tuple[int, ...] | None, info: ValidationInfo):
+        return speedhist.check(hist, info.data.get("n"))
 
 
 class CountBin(_Payload):

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flowfleet import speedhist
 from flowfleet.cli import main
 from flowfleet.contract import CountBin, LineCount, SpeedCount, Topics, ZoneCount
 from flowfleet.registry.fleet import series
@@ -36,8 +37,16 @@ TZ = "Europe/Paris"
 DST_END = 1792886400.0  # 2026-10-25T00:00:00Z
 
 
+def bin_speeds(counts: list[int]) -> list[float] | None:
+    """The ``c`` car speeds of a bin (30 + a .. 40 + a km/h); None (an agent without
+    histograms) when ``d`` is even."""
+    a, _, c, d = counts
+    return [30.0 + a + (i % 11) for i in range(c)] if d % 2 else None
+
+
 def make_bin(device: str, seq: int, start: float, counts: list[int]) -> CountBin:
     a, b, c, d = counts
+    speeds = bin_speeds(counts)
     return CountBin(
         device=device,
         seq=seq,
@@ -66,6 +75,7 @@ def make_bin(device: str, seq: int, start: float, counts: list[int]) -> CountBin
                 n=c,
                 mean_kmh=30.0 + a if c else None,
                 max_kmh=40.0 + a if c else None,
+                hist=None if speeds is None else speedhist.histogram(speeds),
             ),
         ),
     )
@@ -81,6 +91,22 @@ def expected(bins: list[CountBin], buckets: series.Buckets, step: str) -> dict:
             row[0] += r.in_
             row[1] += r.out
     return dict(out)
+
+
+def expected_hists(bins: list[CountBin], buckets: series.Buckets, step: str) -> dict:
+    """(device, bucket) -> the sum of the car rows' histograms (absent ones add 0)."""
+    out: dict = defaultdict(lambda: (0,) * speedhist.BUCKETS)
+    for b in bins:
+        key = (b.device, buckets.start(step, b.start))
+        out[key] = speedhist.merge([out[key], *(r.hist for r in b.speeds)])
+    return dict(out)
+
+
+def stored_hists(db, step: str) -> dict:
+    r = regdb.SpeedRollup
+    cols = [getattr(r, c) for c in regdb.SPEED_HIST_COLUMNS]
+    rows = r.select(r.device, r.bucket, *cols).where(r.step == regdb.STEPS[step])
+    return {(d, t): tuple(h) for d, t, *h in rows.tuples()}
 
 
 def stored(db, step: str) -> dict:
@@ -131,10 +157,12 @@ def test_rollups_equal_the_raw_sums_in_any_arrival_order(fresh, specs, seed):
     buckets = series.Buckets(TZ)
     for step in ("minute", "hour", "day"):
         assert stored(db, step) == expected(bins, buckets, step), step
+        assert stored_hists(db, step) == expected_hists(bins, buckets, step), step
     # Rebuilding from the raw bins gives the same rollups.
     series.rebuild(db, buckets)
     for step in ("minute", "hour", "day"):
         assert stored(db, step) == expected(bins, buckets, step), step
+        assert stored_hists(db, step) == expected_hists(bins, buckets, step), step
 
 
 def test_day_buckets_follow_the_site_timezone_across_dst():
@@ -183,6 +211,12 @@ def test_series_api_answers_json_and_csv(loaded):
     total = resp.get_json()["total"]
     assert total["n"] == 24 and total["max_kmh"] == 46.0
     assert total["mean_kmh"] == pytest.approx(sum(30.0 + s for s in range(1, 7)) * 4 / 24)
+    # Percentiles from the bins' histograms added up (every loaded bin carries one).
+    every = [v for s in range(1, 7) for v in bin_speeds([s, 1, 2, 1])] * 2
+    assert total["hist_n"] == 24
+    for q in (50, 85, 95):
+        want = speedhist.percentile(speedhist.histogram(every), q, max_kmh=46.0)
+        assert total[f"p{q}_kmh"] == round(want, 2), q
 
     resp = client.get(f"/api/series?kind=zones&step=hour&from={frm}&to={to}&format=csv")
     assert resp.status_code == 200 and resp.mimetype == "text/csv"

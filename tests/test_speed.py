@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from flowfleet import speedhist
 from flowfleet.agent.speed import (
     INSUFFICIENT,
     GroundPlane,
@@ -152,6 +153,9 @@ def test_line_crossing_speed_and_contract_rows():
         (None, "car", 1, pytest.approx(36.0)),
         ("gate", "car", 1, pytest.approx(36.0)),
     ]
+    # Each row's histogram holds its one track, in the bucket of 36 km/h ([35, 40)).
+    assert all(r.hist == speedhist.histogram([r.mean_kmh]) for r in rows)
+    assert speedhist.EDGES_KMH[rows[0].hist.index(1)] == 35.0
     payload = CountBin(
         device="d", seq=1, start=0, end=60, lines=tally.line_counts(), speeds=rows
     ).to_json()

@@ -8,8 +8,10 @@ what a bucket holds, so a rollup always equals the sum of its raw bins, whatever
 order the bins arrive in and however late (`tests/test_series.py` checks it with
 generated bins across bucket and day boundaries in random order).
 
-Speeds combine as n, the n-weighted sum of the bins' means, and the max; the mean of
-a bucket is ``kmh_sum / n``. (A bin's p85 does not combine, so buckets have none.)
+Speeds combine as n, the n-weighted sum of the bins' means, the max, and a histogram
+of the tracks' speeds (one additive column per bucket of `flowfleet.speedhist`); the
+mean of a bucket is ``kmh_sum / n`` and its p50 / p85 / p95 come from the histogram
+(`fleet.speedhist`), to within one bucket width. A bin's own p85 does not combine.
 
 Queries (`query`) read one step's buckets for a range, optionally split by device,
 camera, line or zone, and class, and return points plus a total; `to_csv` renders
@@ -34,6 +36,7 @@ from flowfleet.contract import CountBin as CountBinPayload
 
 from ..store import bulk
 from ..store.db import (
+    SPEED_HIST_COLUMNS,
     STEPS,
     CountBin,
     LineRollup,
@@ -42,6 +45,7 @@ from ..store.db import (
     ZoneRollup,
     ZoneTotal,
 )
+from . import speedhist
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +108,7 @@ _NAME = {LineRollup: "line", ZoneRollup: "zone", SpeedRollup: "line"}
 _ADDS = {
     LineRollup: ("bins", "count_in", "count_out"),
     ZoneRollup: ("bins", "entries", "exits", "dwell_s_sum", "dwell_n"),
-    SpeedRollup: ("bins", "n", "kmh_sum", "insufficient"),
+    SpeedRollup: ("bins", "n", "kmh_sum", "insufficient", *SPEED_HIST_COLUMNS),
 }
 _MAXES = {LineRollup: (), ZoneRollup: ("peak_occupancy",), SpeedRollup: ("kmh_max",)}
 
@@ -208,6 +212,7 @@ class RollupBatch:
                         "kmh_sum": (r.mean_kmh or 0.0) * r.n,
                         "kmh_max": r.max_kmh,
                         "insufficient": r.insufficient,
+                        **speedhist.columns(r.hist),
                     },
                 )
 
@@ -355,8 +360,9 @@ class Query:
 _VALUES = {
     "lines": ("count_in", "count_out"),
     "zones": ("entries", "exits", "peak_occupancy", "dwell_s_sum", "dwell_n"),
-    "speeds": ("n", "kmh_sum", "kmh_max", "insufficient"),
+    "speeds": ("n", "kmh_sum", "kmh_max", "insufficient", *SPEED_HIST_COLUMNS),
 }
+_SPEED_BASE = 4  # the speed values before the histogram columns
 _MODEL = {"lines": LineRollup, "zones": ZoneRollup, "speeds": SpeedRollup}
 # JSON names of the values.
 _OUT = {
@@ -439,6 +445,9 @@ def _column(model, group: str):
 def _point(kind: str, bucket: float, vals: tuple) -> dict:
     names = _VALUES[kind]
     p: dict = {"t": bucket}
+    if kind == "speeds":
+        names, hist = names[:_SPEED_BASE], speedhist.from_sums(vals[_SPEED_BASE:])
+        vals = vals[:_SPEED_BASE]
     for name, v in zip(names, vals, strict=True):
         if name == "kmh_sum":
             continue
@@ -449,7 +458,9 @@ def _point(kind: str, bucket: float, vals: tuple) -> dict:
     if kind == "speeds":
         n, kmh_sum = int(vals[0] or 0), float(vals[1] or 0.0)
         p["mean_kmh"] = round(kmh_sum / n, 2) if n else None
+        p.update(speedhist.percentiles(hist, p["max_kmh"]))
         p["_kmh_sum"] = kmh_sum
+        p["_hist"] = hist
     if kind == "zones":
         p["dwell_mean_s"] = round(p["dwell_s_sum"] / p["dwell_n"], 2) if p["dwell_n"] else None
     return p
@@ -473,11 +484,14 @@ def _combine(kind: str, points: Iterable[dict]) -> dict:
     n = sum(p["n"] for p in points)
     kmh = sum(p["_kmh_sum"] for p in points)
     maxes = [p["max_kmh"] for p in points if p["max_kmh"] is not None]
+    top = max(maxes) if maxes else None
+    hist = speedhist.merge(p["_hist"] for p in points)
     return {
         "n": n,
         "mean_kmh": round(kmh / n, 2) if n else None,
-        "max_kmh": max(maxes) if maxes else None,
+        "max_kmh": top,
         "insufficient": sum(p["insufficient"] for p in points),
+        **speedhist.percentiles(hist, top),
     }
 
 
@@ -486,6 +500,7 @@ def public(result: dict) -> dict:
     for s in result["series"]:
         for p in s["points"]:
             p.pop("_kmh_sum", None)
+            p.pop("_hist", None)
     return result
 
 

@@ -31,6 +31,14 @@ POINT = {
         "mean_kmh": _NUMBER_OR_NULL,
         "max_kmh": _NUMBER_OR_NULL,
         "insufficient": {"type": "integer"},
+        "p50_kmh": {**_NUMBER_OR_NULL, "description": "median, from the speed histograms"},
+        "p85_kmh": {**_NUMBER_OR_NULL, "description": "85th percentile (histograms)"},
+        "p95_kmh": {**_NUMBER_OR_NULL, "description": "95th percentile (histograms)"},
+        "hist_n": {
+            "type": "integer",
+            "description": "tracks the percentiles describe: those of bins that carried a "
+            "histogram (null percentiles when 0)",
+        },
     },
 }
 
@@ -75,7 +83,9 @@ def series_paths() -> dict[str, Any]:
                     "Buckets of one step over a range, one series per value of `group` "
                     "(default one series over everything matched), with totals. Minutes "
                     "and hours are aligned to UTC, days to midnight in the site timezone. "
-                    "A bin counts in the bucket of its window start. format=csv gives one "
+                    "A bin counts in the bucket of its window start. Speeds have "
+                    "p50/p85/p95 from the added-up histograms of the bins (within one "
+                    "bucket width; null where no bin carried one). format=csv gives one "
                     "row per series and bucket."
                 ),
                 "security": dashboard,

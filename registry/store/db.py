@@ -19,6 +19,8 @@ from pathlib import Path
 
 import peewee as pw
 
+from flowfleet import speedhist
+
 database_proxy = pw.DatabaseProxy()
 
 # Applied by peewee to every new connection (each thread has its own). WAL lets the
@@ -526,7 +528,11 @@ class ZoneRollup(_Rollup):
 
 class SpeedRollup(_Rollup):
     """Speeds combine as n, the n-weighted sum of means (mean = kmh_sum / n) and max;
-    ``line`` is "" for the camera-wide row (every track that ended)."""
+    ``line`` is "" for the camera-wide row (every track that ended). The columns
+    `SPEED_HIST_COLUMNS` (migration 11, added below the class) hold the speed
+    histogram, one column per bucket of `flowfleet.speedhist.EDGES_KMH`, added up
+    like ``n``; they count only tracks from bins that carried a histogram.
+    """
 
     line = pw.CharField(max_length=64)
     n = pw.BigIntegerField(default=0)
@@ -541,6 +547,19 @@ class SpeedRollup(_Rollup):
             (("device", "step", "bucket"), False),
             (("step", "bucket"), False),
         )
+
+
+# One additive column per histogram bucket (not a side table): a rollup upsert stays one
+# statement per row and a query one SUM per column. Nullable as migration 11 adds them
+# to an existing table (a NOT NULL column would make SQLite rebuild it), with a
+# database default of 0 so existing rows, and inserts that leave them out, add up
+# from 0 rather than staying NULL (NULL + n is NULL).
+SPEED_HIST_COLUMNS: tuple[str, ...] = tuple(f"hist_{i:02d}" for i in range(speedhist.BUCKETS))
+for _name in SPEED_HIST_COLUMNS:
+    SpeedRollup._meta.add_field(
+        _name, pw.BigIntegerField(null=True, default=0, constraints=[pw.SQL("DEFAULT 0")])
+    )
+del _name
 
 
 class Command(BaseModel):

@@ -132,6 +132,16 @@ def _m9_commands(db: pw.Database) -> None:
     db.create_tables(regdb.COMMAND_MODELS, safe=True)
 
 
+def _m11_speed_histograms(db: pw.Database) -> None:
+    # Nullable columns with a database default of 0: existing buckets read 0 (they
+    # hold no histogram: no agent could send one before this release) and later bins
+    # add to them. No backfill: the stored payloads have no histograms either.
+    fields = regdb.SpeedRollup._meta.fields
+    _add_missing_columns(
+        db, "speed_rollup", {name: fields[name] for name in regdb.SPEED_HIST_COLUMNS}
+    )
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
     (
         1,
@@ -181,6 +191,12 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         9,
         "commands outbox: device_command (desired states published after commit)",
         _m9_commands,
+    ),
+    (
+        11,
+        "speed histograms: speed_rollup.hist_00 .. hist_48 (tracks per km/h bucket of "
+        "flowfleet.speedhist.EDGES_KMH), so rollups have percentiles",
+        _m11_speed_histograms,
     ),
 )
 LATEST = MIGRATIONS[-1][0]
