@@ -147,9 +147,27 @@ class CountsSection(Strict):
         return value
 
 
+class IngestSection(Strict):
+    """How device messages are stored: worker sessions on a shared subscription, and
+    the batches each stores per transaction (docs/operations.md, "Ingest workers")."""
+
+    workers: int = Field(
+        1,
+        ge=1,
+        le=32,
+        description="ingest sessions; more than 1 share a subscription, each in its own "
+        "process with the client id and username <name>-<n>",
+    )
+    batch_max: int = Field(500, ge=1, le=5000, description="most messages per transaction")
+    batch_wait_ms: float = Field(
+        20.0, ge=0, le=1000, description="how long a batch waits for more after its first"
+    )
+
+
 class RegistrySettings(Strict):
     database: DatabaseSection = DatabaseSection()
     counts: CountsSection = CountsSection()
+    ingest: IngestSection = IngestSection()
     storage: StorageSection = StorageSection()
     broker: BrokerSection = BrokerSection()
     http: HttpSection = HttpSection()

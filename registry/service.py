@@ -29,10 +29,11 @@ from flowfleet.mqtt import AUTH_REFUSALS, BrokerAddress, MqttConnection
 
 from .catalog.modelreg import ModelRegistry, RegistryConfig
 from .catalog.watch import WatchFolder
+from .config import IngestSection
 from .errors import BrokerRefused
 from .fleet.commands import CommandPublisher
 from .fleet.retention import RetentionJob
-from .fleet.worker import IngestWorker
+from .fleet.worker import IngestWorker, WorkerPool
 from .http.server import HttpServer, ProxyTrust
 from .http.web import create_app
 from .store.db import describe
@@ -102,6 +103,7 @@ def run_registry(
     proxy: ProxyTrust | None = None,
     site_timezone: str = "UTC",
     raw_retention_days: float | None = 90.0,
+    ingest: IngestSection | None = None,
 ) -> None:
     """Ingest device messages from ``broker`` into ``db_path`` and serve the web UI.
 
@@ -127,6 +129,8 @@ def run_registry(
             buckets of /api/series) run from its midnight to midnight.
         raw_retention_days: raw count bins and health beats older than this are
             removed once an hour (the rollups keep every count); None keeps them.
+        ingest: how many ingest workers share the device subscription (worker 1 in
+            this process, the others in child processes) and their batches.
 
     Raises OSError if the HTTP port cannot be bound (before anything else starts), and
     BrokerRefused if the broker refuses the registry's credentials on the first
@@ -134,6 +138,7 @@ def run_registry(
     """
     stop = stop_event if stop_event is not None else threading.Event()
     refusals = _RefusalWatch(broker)
+    ingest = ingest or IngestSection()
     worker = IngestWorker(
         db_path,
         broker,
@@ -141,7 +146,30 @@ def run_registry(
         client_id=client_id,
         on_connect_refused=refusals.refused,
         site_timezone=site_timezone,
+        shared=ingest.workers > 1,
+        batch_max=ingest.batch_max,
+        batch_wait_s=ingest.batch_wait_ms / 1000.0,
     )
+    pool = (
+        WorkerPool(
+            ingest.workers,
+            db_path,
+            broker,
+            topics_root,
+            client_id,
+            site_timezone,
+            ingest.batch_max,
+            ingest.batch_wait_ms / 1000.0,
+        )
+        if ingest.workers > 1
+        else None
+    )
+
+    def ingest_stats() -> dict[str, object]:
+        stats = worker.stats()
+        stats["workers"] = 1 + (pool.alive() if pool is not None else 0)
+        return stats
+
     refusals.connection = worker.connection
     fill_rollups(worker.db, worker.ingestor.buckets)
     models = ModelRegistry.from_config(worker.db, registry_config or RegistryConfig.beside(db_path))
@@ -153,7 +181,7 @@ def run_registry(
     commands = CommandPublisher(worker.db, worker.connection)
     app = create_app(
         worker.db,
-        ingest_stats=worker.stats,
+        ingest_stats=ingest_stats,
         registry=models,
         anonymous_read=anonymous_read,
         commands=commands,
@@ -172,6 +200,8 @@ def run_registry(
     restore_signals = _stop_on_sigterm(stop)
     try:
         worker.start()
+        if pool is not None:
+            pool.start()
         commands.start()
         http_thread.start()
         if watcher is not None:
@@ -214,6 +244,8 @@ def run_registry(
             server.shutdown()
         server.close()
         commands.stop()  # what is not acknowledged yet is sent on the next start
+        if pool is not None:
+            pool.stop()
         # Stop ingest last-but-cleanly: a clean DISCONNECT keeps the persistent
         # session, so the broker queues whatever devices send until the next start.
         worker.stop()

@@ -134,6 +134,14 @@ def _run_options(p: argparse.ArgumentParser, *, suppress: bool) -> None:
         help="register model files dropped into DIR (see docs/registry.md)",
     )
     p.add_argument(
+        "--ingest-workers",
+        default=d(None),
+        type=int,
+        metavar="N",
+        help="ingest sessions sharing the device subscription, one process each "
+        "(default 1); see docs/operations.md",
+    )
+    p.add_argument(
         "--timezone",
         default=d(None),
         help="the site's IANA timezone (e.g. Europe/Paris): day buckets of the counts "
@@ -298,6 +306,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
             http_threads=h.threads,
             site_timezone=s.counts.timezone,
             raw_retention_days=s.counts.raw_retention_days or None,
+            ingest=s.ingest,
             proxy=ProxyTrust(
                 hops=h.proxy_hops,
                 headers=tuple(h.proxy_headers),

@@ -294,3 +294,137 @@ class IngestWorker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def run_worker_process(
+    db_path: str,
+    broker: BrokerAddress,
+    topics_root: str,
+    client_id: str,
+    site_timezone: str,
+    batch_max: int,
+    batch_wait_s: float,
+    stop,
+) -> None:
+    """Body of an extra ingest worker process (`WorkerPool`): one shared-subscription
+    session until ``stop`` is set, SIGTERM arrives or the parent registry is gone."""
+    import os
+    import signal
+
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s %(levelname)s {client_id} %(name)s: %(message)s"
+    )
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    parent = os.getppid()
+    worker = IngestWorker(
+        db_path,
+        broker,
+        Topics(topics_root),
+        client_id=client_id,
+        site_timezone=site_timezone,
+        shared=True,
+        batch_max=batch_max,
+        batch_wait_s=batch_wait_s,
+    )
+    worker.start()
+    while not stop.wait(1.0):
+        if os.getppid() != parent:
+            log.warning("the registry process is gone; stopping")
+            break
+    worker.stop()
+
+
+class WorkerPool:
+    """Ingest workers 2..n of a registry, one process each, restarted if one dies.
+
+    Worker 1 is the registry's own `IngestWorker`; these join it on the shared
+    subscription with the identities of `worker_identity`. A process per worker, not
+    a thread: storing is Python work, and one interpreter runs it on one core.
+    """
+
+    RESTART_DELAY_S = 5.0
+
+    def __init__(
+        self,
+        workers: int,
+        db_path: str | Path,
+        broker: BrokerAddress,
+        topics_root: str,
+        client_id: str,
+        site_timezone: str = "UTC",
+        batch_max: int = 500,
+        batch_wait_s: float = 0.02,
+    ) -> None:
+        import multiprocessing
+
+        self._ctx = multiprocessing.get_context("spawn")
+        self._stop = self._ctx.Event()
+        self._args = {}
+        for index in range(2, workers + 1):
+            login, cid = worker_identity(broker, client_id, index)
+            self._args[index] = (
+                str(db_path),
+                login,
+                topics_root,
+                cid,
+                site_timezone,
+                batch_max,
+                batch_wait_s,
+            )
+        self._procs: dict[int, object] = {}
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.restarts = 0
+
+    def _spawn(self, index: int) -> None:
+        proc = self._ctx.Process(
+            target=run_worker_process,
+            args=(*self._args[index], self._stop),
+            name=f"flowfleet-ingest-{index}",
+            daemon=False,
+        )
+        proc.start()
+        self._procs[index] = proc
+        log.info("ingest worker %d started (pid %d)", index, proc.pid)
+
+    def start(self) -> None:
+        for index in self._args:
+            self._spawn(index)
+        self._thread = threading.Thread(target=self._supervise, name="ingest-pool", daemon=True)
+        self._thread.start()
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(1.0):
+            for index, proc in list(self._procs.items()):
+                if proc.is_alive() or self._stopping.is_set():
+                    continue
+                log.error(
+                    "ingest worker %d exited with %s; restarting it in %.0f s (its share of "
+                    "messages waits in its broker session)",
+                    index,
+                    proc.exitcode,
+                    self.RESTART_DELAY_S,
+                )
+                if self._stopping.wait(self.RESTART_DELAY_S):
+                    return
+                self.restarts += 1
+                self._spawn(index)
+
+    def alive(self) -> int:
+        """Worker processes running now."""
+        return sum(1 for p in self._procs.values() if p.is_alive())
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask every worker to store what it received and disconnect; wait for them."""
+        self._stopping.set()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        deadline = time.monotonic() + timeout
+        for index, proc in self._procs.items():
+            proc.join(max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.warning("ingest worker %d did not stop in time; terminating it", index)
+                proc.terminate()
+                proc.join(5)
