@@ -113,113 +113,77 @@ _ADDS = {
 _MAXES = {LineRollup: (), ZoneRollup: ("peak_occupancy",), SpeedRollup: ("kmh_max",)}
 
 
-def _upsert(model: type[pw.Model], rows: list[dict]) -> None:
-    """Add ``rows`` to their buckets: insert new buckets, add to (or take the max
-    with) the stored ones. ``rows`` must hold each bucket once (PostgreSQL refuses to
-    update one row twice in a statement)."""
-    if not rows:
-        return
-    key = ("device", "camera", _NAME[model], "class_", "step", "bucket")
-    order = (*key, *_ADDS[model], *_MAXES[model])
-    bulk.upsert_adding(
-        model._meta.database,
-        model,
-        key,
-        _ADDS[model],
-        _MAXES[model],
-        [tuple(row[f] for f in order) for row in rows],
-    )
+_KEY = {m: ("device", "camera", _NAME[m], "class_", "step", "bucket") for m in _NAME}
+_NO_HIST = (0,) * len(SPEED_HIST_COLUMNS)
+
+
+def _upsert(model: type[pw.Model], rows: list[tuple]) -> None:
+    """Add ``rows`` (key columns, then `_ADDS`, then `_MAXES`) to their buckets: insert
+    new buckets, add to (or take the max with) the stored ones. ``rows`` must hold each
+    bucket once (PostgreSQL refuses to update one row twice in a statement)."""
+    if rows:
+        db = model._meta.database
+        bulk.upsert_adding(db, model, _KEY[model], _ADDS[model], _MAXES[model], rows)
 
 
 class RollupBatch:
     """The rollup changes of any number of stored bins, summed in memory and written
     with one upsert per table (`flush`, in the bins' transaction): a batch of 500 bins
-    costs three statements instead of nine per bin."""
+    costs three statements instead of nine per bin.
+
+    Per bucket it holds a list of the values in column order: the `_ADDS` (summed)
+    then the `_MAXES` (the larger kept), which `flush` writes after the key.
+    """
 
     def __init__(self, buckets: Buckets) -> None:
         self.buckets = buckets
-        self._rows: dict[type[pw.Model], dict[tuple, dict]] = {
-            LineRollup: {},
-            ZoneRollup: {},
-            SpeedRollup: {},
-        }
+        self._rows: dict[type[pw.Model], dict[tuple, list]] = {m: {} for m in _NAME}
+        self._days: dict[float, float] = {}  # hour bucket -> day bucket (site timezone)
 
-    def _add(self, model: type[pw.Model], key: tuple, row: dict) -> None:
+    def _add(self, model: type[pw.Model], key: tuple, values: list, n_adds: int) -> None:
         held = self._rows[model].get(key)
         if held is None:
-            self._rows[model][key] = row
+            self._rows[model][key] = values
             return
-        for f in _ADDS[model]:
-            held[f] += row[f]
-        for f in _MAXES[model]:
-            new = row[f]
-            if new is not None and (held[f] is None or new > held[f]):
-                held[f] = new
+        for i in range(n_adds):
+            held[i] += values[i]
+        for i in range(n_adds, len(values)):
+            new = values[i]
+            if new is not None and (held[i] is None or new > held[i]):
+                held[i] = new
+
+    def _starts(self, ts: float) -> tuple[tuple[str, float], ...]:
+        hour = math.floor(ts / 3600.0) * 3600.0
+        day = self._days.get(hour)
+        if day is None:
+            # Cached per hour only where the whole hour lies in one local day: some
+            # timezones are offset by 30 or 45 minutes, so a midnight may fall inside.
+            day = self.buckets.start("day", ts)
+            if self.buckets.start("day", hour) == day == self.buckets.start("day", hour + 3599):
+                self._days[hour] = day
+        return (("m", math.floor(ts / 60.0) * 60.0), ("h", hour), ("d", day))
 
     def add(self, device: str, message: CountBinPayload) -> None:
         """Add one stored bin to its minute, hour and day buckets."""
-        for step, code in STEPS.items():
-            bucket = self.buckets.start(step, message.start)
+        for code, bucket in self._starts(message.start):
             for r in message.lines:
-                self._add(
-                    LineRollup,
-                    (device, r.camera, r.line, r.class_, code, bucket),
-                    {
-                        "device": device,
-                        "step": code,
-                        "bucket": bucket,
-                        "bins": 1,
-                        "camera": r.camera,
-                        "line": r.line,
-                        "class_": r.class_,
-                        "count_in": r.in_,
-                        "count_out": r.out,
-                    },
-                )
+                key = (device, r.camera, r.line, r.class_, code, bucket)
+                self._add(LineRollup, key, [1, r.in_, r.out], 3)
             for r in message.zones:
-                self._add(
-                    ZoneRollup,
-                    (device, r.camera, r.zone, r.class_, code, bucket),
-                    {
-                        "device": device,
-                        "step": code,
-                        "bucket": bucket,
-                        "bins": 1,
-                        "camera": r.camera,
-                        "zone": r.zone,
-                        "class_": r.class_,
-                        "entries": r.entries,
-                        "exits": r.exits,
-                        "peak_occupancy": r.peak_occupancy,
-                        "dwell_s_sum": r.dwell_s_sum,
-                        "dwell_n": r.dwell_n,
-                    },
-                )
+                key = (device, r.camera, r.zone, r.class_, code, bucket)
+                values = [1, r.entries, r.exits, r.dwell_s_sum, r.dwell_n, r.peak_occupancy]
+                self._add(ZoneRollup, key, values, 5)
             for r in message.speeds or ():
-                line = r.line or ""
-                self._add(
-                    SpeedRollup,
-                    (device, r.camera, line, r.class_, code, bucket),
-                    {
-                        "device": device,
-                        "step": code,
-                        "bucket": bucket,
-                        "bins": 1,
-                        "camera": r.camera,
-                        "line": line,
-                        "class_": r.class_,
-                        "n": r.n,
-                        "kmh_sum": (r.mean_kmh or 0.0) * r.n,
-                        "kmh_max": r.max_kmh,
-                        "insufficient": r.insufficient,
-                        **speedhist.columns(r.hist),
-                    },
-                )
+                key = (device, r.camera, r.line or "", r.class_, code, bucket)
+                kmh_sum = (r.mean_kmh or 0.0) * r.n
+                hist = r.hist if r.hist is not None else _NO_HIST
+                values = [1, r.n, kmh_sum, r.insufficient, *hist, r.max_kmh]
+                self._add(SpeedRollup, key, values, len(values) - 1)
 
     def flush(self) -> None:
         """Write what was added (inside the bins' transaction) and start empty."""
         for model, rows in self._rows.items():
-            _upsert(model, list(rows.values()))
+            _upsert(model, [key + tuple(values) for key, values in rows.items()])
             rows.clear()
 
 
