@@ -147,9 +147,21 @@ class CountsSection(Strict):
         return value
 
 
+class DevicesSection(Strict):
+    """Device presence: a device silent for longer than this is shown "stale"."""
+
+    stale_after_s: float = Field(
+        180.0,
+        gt=0,
+        le=30 * 86_400,
+        description="seconds; 6 of the agent's default 30 s health beats",
+    )
+
+
 class RegistrySettings(Strict):
     database: DatabaseSection = DatabaseSection()
     counts: CountsSection = CountsSection()
+    devices: DevicesSection = DevicesSection()
     storage: StorageSection = StorageSection()
     broker: BrokerSection = BrokerSection()
     http: HttpSection = HttpSection()

@@ -102,6 +102,7 @@ def run_registry(
     proxy: ProxyTrust | None = None,
     site_timezone: str = "UTC",
     raw_retention_days: float | None = 90.0,
+    stale_after_s: float = 180.0,
 ) -> None:
     """Ingest device messages from ``broker`` into ``db_path`` and serve the web UI.
 
@@ -127,6 +128,7 @@ def run_registry(
             buckets of /api/series) run from its midnight to midnight.
         raw_retention_days: raw count bins and health beats older than this are
             removed once an hour (the rollups keep every count); None keeps them.
+        stale_after_s: a device silent for longer is shown with presence "stale".
 
     Raises OSError if the HTTP port cannot be bound (before anything else starts), and
     BrokerRefused if the broker refuses the registry's credentials on the first
@@ -159,6 +161,7 @@ def run_registry(
         commands=commands,
         topics=topics,
         site_timezone=site_timezone,
+        stale_after_s=stale_after_s,
     )
     server = HttpServer(app, http_host, http_port, threads=http_threads, proxy=proxy)
     watcher = (

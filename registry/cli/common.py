@@ -54,6 +54,7 @@ FLAGS = {
     },
     "watch": {"dir": "watch"},
     "counts": {"timezone": "timezone", "raw_retention_days": "raw_retention_days"},
+    "devices": {"stale_after_s": "stale_after_s"},
 }
 
 
