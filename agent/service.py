@@ -52,7 +52,6 @@ from .tally import Tally
 log = logging.getLogger(__name__)
 
 
-@dataclass
 def camera_geometry(config: AgentConfig) -> tuple[CameraGeometry, ...] | None:
     """Each camera's counting lines and zones, for the online status; None (left out,
     logged) when the config holds geometry outside the contract's bounds."""
@@ -71,6 +70,7 @@ def camera_geometry(config: AgentConfig) -> tuple[CameraGeometry, ...] | None:
         return None
 
 
+@dataclass
 class CameraState:
     config: CameraConfig
     state: str = "starting"
