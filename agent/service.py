@@ -35,6 +35,7 @@ from flowfleet.contract import (
     SystemHealth,
     Topics,
 )
+from flowfleet.contract_device import CameraGeometry, LineGeometry, ZoneGeometry
 from flowfleet.mqtt import BrokerAddress, MqttConnection, Will
 
 from .config import AgentConfig, CameraConfig, read_password
@@ -49,6 +50,24 @@ from .system_stats import SystemStats
 from .tally import Tally
 
 log = logging.getLogger(__name__)
+
+
+def camera_geometry(config: AgentConfig) -> tuple[CameraGeometry, ...] | None:
+    """Each camera's counting lines and zones, for the online status; None (left out,
+    logged) when the config holds geometry outside the contract's bounds."""
+    try:
+        return tuple(
+            CameraGeometry(
+                camera=c.name,
+                lines=tuple(LineGeometry(name=ln.name, points=ln.points) for ln in c.lines),
+                zones=tuple(ZoneGeometry(name=z.name, points=z.points) for z in c.zones),
+                speed=c.speed is not None,
+            )
+            for c in config.cameras
+        )
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        log.warning("camera geometry left out of the status: %s", exc)
+        return None
 
 
 @dataclass
@@ -115,6 +134,9 @@ class AgentService:
         self.started = time.monotonic()
         self.notifier = notifier or Notifier()
         self.system = SystemStats(state_dir)
+        from .hardware import probe
+
+        self.hardware = probe()  # once: the online status reports it on every connect
         self.last_system: SystemHealth | None = None
         self.metrics = None
         self.connection = self._make_connection()
@@ -148,7 +170,12 @@ class AgentService:
     def _on_connect(self) -> None:
         self.delivery.on_connect()
         online = Status(
-            device=self.device, state="online", ts=time.time(), agent_version=__version__
+            device=self.device,
+            state="online",
+            ts=time.time(),
+            agent_version=__version__,
+            hardware=self.hardware,
+            cameras=camera_geometry(self.config),
         )
         self.connection.publish(self.topics.status(self.device), online.to_json(), retain=True)
         self.updater.publish_reported()

@@ -46,6 +46,8 @@ from pydantic import (
     field_validator,
 )
 
+from flowfleet.contract_device import Cameras, Hardware
+
 from . import speedhist
 
 SCHEMA_VERSION = 1
@@ -243,6 +245,18 @@ class Status(_Payload):
     state: Literal["online", "offline"]
     ts: Timestamp | None = Field(None, description="seconds since the Unix epoch, UTC")
     agent_version: VersionText | None = None
+    # Optional, in the online form only (flowfleet.contract_device): older agents and
+    # the Last Will leave them out.
+    hardware: Hardware | None = None
+    cameras: Cameras | None = None
+
+    @field_validator("cameras")
+    @classmethod
+    def _one_camera_each(cls, cameras: tuple | None) -> tuple | None:
+        names = [c.camera for c in cameras or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("a camera is listed more than once")
+        return cameras
 
 
 class LineCount(_Row):

@@ -281,9 +281,7 @@ class MqttConnection:
         if self.connected.is_set():
             self._client.subscribe(topic_filter, qos=qos)
 
-    def subscribe_deferred(
-        self, topic_filter: str, handler: DeliveryHandler, qos: int = 1
-    ) -> None:
+    def subscribe_deferred(self, topic_filter: str, handler: DeliveryHandler, qos: int = 1) -> None:
         """Register a handler that acknowledges later: it gets a `Delivery` on paho's
         thread and must return at once; the message is acknowledged only when the
         owner calls `ack` (after committing it), so the broker keeps it until then.

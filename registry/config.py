@@ -164,10 +164,22 @@ class IngestSection(Strict):
     )
 
 
+class DevicesSection(Strict):
+    """Device presence: a device silent for longer than this is shown "stale"."""
+
+    stale_after_s: float = Field(
+        180.0,
+        gt=0,
+        le=30 * 86_400,
+        description="seconds; 6 of the agent's default 30 s health beats",
+    )
+
+
 class RegistrySettings(Strict):
     database: DatabaseSection = DatabaseSection()
     counts: CountsSection = CountsSection()
     ingest: IngestSection = IngestSection()
+    devices: DevicesSection = DevicesSection()
     storage: StorageSection = StorageSection()
     broker: BrokerSection = BrokerSection()
     http: HttpSection = HttpSection()

@@ -104,6 +104,7 @@ def run_registry(
     site_timezone: str = "UTC",
     raw_retention_days: float | None = 90.0,
     ingest: IngestSection | None = None,
+    stale_after_s: float = 180.0,
 ) -> None:
     """Ingest device messages from ``broker`` into ``db_path`` and serve the web UI.
 
@@ -131,6 +132,7 @@ def run_registry(
             removed once an hour (the rollups keep every count); None keeps them.
         ingest: how many ingest workers share the device subscription (worker 1 in
             this process, the others in child processes) and their batches.
+        stale_after_s: a device silent for longer is shown with presence "stale".
 
     Raises OSError if the HTTP port cannot be bound (before anything else starts), and
     BrokerRefused if the broker refuses the registry's credentials on the first
@@ -187,6 +189,7 @@ def run_registry(
         commands=commands,
         topics=topics,
         site_timezone=site_timezone,
+        stale_after_s=stale_after_s,
     )
     server = HttpServer(app, http_host, http_port, threads=http_threads, proxy=proxy)
     watcher = (

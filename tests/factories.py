@@ -61,6 +61,23 @@ def count_bin(device: str = "cam-1", seq: int = 1, *, in_: int | None = None) ->
 # -- wire payloads ---------------------------------------------------------------------
 
 
+def hardware(**changes) -> dict:
+    """The ``hardware`` of an online status (a Raspberry Pi 5 with LiteRT), changed by
+    keyword (None removes a field: "not known")."""
+    body = {
+        "board": "Raspberry Pi 5 Model B Rev 1.0",
+        "board_id": "rpi5",
+        "arch": "aarch64",
+        "accelerators": [],
+        "os": "Debian GNU/Linux 12 (bookworm)",
+        "kernel": "6.6.31+rpt-rpi-2712",
+        "python": "3.11.2",
+        "runtimes": {"tflite": "ai-edge-litert 1.2.0"},
+    }
+    body.update(changes)
+    return {k: v for k, v in body.items() if v is not None}
+
+
 def valid_payload(kind: str, device: str = "cam-1", seq: int = 1, now: float | None = None):
     """A valid JSON object (a dict) of each payload kind, every optional part present,
     its timestamps just before ``now`` (default: the current time)."""
@@ -195,7 +212,21 @@ def valid_payload(kind: str, device: str = "cam-1", seq: int = 1, now: float | N
             ],
         }
     if kind == "status":
-        return {**common, "state": "online", "ts": t, "agent_version": "0.1.0"}
+        return {
+            **common,
+            "state": "online",
+            "ts": t,
+            "agent_version": "0.1.0",
+            "hardware": hardware(),
+            "cameras": [
+                {
+                    "camera": "front",
+                    "lines": [{"name": "door", "points": [[100, 400], [540, 400]]}],
+                    "zones": [{"name": "hall", "points": [[0, 0], [320, 0], [320, 240]]}],
+                    "speed": False,
+                }
+            ],
+        }
     if kind == "desired":
         return {
             **common,

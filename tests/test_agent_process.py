@@ -423,6 +423,15 @@ def test_systemd_notify_metrics_and_clean_sigterm(tmp_path, broker, videos, int8
     offline = parse_payload("status", [p for _, p in status.got if b'"offline"' in p][-1])
     status.close()
     assert offline.ts is not None  # published by the agent itself, not the Last Will
+    assert offline.hardware is None and offline.cameras is None
+    # The online status says what the device is and what it counts (flowfleet.contract_device).
+    online = parse_payload("status", next(p for _, p in status.got if b'"online"' in p))
+    assert online.hardware.arch and online.hardware.python and online.hardware.runtimes
+    assert "tflite" in online.hardware.runtimes
+    (camera,) = online.cameras
+    assert [(ln.name, ln.points) for ln in camera.lines] == [
+        ("gantry", ((480.0, 280.0), (480.0, 540.0)))
+    ]
     assert ready_s < 30
     # The open bin was flushed and the broker took it (no registry runs here to
     # confirm the count bins, so they stay in the outbox awaiting its ack).

@@ -159,6 +159,37 @@ def test_a_version_5_database_gets_device_tokens_passwords_sessions_and_groups(t
             assert len(list(tmp_path.glob("registry.db.bak-v5-*"))) == 1
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_version_9_database_gets_device_records_and_keeps_its_devices_accepted(tmp_path, kind):
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as apply_ops
+
+    with temporary_database(kind, tmp_path) as url:
+        # A database as migrations 1 to 9 left it, with a device and one of its bins.
+        db = regdb.open_database(url)
+        with db.connection_context():
+            m = SchemaMigrator.from_database(db)
+            apply_ops(*(m.drop_column("device", c) for c in migrations.DEVICE_RECORD_COLUMNS))
+            migrations.SchemaVersion.delete().where(migrations.SchemaVersion.version > 9).execute()
+            db.execute_sql(
+                "INSERT INTO device (id, first_seen, state) VALUES ('cam-1', 1.0, 'online')"
+            )
+            db.execute_sql(
+                "INSERT INTO count_bin (device, seq, window_start, window_end, received_at, "
+                "payload) VALUES ('cam-1', 1, 0.0, 60.0, 61.0, '{}')"
+            )
+        release()
+
+        db = regdb.open_database(url)
+
+        with db.connection_context():
+            assert 10 in versions(db)
+            dev = regdb.Device.get_by_id("cam-1")
+            assert dev.accepted_by == "migration 10" and dev.accepted_at is not None
+            assert (dev.name, dev.hardware, dev.latitude) == (None, None, None)
+            assert regdb.CountBin.select().count() == 1  # the table was not rebuilt
+
+
 def test_reopening_an_up_to_date_database_changes_nothing(tmp_path):
     path = tmp_path / "r.db"
     db = regdb.open_database(path)

@@ -55,6 +55,7 @@ FLAGS = {
     "watch": {"dir": "watch"},
     "counts": {"timezone": "timezone", "raw_retention_days": "raw_retention_days"},
     "ingest": {"workers": "ingest_workers"},
+    "devices": {"stale_after_s": "stale_after_s"},
 }
 
 

@@ -31,6 +31,7 @@ from .common import (
     settings,
 )
 from .deadletters import add_dead_letter_actions
+from .devices import add_device_actions
 from .groups import add_group_actions
 from .series import add_series_actions
 
@@ -155,6 +156,14 @@ def _run_options(p: argparse.ArgumentParser, *, suppress: bool) -> None:
         help="remove raw count bins and health beats older than this, once an hour; the "
         "minute/hour/day rollups keep every count (default 90; 0 keeps them)",
     )
+    p.add_argument(
+        "--stale-after",
+        dest="stale_after_s",
+        default=d(None),
+        type=float,
+        metavar="SECONDS",
+        help="show a device that sent nothing for this long as stale (default 180)",
+    )
 
 
 def register(sub) -> None:
@@ -246,6 +255,7 @@ def register(sub) -> None:
 
     add_access_actions(actions, shared)
     add_group_actions(actions, shared)
+    add_device_actions(actions, shared)
     add_dead_letter_actions(actions, shared)
     add_series_actions(actions, shared)
 
@@ -307,6 +317,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
             site_timezone=s.counts.timezone,
             raw_retention_days=s.counts.raw_retention_days or None,
             ingest=s.ingest,
+            stale_after_s=s.devices.stale_after_s,
             proxy=ProxyTrust(
                 hops=h.proxy_hops,
                 headers=tuple(h.proxy_headers),

@@ -18,6 +18,7 @@ from ..store.audit import audit
 from ..store.db import Deployment, DesiredCounter, ModelVersion, Signature, now
 from ..store.locks import exclusive
 from .commands import enqueue_command
+from .devices import check_hardware
 
 if TYPE_CHECKING:
     import peewee as pw
@@ -102,6 +103,7 @@ class DeploymentsMixin:
         # out of version order.
         with exclusive(self.db, f"deploy:{device}"):
             v = self.version(name, ref)
+            hardware_note = check_hardware(device, v)  # 409 when it cannot run v
             model_ref = self.model_ref(v)
             DesiredCounter.insert(device=device, last_version=0).on_conflict_ignore().execute()
             DesiredCounter.update(last_version=DesiredCounter.last_version + 1).where(
@@ -143,6 +145,7 @@ class DeploymentsMixin:
                 old=old,
                 desired_version=desired_version,
                 command=command_id,
+                hardware=hardware_note,
             )
         return desired, {**self.deployment_dict(row), "command_id": command_id}
 

@@ -59,6 +59,7 @@ from ..store.db import (
 from .ack import ack_state, note_count_seq, note_gap
 from .batch import BinItem, settle_acks, store_bins, touch_devices
 from .bounds import check_seq_jump
+from .devices import status_columns
 from .series import Buckets, RollupBatch, add_bin
 
 log = logging.getLogger(__name__)
@@ -523,6 +524,7 @@ class Ingestor:
         }
         if message.agent_version is not None:
             changes[Device.agent_version] = message.agent_version
+        changes.update(status_columns(message, received_at))  # hardware, cameras
         Device.update(changes).where(Device.id == device).execute()
         return STORED
 

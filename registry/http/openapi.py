@@ -709,7 +709,17 @@ def _paths() -> dict[str, Any]:
     }
 
 
+def _merge(*parts: dict[str, Any]) -> dict[str, Any]:
+    """Paths from several modules; one path may get its methods from several."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        for path, ops in part.items():
+            out.setdefault(path, {}).update(ops)
+    return out
+
+
 def openapi_document() -> dict[str, Any]:
+    from .openapi_devices import device_paths, device_schemas
     from .openapi_fleet import fleet_paths
     from .openapi_groups import group_paths
     from .openapi_series import series_paths
@@ -733,7 +743,7 @@ def openapi_document() -> dict[str, Any]:
             ),
         },
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": {**SCHEMAS, **device_schemas()},
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "session": {
@@ -745,5 +755,5 @@ def openapi_document() -> dict[str, Any]:
             },
         },
         "security": [{"bearer": []}, {"session": []}],
-        "paths": {**_paths(), **fleet_paths(), **group_paths(), **series_paths()},
+        "paths": _merge(_paths(), fleet_paths(), group_paths(), series_paths(), device_paths()),
     }

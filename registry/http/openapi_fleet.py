@@ -104,8 +104,18 @@ def fleet_paths() -> dict[str, Any]:
         },
         "/api/devices": {
             "get": {
-                "summary": "Devices with state, bins, gaps and reported models",
+                "summary": "Devices with state, bins, gaps, reported models and their records",
+                "description": "Each item also carries the device's record (registration, "
+                "presence, name, tags, site, location, hardware, cameras; see DeviceRecord).",
                 "security": dashboard,
+                "parameters": [
+                    _param(
+                        "registration",
+                        "query",
+                        {"type": "string", "enum": ["registered", "unregistered"]},
+                        "only devices accepted by an operator, or only those not yet",
+                    )
+                ],
                 "responses": {
                     "200": _json(
                         {

@@ -40,6 +40,7 @@ from flowfleet.contract import DriftSummary as DriftPayload
 from ..catalog.modelreg import ModelRegistry, RegistryError
 from ..fleet import series
 from ..fleet.commands import CommandPublisher, pending_summary
+from ..fleet.devices import DEFAULT_STALE_AFTER_S, REGISTRATIONS, record_dict
 from ..metrics import install_metrics
 from ..store.db import (
     STEPS,
@@ -53,12 +54,14 @@ from ..store.db import (
     ReportedState,
     ZoneRollup,
     database_proxy,
+    now,
     require_bound,
 )
 from .access import install_auth
 from .api import bp as api_bp
 from .api import error_response as registry_error_response
 from .api import int_arg, query_args
+from .devices_api import bp as devices_bp
 from .groups_api import bp as groups_bp
 from .series_api import bp as series_bp
 from .webauth import bp as webauth_bp
@@ -174,8 +177,11 @@ def totals(device: str | None = None) -> dict[str, Any]:
     }
 
 
-def devices() -> list[dict[str, Any]]:
-    """Every known device with its state and ingest bookkeeping; see /api/devices."""
+def devices(
+    stale_after_s: float = DEFAULT_STALE_AFTER_S, registration: str | None = None
+) -> list[dict[str, Any]]:
+    """Every known device (or those of one ``registration``) with its state, ingest
+    bookkeeping and record (`flowfleet.registry.fleet.devices`); see /api/devices."""
     bins = {
         d: (n, top)
         for d, n, top in CountBin.select(
@@ -200,7 +206,11 @@ def devices() -> list[dict[str, Any]]:
     )
     reported = {row.device_id: row for row in ReportedState.select()}
     result = []
-    for dev in Device.select().order_by(Device.id):
+    at = now()
+    query = Device.select().order_by(Device.id)
+    if registration is not None:
+        query = query.where(Device.accepted_at.is_null(registration == "unregistered"))
+    for dev in query:
         n_bins, top = bins.get(dev.id, (0, None))
         n_bins += dev.bins_pruned or 0  # retention removed them; they were received
         n_beats, top_beat = beats.get(dev.id, (0, None))
@@ -222,6 +232,7 @@ def devices() -> list[dict[str, Any]]:
                 "last_health": _last_health(dev.id, top_beat) if top_beat else None,
                 "dead_letters": dead.get(dev.id, 0),
                 "reported": _reported(reported.get(dev.id)),
+                **record_dict(dev, at, stale_after_s),
             }
         )
     return result
@@ -464,6 +475,7 @@ def create_app(
     commands: CommandPublisher | None = None,
     topics: Topics | None = None,
     site_timezone: str = "UTC",
+    stale_after_s: float = DEFAULT_STALE_AFTER_S,
 ) -> Flask:
     """The registry web app on ``db`` (opened with `open_database`).
 
@@ -475,7 +487,8 @@ def create_app(
     deployments queue the devices' retained desired states (under ``topics``,
     default root ``flowfleet/v1``) in the commands outbox and wake it to publish
     them after commit; without one, deploying answers 503. ``site_timezone`` is the
-    site's, where the day buckets of /api/series start.
+    site's, where the day buckets of /api/series start. A device silent for more
+    than ``stale_after_s`` is shown with presence "stale".
     """
     require_bound(db)
     app = Flask(__name__)
@@ -492,10 +505,12 @@ def create_app(
     app.extensions["flowfleet_topics"] = topics or Topics()
     app.extensions["flowfleet_db"] = db
     app.extensions["flowfleet_buckets"] = series.Buckets(site_timezone)
+    app.extensions["flowfleet_stale_after_s"] = stale_after_s
     app.register_blueprint(api_bp)
     app.register_blueprint(series_bp)
     app.register_blueprint(webauth_bp)
     app.register_blueprint(groups_bp)
+    app.register_blueprint(devices_bp)
     install_metrics(app)  # first before_request hook: times everything after it
 
     @app.before_request
@@ -546,8 +561,16 @@ def create_app(
 
     @app.get("/api/devices")
     def api_devices():
-        query_args(())
-        return jsonify({"devices": devices()})
+        args = query_args(("registration",))
+        registration = args.get("registration")
+        if registration is not None and registration not in REGISTRATIONS:
+            raise RegistryError(
+                400,
+                "invalid_parameter",
+                f"registration must be one of {', '.join(REGISTRATIONS)}, got {registration!r}",
+                "registration",
+            )
+        return jsonify({"devices": devices(stale_after_s, registration)})
 
     @app.get("/api/dead-letters")
     def api_dead_letters():
@@ -596,7 +619,7 @@ def create_app(
         return render_template(
             "index.html",
             totals=totals(),
-            devices=devices(),
+            devices=devices(stale_after_s),
             dead_letters=dead_letters(10),
             events=events(DASHBOARD_EVENTS)[0],
             urls={

@@ -66,6 +66,22 @@ class Device(BaseModel):
     # Migration 8: count bins retention removed (they stay in the rollups), so bins
     # received = stored + pruned.
     bins_pruned = pw.BigIntegerField(null=True, default=0)
+    # Migration 10: the device as a record (`flowfleet.registry.fleet.devices`). What an
+    # operator edits: a display name, description, tags (JSON list), site, location.
+    name = pw.CharField(max_length=128, null=True)
+    description = pw.TextField(null=True)
+    tags = pw.TextField(null=True, help_text="JSON list of strings")
+    site = pw.CharField(max_length=64, null=True)
+    latitude = pw.DoubleField(null=True)
+    longitude = pw.DoubleField(null=True)
+    # What the agent reports in its online status (JSON of the contract's Hardware and
+    # camera geometry) and when it last did.
+    hardware = pw.TextField(null=True, help_text="JSON: the status's hardware")
+    cameras = pw.TextField(null=True, help_text="JSON: the status's camera geometry")
+    reported_at = pw.DoubleField(null=True)
+    # NULL: first seen through telemetry, not accepted by an operator (unregistered).
+    accepted_at = pw.DoubleField(null=True)
+    accepted_by = pw.CharField(max_length=128, null=True)
 
 
 class CountBin(BaseModel):

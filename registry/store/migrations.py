@@ -132,6 +132,33 @@ def _m9_commands(db: pw.Database) -> None:
     db.create_tables(regdb.COMMAND_MODELS, safe=True)
 
 
+DEVICE_RECORD_COLUMNS = (
+    "name",
+    "description",
+    "tags",
+    "site",
+    "latitude",
+    "longitude",
+    "hardware",
+    "cameras",
+    "reported_at",
+    "accepted_at",
+    "accepted_by",
+)
+
+
+def _m10_device_records(db: pw.Database) -> None:
+    # Every column nullable: a NOT NULL one would make SQLite rebuild `device`, and the
+    # rebuild would cascade-delete every row that references it.
+    dev = regdb.Device
+    _add_missing_columns(db, "device", {c: getattr(dev, c) for c in DEVICE_RECORD_COLUMNS})
+    # Devices the registry already knew were the operator's fleet: accepted, not
+    # listed as unregistered after the upgrade.
+    dev.update(accepted_at=time.time(), accepted_by="migration 10").where(
+        dev.accepted_at.is_null()
+    ).execute()
+
+
 def _m11_speed_histograms(db: pw.Database) -> None:
     # Nullable columns with a database default of 0: existing buckets read 0 (they
     # hold no histogram: no agent could send one before this release) and later bins
@@ -191,6 +218,12 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         9,
         "commands outbox: device_command (desired states published after commit)",
         _m9_commands,
+    ),
+    (
+        10,
+        "devices as records: device name, description, tags, site, latitude, longitude, "
+        "hardware, cameras, reported_at, accepted_at, accepted_by",
+        _m10_device_records,
     ),
     (
         11,
