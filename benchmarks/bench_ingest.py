@@ -47,7 +47,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from flowfleet.contract import CountBin, Health, LineCount, SpeedCount, Topics, ZoneCount
-from flowfleet.mqtt import BrokerAddress
+from flowfleet.mqtt import BrokerAddress, discard_session
 from flowfleet.provisioning.mosquitto import Broker
 from flowfleet.registry.fleet.worker import IngestWorker
 from flowfleet.registry.store import db as regdb
@@ -205,6 +205,8 @@ def run_ingest(broker: Broker, msgs, url: str, workers: int, tag: str) -> float:
     worker.stop()
     for p in procs:
         p.join(30)
+    for cid in ids:  # or the next run's group would still hand them a share
+        discard_session(address, cid)
     stored = _stored(url)
     if stored != len(msgs):
         raise RuntimeError(f"ingest stored {stored} of {len(msgs)} bins")

@@ -395,3 +395,51 @@ def _strip_share(topic_filter: str) -> str:
     if topic_filter.startswith("$share/"):
         return topic_filter.split("/", 2)[2]
     return topic_filter
+
+
+def discard_session(address: BrokerAddress, client_id: str, timeout: float = 5.0) -> bool:
+    """Make the broker drop ``client_id``'s persistent session (its subscriptions and
+    queued messages): resume it with a session expiry of 0, then leave at once.
+
+    Returns whether there was a session to drop (False also when the broker refused
+    the login or could not be reached: then it would not hand us any session).
+    """
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5,
+        manual_ack=True,  # whatever was queued there is dropped with it, not taken
+    )
+    if address.username is not None:
+        client.username_pw_set(address.username, address.password)
+    if address.tls:
+        client.tls_set(
+            ca_certs=address.ca_file,
+            certfile=address.cert_file,
+            keyfile=address.key_file,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
+    existed = threading.Event()
+    answered = threading.Event()
+
+    def on_connect(client, userdata, flags, reason_code, properties) -> None:
+        if not reason_code.is_failure and flags.session_present:
+            existed.set()
+        answered.set()
+
+    client.on_connect = on_connect
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 0  # the session ends with this connection
+    try:
+        client.connect(
+            address.host, address.port, keepalive=10, clean_start=False, properties=props
+        )
+    except (OSError, ssl.SSLError):
+        return False
+    client.loop_start()
+    try:
+        answered.wait(timeout)
+        client.disconnect()
+    finally:
+        client.loop_stop()
+    return existed.is_set()

@@ -33,7 +33,7 @@ from .config import IngestSection
 from .errors import BrokerRefused
 from .fleet.commands import CommandPublisher
 from .fleet.retention import RetentionJob
-from .fleet.worker import IngestWorker, WorkerPool
+from .fleet.worker import IngestWorker, WorkerPool, retire_workers
 from .http.server import HttpServer, ProxyTrust
 from .http.web import create_app
 from .store.db import describe
@@ -205,6 +205,12 @@ def run_registry(
         worker.start()
         if pool is not None:
             pool.start()
+        threading.Thread(
+            target=_retire_workers,
+            args=(broker, client_id, ingest.workers),
+            name="ingest-retire",
+            daemon=True,
+        ).start()
         commands.start()
         http_thread.start()
         if watcher is not None:
@@ -254,6 +260,23 @@ def run_registry(
         worker.stop()
         restore_signals()
         log.info("registry stopped")
+
+
+def _retire_workers(broker: BrokerAddress, client_id: str, workers: int) -> None:
+    """Sessions of ingest workers beyond those configured would keep taking a share of
+    the shared subscription: discard them (see `retire_workers`)."""
+    try:
+        retired = retire_workers(broker, client_id, workers)
+    except Exception:
+        log.exception("could not retire the sessions of ingest workers beyond %d", workers)
+        return
+    if retired:
+        log.warning(
+            "discarded the broker sessions of ingest workers no longer configured (%s) and "
+            "what was queued there; devices send again every count bin the registry has not "
+            "confirmed",
+            ", ".join(retired),
+        )
 
 
 def fill_rollups(db, buckets) -> None:

@@ -160,3 +160,31 @@ def test_two_workers_one_killed_store_every_bin_once(kind, tmp_path, broker):
             total_in, total_bins = rollup.tuples().get()
             assert (int(total_in), int(total_bins)) == (expected_in, ALL), step
         assert regdb.DeadLetter.select().count() == 0
+
+
+def test_sessions_of_workers_no_longer_configured_are_retired(tmp_path, broker):
+    """Going from two workers to one: worker 2's session would keep a share of the
+    messages; the registry's start discards it, and worker 1 then gets them all."""
+    from flowfleet.registry.fleet.worker import IngestWorker, retire_workers
+
+    base = "flowfleet-registry-r"
+    address = BrokerAddress(broker.host, broker.port)
+    make_session(broker, f"{base}-2")  # left over from a two-worker configuration
+    assert retire_workers(address, base, 1, upto=4) == [f"{base}-2"]
+    assert retire_workers(address, base, 1, upto=4) == []  # nothing left to retire
+    with temporary_database("sqlite", tmp_path) as url:
+        worker = IngestWorker(url, address, TOPICS, client_id=base, shared=True)
+        assert worker.start(wait=10)
+        try:
+            pub = _client("r-publisher")
+            _connect(pub, broker, True)
+            pub.loop_start()
+            sent = [pub.publish(t, p, qos=1) for t, p in list(bins(time.time()))[:50]]
+            for info in sent:
+                info.wait_for_publish(10)
+            wait_for(lambda: worker.processed() >= 50, 30, "all 50 bins at worker 1")
+            pub.disconnect()
+            pub.loop_stop()
+        finally:
+            worker.stop()
+        assert worker.outcomes["stored"] == 50

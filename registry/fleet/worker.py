@@ -34,7 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from flowfleet.contract import QOS, Ack, Topics
-from flowfleet.mqtt import BrokerAddress, Delivery, MqttConnection
+from flowfleet.mqtt import BrokerAddress, Delivery, MqttConnection, discard_session
 
 from .. import metrics
 from ..store.db import now, open_database
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 # The shared-subscription group of the registry's ingest workers.
 INGEST_GROUP = "flowfleet-ingest"
+# Worker indices whose leftover sessions a registry start retires (the config's bound).
+MAX_WORKERS = 32
 # A batch ends early when no message arrived for this long: the stream paused (or the
 # broker's inflight window is full and waits for our acks).
 _IDLE_GAP_S = 0.003
@@ -63,6 +65,25 @@ def worker_identity(broker: BrokerAddress, client_id: str, index: int) -> tuple[
         return broker, client_id
     username = f"{broker.username}-{index}" if broker.username else None
     return replace(broker, username=username), f"{client_id}-{index}"
+
+
+def retire_workers(
+    broker: BrokerAddress, client_id: str, workers: int, upto: int = MAX_WORKERS
+) -> list[str]:
+    """Discard the broker sessions of ingest workers ``workers + 1 .. upto``.
+
+    A worker's persistent session stays a member of the shared subscription after the
+    worker is gone (fewer workers configured than before): the broker would keep
+    handing it a share of the devices' messages, stored nowhere until it returned.
+    Returns the client ids whose session was discarded (those the broker let in; one
+    whose login it refuses could never have held a session).
+    """
+    retired = []
+    for index in range(max(2, workers + 1), upto + 1):
+        login, cid = worker_identity(broker, client_id, index)
+        if discard_session(login, cid, timeout=2.0):
+            retired.append(cid)
+    return retired
 
 
 class IngestWorker:
