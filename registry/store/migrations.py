@@ -132,6 +132,11 @@ def _m9_commands(db: pw.Database) -> None:
     db.create_tables(regdb.COMMAND_MODELS, safe=True)
 
 
+def _m12_line_rollup_covering_index(db: pw.Database) -> None:
+    regdb.LineRollup._schema.create_indexes(safe=True)
+    db.execute_sql('DROP INDEX IF EXISTS "line_rollup_device_step_bucket"')
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
     (
         1,
@@ -181,6 +186,13 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         9,
         "commands outbox: device_command (desired states published after commit)",
         _m9_commands,
+    ),
+    (
+        12,
+        "line_rollup: a device's buckets read from one covering index "
+        "(device, step, bucket, camera, line, class, count_in, count_out), replacing "
+        "(device, step, bucket)",
+        _m12_line_rollup_covering_index,
     ),
 )
 LATEST = MIGRATIONS[-1][0]
