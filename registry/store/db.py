@@ -520,9 +520,25 @@ class LineRollup(_Rollup):
         table_name = "line_rollup"
         indexes = (
             (("device", "camera", "line", "class_", "step", "bucket"), True),
-            (("device", "step", "bucket"), False),
             (("step", "bucket"), False),
         )
+
+
+# Migration 12: one device's buckets (the dashboard's device views) are read from this
+# index alone. Rows are appended in time order across the fleet, so without it a
+# device's day of minutes reads one table page per minute (issue 15; see
+# docs/benchmarks.md). It replaces the (device, step, bucket) index, its prefix.
+LineRollup.add_index(
+    LineRollup.device,
+    LineRollup.step,
+    LineRollup.bucket,
+    LineRollup.camera,
+    LineRollup.line,
+    LineRollup.class_,
+    LineRollup.count_in,
+    LineRollup.count_out,
+    name="line_rollup_device_step_bucket_values",
+)
 
 
 class ZoneRollup(_Rollup):

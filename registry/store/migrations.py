@@ -169,6 +169,11 @@ def _m11_speed_histograms(db: pw.Database) -> None:
     )
 
 
+def _m12_line_rollup_covering_index(db: pw.Database) -> None:
+    regdb.LineRollup._schema.create_indexes(safe=True)
+    db.execute_sql('DROP INDEX IF EXISTS "line_rollup_device_step_bucket"')
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
     (
         1,
@@ -230,6 +235,13 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         "speed histograms: speed_rollup.hist_00 .. hist_48 (tracks per km/h bucket of "
         "flowfleet.speedhist.EDGES_KMH), so rollups have percentiles",
         _m11_speed_histograms,
+    ),
+    (
+        12,
+        "line_rollup: a device's buckets read from one covering index "
+        "(device, step, bucket, camera, line, class, count_in, count_out), replacing "
+        "(device, step, bucket)",
+        _m12_line_rollup_covering_index,
     ),
 )
 LATEST = MIGRATIONS[-1][0]
