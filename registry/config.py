@@ -149,7 +149,7 @@ class CountsSection(Strict):
 
 class IngestSection(Strict):
     """How device messages are stored: worker sessions on a shared subscription, and
-    the batches each stores per transaction (docs/operations.md, "Ingest workers")."""
+    the batches each stores per transaction (docs/registry.md, "Ingest workers")."""
 
     workers: int = Field(
         1,
@@ -158,9 +158,9 @@ class IngestSection(Strict):
         description="ingest sessions; more than 1 share a subscription, each in its own "
         "process with the client id and username <name>-<n>",
     )
-    batch_max: int = Field(500, ge=1, le=5000, description="most messages per transaction")
+    batch_max: int = Field(1000, ge=1, le=5000, description="most messages per transaction")
     batch_wait_ms: float = Field(
-        20.0, ge=0, le=1000, description="how long a batch waits for more after its first"
+        50.0, ge=0, le=1000, description="how long a batch waits for more after its first"
     )
 
 

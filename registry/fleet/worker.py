@@ -48,7 +48,7 @@ INGEST_GROUP = "flowfleet-ingest"
 MAX_WORKERS = 32
 # A batch ends early when no message arrived for this long: the stream paused (or the
 # broker's inflight window is full and waits for our acks).
-_IDLE_GAP_S = 0.003
+_IDLE_GAP_S = 0.01
 _STOP = object()
 
 
@@ -118,8 +118,8 @@ class IngestWorker:
         site_timezone: str = "UTC",
         *,
         shared: bool = False,
-        batch_max: int = 500,
-        batch_wait_s: float = 0.02,
+        batch_max: int = 1000,
+        batch_wait_s: float = 0.05,
     ) -> None:
         self.db = open_database(db_path)
         self.topics = topics
@@ -374,8 +374,8 @@ class WorkerPool:
         topics_root: str,
         client_id: str,
         site_timezone: str = "UTC",
-        batch_max: int = 500,
-        batch_wait_s: float = 0.02,
+        batch_max: int = 1000,
+        batch_wait_s: float = 0.05,
     ) -> None:
         import multiprocessing
 
