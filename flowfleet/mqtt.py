@@ -202,15 +202,7 @@ class MqttConnection:
         )
         self._client._reconnect_min_delay = reconnect_min_s  # paho stores ints; allow floats
         self._client._reconnect_max_delay = reconnect_max_s
-        if address.username is not None:
-            self._client.username_pw_set(address.username, address.password)
-        if address.tls:
-            self._client.tls_set(
-                ca_certs=address.ca_file,
-                certfile=address.cert_file,
-                keyfile=address.key_file,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
+        _log_in(self._client, address)
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         self._client.on_connect = self._handle_connect
@@ -397,6 +389,19 @@ def _strip_share(topic_filter: str) -> str:
     return topic_filter
 
 
+def _log_in(client: mqtt.Client, address: BrokerAddress) -> None:
+    """Give ``client`` the credentials and TLS settings of ``address``."""
+    if address.username is not None:
+        client.username_pw_set(address.username, address.password)
+    if address.tls:
+        client.tls_set(
+            ca_certs=address.ca_file,
+            certfile=address.cert_file,
+            keyfile=address.key_file,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
+
+
 def discard_session(address: BrokerAddress, client_id: str, timeout: float = 5.0) -> bool:
     """Make the broker drop ``client_id``'s persistent session (its subscriptions and
     queued messages): resume it with a session expiry of 0, then leave at once.
@@ -410,15 +415,7 @@ def discard_session(address: BrokerAddress, client_id: str, timeout: float = 5.0
         protocol=mqtt.MQTTv5,
         manual_ack=True,  # whatever was queued there is dropped with it, not taken
     )
-    if address.username is not None:
-        client.username_pw_set(address.username, address.password)
-    if address.tls:
-        client.tls_set(
-            ca_certs=address.ca_file,
-            certfile=address.cert_file,
-            keyfile=address.key_file,
-            tls_version=ssl.PROTOCOL_TLS_CLIENT,
-        )
+    _log_in(client, address)
     existed = threading.Event()
     answered = threading.Event()
 

@@ -36,7 +36,7 @@ from flowfleet.contract import CountBin as CountBinPayload
 from ..store import bulk
 from ..store.db import CountBin, CountGap, Device, LineTotal, ZoneTotal
 from .ack import advance_counts_ack
-from .bounds import MAX_SEQ_JUMP
+from .bounds import seq_jump_reason
 from .series import RollupBatch
 
 STORED = "stored"
@@ -74,6 +74,14 @@ class BinsResult:
     behind: set[str] = field(default_factory=set)
     # Devices with a redelivered bin: their ack is published again.
     repeated: set[str] = field(default_factory=set)
+
+
+def conflict_reason(what: str, seq: int) -> str:
+    """Why a second copy of a stored (device, seq) with other content is refused."""
+    return (
+        f"{what} seq {seq} was already stored with different content; "
+        "kept the first, this one is refused"
+    )
 
 
 def touch_devices(seen: dict[str, float]) -> None:
@@ -121,17 +129,11 @@ def store_bins(items: list[BinItem], rollups: RollupBatch) -> BinsResult:
                 if seq > result.state.get(d, (0, 0))[0]:
                     result.behind.add(d)
             else:
-                result.refused[it.index] = (
-                    f"count bin seq {seq} was already stored with different content; "
-                    "kept the first, this one is refused"
-                )
+                result.refused[it.index] = conflict_reason("count bin", seq)
             continue
         top = highest.get(d)
-        if top is not None and seq - top > MAX_SEQ_JUMP:
-            result.refused[it.index] = (
-                f"field 'seq': {seq} is more than {MAX_SEQ_JUMP} above the highest stored "
-                f"count bin seq {top} of {d!r} (seq grows by one per message)"
-            )
+        if (why := seq_jump_reason(d, seq, top)) is not None:
+            result.refused[it.index] = why
             continue
         if seq <= result.state.get(d, (0, 0))[0]:
             # Settled before and its raw row since removed by retention: a resend,

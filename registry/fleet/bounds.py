@@ -36,9 +36,20 @@ def check_seq_jump(
     highest seq.
     """
     query = table.select(pw.fn.MAX(table.seq)).where(table.device == device)
-    top = query.scalar(db)
+    what = table._meta.table_name.replace("_", " ")
+    return seq_jump_reason(device, seq, query.scalar(db), what, max_jump)
+
+
+def seq_jump_reason(
+    device: str,
+    seq: int,
+    top: int | None,
+    what: str = "count bin",
+    max_jump: int = MAX_SEQ_JUMP,
+) -> str | None:
+    """The refusal of `check_seq_jump` given the device's highest stored seq ``top``
+    (None: nothing stored yet), or None when ``seq`` is fine."""
     if top is not None and seq - top > max_jump:
-        what = table._meta.table_name.replace("_", " ")
         return (
             f"field 'seq': {seq} is more than {max_jump} above the highest stored {what} "
             f"seq {top} of {device!r} (seq grows by one per message)"

@@ -57,7 +57,7 @@ from ..store.db import (
     require_bound,
 )
 from .ack import ack_state, note_count_seq, note_gap
-from .batch import BinItem, settle_acks, store_bins, touch_devices
+from .batch import BinItem, conflict_reason, settle_acks, store_bins, touch_devices
 from .bounds import check_seq_jump
 from .devices import status_columns
 from .series import Buckets, RollupBatch, add_bin
@@ -349,19 +349,7 @@ class Ingestor:
         raise TypeError(f"no storage for {type(message).__name__}")
 
     def _touch_device(self, device: str, received_at: float) -> None:
-        # Upsert rather than get-or-create: two workers seeing a new device at once
-        # must not fail on the primary key.
-        (
-            Device.insert(
-                id=device,
-                first_seen=received_at,
-                last_seen=received_at,
-                state="unknown",
-                state_since=received_at,
-            )
-            .on_conflict(conflict_target=[Device.id], update={Device.last_seen: received_at})
-            .execute()
-        )
+        touch_devices({device: received_at})
 
     def _store_once(
         self,
@@ -389,10 +377,7 @@ class Ingestor:
             # Compared as JSON values: object members (event data, class mix) may
             # arrive in another order and are still the same message.
             return DUPLICATE
-        raise _Conflict(
-            f"{what} seq {message.seq} was already stored with different content; "
-            "kept the first, this one is refused"
-        )
+        raise _Conflict(conflict_reason(what, message.seq))
 
     def _store_bin(self, device: str, message: CountBinPayload, received_at: float) -> str:
         if (why := check_seq_jump(self.db, device, message.seq)) is not None:

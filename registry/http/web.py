@@ -40,7 +40,7 @@ from flowfleet.contract import DriftSummary as DriftPayload
 from ..catalog.modelreg import ModelRegistry, RegistryError
 from ..fleet import series
 from ..fleet.commands import CommandPublisher, pending_summary
-from ..fleet.devices import DEFAULT_STALE_AFTER_S, REGISTRATIONS, record_dict
+from ..fleet.devices import DEFAULT_STALE_AFTER_S, REGISTRATIONS, device_dict
 from ..metrics import install_metrics
 from ..store.db import (
     STEPS,
@@ -216,12 +216,7 @@ def devices(
         n_beats, top_beat = beats.get(dev.id, (0, None))
         result.append(
             {
-                "device": dev.id,
-                "state": dev.state,
-                "state_since": dev.state_since,
-                "first_seen": dev.first_seen,
-                "last_seen": dev.last_seen,
-                "agent_version": dev.agent_version,
+                **device_dict(dev, at, stale_after_s),
                 "bins": n_bins,
                 "highest_seq": top,
                 # seq starts at 1 and (device, seq) is unique, so every missing number
@@ -232,7 +227,6 @@ def devices(
                 "last_health": _last_health(dev.id, top_beat) if top_beat else None,
                 "dead_letters": dead.get(dev.id, 0),
                 "reported": _reported(reported.get(dev.id)),
-                **record_dict(dev, at, stale_after_s),
             }
         )
     return result
