@@ -10,6 +10,7 @@ import pytest
 from flowfleet.data import data_dir
 from flowfleet.provisioning.mosquitto import Broker
 from flowfleet.registry.testing import KINDS, fresh_registry, temporary_database
+from tests.factories import PERSON_CLIP_FRAMES
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +32,24 @@ def int8_model(data: Path) -> Path:
 @pytest.fixture(scope="session")
 def videos(data: Path) -> Path:
     return data / "videos"
+
+
+@pytest.fixture(scope="session")
+def person_clip(videos: Path, tmp_path_factory) -> Path:
+    """An image folder (10 fps) of the person video's first `PERSON_CLIP_FRAMES` frames."""
+    import cv2
+
+    folder = tmp_path_factory.mktemp("person-clip")
+    cap = cv2.VideoCapture(str(videos / "one-by-one-person-detection.mp4"))
+    try:
+        for i in range(PERSON_CLIP_FRAMES):
+            ok, image = cap.read()
+            if not ok:
+                pytest.fail(f"one-by-one-person-detection.mp4 ended at frame {i}")
+            cv2.imwrite(str(folder / f"{i:05d}.png"), image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    finally:
+        cap.release()
+    return folder
 
 
 @pytest.fixture

@@ -32,7 +32,6 @@ from .factories import count_bin
 from .test_agent_process import (
     CLEAN,
     PERSON_FRAMES,
-    PERSON_VIDEO,
     Agent,
     agent_state,
     bin_seqs,
@@ -73,7 +72,7 @@ def kill_and_lose_disk(broker: Broker) -> None:
 
 
 def test_broker_killed_and_its_disk_lost_six_times_loses_no_count(
-    tmp_path, broker, videos, int8_model
+    tmp_path, broker, person_clip, int8_model
 ):
     device = "crash-cam"
     address = BrokerAddress(broker.host, broker.port)
@@ -82,7 +81,7 @@ def test_broker_killed_and_its_disk_lost_six_times_loses_no_count(
     registry.stop()  # offline: its persistent session queues on the broker (for a while)
 
     config = write_config(
-        tmp_path, broker, videos / PERSON_VIDEO, int8_model, device=device, extra=ACK_SETTINGS
+        tmp_path, broker, person_clip, int8_model, device=device, extra=ACK_SETTINGS
     )
     agent = Agent(config, tmp_path / "agent.log")
     kills = 0
@@ -144,7 +143,9 @@ def test_a_locked_database_delays_a_bin_and_never_dead_letters_it(tmp_path, brok
         worker.stop()
 
 
-def test_an_agent_with_another_devices_id_says_the_broker_refuses_it(tmp_path, videos, int8_model):
+def test_an_agent_with_another_devices_id_says_the_broker_refuses_it(
+    tmp_path, person_clip, int8_model
+):
     passwd = write_password_file(tmp_path / "passwd", {"cam-a": "cam-a-secret"})
     acl = tmp_path / "acl"
     acl.write_text(render_acl())
@@ -160,9 +161,7 @@ password_file = "{tmp_path / "cam-a.password"}"
 reconnect_min_s = 0.5
 reconnect_max_s = 2
 """
-        config = write_config(
-            tmp_path, broker, videos / PERSON_VIDEO, int8_model, device="cam-b", extra=""
-        )
+        config = write_config(tmp_path, broker, person_clip, int8_model, device="cam-b", extra="")
         text = config.read_text()
         start = text.index("[broker]")
         end = text.index("[[cameras]]")
