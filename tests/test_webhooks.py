@@ -422,6 +422,7 @@ GOOD = {"name": "ops", "url": "https://hooks.example/x", "events": ["drift.*"]}
         ("post", "/api/webhook-deliveries/999999/redeliver", None, "admin", 404, "delivery"),
     ],
 )
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # checked before any write
 def test_bad_webhook_requests_name_the_field_and_change_nothing(
     db, api, method, path, body, role, status, field
 ):
@@ -501,6 +502,7 @@ def test_cli_round_trip_add_list_ping_deliveries_redeliver_rm(cli, receiver):
         (("deliveries", "--webhook", "nope"), 1, "webhook: no webhook 'nope'"),
     ],
 )
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # checked before any write
 def test_cli_bad_input_exits_with_a_message_naming_the_field(cli, argv, rc, message):
     got, _out, err = cli("webhooks", *argv)
     assert got == rc and message in err, err

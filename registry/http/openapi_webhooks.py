@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..fleet import webhook_records as records
 from .openapi import (
     BAD,
     LIMIT,
@@ -20,17 +21,22 @@ from .openapi import (
 
 WEBHOOK_PATH = _param("name", "path", {"type": "string", "pattern": NAME}, "webhook name")
 DELIVERY_PATH = _param(
-    "delivery", "path", {"type": "string", "pattern": "^[1-9][0-9]{0,17}$"}, "delivery id"
+    "delivery", "path", {"type": "string", "pattern": f"^{records.DELIVERY_ID}$"}, "delivery id"
 )
 PATTERNS = {
     "type": "array",
     "minItems": 1,
     "maxItems": 32,
-    "items": {"type": "string", "pattern": r"^[A-Za-z0-9_.*?-]{1,64}$"},
+    "items": {"type": "string", "pattern": f"^{records.PATTERN}$"},
     "description": "shell-style patterns of audit actions (drift.*, rollout.abort); "
     "webhook.* actions match only patterns starting with webhook",
 }
-URL = {"type": "string", "pattern": "^https?://", "maxLength": 2048}
+URL = {
+    "type": "string",
+    "pattern": f"^{records.URL_PATTERN}$",
+    "maxLength": records.MAX_URL,
+    "description": "http(s), printable ASCII (punycode hosts), no user@, port 1-65535",
+}
 
 WEBHOOK = {
     "type": "object",
@@ -124,8 +130,9 @@ def webhook_paths() -> dict[str, Any]:
                         "events": PATTERNS,
                         "secret": {
                             "type": "string",
-                            "minLength": 16,
-                            "maxLength": 256,
+                            "minLength": records.MIN_SECRET,
+                            "maxLength": records.MAX_SECRET,
+                            "pattern": f"^({records.SECRET_PATTERN})$",
                             "description": "generated when left out",
                         },
                         "enabled": {"type": "boolean"},

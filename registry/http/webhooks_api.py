@@ -9,6 +9,8 @@ the answer (202) does not wait for the receiver; read the delivery to see how it
 
 from __future__ import annotations
 
+import re
+
 from flask import Blueprint, current_app, jsonify
 
 from ..errors import RegistryError
@@ -29,7 +31,7 @@ def _wake() -> None:
 
 
 def _delivery_id(raw: str) -> int:
-    if not raw.isdigit() or not 1 <= int(raw) <= 2**63 - 1:
+    if not re.fullmatch(records.DELIVERY_ID, raw):
         raise RegistryError(400, "invalid_parameter", f"{raw!r} is not a delivery id", "delivery")
     return int(raw)
 
