@@ -548,3 +548,66 @@ def test_webhooks_config_reaches_the_job_settings(tmp_path):
     path.write_text("[webhooks]\nmax_attempts = 3\ntimeout_s = 2.5\nbackoff_initial_s = 1\n")
     s = load_registry_config(path, check=False).webhooks.job_settings()
     assert (s.max_attempts, s.timeout_s, s.backoff_initial_s, s.backoff_max_s) == (3, 2.5, 1, 3600)
+
+
+# -- the service ---------------------------------------------------------------------
+
+
+def test_the_running_registry_sends_audit_events_and_pings(broker, tmp_path, receiver):
+    """run_registry wiring: its webhook job sends what was audited, and an API ping
+    wakes it at once (its interval is far longer than the test)."""
+    import threading
+    import urllib.request
+
+    from flowfleet.mqtt import BrokerAddress
+    from flowfleet.registry.catalog.modelreg import RegistryConfig
+    from flowfleet.registry.config import WebhooksSection
+    from flowfleet.registry.service import run_registry
+
+    path = tmp_path / "registry.db"
+    db = regdb.open_database(path)
+    with db.connection_context():
+        auth.create_user("root", "admin", actor="test")
+        token, _ = auth.create_token("root", actor="test")
+        add_hook(db, receiver, events=("group.*",))
+        audit("user:x", "group.create", "group:lobby", "new site")  # while it is down
+    stop, ready = threading.Event(), []
+    thread = threading.Thread(
+        target=run_registry,
+        kwargs={
+            "db_path": str(path),
+            "broker": BrokerAddress(broker.host, broker.port),
+            "http_port": 0,
+            "stop_event": stop,
+            "client_id": "registry-webhooks-test",
+            "on_ready": ready.append,
+            "registry_config": RegistryConfig.beside(path),
+            "webhooks": WebhooksSection(interval_s=600, timeout_s=2),
+        },
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 15
+        while (not ready or not receiver.delivered()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready, "run_registry did not report ready"
+        (got,) = receiver.delivered()  # the job's first pass, at start
+        assert got.verified and got.json["event"] == "group.create"
+        assert got.json["entry"]["target"] == "group:lobby"
+        request = urllib.request.Request(
+            ready[0] + "api/webhooks/ops/ping",
+            method="POST",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            assert resp.status == 202
+            ping = json.loads(resp.read())
+        deadline = time.monotonic() + 5
+        while len(receiver.delivered()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert receiver.delivered()[1].json["delivery"] == ping["id"], "woken by the API"
+    finally:
+        stop.set()
+        thread.join(20)
+        release()
+    assert not thread.is_alive(), "run_registry did not stop"
