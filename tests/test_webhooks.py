@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from prometheus_client import REGISTRY
 
 from flowfleet.cli import main
 from flowfleet.registry.config import ConfigError, load_registry_config
@@ -69,6 +70,14 @@ def run_until(job_or_sender, done, timeout=10.0):
         passes += 1
         time.sleep(0.02)
     return passes
+
+
+def attempts_counted(outcome: str) -> float:
+    """This process's flowfleet_registry_webhook_attempts_total{outcome}."""
+    sample = REGISTRY.get_sample_value(
+        "flowfleet_registry_webhook_attempts_total", {"outcome": outcome}
+    )
+    return sample or 0.0
 
 
 def delivery_of(entry_id: int) -> dict:
@@ -208,6 +217,7 @@ def test_a_failing_receiver_is_retried_with_backoff_until_it_recovers(db, receiv
     ],
 )
 def test_a_delivery_is_given_up_after_max_attempts_or_max_age(db, receiver, settings, attempts):
+    gave_up = attempts_counted("given_up")
     add_hook(db, receiver)
     receiver.script = [503] * 100
     entry = audit("drift", "drift.rollback", "device:cam-1", "")
@@ -227,6 +237,7 @@ def test_a_delivery_is_given_up_after_max_attempts_or_max_age(db, receiver, sett
     assert len(receiver.requests) == d["attempts"]
     listed, total = records.list_deliveries(webhook="ops", status="given_up")
     assert total == 1 and listed[0]["id"] == d["id"]
+    assert attempts_counted("given_up") == gave_up + 1
 
 
 def test_410_gone_gives_up_and_disables_the_webhook(db, receiver):
@@ -370,6 +381,8 @@ def test_api_round_trip_create_list_update_ping_redeliver_delete(db, api, receiv
     assert [d["id"] for d in page["deliveries"]] == [ping["id"]]
     assert page["deliveries"][0]["attempts"] == 2
     assert api("get", "/api/webhook-deliveries?status=pending").get_json()["total"] == 0
+    scraped = api("get", "/metrics").get_data(as_text=True)
+    assert "\nflowfleet_registry_webhook_deliveries_pending 0.0\n" in scraped
 
     assert api("delete", "/api/webhooks/ops?reason=done").status_code == 204
     assert api("get", "/api/webhooks/ops").status_code == 404

@@ -51,6 +51,7 @@ import peewee as pw
 
 from flowfleet import __version__
 
+from .. import metrics
 from ..store.audit import audit
 from ..store.db import AuditEntry, now
 from ..store.locks import exclusive
@@ -354,6 +355,7 @@ class WebhookSender:
                     mine
                 ).execute()
                 self.delivered += 1
+                metrics.WEBHOOK_ATTEMPTS.labels("delivered").inc()
                 return
             update: dict[str, Any] = {"status_code": outcome.status, "last_error": outcome.error}
             failures = row.attempts - row.round_start
@@ -370,6 +372,7 @@ class WebhookSender:
             else:
                 update["next_attempt_at"] = t + delay
             d.update(update).where(mine).execute()
+        metrics.WEBHOOK_ATTEMPTS.labels("given_up" if "given_up_at" in update else "failed").inc()
         if "given_up_at" in update:
             log.warning(
                 "webhooks: gave up delivery %d (%s) to %s after %d attempts: %s",
