@@ -260,23 +260,71 @@ def test_410_gone_gives_up_and_disables_the_webhook(db, receiver):
     assert [(e.actor, e.target) for e in trail] == [("webhooks", "webhook:ops")]
 
 
-def test_the_cursor_waits_for_an_entry_committed_late(db):
-    """PostgreSQL may show entry n+1 before entry n commits; SQLite never does."""
-    WebhookCursor.delete().execute()
+def test_a_disabled_webhook_keeps_its_pending_deliveries_until_enabled(db, receiver):
+    add_hook(db, receiver)
+    entry = audit("drift", "drift.rollback", "device:cam-1", "")
+    dispatch(db, FAST)
+    records.update_webhook(db, "ops", actor="test", enabled=False, reason="receiver moving")
+    audit("drift", "drift.rollback", "device:cam-2", "")  # not queued: disabled
+    dispatch(db, FAST)
+    sender = WebhookSender(db, FAST)
+    try:
+        assert sender.send_due() == 0 and receiver.requests == []
+        assert records.get_webhook("ops")["disabled_reason"] == "receiver moving"
+        records.update_webhook(db, "ops", actor="test", enabled=True)
+        assert sender.send_due() == 1
+    finally:
+        sender.close()
+    assert [r.json["entry"]["id"] for r in receiver.delivered()] == [entry.id]
+    assert records.get_webhook("ops")["deliveries"] == {
+        "pending": 0,
+        "delivered": 1,
+        "given_up": 0,
+    }
+
+
+def test_the_cursor_waits_for_an_entry_committed_late(db, db_url, receiver):
+    """PostgreSQL may show entry n+1 before entry n commits: n is still queued once it
+    commits. On SQLite (one writer) an id missing below a committed one never comes."""
+    add_hook(db, receiver)
     first = audit("drift", "drift.rollback", "device:a", "")
-    dispatch(db)  # cursor at `first`
-    # An id taken by a transaction that is not visible yet: a gap before `later`.
+    dispatch(db)
+    assert WebhookCursor.get().last_id == first.id
     if isinstance(db, regdb.pw.PostgresqlDatabase):
-        db.execute_sql("SELECT nextval(pg_get_serial_sequence('audit_entry', 'id'))")
+        import psycopg2
+
+        params = regdb.postgres_params(db_url)
+        params["dbname"] = params.pop("database")
+        other = psycopg2.connect(**params)  # a transaction left open
+        with other.cursor() as cur:
+            cur.execute(
+                "INSERT INTO audit_entry (ts, actor, action, target, reason, details) "
+                "VALUES (%s, 'drift', 'drift.rollback', 'device:late', '', '{}') RETURNING id",
+                (time.time(),),
+            )
+            (late,) = cur.fetchone()
+        later = audit("drift", "drift.rollback", "device:b", "")
+        assert dispatch(db) == 1  # `later` is queued now ...
+        cursor = WebhookCursor.get()
+        assert cursor.last_id == first.id and cursor.gap_since is not None, "... the cursor waits"
+        other.commit()
+        other.close()
+        assert dispatch(db) == 1  # the late entry
+        queued = {d.audit_entry for d in WebhookDelivery.select()}
+        assert queued == {first.id, late, later.id}
     else:
         audit("x", "x.y", "x", "").delete_instance()
-    later = audit("drift", "drift.rollback", "device:b", "")
-    dispatch(db)
-    cursor = WebhookCursor.get()
-    if isinstance(db, regdb.pw.PostgresqlDatabase):
-        assert cursor.last_id == first.id and cursor.gap_since is not None, "waits at the gap"
-        dispatch(db, WebhookSettings(gap_wait_s=0.0))  # the gap lasted: passed
+        later = audit("drift", "drift.rollback", "device:b", "")
+        assert dispatch(db) == 1
     assert WebhookCursor.get().last_id == later.id
+    # A gap that is never filled (a rolled-back insert) is passed after gap_wait_s.
+    if isinstance(db, regdb.pw.PostgresqlDatabase):
+        db.execute_sql("SELECT nextval(pg_get_serial_sequence('audit_entry', 'id'))")
+        last = audit("drift", "drift.rollback", "device:c", "")
+        dispatch(db)
+        assert WebhookCursor.get().last_id == later.id
+        dispatch(db, WebhookSettings(gap_wait_s=0.0))
+        assert WebhookCursor.get().last_id == last.id
 
 
 def _second_process(db_url: str) -> subprocess.Popen:

@@ -236,6 +236,8 @@ def update_webhook(
         changes["enabled"] = enabled
     with db.atomic():
         row = _webhook(name)
+        if not changes:
+            return get_webhook(name)  # nothing asked: nothing written or audited
         update: dict[str, Any] = {"updated_at": now()}
         if "url" in changes:
             update["url"] = changes["url"]
