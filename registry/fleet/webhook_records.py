@@ -191,7 +191,10 @@ def create_webhook(
     with db.atomic():
         if Webhook.select().where(Webhook.name == name).exists():
             raise RegistryError(409, "exists", f"webhook {name!r} already exists", "name")
-        since = AuditEntry.select(pw.fn.MAX(AuditEntry.id)).scalar() or 0
+        # Its own creation entry marks where its events start: the ids after it.
+        created = audit(
+            actor, "webhook.create", f"webhook:{name}", reason, url=url, events=patterns
+        )
         try:
             with db.atomic():
                 row = Webhook.create(
@@ -200,13 +203,12 @@ def create_webhook(
                     secret=secret,
                     events=json.dumps(patterns),
                     enabled=bool(enabled),
-                    since_entry=since,
+                    since_entry=created.id,
                     created_at=now(),
                     created_by=actor,
                 )
         except pw.IntegrityError:  # created meanwhile by another process
             raise RegistryError(409, "exists", f"webhook {name!r} already exists", "name") from None
-        audit(actor, "webhook.create", f"webhook:{name}", reason, url=url, events=patterns)
     out = webhook_dict(row)
     out["secret"] = secret
     return out

@@ -161,18 +161,28 @@ def dispatch(db: pw.Database, settings: WebhookSettings | None = None) -> int:
         for start in range(0, len(rows), 200):
             insert = WebhookDelivery.insert_many(rows[start : start + 200]).on_conflict_ignore()
             queued += insert.as_rowcount().execute()
-        _advance(db, cursor, [e.id for e in entries], settings, t)
+        # Ids at or below every enabled webhook's first event concern none of them: a
+        # gap there is passed at once (so is any gap while no webhook is enabled).
+        floor = min((since for _, _, since in webhooks), default=None)
+        _advance(db, cursor, [e.id for e in entries], settings, t, floor)
     return queued
 
 
 def _advance(
-    db: pw.Database, cursor: WebhookCursor, ids: list[int], settings: WebhookSettings, t: float
+    db: pw.Database,
+    cursor: WebhookCursor,
+    ids: list[int],
+    settings: WebhookSettings,
+    t: float,
+    floor: int | None,
 ) -> None:
-    """Move the cursor over the contiguous ids read, and over a gap that lasted."""
+    """Move the cursor over the contiguous ids read, over a gap that lasted, and over a
+    gap no webhook cares about (ids up to ``floor``; None: no webhook is enabled)."""
     last, gap_since = cursor.last_id, cursor.gap_since
     wait = settings.gap_wait_s if isinstance(db, pw.PostgresqlDatabase) else 0.0
     for entry_id in ids:
-        if entry_id != last + 1:
+        unwatched = floor is None or entry_id - 1 <= floor
+        if entry_id != last + 1 and not unwatched:
             if gap_since is None:
                 gap_since = t
             if t - gap_since < wait:

@@ -18,8 +18,8 @@ class Webhook(BaseModel):
     """A receiver of signed JSON events: a URL, a shared secret and event patterns.
 
     ``secret`` is kept in clear: the registry must sign with it (unlike API tokens it
-    cannot be stored as a hash). ``since_entry`` is the highest audit entry id when the
-    webhook was created: it is sent only events newer than itself.
+    cannot be stored as a hash). ``since_entry`` is the id of the audit entry that
+    recorded its creation: it is sent only the events after it.
     """
 
     id = pw.AutoField()
