@@ -175,6 +175,49 @@ class DevicesSection(Strict):
     )
 
 
+class WebhooksSection(Strict):
+    """Webhooks fed from the audit trail (docs/webhooks.md): how often new entries are
+    dispatched and due deliveries sent, and how a failing receiver is retried."""
+
+    enabled: bool = Field(True, description="false: nothing is dispatched or sent")
+    interval_s: float = Field(2.0, gt=0, le=3600, description="seconds between passes")
+    timeout_s: float = Field(
+        10.0, gt=0, le=300, description="seconds to connect and for each read of an answer"
+    )
+    max_attempts: int = Field(8, ge=1, le=100, description="attempts before giving up")
+    max_age_s: float = Field(
+        86_400.0, gt=0, le=30 * 86_400, description="give up on a delivery older than this"
+    )
+    backoff_initial_s: float = Field(
+        10.0, gt=0, le=86_400, description="wait after the first failure; doubles per failure"
+    )
+    backoff_max_s: float = Field(3600.0, gt=0, le=86_400, description="longest wait")
+    concurrency: int = Field(4, ge=1, le=64, description="deliveries sent at once")
+
+    @model_validator(mode="after")
+    def _backoff_order(self):
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError(
+                "backoff_max_s must be at least backoff_initial_s "
+                f"({self.backoff_max_s:g} < {self.backoff_initial_s:g})"
+            )
+        return self
+
+    def job_settings(self):
+        """The `WebhookSettings` the registry's webhook job runs with."""
+        from .fleet.webhooks import WebhookSettings
+
+        return WebhookSettings(
+            interval_s=self.interval_s,
+            timeout_s=self.timeout_s,
+            max_attempts=self.max_attempts,
+            max_age_s=self.max_age_s,
+            backoff_initial_s=self.backoff_initial_s,
+            backoff_max_s=self.backoff_max_s,
+            concurrency=self.concurrency,
+        )
+
+
 class RegistrySettings(Strict):
     database: DatabaseSection = DatabaseSection()
     counts: CountsSection = CountsSection()
@@ -184,6 +227,7 @@ class RegistrySettings(Strict):
     broker: BrokerSection = BrokerSection()
     http: HttpSection = HttpSection()
     watch: WatchSection = WatchSection()
+    webhooks: WebhooksSection = WebhooksSection()
 
 
 _BROKER_FILES = ("password_file", "ca_file", "cert_file", "key_file")

@@ -19,6 +19,8 @@ flowfleet_registry_dead_letters_total                       dead letters written
 flowfleet_registry_ingest_batch_size (hist.)                (none): messages per ingest
                                                             transaction
 flowfleet_registry_commands_published_total                 commands the broker acknowledged
+flowfleet_registry_webhook_attempts_total                   outcome (delivered, failed,
+                                                            given_up): webhook POSTs
 flowfleet_registry_http_request_duration_seconds (hist.)    method, endpoint, status
 flowfleet_registry_devices                                  state (online, offline,
                                                             unknown)
@@ -28,6 +30,8 @@ flowfleet_registry_commands_pending                         (none): commands out
                                                             yet acknowledged by the broker
 flowfleet_registry_commands_oldest_pending_seconds          (none): age of the oldest (0
                                                             when none is pending)
+flowfleet_registry_webhook_deliveries_pending               (none): webhook deliveries
+                                                            neither delivered nor given up
 ==========================================================  ==========================
 """
 
@@ -78,6 +82,11 @@ COMMANDS_PUBLISHED = Counter(
     f"{PREFIX}_commands_published_total",
     "Commands (desired states) the broker acknowledged, marked published by this process",
 )
+WEBHOOK_ATTEMPTS = Counter(
+    f"{PREFIX}_webhook_attempts_total",
+    "Webhook POSTs by this process: delivered (2xx), failed (to be retried), given_up",
+    ("outcome",),
+)
 REQUEST_SECONDS = Histogram(
     f"{PREFIX}_http_request_duration_seconds",
     "HTTP request latency, by method, route and status",
@@ -103,6 +112,12 @@ COMMANDS_OLDEST = Gauge(
     registry=_SCRAPE,
 )
 
+WEBHOOKS_PENDING = Gauge(
+    f"{PREFIX}_webhook_deliveries_pending",
+    "Webhook deliveries neither delivered nor given up",
+    registry=_SCRAPE,
+)
+
 
 def _refresh_fleet_gauges() -> None:
     from .store.db import DEVICE_STATES, DeadLetter, Device, ModelVersion
@@ -120,6 +135,13 @@ def _refresh_fleet_gauges() -> None:
     summary = pending_summary()
     COMMANDS_PENDING.set(summary["pending"])
     COMMANDS_OLDEST.set(summary["oldest_pending_s"] or 0)
+    from .store.webhook_tables import WebhookDelivery
+
+    WEBHOOKS_PENDING.set(
+        WebhookDelivery.select()
+        .where(WebhookDelivery.delivered_at.is_null() & WebhookDelivery.given_up_at.is_null())
+        .count()
+    )
 
 
 def install_metrics(app: Flask) -> None:

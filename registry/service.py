@@ -29,10 +29,11 @@ from flowfleet.mqtt import AUTH_REFUSALS, BrokerAddress, MqttConnection
 
 from .catalog.modelreg import ModelRegistry, RegistryConfig
 from .catalog.watch import WatchFolder
-from .config import IngestSection
+from .config import IngestSection, WebhooksSection
 from .errors import BrokerRefused
 from .fleet.commands import CommandPublisher
 from .fleet.retention import RetentionJob
+from .fleet.webhooks import WebhookJob
 from .fleet.worker import IngestWorker, WorkerPool, retire_workers
 from .http.server import HttpServer, ProxyTrust
 from .http.web import create_app
@@ -105,6 +106,7 @@ def run_registry(
     raw_retention_days: float | None = 90.0,
     ingest: IngestSection | None = None,
     stale_after_s: float = 180.0,
+    webhooks: WebhooksSection | None = None,
 ) -> None:
     """Ingest device messages from ``broker`` into ``db_path`` and serve the web UI.
 
@@ -133,6 +135,9 @@ def run_registry(
         ingest: how many ingest workers share the device subscription (worker 1 in
             this process, the others in child processes) and their batches.
         stale_after_s: a device silent for longer is shown with presence "stale".
+        webhooks: the ``[webhooks]`` section: audit entries are sent to the configured
+            webhooks by a job in this process (every registry process runs one; they
+            share the work through the database).
 
     Raises OSError if the HTTP port cannot be bound (before anything else starts), and
     BrokerRefused if the broker refuses the registry's credentials on the first
@@ -181,6 +186,8 @@ def run_registry(
     # Deployments queue the devices' retained desired states in the commands outbox;
     # this publishes them after commit, QoS 1 on the ingest session (its PUBACKs).
     commands = CommandPublisher(worker.db, worker.connection)
+    webhooks = webhooks or WebhooksSection()
+    hooks = WebhookJob(worker.db, webhooks.job_settings()) if webhooks.enabled else None
     app = create_app(
         worker.db,
         ingest_stats=ingest_stats,
@@ -190,6 +197,7 @@ def run_registry(
         topics=topics,
         site_timezone=site_timezone,
         stale_after_s=stale_after_s,
+        webhooks=hooks,
     )
     server = HttpServer(app, http_host, http_port, threads=http_threads, proxy=proxy)
     watcher = (
@@ -217,6 +225,8 @@ def run_registry(
             watcher.start()
         if retention is not None:
             retention.start()
+        if hooks is not None:
+            hooks.start()
         log.info(
             "registry web UI at %s (waitress, %d threads; database %s)",
             url,
@@ -249,6 +259,8 @@ def run_registry(
             watcher.stop()
         if retention is not None:
             retention.stop()
+        if hooks is not None:
+            hooks.stop()  # what is not delivered yet is sent after the next start
         if http_thread.is_alive():
             server.shutdown()
         server.close()

@@ -130,10 +130,12 @@ def _json_body(allowed: dict[str, type], required: tuple[str, ...] = ()) -> dict
             raise RegistryError(
                 400, "unknown_field", f"unknown field {key!r} (allowed: {', '.join(allowed)})", key
             )
-        # JSON Schema counts 3.0 as an integer; bool is an int in Python, never here.
+        # JSON Schema counts 3.0 as an integer; bool is an int in Python, never here
+        # (true is a bool only where a field is declared bool).
         if allowed[key] is int and isinstance(value, float) and value.is_integer():
             value = body[key] = int(value)
-        if not isinstance(value, allowed[key]) or isinstance(value, bool):
+        wrong_bool = isinstance(value, bool) and allowed[key] is not bool
+        if not isinstance(value, allowed[key]) or wrong_bool:
             raise RegistryError(400, "invalid_field", f"{key!r} has the wrong type", key)
     for key in required:
         if key not in body:

@@ -723,6 +723,7 @@ def openapi_document() -> dict[str, Any]:
     from .openapi_fleet import fleet_paths
     from .openapi_groups import group_paths
     from .openapi_series import series_paths
+    from .openapi_webhooks import webhook_paths
 
     return {
         "openapi": "3.1.0",
@@ -731,7 +732,7 @@ def openapi_document() -> dict[str, Any]:
             "version": __version__,
             "description": (
                 "Model registry, fleet totals and counts over time, device events and drift, "
-                "device groups, audit trail. "
+                "device groups, audit trail, webhooks. "
                 'Errors are {"error": {"code", "message", "field"}}. Tokens: '
                 "Authorization: Bearer <token>; roles viewer < operator < admin. A device "
                 "token (tokens create --device) may only download the artifacts deployed to "
@@ -755,5 +756,12 @@ def openapi_document() -> dict[str, Any]:
             },
         },
         "security": [{"bearer": []}, {"session": []}],
-        "paths": _merge(_paths(), fleet_paths(), group_paths(), series_paths(), device_paths()),
+        "paths": _merge(
+            _paths(),
+            fleet_paths(),
+            group_paths(),
+            series_paths(),
+            device_paths(),
+            webhook_paths(),
+        ),
     }

@@ -41,6 +41,7 @@ from ..catalog.modelreg import ModelRegistry, RegistryError
 from ..fleet import series
 from ..fleet.commands import CommandPublisher, pending_summary
 from ..fleet.devices import DEFAULT_STALE_AFTER_S, REGISTRATIONS, device_dict
+from ..fleet.webhooks import WebhookJob
 from ..metrics import install_metrics
 from ..store.db import (
     STEPS,
@@ -66,6 +67,7 @@ from .groups_api import bp as groups_bp
 from .series_api import bp as series_bp
 from .webauth import bp as webauth_bp
 from .webauth import error_page
+from .webhooks_api import bp as webhooks_bp
 
 log = logging.getLogger(__name__)
 
@@ -470,6 +472,7 @@ def create_app(
     topics: Topics | None = None,
     site_timezone: str = "UTC",
     stale_after_s: float = DEFAULT_STALE_AFTER_S,
+    webhooks: WebhookJob | None = None,
 ) -> Flask:
     """The registry web app on ``db`` (opened with `open_database`).
 
@@ -482,7 +485,9 @@ def create_app(
     default root ``flowfleet/v1``) in the commands outbox and wake it to publish
     them after commit; without one, deploying answers 503. ``site_timezone`` is the
     site's, where the day buckets of /api/series start. A device silent for more
-    than ``stale_after_s`` is shown with presence "stale".
+    than ``stale_after_s`` is shown with presence "stale". ``webhooks`` is the
+    registry's `WebhookJob`, woken to send a ping or a redelivery at once (without
+    one they wait for a registry process that runs it).
     """
     require_bound(db)
     app = Flask(__name__)
@@ -500,11 +505,14 @@ def create_app(
     app.extensions["flowfleet_db"] = db
     app.extensions["flowfleet_buckets"] = series.Buckets(site_timezone)
     app.extensions["flowfleet_stale_after_s"] = stale_after_s
+    if webhooks is not None:
+        app.extensions["flowfleet_webhooks"] = webhooks
     app.register_blueprint(api_bp)
     app.register_blueprint(series_bp)
     app.register_blueprint(webauth_bp)
     app.register_blueprint(groups_bp)
     app.register_blueprint(devices_bp)
+    app.register_blueprint(webhooks_bp)
     install_metrics(app)  # first before_request hook: times everything after it
 
     @app.before_request

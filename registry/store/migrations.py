@@ -174,6 +174,14 @@ def _m12_line_rollup_covering_index(db: pw.Database) -> None:
     db.execute_sql('DROP INDEX IF EXISTS "line_rollup_device_step_bucket"')
 
 
+def _m16_webhooks(db: pw.Database) -> None:
+    from .webhook_tables import WEBHOOK_MODELS
+
+    db.create_tables(WEBHOOK_MODELS, safe=True)
+    # No cursor row: the dispatcher starts after the newest entry when it first runs,
+    # so existing history is never sent to the webhooks created later.
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
     (
         1,
@@ -242,6 +250,12 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         "(device, step, bucket, camera, line, class, count_in, count_out), replacing "
         "(device, step, bucket)",
         _m12_line_rollup_covering_index,
+    ),
+    (
+        16,
+        "webhooks: webhook, webhook_delivery, webhook_attempt (the delivery log), "
+        "webhook_cursor (how far the audit trail is dispatched)",
+        _m16_webhooks,
     ),
 )
 LATEST = MIGRATIONS[-1][0]
