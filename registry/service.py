@@ -29,9 +29,10 @@ from flowfleet.mqtt import AUTH_REFUSALS, BrokerAddress, MqttConnection
 
 from .catalog.modelreg import ModelRegistry, RegistryConfig
 from .catalog.watch import WatchFolder
-from .config import IngestSection
+from .config import DriftSection, IngestSection
 from .errors import BrokerRefused
 from .fleet.commands import CommandPublisher
+from .fleet.drift import DriftJudge
 from .fleet.retention import RetentionJob
 from .fleet.worker import IngestWorker, WorkerPool, retire_workers
 from .http.server import HttpServer, ProxyTrust
@@ -105,6 +106,7 @@ def run_registry(
     raw_retention_days: float | None = 90.0,
     ingest: IngestSection | None = None,
     stale_after_s: float = 180.0,
+    drift: DriftSection | None = None,
 ) -> None:
     """Ingest device messages from ``broker`` into ``db_path`` and serve the web UI.
 
@@ -133,6 +135,8 @@ def run_registry(
         ingest: how many ingest workers share the device subscription (worker 1 in
             this process, the others in child processes) and their batches.
         stale_after_s: a device silent for longer is shown with presence "stale".
+        drift: the drift judge's settings (`DriftSection`); its passes run every
+            ``interval_s`` unless ``enabled`` is false.
 
     Raises OSError if the HTTP port cannot be bound (before anything else starts), and
     BrokerRefused if the broker refuses the registry's credentials on the first
@@ -198,6 +202,21 @@ def run_registry(
         else None
     )
     retention = RetentionJob(worker.db, raw_retention_days) if raw_retention_days else None
+    drift = drift or DriftSection()
+    # The drift judge runs in every registry process; its named lock makes passes
+    # take turns, and its cursor means a window is judged once.
+    judge = (
+        DriftJudge(
+            worker.db,
+            models,
+            drift.stats_settings(),
+            drift.judge_options(),
+            commands=commands,
+            topics=topics,
+        )
+        if drift.enabled
+        else None
+    )
     url = _url(http_host, server.port)
     http_thread = threading.Thread(target=server.serve_forever, name="registry-http", daemon=True)
     restore_signals = _stop_on_sigterm(stop)
@@ -217,6 +236,8 @@ def run_registry(
             watcher.start()
         if retention is not None:
             retention.start()
+        if judge is not None:
+            judge.start(drift.interval_s)
         log.info(
             "registry web UI at %s (waitress, %d threads; database %s)",
             url,
@@ -249,6 +270,8 @@ def run_registry(
             watcher.stop()
         if retention is not None:
             retention.stop()
+        if judge is not None:
+            judge.stop()
         if http_thread.is_alive():
             server.shutdown()
         server.close()

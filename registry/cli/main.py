@@ -318,6 +318,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
             raw_retention_days=s.counts.raw_retention_days or None,
             ingest=s.ingest,
             stale_after_s=s.devices.stale_after_s,
+            drift=s.drift,
             proxy=ProxyTrust(
                 hops=h.proxy_hops,
                 headers=tuple(h.proxy_headers),
