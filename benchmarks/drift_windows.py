@@ -128,7 +128,8 @@ def detect_frames(
     key = f"{model.stem}-{variant.replace(':', '_')}-{video.stem}-{transform}-s{step}-l{limit}"
     path = None if cache is None else cache / f"{key}.pkl"
     if path is not None and path.exists():
-        return pickle.loads(path.read_bytes())
+        with path.open("rb") as f:
+            return _Unpickler(f).load()
     det = load_variant(model, variant)
     out = []
     for t, frame in read_frames(video, transform, step=step, limit=limit):
@@ -143,6 +144,15 @@ def detect_frames(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(pickle.dumps(out))
     return out
+
+
+class _Unpickler(pickle.Unpickler):
+    """Reads caches written when this module ran as ``__main__``."""
+
+    def find_class(self, module, name):
+        if module == "__main__" and name == "Frame":
+            return Frame
+        return super().find_class(module, name)
 
 
 @contextmanager

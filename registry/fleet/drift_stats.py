@@ -9,7 +9,8 @@ brightness and blur. The statistics:
 * ``ks``: Kolmogorov-Smirnov distance between the two binned confidence CDFs;
 * ``js``: Jensen-Shannon divergence of the class mix (nats; the mixture weighted by
   each side's detections, so ``2 N js`` is the G statistic of the 2 x K table);
-* ``dpf_change``: relative change in detections per frame;
+* ``dpf_change``: relative change in detections per frame (judged as
+  ``dpf_log_ratio``, the log of new over expected detections);
 * ``latency_p50_ratio`` / ``latency_p90_ratio``: new over baseline;
 * ``confidence_variance``: of the window's confidences (from the histogram);
 * ``brightness_shift`` (relative) and ``blur_ratio``: the environment's change.
@@ -232,15 +233,20 @@ def compare(
             f"{expected:.0f} (min {s.min_detections})",
         )
     if "distribution" in s.policies:
-        # Detections per frame: judged on frames (the count itself is the signal).
+        # Detections per frame, judged on frames (the count itself is the signal) as
+        # a log ratio, so fewer and more detections weigh alike; Poisson noise of
+        # both counts (delta method: var log n ~ 1/n), inflated, plus a floor for
+        # the scene's own change in how many objects there are.
         dpf_base = base.detections / base.frames
-        change = (new.detections / new.frames) / dpf_base - 1.0 if dpf_base > 0 else 0.0
+        dpf_new = new.detections / new.frames
+        log_ratio = math.log((new.detections + 0.5) / (expected + 0.5))
         z = NormalDist().inv_cdf(1.0 - s.alpha / 2)
         noise = z * math.sqrt(s.dispersion * (1.0 / max(n1, 1) + 1.0 / max(expected, 1.0)))
-        stats["dpf_change"] = round(change, 4)
-        thr["dpf_change"] = round(s.dpf_floor + noise, 4)
-        if abs(change) > thr["dpf_change"]:
-            breaches.append("dpf_change")
+        stats["dpf_change"] = round(dpf_new / dpf_base - 1.0, 4) if dpf_base > 0 else None
+        stats["dpf_log_ratio"] = round(log_ratio, 4)
+        thr["dpf_log_ratio"] = round(math.log1p(s.dpf_floor) + noise, 4)
+        if abs(log_ratio) > thr["dpf_log_ratio"]:
+            breaches.append("dpf_log_ratio")
         if n2 >= s.min_detections:
             scale = s.dispersion * (1.0 / n1 + 1.0 / n2)
             bins = len(base.confidence_hist)

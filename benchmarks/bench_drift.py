@@ -1,0 +1,220 @@
+"""Drift judge benchmarks: calibration on real windows, and the fleet-scale cost.
+
+    python benchmarks/bench_drift.py calibrate [--window-frames 20] [--baseline 5]
+        [--cache benchmarks/results/drift-frames] [--json FILE]
+    python benchmarks/bench_drift.py load [--devices 1000] [--cameras 4] [--windows 3]
+        [--db sqlite|postgresql://...] [--json FILE]
+
+``calibrate`` (fill the cache first: ``python benchmarks/drift_windows.py``, about
+25 minutes on 2 cores) replays the real detector's frames on every sample video
+through the agent's `DriftWindow` and measures:
+
+* the false-alarm rate: windows of the unchanged model, the first ``--baseline``
+  windows of each video pooled as the baseline and every later window judged
+  against it; a breach in a judged window is a false alarm (also k-of-n
+  confirmations); and the dispersion each statistic needed to stay under its
+  threshold in 99% of those windows;
+* detection power: windows of the same model with broken input scaling judged
+  against the good model's baseline (share breached, confirmed);
+* environment: darkened frames for both models, judged against the good model on
+  normal frames (share classed ``environment``, share left as ``breach``).
+
+``load``: a registry database with ``--devices`` x ``--cameras`` cameras, each just
+activated on a new model (the worst case: every camera judged), a 60 s window per
+camera, judged by `DriftJudge.run_once`; CPU time per window of all cameras as a
+share of one core's 60 s. Prints a table and writes JSON
+(default benchmarks/results/drift.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from drift_windows import detect_frames, make_windows
+
+from flowfleet.data import data_dir
+from flowfleet.registry.fleet.drift_stats import (
+    Settings,
+    WindowStats,
+    compare,
+    confirmed,
+)
+
+MODEL = "yolov8n_full_integer_quant.tflite"
+VIDEOS = ("car-detection", "one-by-one-person-detection", "pets09-s2l1")
+
+
+def _frames(cache: Path, video: str, variant: str, transform: str, step: int):
+    data = data_dir()
+    paths = list((data / "videos").glob(f"{video}.*"))
+    return detect_frames(
+        data / "models" / MODEL,
+        paths[0],
+        variant=variant,
+        transform=transform,
+        step=step,
+        cache=cache,
+    )
+
+
+def _judge_all(base, windows, settings):
+    out = {
+        "windows": 0,
+        "not_judged": 0,
+        "ok": 0,
+        "breach": 0,
+        "environment": 0,
+        "confirmed": 0,
+        "env_confirmed": 0,
+        "breaches": {},
+    }
+    recent: list[str] = []
+    ratios = []
+    for w in windows:
+        j = compare(base, WindowStats.from_summary(w), settings)
+        out["windows"] += 1
+        out[j.verdict] += 1
+        for b in j.breaches:
+            out["breaches"][b] = out["breaches"].get(b, 0) + 1
+        if j.verdict != "not_judged":
+            recent.append({"breach": "b", "environment": "e"}.get(j.verdict, "o"))
+            if j.verdict == "breach" and confirmed(
+                (c == "b" for c in recent), settings.k, settings.n
+            ):
+                out["confirmed"] += 1
+            if j.verdict == "environment" and confirmed(
+                (c == "e" for c in recent), settings.k, settings.n
+            ):
+                out["env_confirmed"] += 1
+        ratios.append((j.statistics, j.thresholds))
+    return out, ratios
+
+
+def _needed_dispersion(pairs, settings):
+    """Per statistic: the dispersion that keeps 99% (and 100%) of windows under it."""
+    need: dict[str, list[float]] = {}
+    d = settings.dispersion
+    for stats, thr in pairs:
+        for k in ("psi", "js"):
+            if k in stats and thr.get(k):
+                need.setdefault(k, []).append(stats[k] / thr[k] * d)
+        if "ks" in stats and thr.get("ks"):
+            need.setdefault("ks", []).append((stats["ks"] / thr["ks"]) ** 2 * d)
+        if "dpf_log_ratio" in stats:
+            need.setdefault("abs_dpf_log_ratio", []).append(abs(stats["dpf_log_ratio"]))
+        for k in ("brightness_shift", "blur_ratio"):
+            if k in stats:
+                v = stats[k]
+                need.setdefault(k, []).append(abs(v) if k == "brightness_shift" else max(v, 1 / v))
+    import numpy as np
+
+    return {
+        k: {"p99": round(float(np.quantile(v, 0.99)), 4), "max": round(max(v), 4), "n": len(v)}
+        for k, v in need.items()
+    }
+
+
+def calibrate(args) -> dict:
+    s = replace(Settings(), dispersion=args.dispersion) if args.dispersion else Settings()
+    W, B = args.window_frames, args.baseline
+    results = {
+        "settings": s.__dict__ | {"policies": list(s.policies)},
+        "window_frames": W,
+        "baseline_windows": B,
+        "videos": {},
+    }
+    totals: dict[str, dict] = {}
+    all_pairs = []
+    for video in args.videos:
+        good = _frames(args.cache, video, "good", "none", 1)
+        entry = {}
+        for label, frames in (("unchanged", good), ("unchanged_step3", good[::3])):
+            ws = make_windows(frames, MODEL, window_frames=W)
+            if len(ws) <= B:
+                continue
+            base = WindowStats.pool(WindowStats.from_summary(w) for w in ws[:B])
+            res, pairs = _judge_all(base, ws[B:], s)
+            all_pairs += pairs
+            entry[label] = res
+        # Changed model / scene: from every 3rd frame, after the baseline's time span.
+        base_ws = make_windows(good, MODEL, window_frames=W)[:B]
+        base = WindowStats.pool(WindowStats.from_summary(w) for w in base_ws)
+        after = B * W  # frames the baseline used (step 1)
+        for label, variant, transform in (
+            ("broken_scaling_4", "broken_scaling:4", "none"),
+            ("broken_scaling_8", "broken_scaling:8", "none"),
+            ("dark_good", "good", "dark"),
+            ("dark_broken_4", "broken_scaling:4", "dark"),
+        ):
+            try:
+                frames = _frames(args.cache, video, variant, transform, 3)
+            except Exception as exc:  # not cached yet
+                entry[label] = {"error": str(exc)}
+                continue
+            ws = make_windows(frames[after // 3 :], "changed", window_frames=W)
+            if ws:
+                entry[label], _ = _judge_all(base, ws, s)
+        results["videos"][video] = entry
+        for label, res in entry.items():
+            if "windows" not in res:
+                continue
+            t = totals.setdefault(label, {k: 0 for k in res if k != "breaches"})
+            for k, v in res.items():
+                if k != "breaches":
+                    t[k] += v
+    results["totals"] = totals
+    results["needed"] = _needed_dispersion(all_pairs, s)
+    return results
+
+
+def print_calibration(r: dict) -> None:
+    print(
+        f"window {r['window_frames']} frames, baseline {r['baseline_windows']} windows, "
+        f"dispersion {r['settings']['dispersion']}, alpha {r['settings']['alpha']}, "
+        f"k={r['settings']['k']} of n={r['settings']['n']}"
+    )
+    print(
+        f"{'windows':<18}{'judged':>7}{'not j.':>7}{'ok':>6}{'breach':>7}{'env':>6}"
+        f"{'confirmed':>10}{'env conf.':>10}{'breach %':>9}"
+    )
+    for label, t in r["totals"].items():
+        judged = t["windows"] - t["not_judged"]
+        pct = 100.0 * t["breach"] / judged if judged else 0.0
+        print(
+            f"{label:<18}{judged:>7}{t['not_judged']:>7}{t['ok']:>6}{t['breach']:>7}"
+            f"{t['environment']:>6}{t['confirmed']:>10}{t['env_confirmed']:>10}{pct:>8.1f}%"
+        )
+    print("unchanged-model statistics (what each needed):")
+    for k, v in r["needed"].items():
+        print(f"  {k:<18} p99 {v['p99']:<10} max {v['max']:<10} n {v['n']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("calibrate")
+    c.add_argument("--window-frames", type=int, default=20)
+    c.add_argument("--baseline", type=int, default=5)
+    c.add_argument("--dispersion", type=float, default=None)
+    c.add_argument("--videos", nargs="+", default=list(VIDEOS))
+    c.add_argument("--cache", type=Path, default=Path("benchmarks/results/drift-frames"))
+    c.add_argument("--json", type=Path, default=Path("benchmarks/results/drift-calibration.json"))
+    args = ap.parse_args()
+    if args.cmd == "calibrate":
+        r = calibrate(args)
+        print_calibration(r)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(r, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
