@@ -184,10 +184,13 @@ class DriftSection(Strict):
     min_detections: int = Field(50, ge=1, description="fewer in a window: not judged")
     min_frames: int = Field(10, ge=1)
     alpha: float = Field(0.001, gt=0, lt=0.5, description="per statistic and window")
-    dispersion: float = Field(
-        4.0, ge=1, le=1000, description="variance inflation, calibrated on real windows"
+    dispersion_psi: float = Field(
+        5.2, gt=0, le=1000, description="variance inflation of PSI (calibrated, docs/drift.md)"
     )
-    dpf_floor: float = Field(0.5, ge=0, description="relative change in detections per frame")
+    dispersion_ks: float = Field(4.0, gt=0, le=1000, description="... of KS")
+    dispersion_js: float = Field(8.0, gt=0, le=1000, description="... of Jensen-Shannon")
+    dispersion_dpf: float = Field(4.0, gt=0, le=1000, description="... of detections per frame")
+    dpf_floor: float = Field(1.0, ge=0, description="relative change in detections per frame")
     latency_ratio_max: float = Field(2.0, gt=1)
     confidence_variance_max: float = Field(0.15, gt=0, le=0.25)
     agreement_min: float = Field(0.7, ge=0, le=1)

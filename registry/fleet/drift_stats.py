@@ -110,9 +110,14 @@ class Settings:
 
     min_detections: int = 50  # fewer in the window (or baseline): not judged
     min_frames: int = 10
-    alpha: float = 0.001  # per statistic and window, before the dispersion factor
-    dispersion: float = 4.0  # variance inflation, calibrated on real windows
-    dpf_floor: float = 0.5  # relative change in detections per frame always tolerated
+    alpha: float = 0.001  # per statistic and window, before the dispersion factors
+    # Variance inflation per statistic over independent draws (correlated detections,
+    # the scene's own change), calibrated on real windows of an unchanged model.
+    dispersion_psi: float = 5.2
+    dispersion_ks: float = 4.0
+    dispersion_js: float = 8.0
+    dispersion_dpf: float = 4.0
+    dpf_floor: float = 1.0  # relative change in detections per frame always tolerated
     latency_ratio_max: float = 2.0
     confidence_variance_max: float = 0.15
     agreement_min: float = 0.7
@@ -165,7 +170,7 @@ def js_weighted(base: Mapping[str, int], new: Mapping[str, int]) -> tuple[float,
         return float(-np.sum(p * np.log(p)))
 
     js = entropy(a + b) - (n1 * entropy(a) + n2 * entropy(b)) / (n1 + n2)
-    return max(0.0, js), len(keys)
+    return float(max(0.0, js)), len(keys)
 
 
 def confidence_variance(hist: Iterable[int]) -> float | None:
@@ -241,23 +246,24 @@ def compare(
         dpf_new = new.detections / new.frames
         log_ratio = math.log((new.detections + 0.5) / (expected + 0.5))
         z = NormalDist().inv_cdf(1.0 - s.alpha / 2)
-        noise = z * math.sqrt(s.dispersion * (1.0 / max(n1, 1) + 1.0 / max(expected, 1.0)))
+        noise = z * math.sqrt(s.dispersion_dpf * (1.0 / max(n1, 1) + 1.0 / max(expected, 1.0)))
         stats["dpf_change"] = round(dpf_new / dpf_base - 1.0, 4) if dpf_base > 0 else None
         stats["dpf_log_ratio"] = round(log_ratio, 4)
         thr["dpf_log_ratio"] = round(math.log1p(s.dpf_floor) + noise, 4)
         if abs(log_ratio) > thr["dpf_log_ratio"]:
             breaches.append("dpf_log_ratio")
         if n2 >= s.min_detections:
-            scale = s.dispersion * (1.0 / n1 + 1.0 / n2)
+            scale = 1.0 / n1 + 1.0 / n2
             bins = len(base.confidence_hist)
             stats["psi"] = round(psi(base.confidence_hist, new.confidence_hist), 5)
-            thr["psi"] = round(scale * chi2_quantile(s.alpha, bins - 1), 5)
+            thr["psi"] = round(s.dispersion_psi * scale * chi2_quantile(s.alpha, bins - 1), 5)
             stats["ks"] = round(ks_binned(base.confidence_hist, new.confidence_hist), 5)
-            thr["ks"] = round(math.sqrt(-math.log(s.alpha / 2) / 2) * math.sqrt(scale), 5)
+            c_alpha = math.sqrt(-math.log(s.alpha / 2) / 2)
+            thr["ks"] = round(c_alpha * math.sqrt(s.dispersion_ks * scale), 5)
             js, classes = js_weighted(base.class_mix, new.class_mix)
             stats["js"] = round(js, 5)
             thr["js"] = round(
-                s.dispersion * chi2_quantile(s.alpha, classes - 1) / (2 * (n1 + n2)), 5
+                s.dispersion_js * chi2_quantile(s.alpha, classes - 1) / (2 * (n1 + n2)), 5
             )
             breaches += [k for k in ("psi", "ks", "js") if stats[k] > thr[k]]
         else:
@@ -289,14 +295,14 @@ def compare(
             if agreement < s.agreement_min:
                 breaches.append("agreement")
     environment = _environment(base, new, s, stats, thr)
-    if not breaches:
+    if not breaches and not environment:
         return Judgement("ok", stats, thr, breaches, missing, environment)
-    if previous_model is not None:
+    if breaches and previous_model is not None:
         shadow = compare(base, previous_model, s)
         if set(breaches) & set(shadow.breaches):
             environment.append("previous_model_same_change")
-    if environment:
-        why = "explained by the scene: " + ", ".join(environment)
+    if environment:  # the scene changed (with or without a breach): not the model's doing
+        why = "the scene changed: " + ", ".join(environment)
         return Judgement("environment", stats, thr, breaches, missing, environment, why)
     return Judgement("breach", stats, thr, breaches, missing, environment, ", ".join(breaches))
 
