@@ -32,6 +32,7 @@ from .common import (
 )
 from .deadletters import add_dead_letter_actions
 from .devices import add_device_actions
+from .drift import add_drift_actions
 from .groups import add_group_actions
 from .series import add_series_actions
 
@@ -171,7 +172,7 @@ def register(sub) -> None:
         "registry",
         help="run the registry (MQTT ingest and web UI), or manage models, keys, users, tokens",
         description="Without an action, runs the registry. Actions: models, keys, users, "
-        "tokens, groups, dead-letters, series, rollups.",
+        "tokens, groups, dead-letters, series, rollups, drift.",
     )
     _shared_options(p, suppress=False)
     _run_options(p, suppress=False)
@@ -258,6 +259,7 @@ def register(sub) -> None:
     add_device_actions(actions, shared)
     add_dead_letter_actions(actions, shared)
     add_series_actions(actions, shared)
+    add_drift_actions(actions, shared)
 
 
 # -- run --------------------------------------------------------------------------------

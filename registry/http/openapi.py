@@ -720,6 +720,7 @@ def _merge(*parts: dict[str, Any]) -> dict[str, Any]:
 
 def openapi_document() -> dict[str, Any]:
     from .openapi_devices import device_paths, device_schemas
+    from .openapi_drift import drift_paths
     from .openapi_fleet import fleet_paths
     from .openapi_groups import group_paths
     from .openapi_series import series_paths
@@ -755,5 +756,7 @@ def openapi_document() -> dict[str, Any]:
             },
         },
         "security": [{"bearer": []}, {"session": []}],
-        "paths": _merge(_paths(), fleet_paths(), group_paths(), series_paths(), device_paths()),
+        "paths": _merge(
+            _paths(), fleet_paths(), group_paths(), series_paths(), device_paths(), drift_paths()
+        ),
     }
