@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -22,10 +23,15 @@ from pathlib import Path
 
 import pytest
 
+from flowfleet.cli import main as cli_main
+from flowfleet.configfile import ConfigError
 from flowfleet.contract import Topics
+from flowfleet.registry.config import load_registry_config
 from flowfleet.registry.fleet.drift import DriftJudge, JudgeOptions, model_version, verdicts
 from flowfleet.registry.fleet.drift_stats import Settings
 from flowfleet.registry.fleet.ingest import Ingestor
+from flowfleet.registry.http import auth
+from flowfleet.registry.http.web import create_app
 from flowfleet.registry.store.db import AuditEntry, Command, Deployment
 from flowfleet.registry.store.drift_tables import DriftActivation, DriftCursor, DriftVerdict
 
@@ -261,3 +267,54 @@ def test_two_judges_judge_each_window_once(fleet, real_frames):
     # The bad camera: judged up to its confirmation (then rolled back, not judged on).
     assert verdict_counts("cam-race-bad").get("model_drift") == 1
     assert len(audits("drift.rollback")) == 1
+
+
+def test_verdicts_api_cli_and_config(fleet, real_frames, db_url, tmp_path, capsys):
+    """The verdicts through GET /api/drift/verdicts (viewer; filters; bad input is a
+    400 naming the parameter), `flowfleet registry drift verdicts --json`, and the
+    `[drift]` config section (unknown keys and k > n refused, naming the key)."""
+    registry, files = fleet
+    good, dark = real_frames[("good", "none")], real_frames[("good", "dark")]
+    dev = Device(registry, "cam-api")
+    dev.send(windows(good, files[1], 10))
+    dev.send(windows(dark, files[2], 4, first=10))
+    judge(registry).run_once()
+    with registry.db.connection_context():
+        auth.create_user("viewer-user", "viewer", actor="test")
+        token, _ = auth.create_token("viewer-user", actor="test")
+    client = create_app(registry.db, registry=registry).test_client()
+    headers = {"Authorization": f"Bearer {token}"}
+    body = client.get("/api/drift/verdicts?device=cam-api", headers=headers).get_json()
+    assert [v["verdict"] for v in body["verdicts"]] == ["environment"] * 4
+    assert body["verdicts"][0]["statistics"]["brightness_shift"] < -0.5
+    assert body["verdicts"][0]["thresholds"]["brightness_shift"] == 0.25
+    none = client.get("/api/drift/verdicts?device=cam-api&verdict=model_drift", headers=headers)
+    assert none.get_json()["verdicts"] == []
+    bad = client.get("/api/drift/verdicts?verdict=awful", headers=headers)
+    assert bad.status_code == 400 and bad.get_json()["error"]["field"] == "verdict"
+    assert client.get("/api/drift/verdicts").status_code == 401
+    assert "/api/drift/verdicts" in client.get("/api/openapi.json").get_json()["paths"]
+
+    assert (
+        cli_main(["registry", "drift", "verdicts", "--db", db_url, "--device", "cam-api", "--json"])
+        == 0
+    )
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 4 and rows[0]["device"] == "cam-api"
+
+    cfg = tmp_path / "registry.toml"
+    cfg.write_text("[drift]\nk = 3\nn = 5\ninterval_s = 30\npolicies = ['distribution']\n")
+    drift_cfg = load_registry_config(cfg, check=False).drift
+    assert (drift_cfg.k, drift_cfg.n, drift_cfg.stats_settings().policies) == (
+        3,
+        5,
+        ("distribution",),
+    )
+    for text, key in (
+        ("k = 5\nn = 4\n", "k (5) must not exceed n (4)"),
+        ("windows = 3\n", "windows"),
+    ):
+        cfg.write_text("[drift]\n" + text)
+        with pytest.raises(ConfigError, match=re.escape(key)) as err:
+            load_registry_config(cfg, check=False)
+        assert "registry.toml" in str(err.value)

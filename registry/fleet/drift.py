@@ -381,11 +381,15 @@ class DriftJudge:
 def verdicts(
     device: str | None = None,
     camera: str | None = None,
+    *,
     limit: int = 100,
     before: int | None = None,
+    verdict: str | None = None,
 ) -> list[dict]:
-    """Stored verdicts, newest first, optionally of one device (and camera)."""
+    """Stored verdicts, newest first, optionally of one device, camera or verdict."""
     q = DriftVerdict.select().order_by(DriftVerdict.id.desc()).limit(limit)
+    if verdict is not None:
+        q = q.where(DriftVerdict.verdict == verdict)
     if device is not None:
         q = q.where(DriftVerdict.device == device)
     if camera is not None:
