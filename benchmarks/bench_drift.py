@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -213,6 +214,141 @@ def print_calibration(r: dict) -> None:
         print(f"  {k:<18} p99 {v['p99']:<10} max {v['max']:<10} n {v['n']}")
 
 
+def _load_windows():
+    """Real window payloads to replicate: the good model's 60 s-like windows of PETS09
+    (from the calibration cache when present, else a synthetic but valid summary)."""
+    from flowfleet.contract import DriftSummary
+
+    good = DriftSummary(
+        device="d",
+        seq=1,
+        camera="c",
+        model="m",
+        start=0.0,
+        end=60.0,
+        frames=600,
+        detections=6000,
+        confidence_hist=(0, 1500, 700, 300, 90, 300, 1000, 1700, 400, 10),
+        detections_per_frame=10.0,
+        detections_hist=(0, 0, 10, 50, 200, 300, 40),
+        class_mix={"person": 4800, "car": 600, "truck": 400, "bicycle": 200},
+        latency_ms_p50=15.0,
+        latency_ms_p90=18.0,
+        latency_ms_p99=25.0,
+        brightness=120.0,
+        blur=4000.0,
+    )
+    return json.loads(good.to_json())
+
+
+def load(args) -> dict:
+    """Judge passes over ``devices x cameras`` cameras, one 60 s window each per round."""
+    import tempfile
+    from contextlib import ExitStack
+
+    from flowfleet.registry.testing import temporary_postgres
+
+    stack = ExitStack()
+    if args.db == "sqlite":
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        url = str(Path(tmp) / "drift.sqlite")
+    else:  # a temporary database on that server (created and dropped here)
+        url = stack.enter_context(temporary_postgres(args.db))
+    with stack:
+        return _load(args, url)
+
+
+def _load(args, url: str) -> dict:
+    from flowfleet.registry.fleet.drift import DriftJudge, JudgeOptions
+    from flowfleet.registry.store import db as regdb
+    from flowfleet.registry.testing import reset_database
+
+    db = regdb.open_database(url)
+    reset_database(db)
+    from flowfleet.registry.store.drift_tables import DriftCursor
+
+    payload = _load_windows()
+    devices = [f"dev-{i:04d}" for i in range(args.devices)]
+    cameras = [f"cam{j}" for j in range(args.cameras)]
+    t0 = 1_780_000_000.0
+    seq = {d: 0 for d in devices}
+    judge = DriftJudge(db, None, Settings(), JudgeOptions(batch=5000), name="bench")
+    rounds = []
+
+    def add_round(r: int, model: str) -> None:
+        rows = []
+        for d in devices:
+            for c in cameras:
+                seq[d] += 1
+                p = dict(
+                    payload,
+                    device=d,
+                    seq=seq[d],
+                    camera=c,
+                    model=model,
+                    start=t0 + 60 * r,
+                    end=t0 + 60 * (r + 1),
+                )
+                rows.append(
+                    dict(
+                        device=d,
+                        seq=seq[d],
+                        camera=c,
+                        model=model,
+                        start=p["start"],
+                        end=p["end"],
+                        received_at=t0,
+                        payload=json.dumps(p),
+                    )
+                )
+        with db.atomic():
+            for i in range(0, len(rows), 500):
+                regdb.DriftSummary.insert_many(rows[i : i + 500]).execute()
+
+    with db.connection_context():
+        DriftCursor.delete().execute()
+        now = time.time()
+        regdb.Device.insert_many([dict(id=d, first_seen=now) for d in devices]).execute()
+        plan = (
+            [("baseline", "model-a.tflite")] * args.baseline
+            + [("steady", "model-a.tflite"), ("activation", "model-b.tflite")]
+            + [("judged", "model-b.tflite")] * args.windows
+        )
+        for r, (kind, model) in enumerate(plan):
+            add_round(r, model)
+            cpu, wall = time.process_time(), time.perf_counter()
+            done = judge.run_once(at=time.time() + 3600)
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            rounds.append(
+                {
+                    "round": r,
+                    "kind": kind,
+                    "windows": len(devices) * len(cameras),
+                    "cpu_s": round(cpu, 3),
+                    "wall_s": round(wall, 3),
+                    "core_pct_of_60s": round(100 * cpu / 60.0, 2),
+                    "done": done,
+                }
+            )
+    regdb.database_proxy.obj.close()
+    return {
+        "database": "sqlite" if args.db == "sqlite" else "postgresql",
+        "devices": args.devices,
+        "cameras": args.cameras,
+        "rounds": rounds,
+    }
+
+
+def print_load(r: dict) -> None:
+    print(f"{r['database']}: {r['devices']} devices x {r['cameras']} cameras, one 60 s window each")
+    print(f"{'round':<7}{'kind':<12}{'windows':>8}{'cpu s':>8}{'wall s':>8}{'% of a core':>13}")
+    for x in r["rounds"]:
+        print(
+            f"{x['round']:<7}{x['kind']:<12}{x['windows']:>8}{x['cpu_s']:>8.2f}"
+            f"{x['wall_s']:>8.2f}{x['core_pct_of_60s']:>12.1f}%"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -226,10 +362,25 @@ def main() -> None:
     c.add_argument("--set", action="append", help="a drift setting, e.g. dispersion_js=9")
     c.add_argument("--cache", type=Path, default=Path("benchmarks/results/drift-frames"))
     c.add_argument("--json", type=Path, default=Path("benchmarks/results/drift-calibration.json"))
+    ld = sub.add_parser("load")
+    ld.add_argument("--devices", type=int, default=1000)
+    ld.add_argument("--cameras", type=int, default=4)
+    ld.add_argument("--baseline", type=int, default=2, help="rounds of baseline windows")
+    ld.add_argument("--windows", type=int, default=3, help="judged rounds after the activation")
+    ld.add_argument(
+        "--db",
+        default="sqlite",
+        help="sqlite (a temporary file) or a PostgreSQL server URL (a temporary database "
+        "is created on it and dropped)",
+    )
+    ld.add_argument("--json", type=Path, default=Path("benchmarks/results/drift.json"))
     args = ap.parse_args()
     if args.cmd == "calibrate":
         r = calibrate(args)
         print_calibration(r)
+    else:
+        r = load(args)
+        print_load(r)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(r, indent=2) + "\n")
     print(f"wrote {args.json}")

@@ -51,6 +51,7 @@ from .drift_stats import Settings, WindowStats, compare, confirmed
 log = logging.getLogger(__name__)
 
 ACTOR = "drift-judge"
+BULK = 200  # rows per bulk statement
 LOCK = "drift-judge"
 # The agent names a registry model's file <name>-v<version>-<sha256[:12]>.<ext>.
 _AGENT_FILE = re.compile(r"^(?P<name>.+)-v(?P<version>\d+)-[0-9a-f]{12}\.[A-Za-z0-9]+$")
@@ -161,7 +162,16 @@ class DriftJudge:
             for c in DriftCamera.select().where(DriftCamera.device.in_(devices))
             if (c.device_id, c.camera) in keys
         }
+        # Their open activations in one query (not one per camera).
+        open_ids = {c.activation_id for c in cams.values() if c.activation_id is not None}
+        acts = {a.id: a for a in DriftActivation.select().where(DriftActivation.id.in_(open_ids))}
+        for c in cams.values():
+            if c.activation_id in acts:
+                c.activation = acts[c.activation_id]
+        new_cams: list[DriftCamera] = []
         changed: dict[tuple[str, str], DriftCamera] = {}
+        judged_acts: dict[int, DriftActivation] = {}
+        self._verdict_rows: list[dict] = []
         rolled = False
         rows.sort(key=lambda r: (r.device_id, r.camera, r.start, r.id))
         for row in rows:
@@ -169,30 +179,56 @@ class DriftJudge:
             cam = cams.get(key)
             if cam is None:  # first window seen: its model is the camera's baseline
                 cam = cams[key] = DriftCamera(
-                    device=row.device_id, camera=row.camera, model=row.model, last_start=row.start
+                    device=row.device_id,
+                    camera=row.camera,
+                    model=row.model,
+                    last_start=row.start,
+                    updated_at=at,
                 )
-                cam._new = True
-                changed[key] = cam
+                new_cams.append(cam)
                 continue
-            if row.start < cam.last_start:
-                continue  # late copy of an older window: its model is history
-            cam.last_start = row.start
-            changed[key] = cam
-            if row.model != cam.model:
-                cam.activation = self._activate(cam, row, at)
-                cam.model = row.model
-                out["activations"] = out.get("activations", 0) + 1
             act = cam.activation
+            if row.start < cam.last_start or (act is not None and row.start < act.started_at):
+                continue  # a late window from before what we know: its model is history
+            if row.model != cam.model:
+                # The camera row changes only here (an activation), not per window.
+                act = cam.activation = self._activate(cam, row, at)
+                cam.model, cam.last_start, cam.updated_at = row.model, row.start, at
+                if cam.id is not None:
+                    changed[key] = cam
+                out["activations"] = out.get("activations", 0) + 1
             if act is not None and act.state == "judging":
                 verdict = self._judge(act, row, at)
+                judged_acts[act.id] = act
                 out[verdict] = out.get(verdict, 0) + 1
                 rolled = rolled or verdict == "model_drift"
+        # Written in bulk: a pass over a fleet's windows is a handful of statements.
+        for i in range(0, len(self._verdict_rows), BULK):
+            DriftVerdict.insert_many(self._verdict_rows[i : i + BULK]).execute()
+        if judged_acts:
+            # Never NULL, so one CASE statement per batch works on PostgreSQL too; the
+            # rare state changes (rollback, environment, accepted) are saved as they happen.
+            DriftActivation.bulk_update(
+                list(judged_acts.values()),
+                fields=[DriftActivation.recent, DriftActivation.recent_ids, DriftActivation.judged],
+                batch_size=BULK,
+            )
         for cam in changed.values():
-            cam.updated_at = at
-            if getattr(cam, "_new", False):
-                cam.save(force_insert=True)
-            else:
-                cam.save()
+            cam.save()
+        for i in range(0, len(new_cams), BULK):
+            DriftCamera.insert_many(
+                [
+                    {
+                        "device": c.device_id,
+                        "camera": c.camera,
+                        "model": c.model,
+                        "last_start": c.last_start,
+                        "activation": c.activation_id,
+                        "updated_at": at,
+                    }
+                    for c in new_cams[i : i + BULK]
+                ]
+            ).execute()
         top = max(r.id for r in rows)
         DriftCursor.insert(name=self.name, last_id=top, updated_at=at).on_conflict(
             conflict_target=[DriftCursor.name],
@@ -242,7 +278,9 @@ class DriftJudge:
 
     def _judge(self, act: DriftActivation, row: DriftSummary, at: float) -> str:
         s = self.settings
-        base = WindowStats(**json.loads(act.baseline))
+        base = getattr(act, "_base", None)
+        if base is None:  # parsed once per pass, not per window
+            base = act._base = WindowStats(**json.loads(act.baseline))
         new = WindowStats.from_summary(json.loads(row.payload))
         shadow = self.shadow(row) if self.shadow is not None else None
         j = compare(
@@ -271,6 +309,7 @@ class DriftJudge:
             and confirmed((c == "e" for c in act.recent), s.k, s.n)
         ):
             act.environment_at = at
+            act.save(only=[DriftActivation.environment_at])
             audit(
                 ACTOR,
                 "drift.environment",
@@ -283,27 +322,30 @@ class DriftJudge:
                 activation=act.id,
                 **evidence,
             )
-        DriftVerdict.create(
-            summary=row.id,
-            activation=act,
-            device=row.device_id,
-            camera=row.camera,
-            model=row.model,
-            baseline_model=act.previous_model,
-            start=row.start,
-            end=row.end,
-            verdict=verdict,
-            statistics=json.dumps(j.statistics),
-            thresholds=json.dumps(j.thresholds),
-            breaches=json.dumps(j.breaches),
-            reason=j.reason,
-            created_at=at,
+        self._verdict_rows.append(
+            {
+                "summary": row.id,
+                "activation": act.id,
+                "device": row.device_id,
+                "camera": row.camera,
+                "model": row.model,
+                "baseline_model": act.previous_model,
+                "start": row.start,
+                "end": row.end,
+                "verdict": verdict,
+                "statistics": json.dumps(j.statistics),
+                "thresholds": json.dumps(j.thresholds),
+                "breaches": json.dumps(j.breaches),
+                "reason": j.reason,
+                "created_at": at,
+            }
         )
         if verdict == "model_drift" and act.rolled_back_at is None:
             self._roll_back(act, row, evidence, at)
+            act.save()
         elif act.judged >= self.options.judge_windows:
             act.state = "accepted"
-        act.save()
+            act.save()
         return verdict
 
     def _roll_back(self, act: DriftActivation, row: DriftSummary, evidence: dict, at: float):

@@ -47,6 +47,7 @@ class DriftActivation(BaseModel):
 class DriftCamera(BaseModel):
     """What the judge knows of one camera: its model now and its open activation."""
 
+    id = pw.AutoField()
     device = pw.ForeignKeyField(Device, column_name="device", on_delete="CASCADE")
     camera = pw.CharField(max_length=64)
     model = pw.TextField(null=True)
@@ -56,7 +57,7 @@ class DriftCamera(BaseModel):
 
     class Meta:
         table_name = "drift_camera"
-        primary_key = pw.CompositeKey("device", "camera")
+        indexes = ((("device", "camera"), True),)
 
 
 class DriftVerdict(BaseModel):
