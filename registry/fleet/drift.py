@@ -444,7 +444,7 @@ def verdicts(
 def verdict_dict(v: DriftVerdict) -> dict:
     return {
         "id": v.id,
-        "summary": v.summary_id,
+        "summary": v.summary,
         "activation": v.activation_id,
         "device": v.device_id,
         "camera": v.camera,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import peewee as pw
 
-from .db import BaseModel, Device, DriftSummary
+from .db import BaseModel, Device
 
 ACTIVATION_STATES = ("judging", "accepted", "rolled_back", "restored", "no_baseline")
 
@@ -64,9 +64,9 @@ class DriftVerdict(BaseModel):
     """One judged window of a new model against its previous model's baseline."""
 
     id = pw.AutoField()
-    summary = pw.ForeignKeyField(
-        DriftSummary, column_name="summary", unique=True, on_delete="CASCADE"
-    )
+    # The drift_summary id, not a foreign key: a verdict is evidence (an audit entry
+    # may cite it) and outlives its summary if summaries are ever pruned.
+    summary = pw.BigIntegerField(unique=True)
     activation = pw.ForeignKeyField(DriftActivation, on_delete="CASCADE")
     device = pw.ForeignKeyField(Device, column_name="device", on_delete="CASCADE")
     camera = pw.CharField(max_length=64)
