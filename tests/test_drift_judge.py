@@ -206,6 +206,27 @@ def test_worse_model_rolled_back_on_that_device_only(fleet, real_frames):
     assert sum(verdict_counts("cam-bad").values()) == sum(counts.values())
 
 
+def test_back_on_the_previous_model_is_not_judged(fleet, real_frames):
+    """The agent's own probation took v2 back before the judge confirmed anything:
+    v1's windows are not judged against v2 (which could 'roll back' to v2)."""
+    registry, files = fleet
+    good, worse = real_frames[("good", "none")], real_frames[(WORSE, "none")]
+    dev = Device(registry, "cam-probation")
+    dev.send(windows(good, files[1], 10))
+    dev.send(windows(worse, files[2], 2, first=10))
+    dev.send(windows(good, files[1], 6, first=12))
+    judge(registry).run_once()
+    states = [
+        a.state
+        for a in DriftActivation.select()
+        .where(DriftActivation.device == "cam-probation")
+        .order_by(DriftActivation.id)
+    ]
+    assert states == ["judging", "restored"]
+    assert sum(verdict_counts("cam-probation").values()) == 2  # v2's two windows only
+    assert not audits("drift.rollback")
+
+
 def test_darkened_frames_environment_not_rollback(fleet, real_frames):
     """The scene darkens as v2 arrives (frames darkened for both models): an
     environment alert, no rollback."""

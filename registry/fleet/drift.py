@@ -22,8 +22,8 @@ judge one window twice. Per device and camera:
   rollback). After ``judge_windows`` judged windows without either, the new model
   is accepted and its camera is no longer judged until the next activation.
 
-The window that comes back after a rollback (the previous model again) is not judged
-against the model that was rolled back.
+A camera that goes back to the model it ran before (after our rollback, or the
+agent's own probation rollback) is not judged against the model it replaced.
 
 Shadow comparison hook: ``shadow(summary_row)`` may return the previous model's
 window over the same frames (and the agreement share); it is None until the agent
@@ -256,8 +256,10 @@ class DriftJudge:
             if base_rows
             else None
         )
-        if prior is not None and prior.state == "rolled_back" and row.model == prior.previous_model:
-            state = "restored"  # back on the model we rolled back to: nothing to judge
+        if prior is not None and row.model == prior.previous_model:
+            # Back on the model it ran before (our rollback, or the agent's own
+            # probation): never judged against the model it replaced.
+            state = "restored"
         elif pooled is None or pooled.detections < self.settings.min_detections:
             state = "no_baseline"
         else:
