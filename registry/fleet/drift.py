@@ -213,21 +213,27 @@ class DriftJudge:
                 fields=[DriftActivation.recent, DriftActivation.recent_ids, DriftActivation.judged],
                 batch_size=BULK,
             )
-        for cam in changed.values():
-            cam.save()
-        for i in range(0, len(new_cams), BULK):
-            DriftCamera.insert_many(
-                [
-                    {
-                        "device": c.device_id,
-                        "camera": c.camera,
-                        "model": c.model,
-                        "last_start": c.last_start,
-                        "activation": c.activation_id,
-                        "updated_at": at,
-                    }
-                    for c in new_cams[i : i + BULK]
-                ]
+        # New cameras and those with a new activation, as upserts on (device, camera).
+        upserts = [
+            {
+                "device": c.device_id,
+                "camera": c.camera,
+                "model": c.model,
+                "last_start": c.last_start,
+                "activation": c.activation_id,
+                "updated_at": at,
+            }
+            for c in [*new_cams, *changed.values()]
+        ]
+        for i in range(0, len(upserts), BULK):
+            DriftCamera.insert_many(upserts[i : i + BULK]).on_conflict(
+                conflict_target=[DriftCamera.device, DriftCamera.camera],
+                preserve=[
+                    DriftCamera.model,
+                    DriftCamera.last_start,
+                    DriftCamera.activation,
+                    DriftCamera.updated_at,
+                ],
             ).execute()
         top = max(r.id for r in rows)
         DriftCursor.insert(name=self.name, last_id=top, updated_at=at).on_conflict(
