@@ -218,6 +218,58 @@ class WebhooksSection(Strict):
         )
 
 
+class DriftSection(Strict):
+    """The drift judge (docs/drift.md): how often it runs, the sample sizing of its
+    thresholds, k of n confirmation and which policies can raise a breach."""
+
+    enabled: bool = True
+    interval_s: float = Field(60.0, gt=0, le=86_400, description="seconds between passes")
+    min_detections: int = Field(50, ge=1, description="fewer in a window: not judged")
+    min_frames: int = Field(10, ge=1)
+    alpha: float = Field(0.001, gt=0, lt=0.5, description="per statistic and window")
+    dispersion_psi: float = Field(
+        5.2, gt=0, le=1000, description="variance inflation of PSI (calibrated, docs/drift.md)"
+    )
+    dispersion_ks: float = Field(4.0, gt=0, le=1000, description="... of KS")
+    dispersion_js: float = Field(8.0, gt=0, le=1000, description="... of Jensen-Shannon")
+    dispersion_dpf: float = Field(4.0, gt=0, le=1000, description="... of detections per frame")
+    dpf_floor: float = Field(1.0, ge=0, description="relative change in detections per frame")
+    latency_ratio_max: float = Field(2.0, gt=1)
+    confidence_variance_max: float = Field(0.15, gt=0, le=0.25)
+    agreement_min: float = Field(0.7, ge=0, le=1)
+    brightness_shift_max: float = Field(0.25, gt=0, le=10)
+    blur_ratio_max: float = Field(2.0, gt=1)
+    k: int = Field(3, ge=1, le=100, description="breaches among the last n judged windows")
+    n: int = Field(4, ge=1, le=100)
+    policies: tuple[Literal["distribution", "latency", "confidence_variance", "agreement"], ...] = (
+        Field(("distribution", "latency", "confidence_variance", "agreement"), min_length=1)
+    )
+    baseline_windows: int = Field(10, ge=1, le=1000, description="previous model's windows pooled")
+    judge_windows: int = Field(
+        60, ge=1, le=100_000, description="windows judged before a new model is accepted"
+    )
+
+    @model_validator(mode="after")
+    def _k_of_n(self):
+        if self.k > self.n:
+            raise ValueError(f"k ({self.k}) must not exceed n ({self.n})")
+        return self
+
+    def stats_settings(self):
+        """The thresholds as `flowfleet.registry.fleet.drift_stats.Settings`."""
+        from .fleet.drift_stats import Settings
+
+        names = Settings.__dataclass_fields__
+        return Settings(**{k: v for k, v in self.model_dump().items() if k in names})
+
+    def judge_options(self):
+        from .fleet.drift import JudgeOptions
+
+        return JudgeOptions(
+            baseline_windows=self.baseline_windows, judge_windows=self.judge_windows
+        )
+
+
 class RegistrySettings(Strict):
     database: DatabaseSection = DatabaseSection()
     counts: CountsSection = CountsSection()
@@ -228,6 +280,7 @@ class RegistrySettings(Strict):
     http: HttpSection = HttpSection()
     watch: WatchSection = WatchSection()
     webhooks: WebhooksSection = WebhooksSection()
+    drift: DriftSection = DriftSection()
 
 
 _BROKER_FILES = ("password_file", "ca_file", "cert_file", "key_file")

@@ -29,9 +29,10 @@ from flowfleet.mqtt import AUTH_REFUSALS, BrokerAddress, MqttConnection
 
 from .catalog.modelreg import ModelRegistry, RegistryConfig
 from .catalog.watch import WatchFolder
-from .config import IngestSection, WebhooksSection
+from .config import DriftSection, IngestSection, WebhooksSection
 from .errors import BrokerRefused
 from .fleet.commands import CommandPublisher
+from .fleet.drift import DriftJudge
 from .fleet.retention import RetentionJob
 from .fleet.webhooks import WebhookJob
 from .fleet.worker import IngestWorker, WorkerPool, retire_workers
@@ -107,6 +108,7 @@ def run_registry(
     ingest: IngestSection | None = None,
     stale_after_s: float = 180.0,
     webhooks: WebhooksSection | None = None,
+    drift: DriftSection | None = None,
 ) -> None:
     """Ingest device messages from ``broker`` into ``db_path`` and serve the web UI.
 
@@ -138,6 +140,8 @@ def run_registry(
         webhooks: the ``[webhooks]`` section: audit entries are sent to the configured
             webhooks by a job in this process (every registry process runs one; they
             share the work through the database).
+        drift: the drift judge's settings (`DriftSection`); its passes run every
+            ``interval_s`` unless ``enabled`` is false.
 
     Raises OSError if the HTTP port cannot be bound (before anything else starts), and
     BrokerRefused if the broker refuses the registry's credentials on the first
@@ -206,6 +210,21 @@ def run_registry(
         else None
     )
     retention = RetentionJob(worker.db, raw_retention_days) if raw_retention_days else None
+    drift = drift or DriftSection()
+    # The drift judge runs in every registry process; its named lock makes passes
+    # take turns, and its cursor means a window is judged once.
+    judge = (
+        DriftJudge(
+            worker.db,
+            models,
+            drift.stats_settings(),
+            drift.judge_options(),
+            commands=commands,
+            topics=topics,
+        )
+        if drift.enabled
+        else None
+    )
     url = _url(http_host, server.port)
     http_thread = threading.Thread(target=server.serve_forever, name="registry-http", daemon=True)
     restore_signals = _stop_on_sigterm(stop)
@@ -227,6 +246,8 @@ def run_registry(
             retention.start()
         if hooks is not None:
             hooks.start()
+        if judge is not None:
+            judge.start(drift.interval_s)
         log.info(
             "registry web UI at %s (waitress, %d threads; database %s)",
             url,
@@ -261,6 +282,8 @@ def run_registry(
             retention.stop()
         if hooks is not None:
             hooks.stop()  # what is not delivered yet is sent after the next start
+        if judge is not None:
+            judge.stop()
         if http_thread.is_alive():
             server.shutdown()
         server.close()

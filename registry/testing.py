@@ -82,11 +82,12 @@ def reset_database(db: pw.Database) -> None:
 
     Tables a test dropped are re-created; every table is emptied.
     """
+    from .store.drift_tables import DRIFT_MODELS
     from .store.migrations import migrate
     from .store.webhook_tables import WEBHOOK_MODELS
 
     migrate(db, backup=False)
-    models = regdb.MODELS + WEBHOOK_MODELS
+    models = regdb.MODELS + DRIFT_MODELS + WEBHOOK_MODELS
     with db.connection_context():
         db.create_tables(models, safe=True)
         # DELETE, not TRUNCATE: for a few rows it is far cheaper on PostgreSQL (TRUNCATE

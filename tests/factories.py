@@ -292,3 +292,34 @@ def secured_broker_config(
         plain=plain,
     )
     return security, ca
+
+
+def drift_stats_window(
+    *,
+    detections: int,
+    frames: int,
+    hist: tuple[int, ...] = (0, 0, 0, 0, 0, 10, 20, 40, 20, 10),
+    mix: dict[str, int] | None = None,
+    latency: float = 10.0,
+    brightness: float = 120.0,
+    blur: float = 1000.0,
+):
+    """A `drift_stats.WindowStats`: ``hist``'s shape scaled to ``detections``; class
+    mix 80% person, 20% car unless ``mix`` is given."""
+    from flowfleet.registry.fleet.drift_stats import WindowStats
+
+    total = sum(hist)
+    counts = [round(h * detections / total) for h in hist] if total else list(hist)
+    counts[max(range(len(counts)), key=lambda i: counts[i])] += detections - sum(counts)
+    if mix is None:
+        mix = {"person": detections - detections // 5, "car": detections // 5}
+    return WindowStats(
+        frames=frames,
+        detections=detections,
+        confidence_hist=tuple(counts),
+        class_mix=mix,
+        latency_p50=latency,
+        latency_p90=latency * 1.5,
+        brightness=brightness,
+        blur=blur,
+    )

@@ -32,6 +32,7 @@ from .common import (
 )
 from .deadletters import add_dead_letter_actions
 from .devices import add_device_actions
+from .drift import add_drift_actions
 from .groups import add_group_actions
 from .series import add_series_actions
 from .webhooks import add_webhook_actions
@@ -172,7 +173,7 @@ def register(sub) -> None:
         "registry",
         help="run the registry (MQTT ingest and web UI), or manage models, keys, users, tokens",
         description="Without an action, runs the registry. Actions: models, keys, users, "
-        "tokens, groups, dead-letters, series, rollups, webhooks.",
+        "tokens, groups, dead-letters, series, rollups, webhooks, drift.",
     )
     _shared_options(p, suppress=False)
     _run_options(p, suppress=False)
@@ -260,6 +261,7 @@ def register(sub) -> None:
     add_dead_letter_actions(actions, shared)
     add_series_actions(actions, shared)
     add_webhook_actions(actions, shared)
+    add_drift_actions(actions, shared)
 
 
 # -- run --------------------------------------------------------------------------------
@@ -321,6 +323,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
             ingest=s.ingest,
             stale_after_s=s.devices.stale_after_s,
             webhooks=s.webhooks,
+            drift=s.drift,
             proxy=ProxyTrust(
                 hops=h.proxy_hops,
                 headers=tuple(h.proxy_headers),

@@ -720,6 +720,7 @@ def _merge(*parts: dict[str, Any]) -> dict[str, Any]:
 
 def openapi_document() -> dict[str, Any]:
     from .openapi_devices import device_paths, device_schemas
+    from .openapi_drift import drift_paths
     from .openapi_fleet import fleet_paths
     from .openapi_groups import group_paths
     from .openapi_series import series_paths
@@ -763,5 +764,6 @@ def openapi_document() -> dict[str, Any]:
             series_paths(),
             device_paths(),
             webhook_paths(),
+            drift_paths(),
         ),
     }

@@ -63,6 +63,7 @@ from .api import bp as api_bp
 from .api import error_response as registry_error_response
 from .api import int_arg, query_args
 from .devices_api import bp as devices_bp
+from .drift_api import bp as drift_bp
 from .groups_api import bp as groups_bp
 from .series_api import bp as series_bp
 from .webauth import bp as webauth_bp
@@ -513,6 +514,7 @@ def create_app(
     app.register_blueprint(groups_bp)
     app.register_blueprint(devices_bp)
     app.register_blueprint(webhooks_bp)
+    app.register_blueprint(drift_bp)
     install_metrics(app)  # first before_request hook: times everything after it
 
     @app.before_request

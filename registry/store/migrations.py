@@ -174,6 +174,12 @@ def _m12_line_rollup_covering_index(db: pw.Database) -> None:
     db.execute_sql('DROP INDEX IF EXISTS "line_rollup_device_step_bucket"')
 
 
+def _m13_drift_judge(db: pw.Database) -> None:
+    from .drift_tables import DRIFT_MODELS
+
+    db.create_tables(DRIFT_MODELS, safe=True)
+
+
 def _m16_webhooks(db: pw.Database) -> None:
     from .webhook_tables import WEBHOOK_MODELS
 
@@ -250,6 +256,11 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         "(device, step, bucket, camera, line, class, count_in, count_out), replacing "
         "(device, step, bucket)",
         _m12_line_rollup_covering_index,
+    ),
+    (
+        13,
+        "drift judge: drift_activation, drift_camera, drift_verdict, drift_cursor",
+        _m13_drift_judge,
     ),
     (
         16,
