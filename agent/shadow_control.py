@@ -131,16 +131,7 @@ class ShadowManager:
                 file=path.name, model=model.name, version=model.version, sha256=model.sha256
             ),
         )
-        old = self._detach(camera)
-        if old is not None:
-            self._send(old, time.time())
-            old.close()
-        with self._lock:
-            self._files[camera] = {path.name, *([Path(labels).name] if labels else [])}
-        with cam.lock:  # from the next frame on
-            cam.shadow = runner
-        with self._lock:
-            self.runners[camera] = runner
+        self.attach(runner, files=(path.name, *([Path(labels).name] if labels else [])))
         s.event(
             "shadow_started",
             f"camera {camera} compares {model.name} v{model.version} in shadow on "
@@ -152,6 +143,22 @@ class ShadowManager:
             share=share,
             desired_version=desired,
         )
+
+    def attach(self, runner: ShadowRunner, files=()) -> None:
+        """Put ``runner`` beside its camera's pipeline from the next frame on, in place
+        of a comparison running there (whose last window is sent). ``files`` are the
+        candidate's model files in the models folder, kept while it runs."""
+        camera = runner.camera
+        old = self._detach(camera)
+        if old is not None:
+            self._send(old, time.time())
+            old.close()
+        cam = self.service.cameras[camera]
+        with self._lock:
+            self._files[camera] = set(files)
+            self.runners[camera] = runner
+        with cam.lock:
+            cam.shadow = runner
 
     def stop_camera(self, camera: str, why: str) -> None:
         """End a camera's comparison: its last window is sent, its detector closed."""
