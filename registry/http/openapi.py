@@ -723,6 +723,7 @@ def openapi_document() -> dict[str, Any]:
     from .openapi_fleet import fleet_paths
     from .openapi_groups import group_paths
     from .openapi_series import series_paths
+    from .openapi_shadow import shadow_paths
 
     return {
         "openapi": "3.1.0",
@@ -755,5 +756,7 @@ def openapi_document() -> dict[str, Any]:
             },
         },
         "security": [{"bearer": []}, {"session": []}],
-        "paths": _merge(_paths(), fleet_paths(), group_paths(), series_paths(), device_paths()),
+        "paths": _merge(
+            _paths(), fleet_paths(), group_paths(), series_paths(), device_paths(), shadow_paths()
+        ),
     }

@@ -64,6 +64,7 @@ from .api import int_arg, query_args
 from .devices_api import bp as devices_bp
 from .groups_api import bp as groups_bp
 from .series_api import bp as series_bp
+from .shadow_api import bp as shadow_bp
 from .webauth import bp as webauth_bp
 from .webauth import error_page
 
@@ -505,6 +506,7 @@ def create_app(
     app.register_blueprint(webauth_bp)
     app.register_blueprint(groups_bp)
     app.register_blueprint(devices_bp)
+    app.register_blueprint(shadow_bp)
     install_metrics(app)  # first before_request hook: times everything after it
 
     @app.before_request

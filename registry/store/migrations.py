@@ -174,6 +174,12 @@ def _m12_line_rollup_covering_index(db: pw.Database) -> None:
     db.execute_sql('DROP INDEX IF EXISTS "line_rollup_device_step_bucket"')
 
 
+def _m15_shadow(db: pw.Database) -> None:
+    from .shadow_tables import SHADOW_MODELS
+
+    db.create_tables(SHADOW_MODELS, safe=True)
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
     (
         1,
@@ -242,6 +248,11 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         "(device, step, bucket, camera, line, class, count_in, count_out), replacing "
         "(device, step, bucket)",
         _m12_line_rollup_covering_index,
+    ),
+    (
+        15,
+        "shadow comparisons: shadow_request (candidate per device camera), shadow_window",
+        _m15_shadow,
     ),
 )
 LATEST = MIGRATIONS[-1][0]
