@@ -116,17 +116,11 @@ class ShadowManager:
         except ValueError as exc:
             detector.close()
             raise UpdateRefused("health_gate", f"the model cannot count: {exc}") from None
-        active = updater.active.get(camera) or {}
         runner = ShadowRunner(
             camera,
             pipeline,
             share=share,
-            active=ShadowModel(
-                file=Path(cam.model_path).name,
-                model=active.get("model"),
-                version=active.get("version"),
-                sha256=active.get("sha256"),
-            ),
+            active=self._active_model(cam),
             candidate=ShadowModel(
                 file=path.name, model=model.name, version=model.version, sha256=model.sha256
             ),
@@ -159,6 +153,16 @@ class ShadowManager:
             self.runners[camera] = runner
         with cam.lock:
             cam.shadow = runner
+
+    def _active_model(self, cam) -> ShadowModel:
+        """The model the camera counts with now, as a window names it."""
+        rec = self.service.updater.active.get(cam.config.name) or {}
+        file = Path(cam.model_path).name
+        if Path(rec.get("path") or "").name != file:
+            rec = {}  # the config's own model (or one being rolled back to)
+        return ShadowModel(
+            file=file, model=rec.get("model"), version=rec.get("version"), sha256=rec.get("sha256")
+        )
 
     def stop_camera(self, camera: str, why: str) -> None:
         """End a camera's comparison: its last window is sent, its detector closed."""
@@ -210,6 +214,11 @@ class ShadowManager:
         detached at once (counting has its result already) and reported."""
         runner = cam.shadow
         try:
+            if Path(cam.model_path).name != runner.active.file:
+                # A model update (or its rollback) swapped the active model before this
+                # frame: the window closes here, so each compares with one model.
+                self._send(runner, time.time())
+                runner.active = self._active_model(cam)
             runner.on_frame(image, ts, result)
         except Exception as exc:
             cam.shadow = None  # under the camera's lock: no further frame reaches it

@@ -38,8 +38,8 @@ def registry_http(tmp_path):
         yield served
 
 
-def desire(watcher: Watcher, version: int, shadow: dict | None) -> None:
-    payload = Desired(device=DEVICE, version=version, shadow=shadow).to_json()
+def desire(watcher: Watcher, version: int, shadow: dict | None, models=None) -> None:
+    payload = Desired(device=DEVICE, version=version, models=models or {}, shadow=shadow).to_json()
     watcher.client.publish(TOPICS.desired(DEVICE), payload, qos=1, retain=True).wait_for_publish(5)
 
 
@@ -110,9 +110,26 @@ def test_desired_shadow_is_verified_run_reported_and_stopped(
         time.sleep(0.5)
         assert cam.shadow is runner
 
+        # A model update while the comparison runs: the window closes at the swap and
+        # the next ones name the new active model.
+        seen = len(watcher.events)
+        shadow = {"road": ShadowRef(model=ref_of(dyn), share=0.5)}
+        desire(watcher, 5, shadow, models={"road": ref_of(full)})
+        watcher.wait_event("model_activated", after=seen)
+        assert cam.shadow is runner, "the comparison goes on"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(
+            w.active.model == "yolo" for w in listener.of("shadow")
+        ):
+            time.sleep(0.05)
+        after = [w for w in listener.of("shadow") if w.active.model == "yolo"]
+        assert after and after[0].active.version == 1 and after[0].active.sha256 == full["sha256"]
+        before = [w for w in listener.of("shadow") if w.active.model is None]
+        assert before and all(w.active.file == FULL for w in before)
+
         # A desired state without the shadow entry stops it; the last window is sent.
         seen, windows = len(watcher.events), len(listener.of("shadow"))
-        desire(watcher, 5, None)
+        desire(watcher, 6, None, models={"road": ref_of(full)})
         watcher.wait_event("shadow_stopped", after=seen)
         assert cam.shadow is None
         deadline = time.monotonic() + 10
