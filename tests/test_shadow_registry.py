@@ -217,3 +217,44 @@ def test_the_api_lists_windows_and_the_pooled_agreement(registry, app_and_tokens
     assert got.get_json()["agreement"] == round(2 * 200 / 460, 4)
     assert client.get("/api/shadow/agreement?device=x", headers=viewer).status_code == 400
     assert client.get("/api/shadow?device=a/b", headers=viewer).status_code == 400
+
+
+def test_cli_sets_lists_and_clears_a_shadow(tmp_path, capsys, data, db_url):
+    """`flowfleet registry shadow ...` in-process, on the module's database."""
+    from flowfleet.cli import main
+    from flowfleet.registry.testing import fresh_database, release
+
+    url = fresh_database(db_url)
+    state = tmp_path / "state"
+
+    def run(*argv: str):
+        release()  # each invocation opens the database afresh, like a new process
+        rc = main(["registry", *argv, "--db", url, "--state-dir", str(state)])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    assert run("models", "add", str(data / "models" / DYN), "--name", "yolo")[0] == 0
+    rc, out, _ = run("shadow", "set", DEVICE, "front", "yolo", "1", "--share", "0.2")
+    assert rc == 0 and "shadow yolo v1; desired state version 1 queued" in out, out
+    rc, out, err = run("shadow", "set", DEVICE, "front", "yolo", "1", "--share", "2")
+    assert rc == 2 and "--share 2.0 is not in (0, 1]" in err
+    rc, out, err = run("shadow", "set", DEVICE, "front", "nope", "1")
+    assert rc != 0 and "nope" in err and len(err.strip().splitlines()) == 1
+    release()
+    Ingestor(regdb_open(url), TOPICS).handle(
+        TOPICS.shadow(DEVICE), raw(shadow_window(DEVICE, 1, time.time() - 600))
+    )
+    rc, out, _ = run("shadow", "list", "--device", DEVICE)
+    assert rc == 0 and "request\tcam-1/front\tyolo v1\tshare 0.2" in out
+    assert "agreement 0.870" in out
+    rc, out, _ = run("shadow", "agreement", DEVICE, "front", "--json")
+    assert rc == 0 and json.loads(out)["windows"] == 1
+    rc, out, _ = run("shadow", "clear", DEVICE, "front", "--json")
+    assert rc == 0 and "shadow" not in json.loads(out)["desired"]
+    assert run("shadow", "clear", DEVICE, "front")[0] != 0
+
+
+def regdb_open(url: str):
+    from flowfleet.registry.store import db as regdb
+
+    return regdb.open_database(url)

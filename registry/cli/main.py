@@ -34,6 +34,7 @@ from .deadletters import add_dead_letter_actions
 from .devices import add_device_actions
 from .groups import add_group_actions
 from .series import add_series_actions
+from .shadow import add_shadow_actions
 
 DAY = 86400.0
 
@@ -171,7 +172,7 @@ def register(sub) -> None:
         "registry",
         help="run the registry (MQTT ingest and web UI), or manage models, keys, users, tokens",
         description="Without an action, runs the registry. Actions: models, keys, users, "
-        "tokens, groups, dead-letters, series, rollups.",
+        "tokens, groups, dead-letters, series, rollups, shadow.",
     )
     _shared_options(p, suppress=False)
     _run_options(p, suppress=False)
@@ -258,6 +259,7 @@ def register(sub) -> None:
     add_device_actions(actions, shared)
     add_dead_letter_actions(actions, shared)
     add_series_actions(actions, shared)
+    add_shadow_actions(actions, shared)
 
 
 # -- run --------------------------------------------------------------------------------
