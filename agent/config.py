@@ -227,7 +227,7 @@ class ShadowConfig(_Strict):
     comparison's window is sent.
     """
 
-    share: float = Field(0.25, gt=0, le=1)
+    share: float = Field(0.2, gt=0, le=1)
     window_seconds: float = Field(60.0, gt=0, le=86400)
 
 
