@@ -217,6 +217,20 @@ class RegistryConfig(_Strict):
         return self
 
 
+class ShadowConfig(_Strict):
+    """Shadow comparisons (the registry starts them through the desired state).
+
+    ``share`` is the default share of a camera's frames the candidate model sees
+    when the desired state gives none (it runs every ``round(1 / share)``-th frame);
+    the default keeps the added CPU time near 30% of the pipeline's on a Pi class
+    device (docs/benchmarks.md#shadow). ``window_seconds`` is how often each
+    comparison's window is sent.
+    """
+
+    share: float = Field(0.2, gt=0, le=1)
+    window_seconds: float = Field(60.0, gt=0, le=86400)
+
+
 class AgentConfig(_Strict):
     device_id: Name
     state_dir: str = "/var/lib/flowfleet"
@@ -227,6 +241,7 @@ class AgentConfig(_Strict):
     outbox: OutboxConfig = OutboxConfig()
     metrics: MetricsConfig = MetricsConfig()
     registry: RegistryConfig = RegistryConfig()
+    shadow: ShadowConfig = ShadowConfig()
     cameras: tuple[CameraConfig, ...] = Field(min_length=1)
 
     @field_validator("device_id")

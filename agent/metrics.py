@@ -74,7 +74,7 @@ class AgentCollector:
             "messages not yet acknowledged (count bins: by the registry)",
             labels=["stream"],
         )
-        for stream in ("counts", "health", "events", "drift"):
+        for stream in ("counts", "health", "events", "drift", "shadow"):
             depth.add_metric([stream], s.outbox.depth(stream))
         yield depth
         drops = Counter(

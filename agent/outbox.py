@@ -87,8 +87,8 @@ _INDEXES = "CREATE INDEX IF NOT EXISTS outbox_due ON outbox(due, id);"
 # What the ``keep_counts`` policy may drop: by age, these streams; to get under
 # ``max_messages``, the size-droppable ones, oldest stream first in this order.
 # Events are kept by size (they are what reports the drops) and dropped by age only.
-DROPPABLE = ("health", "drift", "events")
-SIZE_DROPPABLE = ("health", "drift")
+DROPPABLE = ("health", "drift", "shadow", "events")
+SIZE_DROPPABLE = ("health", "drift", "shadow")
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,7 @@ class CameraState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_frame: object = None  # the newest frame, for a new model's health gate
     last_frame_at: float = 0.0  # time.monotonic() of last_frame (0: none yet)
+    shadow: object = None  # a ShadowRunner comparing a candidate model (agent.shadow)
 
     def p95_ms(self) -> float | None:
         if not self.latencies:
@@ -143,6 +144,9 @@ class AgentService:
         from .updater import ModelUpdater
 
         self.updater = ModelUpdater(self)
+        from .shadow_control import ShadowManager
+
+        self.shadows = ShadowManager(self)
         for cam in self.cameras.values():
             cam.model_path, cam.labels_path = self.updater.model_for(cam.config)
 
@@ -211,6 +215,7 @@ class AgentService:
             # Retained: the broker hands over the current desired state on subscribe.
             self.connection.subscribe(self.topics.desired(self.device), self.updater.on_desired)
             self.updater.start()
+            self.shadows.start()
         self.connection.start()
         self.publisher.start()
         for cam in self.cameras.values():
@@ -257,6 +262,7 @@ class AgentService:
         self.close_bin()
         if self.config.drift_seconds:
             self.close_drift_windows()
+        self.shadows.stop()
         self.delivery.report_drops(force=True)
         if self.connection.connected.is_set():
             # Until the registry confirmed the last bins too, so a clean stop leaves
@@ -609,6 +615,8 @@ class AgentService:
                     # frame belongs to the window of the model that answered it.
                     if recorder is not None:
                         cam.drift.add(recorder.last, frame.image, result.inference_s)
+                    if cam.shadow is not None:  # a candidate beside it; never counts
+                        self.shadows.on_frame(cam, frame.image, frame.ts, result)
                 cam.last_frame, cam.last_frame_at = frame.image, time.monotonic()
                 self.updater.on_frame(cam)
                 with self._tally_lock:

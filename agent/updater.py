@@ -291,6 +291,8 @@ class ModelUpdater(PendingUpdates):
                 desired.version,
                 self.applied_version,
             )
+            if desired.version == self.applied_version:  # the retained one, after a restart
+                self.service.shadows.apply(desired)
             return
         if desired.version < self._latest_seen:
             log.info(
@@ -329,6 +331,8 @@ class ModelUpdater(PendingUpdates):
                     reason="internal",
                     severity="error",
                 )
+        # Shadow comparisons after the models: a candidate compares with what is active.
+        self.service.shadows.apply(desired)
         if retry:
             # The registry was unreachable: try the same desired state again later
             # (unless a newer one arrives first); cameras already updated are skipped.
@@ -548,7 +552,7 @@ class ModelUpdater(PendingUpdates):
 
     def _prune(self) -> None:
         """Delete model files no camera runs or would roll back to."""
-        keep = set()
+        keep = self.service.shadows.files()  # candidates running in shadow
         with self._lock:
             recs = [*self.active.values(), *self.pending.values()]
             for rec in recs:

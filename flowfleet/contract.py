@@ -11,6 +11,7 @@ Topic layout (``{root}`` is ``flowfleet/v1`` unless configured otherwise)::
     {root}/devices/{device}/health    device -> registry            QoS 1
     {root}/devices/{device}/events    device -> registry            QoS 1
     {root}/devices/{device}/drift     device -> registry            QoS 1
+    {root}/devices/{device}/shadow    device -> registry            QoS 1
     {root}/devices/{device}/reported  device -> registry  retained  QoS 1
     {root}/commands/{device}/desired  registry -> device  retained  QoS 1
     {root}/commands/{device}/ack      registry -> device  retained  QoS 1
@@ -118,7 +119,7 @@ VersionText = Annotated[str, Field(max_length=MAX_VERSION_TEXT, pattern=_NO_NUL)
 Url = Annotated[str, Field(max_length=MAX_URL, pattern=_NO_NUL)]
 FreeText = Annotated[str, Field(pattern=_NO_NUL)]
 
-DEVICE_KINDS = ("status", "counts", "health", "events", "drift", "reported")
+DEVICE_KINDS = ("status", "counts", "health", "events", "drift", "reported", "shadow")
 COMMAND_KINDS = ("desired", "ack")
 
 
@@ -173,6 +174,9 @@ class Topics:
 
     def reported(self, device: str) -> str:
         return self.device(device, "reported")
+
+    def shadow(self, device: str) -> str:
+        return self.device(device, "shadow")
 
     def desired(self, device: str) -> str:
         return self.command(device, "desired")
@@ -454,12 +458,29 @@ class ModelRef(_Model):
     key_id: Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")] | None = None
 
 
+class ShadowRef(_Model):
+    """A candidate model one camera runs beside its active model, never counting with it
+    (docs/protocol.md#shadow). Verified exactly like an update; ``share`` is the share
+    of the camera's frames it sees (absent: the agent's configured default)."""
+
+    model: ModelRef
+    share: Annotated[float, Field(gt=0, le=1)] | None = None
+
+
 class Desired(_Payload):
-    """Registry -> device desired state (retained). ``version`` grows with every change."""
+    """Registry -> device desired state (retained). ``version`` grows with every change.
+
+    ``shadow`` (optional, absent unless the registry asks for a shadow comparison, so
+    desired states without one are what agents before it accept) maps a camera to the
+    candidate model it runs in shadow; a camera left out runs none.
+    """
 
     kind: Literal["desired"] = "desired"
     version: Annotated[int, Field(ge=1, le=MAX_SAFE_INT)]
     models: dict[Name, ModelRef] = Field(default_factory=dict, description="camera -> model")
+    shadow: Annotated[dict[Name, ShadowRef], Field(max_length=64)] | None = Field(
+        None, description="camera -> candidate model run in shadow"
+    )
 
 
 UpdateState = Literal["downloading", "verified", "activated", "failed", "rolled_back"]
@@ -655,3 +676,8 @@ def parse_payload(
     if now is not None:
         _check_received(payload, now)
     return payload
+
+
+# The shadow-comparison window lives in its own module (size); importing it registers
+# its payload kind in PAYLOADS. At the end, so that module finds everything above.
+import flowfleet.contract_shadow  # noqa: E402,F401

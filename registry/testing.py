@@ -84,10 +84,12 @@ def reset_database(db: pw.Database) -> None:
     """
     from .store.drift_tables import DRIFT_MODELS
     from .store.migrations import migrate
+    from .store.shadow_tables import SHADOW_MODELS
     from .store.webhook_tables import WEBHOOK_MODELS
 
     migrate(db, backup=False)
-    models = regdb.MODELS + DRIFT_MODELS + WEBHOOK_MODELS
+    # Tables of later migrations live beside their subsystem, not in store/db.py.
+    models = regdb.MODELS + DRIFT_MODELS + SHADOW_MODELS + WEBHOOK_MODELS
     with db.connection_context():
         db.create_tables(models, safe=True)
         # DELETE, not TRUNCATE: for a few rows it is far cheaper on PostgreSQL (TRUNCATE

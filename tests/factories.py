@@ -257,7 +257,67 @@ def valid_payload(kind: str, device: str = "cam-1", seq: int = 1, now: float | N
         }
     if kind == "ack":
         return {**common, "ts": t, "counts": 41, "counts_max": 42}
+    if kind == "shadow":
+        return shadow_window(device, seq, t)
     raise ValueError(f"no factory for payload kind {kind!r}")
+
+
+def shadow_window(
+    device: str = "cam-1",
+    seq: int = 1,
+    start: float = 0.0,
+    *,
+    camera: str = "front",
+    candidate: str = "yolov8n-dyn",
+    boxes=(120, 110),
+    matched: int = 100,
+    **changes,
+) -> dict:
+    """A valid shadow-comparison window (a dict), every optional part present."""
+    a, c = boxes
+    return {
+        "schema": 1,
+        "kind": "shadow",
+        "device": device,
+        "seq": seq,
+        "camera": camera,
+        "start": start,
+        "end": start + 60,
+        "active": {
+            "file": "yolov8n-int8-v2-0123456789ab.tflite",
+            "model": "yolov8n-int8",
+            "version": 2,
+            "sha256": "ab" * 32,
+        },
+        "candidate": {
+            "file": f"{candidate}-v3-0123456789ab.tflite",
+            "model": candidate,
+            "version": 3,
+            "sha256": "cd" * 32,
+        },
+        "share": 0.25,
+        "frames": 600,
+        "frames_compared": 150,
+        "lines": [
+            {
+                "line": "door",
+                "class": "person",
+                "active_in": 7,
+                "active_out": 5,
+                "candidate_in": 6,
+                "candidate_out": 5,
+            }
+        ],
+        "detections_per_frame_active": round(a / 150, 4),
+        "detections_per_frame_candidate": round(c / 150, 4),
+        "boxes_active": a,
+        "boxes_candidate": c,
+        "matched": matched,
+        "agreement": None if a + c == 0 else round(2 * matched / (a + c), 4),
+        "latency_ms_active": 14.1,
+        "latency_ms_candidate": 21.9,
+        **changes,
+    }
 
 
 def secured_broker_config(

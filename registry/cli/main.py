@@ -36,6 +36,7 @@ from .drift import add_drift_actions
 from .groups import add_group_actions
 from .series import add_series_actions
 from .webhooks import add_webhook_actions
+from .shadow import add_shadow_actions
 
 DAY = 86400.0
 
@@ -173,7 +174,7 @@ def register(sub) -> None:
         "registry",
         help="run the registry (MQTT ingest and web UI), or manage models, keys, users, tokens",
         description="Without an action, runs the registry. Actions: models, keys, users, "
-        "tokens, groups, dead-letters, series, rollups, webhooks, drift.",
+        "tokens, groups, dead-letters, series, rollups, webhooks, drift, shadow.",
     )
     _shared_options(p, suppress=False)
     _run_options(p, suppress=False)
@@ -262,6 +263,7 @@ def register(sub) -> None:
     add_series_actions(actions, shared)
     add_webhook_actions(actions, shared)
     add_drift_actions(actions, shared)
+    add_shadow_actions(actions, shared)
 
 
 # -- run --------------------------------------------------------------------------------

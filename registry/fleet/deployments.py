@@ -10,13 +10,14 @@ from __future__ import annotations
 import base64
 from typing import TYPE_CHECKING
 
-from flowfleet.contract import Desired, ModelRef, Topics
+from flowfleet.contract import Desired, ModelRef, ShadowRef, Topics
 
 from .. import metrics
 from ..errors import RegistryError, artifact_path, check_name
 from ..store.audit import audit
 from ..store.db import Deployment, DesiredCounter, ModelVersion, Signature, now
 from ..store.locks import exclusive
+from ..store.shadow_tables import ShadowRequest
 from .commands import enqueue_command
 from .devices import check_hardware
 
@@ -105,11 +106,7 @@ class DeploymentsMixin:
             v = self.version(name, ref)
             hardware_note = check_hardware(device, v)  # 409 when it cannot run v
             model_ref = self.model_ref(v)
-            DesiredCounter.insert(device=device, last_version=0).on_conflict_ignore().execute()
-            DesiredCounter.update(last_version=DesiredCounter.last_version + 1).where(
-                DesiredCounter.device == device
-            ).execute()
-            desired_version = DesiredCounter.get_by_id(device).last_version
+            desired_version = self.next_desired_version(device)
             t = now()
             row = Deployment.get_or_none(Deployment.device == device, Deployment.camera == camera)
             old = f"{row.model}/v{row.version}" if row is not None else None
@@ -122,15 +119,7 @@ class DeploymentsMixin:
             row.actor = actor
             row.reason = reason or ""
             row.save()
-            models = {}
-            for d in (
-                Deployment.select().where(Deployment.device == device).order_by(Deployment.camera)
-            ):
-                if d.camera == camera:
-                    models[d.camera] = model_ref
-                else:
-                    models[d.camera] = self.model_ref(self.version(d.model, d.version))
-            desired = Desired(device=device, version=desired_version, models=models)
+            desired = self.desired_state(device, desired_version, {camera: model_ref})
             command_id = enqueue_command(
                 device, topics.desired(device), desired.to_json(), retain=True
             )
@@ -148,6 +137,37 @@ class DeploymentsMixin:
                 hardware=hardware_note,
             )
         return desired, {**self.deployment_dict(row), "command_id": command_id}
+
+    @staticmethod
+    def next_desired_version(device: str) -> int:
+        """Take the device's next desired-state version (inside the deploy lock)."""
+        DesiredCounter.insert(device=device, last_version=0).on_conflict_ignore().execute()
+        DesiredCounter.update(last_version=DesiredCounter.last_version + 1).where(
+            DesiredCounter.device == device
+        ).execute()
+        return DesiredCounter.get_by_id(device).last_version
+
+    def desired_state(
+        self, device: str, version: int, given: dict[str, ModelRef] | None = None
+    ) -> Desired:
+        """The device's whole desired state: every camera's current deployment (the
+        ``given`` references as they are) and its shadow comparisons, if any
+        (`flowfleet.registry.fleet.shadow`; absent when none, as before them)."""
+        given = given or {}
+        models = {}
+        for d in Deployment.select().where(Deployment.device == device).order_by(Deployment.camera):
+            models[d.camera] = given.get(d.camera) or self.model_ref(
+                self.version(d.model, d.version)
+            )
+        shadow = {}
+        for r in (
+            ShadowRequest.select()
+            .where(ShadowRequest.device == device)
+            .order_by(ShadowRequest.camera)
+        ):
+            ref = self.model_ref(self.version(r.model, r.version))
+            shadow[r.camera] = ShadowRef(model=ref, share=r.share)
+        return Desired(device=device, version=version, models=models, shadow=shadow or None)
 
     @staticmethod
     def deployment_dict(d: Deployment) -> dict:

@@ -40,6 +40,7 @@ from flowfleet.contract import Event as EventPayload
 from flowfleet.contract import Health as HealthPayload
 from flowfleet.contract import Reported as ReportedPayload
 from flowfleet.contract import Status as StatusPayload
+from flowfleet.contract_shadow import ShadowWindow as ShadowPayload
 
 from .. import metrics
 from ..store.db import (
@@ -61,6 +62,7 @@ from .batch import BinItem, conflict_reason, settle_acks, store_bins, touch_devi
 from .bounds import check_seq_jump
 from .devices import status_columns
 from .series import Buckets, RollupBatch, add_bin
+from .shadow import ShadowWindow, shadow_columns
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +344,8 @@ class Ingestor:
             return self._store_event(device, message, received_at)
         if isinstance(message, DriftPayload):
             return self._store_drift(device, message, received_at)
+        if isinstance(message, ShadowPayload):
+            return self._store_shadow(device, message, received_at)
         if isinstance(message, StatusPayload):
             return self._store_status(device, message, received_at)
         if isinstance(message, ReportedPayload):
@@ -356,7 +360,7 @@ class Ingestor:
         table: type[pw.Model],
         what: str,
         device: str,
-        message: CountBinPayload | HealthPayload | EventPayload | DriftPayload,
+        message: CountBinPayload | HealthPayload | EventPayload | DriftPayload | ShadowPayload,
         columns: dict[str, object],
     ) -> str:
         """Insert the row of a (device, seq)-keyed message once.
@@ -497,6 +501,10 @@ class Ingestor:
                 "received_at": received_at,
             },
         )
+
+    def _store_shadow(self, device: str, message: ShadowPayload, received_at: float) -> str:
+        columns = shadow_columns(message, received_at)
+        return self._store_once(ShadowWindow, "shadow window", device, message, columns)
 
     def _store_status(self, device: str, message: StatusPayload, received_at: float) -> str:
         # Applied in arrival order, not by the payload's ts: a Last Will carries the ts

@@ -725,6 +725,7 @@ def openapi_document() -> dict[str, Any]:
     from .openapi_groups import group_paths
     from .openapi_series import series_paths
     from .openapi_webhooks import webhook_paths
+    from .openapi_shadow import shadow_paths
 
     return {
         "openapi": "3.1.0",
@@ -765,5 +766,6 @@ def openapi_document() -> dict[str, Any]:
             device_paths(),
             webhook_paths(),
             drift_paths(),
+            shadow_paths(),
         ),
     }

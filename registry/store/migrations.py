@@ -180,6 +180,12 @@ def _m13_drift_judge(db: pw.Database) -> None:
     db.create_tables(DRIFT_MODELS, safe=True)
 
 
+def _m15_shadow(db: pw.Database) -> None:
+    from .shadow_tables import SHADOW_MODELS
+
+    db.create_tables(SHADOW_MODELS, safe=True)
+
+
 def _m16_webhooks(db: pw.Database) -> None:
     from .webhook_tables import WEBHOOK_MODELS
 
@@ -261,6 +267,11 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         13,
         "drift judge: drift_activation, drift_camera, drift_verdict, drift_cursor",
         _m13_drift_judge,
+    ),
+    (
+        15,
+        "shadow comparisons: shadow_request (candidate per device camera), shadow_window",
+        _m15_shadow,
     ),
     (
         16,
