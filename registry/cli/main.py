@@ -35,8 +35,8 @@ from .devices import add_device_actions
 from .drift import add_drift_actions
 from .groups import add_group_actions
 from .series import add_series_actions
-from .webhooks import add_webhook_actions
 from .shadow import add_shadow_actions
+from .webhooks import add_webhook_actions
 
 DAY = 86400.0
 

@@ -724,8 +724,8 @@ def openapi_document() -> dict[str, Any]:
     from .openapi_fleet import fleet_paths
     from .openapi_groups import group_paths
     from .openapi_series import series_paths
-    from .openapi_webhooks import webhook_paths
     from .openapi_shadow import shadow_paths
+    from .openapi_webhooks import webhook_paths
 
     return {
         "openapi": "3.1.0",
