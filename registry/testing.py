@@ -83,14 +83,16 @@ def reset_database(db: pw.Database) -> None:
     Tables a test dropped are re-created; every table is emptied.
     """
     from .store.migrations import migrate
+    from .store.rollout_tables import ROLLOUT_MODELS
 
+    models = regdb.MODELS + ROLLOUT_MODELS
     migrate(db, backup=False)
     with db.connection_context():
-        db.create_tables(regdb.MODELS, safe=True)
+        db.create_tables(models, safe=True)
         # DELETE, not TRUNCATE: for a few rows it is far cheaper on PostgreSQL (TRUNCATE
         # rewrites every table's files). Children first, for the foreign keys.
         with db.atomic():
-            for model in reversed(regdb.MODELS):
+            for model in reversed(models):
                 model.delete().execute()
 
 

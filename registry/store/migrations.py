@@ -174,6 +174,12 @@ def _m12_line_rollup_covering_index(db: pw.Database) -> None:
     db.execute_sql('DROP INDEX IF EXISTS "line_rollup_device_step_bucket"')
 
 
+def _m14_rollouts(db: pw.Database) -> None:
+    from .rollout_tables import ROLLOUT_MODELS
+
+    db.create_tables(ROLLOUT_MODELS, safe=True)
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
     (
         1,
@@ -242,6 +248,12 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         "(device, step, bucket, camera, line, class, count_in, count_out), replacing "
         "(device, step, bucket)",
         _m12_line_rollup_covering_index,
+    ),
+    (
+        14,
+        "staged rollouts: rollout, rollout_device (wave, state, reason, previous model per "
+        "device), job_lease (singleton jobs such as the rollout steps)",
+        _m14_rollouts,
     ),
 )
 LATEST = MIGRATIONS[-1][0]
