@@ -29,10 +29,12 @@ from flowfleet.mqtt import AUTH_REFUSALS, BrokerAddress, MqttConnection
 
 from .catalog.modelreg import ModelRegistry, RegistryConfig
 from .catalog.watch import WatchFolder
-from .config import IngestSection
+from .config import IngestSection, RolloutsSection
 from .errors import BrokerRefused
 from .fleet.commands import CommandPublisher
 from .fleet.retention import RetentionJob
+from .fleet.rollout_job import RolloutJob
+from .fleet.rollout_steps import RolloutStepper
 from .fleet.worker import IngestWorker, WorkerPool, retire_workers
 from .http.server import HttpServer, ProxyTrust
 from .http.web import create_app
@@ -105,6 +107,7 @@ def run_registry(
     raw_retention_days: float | None = 90.0,
     ingest: IngestSection | None = None,
     stale_after_s: float = 180.0,
+    rollouts: RolloutsSection | None = None,
 ) -> None:
     """Ingest device messages from ``broker`` into ``db_path`` and serve the web UI.
 
@@ -133,6 +136,8 @@ def run_registry(
         ingest: how many ingest workers share the device subscription (worker 1 in
             this process, the others in child processes) and their batches.
         stale_after_s: a device silent for longer is shown with presence "stale".
+        rollouts: the rollout job (on unless ``enabled`` is false; one registry
+            process at a time steps rollouts, through a lease) and plan defaults.
 
     Raises OSError if the HTTP port cannot be bound (before anything else starts), and
     BrokerRefused if the broker refuses the registry's credentials on the first
@@ -191,6 +196,20 @@ def run_registry(
         site_timezone=site_timezone,
         stale_after_s=stale_after_s,
     )
+    rollouts = rollouts or RolloutsSection()
+    # Staged rollouts: the job steps them (a lease keeps it to one registry process);
+    # the API wakes it, and runs an abort through its stepper at once.
+    rollout_job = (
+        RolloutJob(
+            RolloutStepper(models, commands=commands, topics=topics),
+            tick_s=rollouts.tick_s,
+            lease_s=rollouts.lease_s,
+        )
+        if rollouts.enabled
+        else None
+    )
+    app.extensions["flowfleet_rollout_job"] = rollout_job
+    app.extensions["flowfleet_rollout_defaults"] = rollouts.plan_defaults()
     server = HttpServer(app, http_host, http_port, threads=http_threads, proxy=proxy)
     watcher = (
         WatchFolder(models, watch_dir, commands=commands, topics=topics)
@@ -217,6 +236,8 @@ def run_registry(
             watcher.start()
         if retention is not None:
             retention.start()
+        if rollout_job is not None:
+            rollout_job.start()
         log.info(
             "registry web UI at %s (waitress, %d threads; database %s)",
             url,
@@ -249,6 +270,8 @@ def run_registry(
             watcher.stop()
         if retention is not None:
             retention.stop()
+        if rollout_job is not None:
+            rollout_job.stop()  # gives the lease up: another registry may take over now
         if http_thread.is_alive():
             server.shutdown()
         server.close()

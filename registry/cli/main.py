@@ -33,6 +33,7 @@ from .common import (
 from .deadletters import add_dead_letter_actions
 from .devices import add_device_actions
 from .groups import add_group_actions
+from .rollouts import add_rollout_actions
 from .series import add_series_actions
 
 DAY = 86400.0
@@ -171,7 +172,7 @@ def register(sub) -> None:
         "registry",
         help="run the registry (MQTT ingest and web UI), or manage models, keys, users, tokens",
         description="Without an action, runs the registry. Actions: models, keys, users, "
-        "tokens, groups, dead-letters, series, rollups.",
+        "tokens, groups, rollouts, dead-letters, series, rollups.",
     )
     _shared_options(p, suppress=False)
     _run_options(p, suppress=False)
@@ -255,6 +256,7 @@ def register(sub) -> None:
 
     add_access_actions(actions, shared)
     add_group_actions(actions, shared)
+    add_rollout_actions(actions, shared)
     add_device_actions(actions, shared)
     add_dead_letter_actions(actions, shared)
     add_series_actions(actions, shared)
@@ -318,6 +320,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
             raw_retention_days=s.counts.raw_retention_days or None,
             ingest=s.ingest,
             stale_after_s=s.devices.stale_after_s,
+            rollouts=s.rollouts,
             proxy=ProxyTrust(
                 hops=h.proxy_hops,
                 headers=tuple(h.proxy_headers),

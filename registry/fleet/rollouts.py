@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from ..catalog.modelreg import ModelRegistry
     from .rollout_steps import RolloutStepper
 
-MAX_PAGE = 500
+MAX_PAGE = 1000
 
 
 def create_rollout(
@@ -154,16 +154,24 @@ def _summary(r: Rollout, counts: dict[str, int]) -> dict:
 
 def list_rollouts(state: str | None = None, limit: int = 100, offset: int = 0) -> list[dict]:
     """Rollouts, newest first, with their devices counted by state."""
+    return page_rollouts(state, limit, offset)[0]
+
+
+def page_rollouts(
+    state: str | None = None, limit: int = 100, offset: int = 0
+) -> tuple[list[dict], int]:
+    """A page of `list_rollouts` and how many rollouts match in all."""
     if state is not None and state not in ROLLOUT_STATES:
         raise RegistryError(
             400, "invalid_parameter", f"state: one of {', '.join(ROLLOUT_STATES)}", "state"
         )
     if not 1 <= limit <= MAX_PAGE or offset < 0:
         raise RegistryError(400, "invalid_parameter", f"limit: 1..{MAX_PAGE}", "limit")
-    query = Rollout.select().order_by(Rollout.id.desc()).limit(limit).offset(offset)
+    query = Rollout.select()
     if state is not None:
         query = query.where(Rollout.state == state)
-    rollouts = list(query)
+    total = query.count()
+    rollouts = list(query.order_by(Rollout.id.desc()).limit(limit).offset(offset))
     counts: dict[int, dict[str, int]] = {r.id: {} for r in rollouts}
     if rollouts:
         import peewee as pw
@@ -177,7 +185,7 @@ def list_rollouts(state: str | None = None, limit: int = 100, offset: int = 0) -
             .tuples()
         ):
             counts[rid][st] = n
-    return [_summary(r, counts[r.id]) for r in rollouts]
+    return [_summary(r, counts[r.id]) for r in rollouts], total
 
 
 def _device_dict(rd: RolloutDevice) -> dict:

@@ -722,6 +722,7 @@ def openapi_document() -> dict[str, Any]:
     from .openapi_devices import device_paths, device_schemas
     from .openapi_fleet import fleet_paths
     from .openapi_groups import group_paths
+    from .openapi_rollouts import rollout_paths
     from .openapi_series import series_paths
 
     return {
@@ -755,5 +756,12 @@ def openapi_document() -> dict[str, Any]:
             },
         },
         "security": [{"bearer": []}, {"session": []}],
-        "paths": _merge(_paths(), fleet_paths(), group_paths(), series_paths(), device_paths()),
+        "paths": _merge(
+            _paths(),
+            fleet_paths(),
+            group_paths(),
+            series_paths(),
+            device_paths(),
+            rollout_paths(),
+        ),
     }

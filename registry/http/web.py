@@ -63,6 +63,7 @@ from .api import error_response as registry_error_response
 from .api import int_arg, query_args
 from .devices_api import bp as devices_bp
 from .groups_api import bp as groups_bp
+from .rollouts_api import bp as rollouts_bp
 from .series_api import bp as series_bp
 from .webauth import bp as webauth_bp
 from .webauth import error_page
@@ -505,6 +506,7 @@ def create_app(
     app.register_blueprint(webauth_bp)
     app.register_blueprint(groups_bp)
     app.register_blueprint(devices_bp)
+    app.register_blueprint(rollouts_bp)
     install_metrics(app)  # first before_request hook: times everything after it
 
     @app.before_request
