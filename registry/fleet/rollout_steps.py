@@ -11,6 +11,12 @@ outbox, audit entries) commits together, under the named lock ``rollout:<id>``
 the other, and the second sees what the first did, so no step happens twice; a
 registry that dies mid-step leaves nothing half done.
 
+A step moves or rolls back at most ``batch`` devices per transaction and then
+commits and goes on in a new one, so a wave of hundreds of devices does not hold
+the database's write lock (SQLite has one) for seconds while ingest waits. Every
+transaction leaves a consistent state (devices either moved, with their desired
+state queued, or still pending), so a crash between two of them loses nothing.
+
 Moves and rollbacks go through `ModelRegistry.deploy`, so each is an ordinary,
 audited, signed desired state; the rollout adds ``rollout.move`` and
 ``rollout.device`` entries (``device:<id>/camera:<camera>``) and ``rollout.wave``,
@@ -75,8 +81,10 @@ class RolloutStepper:
         gates: Iterable[Gate] | None = None,
         commands: CommandPublisher | None = None,
         topics: Topics | None = None,
+        batch: int = 50,
     ) -> None:
         self.registry = registry
+        self.batch = max(1, batch)
         self.db = registry.db
         self.gates = list(default_gates() if gates is None else gates)
         self.commands = commands
@@ -93,13 +101,25 @@ class RolloutStepper:
         return sum(1 for rollout_id in ids if self.step(rollout_id, at))
 
     def step(self, rollout_id: int, at: float | None = None) -> bool:
-        """One step of one rollout; True when it changed something."""
+        """One step of one rollout (in as many transactions of at most ``batch`` moves
+        or rollbacks as it needs); True when it changed something."""
+        changed = False
+        while True:
+            did, more = self._transaction(rollout_id, at)
+            changed = changed or did
+            if not more:
+                return changed
+
+    def _transaction(self, rollout_id: int, at: float | None) -> tuple[bool, bool]:
+        """(changed something, more to do at once)."""
         with exclusive(self.db, rollout_target(rollout_id)):
             r = Rollout.get_or_none(Rollout.id == rollout_id)
             if r is None or r.state not in ACTIVE_ROLLOUT_STATES:
-                return False
+                return False, False
             t = now() if at is None else at
             self._queued = False
+            self._budget = self.batch  # moves and rollbacks left in this transaction
+            self._more = False
             changed = self._step(r, t)
             if changed:
                 r.steps += 1
@@ -107,7 +127,16 @@ class RolloutStepper:
                 r.save()
         if self._queued and self.commands is not None:
             self.commands.wake()  # committed: publish the desired states now
-        return changed
+        return changed, self._more and changed
+
+    def _spend(self) -> bool:
+        """Take one move or rollback from this transaction's budget; False when spent
+        (the caller leaves the rest to the next transaction)."""
+        if self._budget <= 0:
+            self._more = True
+            return False
+        self._budget -= 1
+        return True
 
     # -- one step ------------------------------------------------------------------
 
@@ -159,6 +188,8 @@ class RolloutStepper:
             )
             if j.state == rd.state:
                 continue
+            if j.state in FAILURE_STATES and not self._spend():
+                continue  # its rollback waits for the next transaction
             changed = True
             rd.state = j.state
             rd.reason = j.reason
@@ -208,9 +239,13 @@ class RolloutStepper:
         if rate is not None:
             allowed = math.floor(rate * max(0.0, t - r.wave_started_at) / 60.0) + 1
             pending = pending[: max(0, allowed - (len(wave) - len(pending)))]
+        moved = False
         for rd in pending:
+            if not self._spend():
+                break
             self._move(r, rd, t)
-        return bool(pending)
+            moved = True
+        return moved
 
     def _move(self, r: Rollout, rd: RolloutDevice, t: float) -> None:
         prev = Deployment.get_or_none(
@@ -289,21 +324,18 @@ class RolloutStepper:
         rd.reason += f"; back on {_version_text(rd.previous_model, rd.previous_version)}"
 
     def _finish_abort(self, r: Rollout, rows: list[RolloutDevice], t: float) -> None:
-        reverted = []
+        """Roll back the moved devices (``batch`` per transaction); once none is
+        left, the rollout is aborted."""
         for rd in rows:
-            if rd.moved_at is None:
-                if rd.state == "pending":
-                    rd.reason = "not moved: the rollout was aborted"
-                    rd.save()
+            if rd.moved_at is None or rd.reverted_at is not None:
                 continue
-            if rd.reverted_at is not None:
-                continue
+            if not self._spend():
+                return  # more in the next transaction; the rollout stays aborting
             if rd.state not in FAILURE_STATES:
                 rd.state, rd.finished_at = "reverted", t
                 rd.reason = f"rollout aborted: {r.reason}"
             self._revert(r, rd, t, "rollout aborted")
             rd.save()
-            reverted.append(rd.device)
             audit(
                 JOB_ACTOR,
                 "rollout.device",
@@ -314,6 +346,10 @@ class RolloutStepper:
                 state=rd.state,
                 reverted=True,
             )
+        RolloutDevice.update(reason="not moved: the rollout was aborted").where(
+            (RolloutDevice.rollout == r) & (RolloutDevice.state == "pending")
+        ).execute()
+        reverted = [rd.device for rd in rows if rd.reverted_at is not None]
         r.state, r.finished_at = "aborted", t
         audit(JOB_ACTOR, "rollout.aborted", rollout_target(r.id), r.reason, reverted=reverted)
 
