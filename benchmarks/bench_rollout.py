@@ -59,6 +59,7 @@ class Fleet:
         self.topics = topics
         self.devices = devices
         self.seq = dict.fromkeys(devices, 0)
+        self.applied: dict[str, int] = {}  # the desired version each device applied
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.received = 0
         self.ingest_s = {"answers": 0.0, "beats": 0.0}
@@ -97,6 +98,9 @@ class Fleet:
             except queue.Empty:
                 break
             desired = parse_payload("desired", payload)
+            if desired.version <= self.applied.get(desired.device, 0):
+                continue  # delivered again (a retained state sent twice): applied already
+            self.applied[desired.device] = desired.version
             ref = desired.models[CAMERA]
             cam = CameraModel(
                 camera=CAMERA,

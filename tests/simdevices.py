@@ -77,13 +77,19 @@ class SimDevice:
     # -- what it was sent ------------------------------------------------------------
 
     def versions_sent(self, model: str) -> list[int]:
-        """The versions of ``model`` its desired states named for its camera, in order."""
+        """The versions of ``model`` its desired states named for its camera, in order;
+        a desired state delivered again (the same desired version) counts once."""
+        seen: set[int] = set()
+        out = []
         with self._lock:
-            return [
-                d.models[self.camera].version
-                for d in self.received
-                if self.camera in d.models and d.models[self.camera].name == model
-            ]
+            for d in self.received:
+                if d.version in seen:
+                    continue
+                seen.add(d.version)
+                ref = d.models.get(self.camera)
+                if ref is not None and ref.name == model:
+                    out.append(ref.version)
+        return out
 
     # -- protocol --------------------------------------------------------------------
 

@@ -221,7 +221,7 @@ def test_a_restarted_registry_service_resumes_the_rollout(tmp_path, broker, data
     address = BrokerAddress(broker.host, broker.port)
     devices = ["s-1", "s-2", "s-3"]
     sims = start_fleet(address, devices, camera=CAMERA, beat_s=0.2)
-    section = RolloutsSection(tick_s=0.1, lease_s=0.5, soak_s=1.0, beat_timeout_s=1.0)
+    section = RolloutsSection(tick_s=0.1, lease_s=0.5, soak_s=1.0, beat_timeout_s=2.5)
 
     def serve() -> tuple[threading.Thread, threading.Event]:
         stop, ready = threading.Event(), threading.Event()

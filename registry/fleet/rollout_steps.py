@@ -13,7 +13,9 @@ registry that dies mid-step leaves nothing half done.
 
 A step moves or rolls back at most ``batch`` devices per transaction and then
 commits and goes on in a new one, so a wave of hundreds of devices does not hold
-the database's write lock (SQLite has one) for seconds while ingest waits. Every
+the database's write lock (SQLite has one) for seconds while ingest waits; on SQLite
+it also pauses ``SQLITE_YIELD_S`` between two transactions, or a waiting writer
+(whose busy handler polls every 100 ms at most) would rarely get in between them. Every
 transaction leaves a consistent state (devices either moved, with their desired
 state queued, or still pending), so a crash between two of them loses nothing.
 
@@ -27,9 +29,12 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
+
+import peewee as pw
 
 from ..errors import RegistryError
 from ..store.audit import audit
@@ -54,6 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JOB_ACTOR = "rollout-job"
+SQLITE_YIELD_S = 0.15
 IN_FLIGHT = ("moving", "soaking")
 
 
@@ -81,7 +87,7 @@ class RolloutStepper:
         gates: Iterable[Gate] | None = None,
         commands: CommandPublisher | None = None,
         topics: Topics | None = None,
-        batch: int = 50,
+        batch: int = 25,
     ) -> None:
         self.registry = registry
         self.batch = max(1, batch)
@@ -109,6 +115,8 @@ class RolloutStepper:
             changed = changed or did
             if not more:
                 return changed
+            if isinstance(self.db, pw.SqliteDatabase):
+                time.sleep(SQLITE_YIELD_S)
 
     def _transaction(self, rollout_id: int, at: float | None) -> tuple[bool, bool]:
         """(changed something, more to do at once)."""
