@@ -158,6 +158,10 @@ def test_the_cli_creates_shows_and_aborts_and_refuses_bad_input_with_exit_2(
     assert rc == 2 and "model: no model 'nope'" in err, err
     rc, out, err = run(*create, "--tag", "none-has-it", "--plan-json", "[1]")
     assert rc == 2 and "--plan-json: must be a JSON object" in err
+    rc, out, err = run("rollouts", "create", MODEL, "2", "--camera", CAMERA, "--tag", "none")
+    assert rc == 2 and "targets: the targets name no device" in err, err
+    rc, out, err = run(*create, "--abort-percent", "sad=5")
+    assert rc == 2 and "--abort-percent: 'sad' is not one of" in err, err
     rc, out, err = run("rollouts", "list")
     assert (rc, out.strip()) == (0, "no rollouts")
 
