@@ -429,7 +429,7 @@ def test_two_runners_on_one_database_run_each_step_once(fleet, registry):
     """Two steppers step the rollout as fast as they can, without the lease: the
     named lock alone keeps every move, wave and the end from happening twice."""
     rig, sims = fleet
-    rid = create(registry, {"canary": {"count": 2}, "waves": 2, "soak_s": 0.5})
+    rid = create(registry, {"canary": {"count": 2}, "waves": 2, "soak_s": 1.5})
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -441,7 +441,7 @@ def test_two_runners_on_one_database_run_each_step_once(fleet, registry):
                 except BaseException as exc:
                     errors.append(exc)
                     return
-                time.sleep(0.005)
+                time.sleep(0.01)  # as often as possible, yet leaving ingest a gap
 
     runners = [
         threading.Thread(target=run, args=(RolloutStepper(registry, commands=rig.commands),))
@@ -451,6 +451,12 @@ def test_two_runners_on_one_database_run_each_step_once(fleet, registry):
         t.start()
     try:
         wait_for(lambda: state_of(rid) == "succeeded" or errors, 30, "the rollout to finish")
+    except AssertionError:
+        shown = get_rollout(rid)
+        rows = [
+            (d["device"], d["state"], d["reason"]) for w in shown["waves"] for d in w["devices"]
+        ]
+        raise AssertionError(f"{shown['state']} wave {shown['wave']}: {rows}") from None
     finally:
         stop.set()
         for t in runners:

@@ -8,7 +8,7 @@ from ..store.rollout_tables import DEVICE_STATES, FAILURE_STATES, ROLLOUT_STATES
 from .openapi import BAD, LIMIT, NAME, OFFSET, UNAUTH, _error, _json, _paged, _param, json_body
 
 ROLLOUT_PATH = _param(
-    "rollout", "path", {"type": "string", "pattern": r"^[1-9][0-9]{0,9}$"}, "rollout id"
+    "rollout", "path", {"type": "string", "pattern": r"^[1-9][0-9]{0,8}$"}, "rollout id"
 )
 STATE = _param("state", "query", {"type": "string", "enum": list(ROLLOUT_STATES)}, "only these")
 NUMBER = {"type": "number"}
