@@ -103,8 +103,10 @@ class CountAgreementGate:
         return GateResult(PASS, f"count agreement {agreement:.2f}")
 
 
-def default_gates() -> list[Gate]:
-    return [CountAgreementGate()]
+def default_gates(agreement: AgreementSource | None = None) -> list[Gate]:
+    """The soak gates a `RolloutStepper` uses unless given others: the count-agreement
+    gate, fed by ``agreement`` (the shadow comparison's figures; None: not judged)."""
+    return [CountAgreementGate(agreement)]
 
 
 def gather(devices: Iterable[tuple[str, float]], camera: str) -> dict[str, Facts]:

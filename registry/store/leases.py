@@ -1,9 +1,9 @@
 """Leases: one registry process at a time runs a singleton job (the rollout steps).
 
-A lease is a row (`JobLease`) naming its holder and an expiry. `acquire` takes or
-renews it with one conditional UPDATE (the row is free, expired, or already ours),
-which is atomic on SQLite and PostgreSQL alike, so two processes never both believe
-they hold it. A holder that dies simply stops renewing: another process takes over
+A lease is a row (`JobLease`) naming its holder and an expiry. `acquire` renews it
+with a conditional UPDATE (the row is ours) or takes it over with another (the row
+has expired); each is atomic on SQLite and PostgreSQL alike, so two processes never
+both believe they hold it. A holder that dies simply stops renewing: another process takes over
 once the lease expires. The lease only saves duplicate work; each step of a job
 still runs in a transaction under `exclusive`, so even two holders (a lease that
 expired mid-step) never apply one step twice.
