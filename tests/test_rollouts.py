@@ -474,3 +474,53 @@ def test_two_runners_on_one_database_run_each_step_once(fleet, registry):
         '{"devices": 4, "wave": 2}',
     ]
     assert len(actions("rollout.succeeded")) == 1
+
+
+@pytest.mark.parametrize(
+    ("agreement", "state", "reason"),
+    [
+        (None, "succeeded", "count agreement not judged: no shadow comparison"),
+        (0.93, "succeeded", "count agreement 0.93"),
+        (0.41, "failed", "count_agreement: count agreement 0.41 with the previous model < 0.7"),
+    ],
+)
+def test_the_count_agreement_gate_judges_only_with_shadow_data(
+    registry, data, agreement, state, reason
+):
+    """A device that reported the model active and beats is judged by the gate's
+    source during its soak (reports stored by the real ingest code)."""
+    from flowfleet.contract import CameraModel, Health, Reported
+    from flowfleet.registry.fleet.ingest import Ingestor
+    from flowfleet.registry.fleet.rollout_gates import default_gates
+
+    two_versions(registry, data)
+    registry.deploy("a", CAMERA, MODEL, 1, actor="test")
+    asked = []
+
+    def source(device, camera, since):
+        asked.append((device, camera))
+        return agreement
+
+    stepper = RolloutStepper(registry, gates=default_gates(source))
+    rid = create(registry, {"canary": {"devices": ["a"]}, "soak_s": 10}, {"devices": ["a"]})
+    t0 = time.time()
+    assert stepper.step(rid, t0)
+    rd = RolloutDevice.get(device="a")
+    ingest = Ingestor(registry.db, Topics())
+    cam = CameraModel(camera=CAMERA, model=MODEL, version=2, update="activated")
+    report = Reported(device="a", ts=t0, desired_version=rd.desired_version, cameras=(cam,))
+    assert ingest.handle(Topics().reported("a"), report.to_json(), t0 + 1) == "stored"
+    assert stepper.step(rid, t0 + 1)
+    assert RolloutDevice.get(device="a").state == "soaking"
+    beat = Health(device="a", seq=1, ts=t0 + 5, uptime_s=60)
+    assert ingest.handle(Topics().health("a"), beat.to_json(), t0 + 5) == "stored"
+    # The gate is asked at every step of the soak: a disagreement fails at once,
+    # agreement (or no data) waits for the end of the soak.
+    assert stepper.step(rid, t0 + 6) == (state == "failed")
+    if state != "failed":
+        beat = Health(device="a", seq=2, ts=t0 + 10, uptime_s=65)
+        assert ingest.handle(Topics().health("a"), beat.to_json(), t0 + 10) == "stored"
+        assert stepper.step(rid, t0 + 11.5)
+    rd = RolloutDevice.get(device="a")
+    assert rd.state == state and reason in rd.reason, rd.reason
+    assert asked and asked[0] == ("a", CAMERA)
