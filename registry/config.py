@@ -270,6 +270,40 @@ class DriftSection(Strict):
         )
 
 
+class RolloutsSection(Strict):
+    """Staged rollouts (docs/registry.md, "Staged rollouts"): the job that steps them,
+    and plan defaults for rollouts that do not set them."""
+
+    enabled: bool = Field(True, description="run the rollout job in this registry")
+    tick_s: float = Field(5.0, gt=0, le=600, description="seconds between steps")
+    lease_s: float | None = Field(
+        None,
+        gt=0,
+        le=3600,
+        description="how long another registry waits for a silent job before taking "
+        "over; default 3 x tick_s (at least 1 s)",
+    )
+    waves: int | None = Field(None, ge=1, le=100, description="plan default: waves")
+    soak_s: float | None = Field(None, ge=0, le=7 * 86_400, description="plan default")
+    timeout_s: float | None = Field(None, gt=0, le=7 * 86_400, description="plan default")
+    beat_timeout_s: float | None = Field(None, gt=0, le=86_400, description="plan default")
+    rate_per_minute: float | None = Field(None, gt=0, le=1_000_000, description="plan default")
+
+    @model_validator(mode="after")
+    def _lease_outlasts_a_tick(self):
+        if self.lease_s is not None and self.lease_s <= self.tick_s:
+            raise ValueError(
+                f"lease_s ({self.lease_s:g}) must be longer than tick_s ({self.tick_s:g}), "
+                "or the lease expires between two steps"
+            )
+        return self
+
+    def plan_defaults(self) -> dict[str, Any]:
+        """The plan keys this section sets (a rollout's own plan wins)."""
+        keys = ("waves", "soak_s", "timeout_s", "beat_timeout_s", "rate_per_minute")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
 class RegistrySettings(Strict):
     database: DatabaseSection = DatabaseSection()
     counts: CountsSection = CountsSection()
@@ -281,6 +315,7 @@ class RegistrySettings(Strict):
     watch: WatchSection = WatchSection()
     webhooks: WebhooksSection = WebhooksSection()
     drift: DriftSection = DriftSection()
+    rollouts: RolloutsSection = RolloutsSection()
 
 
 _BROKER_FILES = ("password_file", "ca_file", "cert_file", "key_file")

@@ -29,11 +29,13 @@ from flowfleet.mqtt import AUTH_REFUSALS, BrokerAddress, MqttConnection
 
 from .catalog.modelreg import ModelRegistry, RegistryConfig
 from .catalog.watch import WatchFolder
-from .config import DriftSection, IngestSection, WebhooksSection
+from .config import DriftSection, IngestSection, RolloutsSection, WebhooksSection
 from .errors import BrokerRefused
 from .fleet.commands import CommandPublisher
 from .fleet.drift import DriftJudge
 from .fleet.retention import RetentionJob
+from .fleet.rollout_job import RolloutJob
+from .fleet.rollout_steps import RolloutStepper
 from .fleet.webhooks import WebhookJob
 from .fleet.worker import IngestWorker, WorkerPool, retire_workers
 from .http.server import HttpServer, ProxyTrust
@@ -109,6 +111,7 @@ def run_registry(
     stale_after_s: float = 180.0,
     webhooks: WebhooksSection | None = None,
     drift: DriftSection | None = None,
+    rollouts: RolloutsSection | None = None,
 ) -> None:
     """Ingest device messages from ``broker`` into ``db_path`` and serve the web UI.
 
@@ -142,6 +145,8 @@ def run_registry(
             share the work through the database).
         drift: the drift judge's settings (`DriftSection`); its passes run every
             ``interval_s`` unless ``enabled`` is false.
+        rollouts: the rollout job (on unless ``enabled`` is false; one registry
+            process at a time steps rollouts, through a lease) and plan defaults.
 
     Raises OSError if the HTTP port cannot be bound (before anything else starts), and
     BrokerRefused if the broker refuses the registry's credentials on the first
@@ -203,6 +208,20 @@ def run_registry(
         stale_after_s=stale_after_s,
         webhooks=hooks,
     )
+    rollouts = rollouts or RolloutsSection()
+    # Staged rollouts: the job steps them (a lease keeps it to one registry process);
+    # the API wakes it, and runs an abort through its stepper at once.
+    rollout_job = (
+        RolloutJob(
+            RolloutStepper(models, commands=commands, topics=topics),
+            tick_s=rollouts.tick_s,
+            lease_s=rollouts.lease_s,
+        )
+        if rollouts.enabled
+        else None
+    )
+    app.extensions["flowfleet_rollout_job"] = rollout_job
+    app.extensions["flowfleet_rollout_defaults"] = rollouts.plan_defaults()
     server = HttpServer(app, http_host, http_port, threads=http_threads, proxy=proxy)
     watcher = (
         WatchFolder(models, watch_dir, commands=commands, topics=topics)
@@ -248,6 +267,8 @@ def run_registry(
             hooks.start()
         if judge is not None:
             judge.start(drift.interval_s)
+        if rollout_job is not None:
+            rollout_job.start()
         log.info(
             "registry web UI at %s (waitress, %d threads; database %s)",
             url,
@@ -284,6 +305,8 @@ def run_registry(
             hooks.stop()  # what is not delivered yet is sent after the next start
         if judge is not None:
             judge.stop()
+        if rollout_job is not None:
+            rollout_job.stop()  # gives the lease up: another registry may take over now
         if http_thread.is_alive():
             server.shutdown()
         server.close()

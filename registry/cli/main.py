@@ -34,6 +34,7 @@ from .deadletters import add_dead_letter_actions
 from .devices import add_device_actions
 from .drift import add_drift_actions
 from .groups import add_group_actions
+from .rollouts import add_rollout_actions
 from .series import add_series_actions
 from .shadow import add_shadow_actions
 from .webhooks import add_webhook_actions
@@ -174,7 +175,7 @@ def register(sub) -> None:
         "registry",
         help="run the registry (MQTT ingest and web UI), or manage models, keys, users, tokens",
         description="Without an action, runs the registry. Actions: models, keys, users, "
-        "tokens, groups, dead-letters, series, rollups, webhooks, drift, shadow.",
+        "tokens, groups, rollouts, dead-letters, series, rollups, webhooks, drift, shadow.",
     )
     _shared_options(p, suppress=False)
     _run_options(p, suppress=False)
@@ -258,6 +259,7 @@ def register(sub) -> None:
 
     add_access_actions(actions, shared)
     add_group_actions(actions, shared)
+    add_rollout_actions(actions, shared)
     add_device_actions(actions, shared)
     add_dead_letter_actions(actions, shared)
     add_series_actions(actions, shared)
@@ -326,6 +328,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
             stale_after_s=s.devices.stale_after_s,
             webhooks=s.webhooks,
             drift=s.drift,
+            rollouts=s.rollouts,
             proxy=ProxyTrust(
                 hops=h.proxy_hops,
                 headers=tuple(h.proxy_headers),

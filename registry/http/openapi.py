@@ -723,6 +723,7 @@ def openapi_document() -> dict[str, Any]:
     from .openapi_drift import drift_paths
     from .openapi_fleet import fleet_paths
     from .openapi_groups import group_paths
+    from .openapi_rollouts import rollout_paths
     from .openapi_series import series_paths
     from .openapi_shadow import shadow_paths
     from .openapi_webhooks import webhook_paths
@@ -767,5 +768,6 @@ def openapi_document() -> dict[str, Any]:
             webhook_paths(),
             drift_paths(),
             shadow_paths(),
+            rollout_paths(),
         ),
     }

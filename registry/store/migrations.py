@@ -180,6 +180,12 @@ def _m13_drift_judge(db: pw.Database) -> None:
     db.create_tables(DRIFT_MODELS, safe=True)
 
 
+def _m14_rollouts(db: pw.Database) -> None:
+    from .rollout_tables import ROLLOUT_MODELS
+
+    db.create_tables(ROLLOUT_MODELS, safe=True)
+
+
 def _m15_shadow(db: pw.Database) -> None:
     from .shadow_tables import SHADOW_MODELS
 
@@ -267,6 +273,12 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         13,
         "drift judge: drift_activation, drift_camera, drift_verdict, drift_cursor",
         _m13_drift_judge,
+    ),
+    (
+        14,
+        "staged rollouts: rollout, rollout_device (wave, state, reason, previous model per "
+        "device), job_lease (singleton jobs such as the rollout steps)",
+        _m14_rollouts,
     ),
     (
         15,
