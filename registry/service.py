@@ -34,8 +34,10 @@ from .errors import BrokerRefused
 from .fleet.commands import CommandPublisher
 from .fleet.drift import DriftJudge
 from .fleet.retention import RetentionJob
+from .fleet.rollout_gates import default_gates
 from .fleet.rollout_job import RolloutJob
 from .fleet.rollout_steps import RolloutStepper
+from .fleet.shadow import agreement_source
 from .fleet.webhooks import WebhookJob
 from .fleet.worker import IngestWorker, WorkerPool, retire_workers
 from .http.server import HttpServer, ProxyTrust
@@ -213,7 +215,12 @@ def run_registry(
     # the API wakes it, and runs an abort through its stepper at once.
     rollout_job = (
         RolloutJob(
-            RolloutStepper(models, commands=commands, topics=topics),
+            RolloutStepper(
+                models,
+                gates=default_gates(agreement_source()),
+                commands=commands,
+                topics=topics,
+            ),
             tick_s=rollouts.tick_s,
             lease_s=rollouts.lease_s,
         )

@@ -63,6 +63,12 @@ def test_windows_are_stored_once_and_pooled(registry):
         assert (later["windows"], later["agreement"]) == (2, 1.0)
         none = shadow.shadow_agreement(DEVICE, "front", T0, candidate="other")
         assert (none["windows"], none["agreement"]) == (0, None)
+        # The rollouts' count gate reads the same pool, and judges only enough boxes.
+        gate = shadow.agreement_source(min_boxes=100)
+        assert gate(DEVICE, "front", T0) == round(2 * 180 / 390, 4)
+        assert gate(DEVICE, "front", T0 + 60) == 1.0  # 160 boxes
+        assert gate(DEVICE, "front", T0 + 120) is None  # no boxes: not judged
+        assert gate(DEVICE, "back", T0) is None  # 10 boxes: too few
         items, total = shadow.shadow_windows(10, 0, DEVICE, "front")
         assert total == 3 and [w["seq"] for w in items] == [3, 2, 1]
         sent = {k: v for k, v in items[-1].items() if k != "received_at"}

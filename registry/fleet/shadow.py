@@ -276,3 +276,24 @@ def shadow_agreement(
         "first_start": first,
         "last_end": last,
     }
+
+
+# Fewer boxes than this over the soak (both models together): too few to judge.
+GATE_MIN_BOXES = 100
+
+
+def agreement_source(min_boxes: int = GATE_MIN_BOXES):
+    """The rollouts' count-agreement gate's data (`rollout_gates.AgreementSource`):
+    (device, camera, since) -> the pooled agreement of the camera's shadow windows
+    since ``since`` (the device's activation of the rollout's model, so the windows
+    compare that model, active, with the candidate an operator asked it to run beside
+    it: the previous model), or None (not judged) with fewer than ``min_boxes`` boxes.
+    """
+
+    def source(device: str, camera: str, since: float) -> float | None:
+        pooled = shadow_agreement(device, camera, since)
+        if pooled["boxes_active"] + pooled["boxes_candidate"] < min_boxes:
+            return None
+        return pooled["agreement"]
+
+    return source
