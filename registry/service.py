@@ -37,7 +37,7 @@ from .fleet.retention import RetentionJob
 from .fleet.rollout_gates import default_gates
 from .fleet.rollout_job import RolloutJob
 from .fleet.rollout_steps import RolloutStepper
-from .fleet.shadow import agreement_source
+from .fleet.shadow import agreement_source, drift_shadow_source
 from .fleet.webhooks import WebhookJob
 from .fleet.worker import IngestWorker, WorkerPool, retire_workers
 from .http.server import HttpServer, ProxyTrust
@@ -247,6 +247,7 @@ def run_registry(
             drift.judge_options(),
             commands=commands,
             topics=topics,
+            shadow=drift_shadow_source(),
         )
         if drift.enabled
         else None

@@ -15,7 +15,7 @@ from flowfleet.registry.fleet.commands import CommandPublisher
 from flowfleet.registry.fleet.ingest import DEAD_LETTER, DUPLICATE, STORED, Ingestor
 from flowfleet.registry.http import auth
 from flowfleet.registry.http.web import create_app
-from flowfleet.registry.store.db import AuditEntry, Command, DeadLetter
+from flowfleet.registry.store.db import AuditEntry, Command, DeadLetter, DriftSummary
 from flowfleet.registry.store.shadow_tables import ShadowRequest, ShadowWindow
 from tests.factories import shadow_window
 
@@ -69,6 +69,18 @@ def test_windows_are_stored_once_and_pooled(registry):
         assert gate(DEVICE, "front", T0 + 60) == 1.0  # 160 boxes
         assert gate(DEVICE, "front", T0 + 120) is None  # no boxes: not judged
         assert gate(DEVICE, "back", T0) is None  # 10 boxes: too few
+        # The drift judge's hook: shadow windows overlapping a drift window of the
+        # same active model (the factory's active model is yolov8n-int8 v2).
+        hook = shadow.drift_shadow_source(min_boxes=100)
+        active = "yolov8n-int8-v2-0123456789ab.tflite"
+        drift_row = DriftSummary(device=DEVICE, camera="front", model=active)
+        drift_row.start, drift_row.end = T0 + 30, T0 + 90  # overlaps windows 1 and 2
+        assert hook(drift_row).agreement == round(2 * 180 / 390, 4)
+        drift_row.start, drift_row.end = T0 + 200, T0 + 260  # none overlaps
+        assert hook(drift_row) is None
+        drift_row.model = "yolov8n-int8-v7-0123456789ab.tflite"  # another active model
+        drift_row.start, drift_row.end = T0, T0 + 60
+        assert hook(drift_row) is None
         items, total = shadow.shadow_windows(10, 0, DEVICE, "front")
         assert total == 3 and [w["seq"] for w in items] == [3, 2, 1]
         sent = {k: v for k, v in items[-1].items() if k != "received_at"}

@@ -15,6 +15,8 @@ import json
 import math
 from typing import TYPE_CHECKING
 
+import peewee as pw
+
 from flowfleet.contract import Desired, Topics
 from flowfleet.contract_shadow import ShadowWindow as ShadowPayload
 from flowfleet.contract_shadow import agreement_of
@@ -295,5 +297,41 @@ def agreement_source(min_boxes: int = GATE_MIN_BOXES):
         if pooled["boxes_active"] + pooled["boxes_candidate"] < min_boxes:
             return None
         return pooled["agreement"]
+
+    return source
+
+
+def drift_shadow_source(min_boxes: int = GATE_MIN_BOXES):
+    """The drift judge's shadow hook (`drift.ShadowSource`): for a drift window, the
+    pooled agreement of the camera's shadow windows that overlap it and ran the same
+    active model (the new model; the candidate is the one an operator asked it to run
+    beside it, normally the previous model). None (the agreement policy is not judged)
+    without such windows or with fewer than ``min_boxes`` boxes.
+
+    The shadow window carries no confidence histogram of the candidate, so the hook's
+    ``previous_window`` stays None: only the agreement policy is fed.
+    """
+    from .drift import Shadow, model_version
+
+    def source(row) -> Shadow | None:
+        active = model_version(row.model)
+        if active is None:
+            return None
+        q = ShadowWindow.select(
+            pw.fn.SUM(ShadowWindow.boxes_active),
+            pw.fn.SUM(ShadowWindow.boxes_candidate),
+            pw.fn.SUM(ShadowWindow.matched),
+        ).where(
+            (ShadowWindow.device == row.device_id)
+            & (ShadowWindow.camera == row.camera)
+            & (ShadowWindow.start < row.end)
+            & (ShadowWindow.end > row.start)
+            & (ShadowWindow.active_model == active[0])
+            & (ShadowWindow.active_version == active[1])
+        )
+        a, c, m = (int(x or 0) for x in q.tuples().get())
+        if a + c < min_boxes:
+            return None
+        return Shadow(agreement=agreement_of(m, a, c))
 
     return source
