@@ -15,6 +15,11 @@ How it takes a model version is scripted per (model, version) in ``behaviours``:
 * ``stop_beating``: activates it and sends no health beat from then on;
 * ``ignore``: never applies the desired state (a device that went quiet).
 
+A desired state with a ``shadow`` entry for its camera makes it send shadow-comparison
+windows (every ``shadow_window_s``, 60 boxes per model each) until a desired state
+without one arrives; how well the candidate agrees with the running model is scripted
+per (model, version) in ``shadow_agreement`` (default 0.95).
+
 ``received`` keeps every desired state that arrived, to check afterwards which model
 versions a device was ever sent.
 """
@@ -26,7 +31,11 @@ import time
 from collections.abc import Iterable
 
 from flowfleet.contract import CameraModel, Desired, Health, Reported, Topics, parse_payload
+from flowfleet.contract_shadow import ShadowWindow
 from flowfleet.mqtt import BrokerAddress, MqttConnection
+from tests.factories import shadow_window
+
+SHADOW_BOXES = 60  # per model and window
 
 
 class SimDevice:
@@ -38,6 +47,7 @@ class SimDevice:
         camera: str = "front",
         beat_s: float = 0.2,
         rollback_after_s: float = 0.3,
+        shadow_window_s: float = 0.2,
         topics: Topics | None = None,
     ) -> None:
         self.device = device
@@ -46,6 +56,11 @@ class SimDevice:
         self.rollback_after_s = rollback_after_s
         self.topics = topics or Topics()
         self.behaviours: dict[tuple[str, int], str] = {}
+        self.shadow_agreement: dict[tuple[str, int], float] = {}
+        self.shadow_window_s = shadow_window_s
+        self.shadowing: tuple[str, int] | None = None  # the candidate it runs in shadow
+        self.shadow_windows_sent = 0
+        self._shadow_seq = 0
         self.received: list[Desired] = []
         self.running: tuple[str, int] | None = None  # what the camera runs now
         self.applied: int | None = None
@@ -59,6 +74,7 @@ class SimDevice:
         self.conn = MqttConnection(f"sim-{device}", address)
         self.conn.subscribe(self.topics.desired(device), self._on_desired)
         self._beater = threading.Thread(target=self._beat_loop, daemon=True)
+        self._shadower = threading.Thread(target=self._shadow_loop, daemon=True)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -67,11 +83,13 @@ class SimDevice:
         if not self.conn.wait_connected(10):
             raise RuntimeError(f"{self.device}: the broker did not accept the session")
         self._beater.start()
+        self._shadower.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
         self._beater.join(5)
+        self._shadower.join(5)
         self.conn.stop()
 
     # -- what it was sent ------------------------------------------------------------
@@ -116,6 +134,8 @@ class SimDevice:
             self.received.append(desired)
             if self.applied is not None and desired.version <= self.applied:
                 return
+            entry = (desired.shadow or {}).get(self.camera)
+            self.shadowing = (entry.model.name, entry.model.version) if entry else None
             ref = desired.models.get(self.camera)
             if ref is None:
                 self.applied = desired.version
@@ -153,6 +173,33 @@ class SimDevice:
             if say_so:
                 self._entry.update(update="rolled_back", reason="slow: probation")
         self._report()
+
+    def _shadow_loop(self) -> None:
+        while not self._stop.wait(self.shadow_window_s):
+            with self._lock:
+                candidate, running = self.shadowing, self.running
+                if candidate is None or running is None:
+                    continue
+                self._shadow_seq += 1
+                seq = self._shadow_seq
+            agreement = self.shadow_agreement.get(candidate, 0.95)
+            start = self._ts()
+            body = shadow_window(
+                self.device,
+                seq,
+                start,
+                camera=self.camera,
+                candidate=candidate[0],
+                boxes=(SHADOW_BOXES, SHADOW_BOXES),
+                matched=round(agreement * SHADOW_BOXES),
+                end=start + self.shadow_window_s,
+            )
+            body["active"] = {"file": f"{running[0]}-v{running[1]}.tflite", "model": running[0]}
+            body["active"]["version"] = running[1]
+            body["candidate"]["version"] = candidate[1]
+            window = ShadowWindow.model_validate(body)
+            self.conn.publish(self.topics.shadow(self.device), window.to_json())
+            self.shadow_windows_sent += 1
 
     def _beat_loop(self) -> None:
         while not self._stop.wait(self.beat_s):

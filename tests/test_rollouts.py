@@ -347,6 +347,36 @@ def test_a_canary_that_fails_its_health_gate_aborts_and_nobody_else_gets_the_mod
     assert len(actions("rollout.abort")) == len(actions("rollout.aborted")) == 1
 
 
+@pytest.mark.parametrize(("agreement", "outcome"), [(0.4, "aborted"), (0.95, "succeeded")])
+def test_a_canary_first_runs_the_model_in_shadow_and_disagreeing_counts_stop_it_unmoved(
+    fleet, registry, agreement, outcome
+):
+    rig, sims = fleet
+    for s in sims.values():
+        s.shadow_agreement[(MODEL, 2)] = agreement
+    plan = {"canary": {"devices": ["sim-00"]}, "waves": 1, "shadow_s": 1.5}
+    rid = create(registry, plan)
+    rig.job.start()
+    wait_for(lambda: state_of(rid) == outcome, 30, f"the rollout to end {outcome}")
+    canary = sims["sim-00"]
+    # The canary was asked to run v2 in shadow beside v1, and sent windows about it.
+    assert any(d.shadow and d.shadow[CAMERA].model.version == 2 for d in canary.received)
+    assert canary.shadow_windows_sent >= 1
+    assert len(actions("rollout.shadow")) == 1
+    c = get_rollout(rid)["waves"][0]["devices"][0]
+    assert c["shadow_agreement"] == agreement
+    wait_for(lambda: canary.shadowing is None, 10, "the shadow comparison to stop")
+    if outcome == "aborted":
+        assert c["state"] == "failed" and c["moved_at"] is None, c
+        assert "shadow comparison: counts agree 0.40 < 0.7" in c["reason"], c["reason"]
+        for d, sim in sims.items():
+            assert set(sim.versions_sent(MODEL)) == {1}, f"{d} was sent v2 to run"
+            assert deployed(d) == 1
+    else:
+        assert c["state"] == "succeeded", c
+        assert all(deployed(d) == 2 for d in DEVICES)
+
+
 def test_three_of_ten_failing_after_the_first_wave_abort_and_roll_every_moved_device_back(
     fleet, registry
 ):

@@ -48,6 +48,13 @@ def add_rollout_actions(actions, shared_options: Callable[[argparse.ArgumentPars
     create.add_argument("--rate", type=float, dest="rate_per_minute", help="devices per minute")
     create.add_argument("--rate-growth", type=float, help="rate factor per succeeded wave")
     create.add_argument("--soak", type=float, dest="soak_s", metavar="SECONDS")
+    create.add_argument(
+        "--shadow",
+        type=float,
+        dest="shadow_s",
+        metavar="SECONDS",
+        help="canaries run the new model in shadow this long first (needs shadow-capable agents)",
+    )
     create.add_argument("--timeout", type=float, dest="timeout_s", metavar="SECONDS")
     create.add_argument("--beat-timeout", type=float, dest="beat_timeout_s", metavar="SECONDS")
     create.add_argument("--abort-min", type=int, metavar="N", help="finished devices first")
@@ -115,7 +122,7 @@ def _plan(args: argparse.Namespace) -> dict:
         if not isinstance(given, dict):
             raise CliError("--plan-json: must be a JSON object", EXIT_USAGE)
         plan.update(given)
-    for key in ("waves", "rate_per_minute", "rate_growth", "soak_s", "timeout_s"):
+    for key in ("waves", "rate_per_minute", "rate_growth", "soak_s", "timeout_s", "shadow_s"):
         if getattr(args, key) is not None:
             plan[key] = getattr(args, key)
     if args.beat_timeout_s is not None:

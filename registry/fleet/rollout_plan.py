@@ -11,7 +11,10 @@ percentage picked at random with a recorded seed), then ``waves`` waves of the r
 ``rate_growth`` with every wave that succeeded. A device succeeds once it reported
 the model active and stayed healthy for ``soak_s``; it must report it within
 ``timeout_s``, and its health beats may not pause for longer than
-``beat_timeout_s``. `AbortCriteria` says when the whole rollout stops and rolls back.
+``beat_timeout_s``. With ``shadow_s`` each canary device first runs the new model in
+shadow beside its current one (the agent's shadow comparison) for that long, and
+fails without being moved when their counts disagree. `AbortCriteria` says when the
+whole rollout stops and rolls back.
 
 Bad input raises `RegistryError` 400 naming the field (``plan.soak_s``,
 ``targets.groups``) and nothing is created.
@@ -79,6 +82,13 @@ class Plan(_Strict):
     beat_timeout_s: float = Field(180.0, gt=0, le=DAY_S)
     abort: AbortCriteria = AbortCriteria()
     seed: int | None = Field(None, ge=0, le=2**53 - 1)
+    # The canary's shadow phase: each canary first runs the new model beside its current
+    # one for shadow_s seconds; counts that agree less than shadow_min_agreement (over
+    # at least shadow_min_boxes boxes) fail it before it ever moves.
+    shadow_s: float = Field(0.0, ge=0, le=7 * DAY_S, description="0: no shadow phase")
+    shadow_share: float | None = Field(None, gt=0, le=1, description="None: agent default")
+    shadow_min_agreement: float = Field(0.7, ge=0, le=1)
+    shadow_min_boxes: int = Field(100, ge=1, le=10**9)
 
     def wave_rate(self, wave: int) -> float | None:
         """Devices per minute while moving ``wave`` (1 is the first after the canary)."""

@@ -47,6 +47,7 @@ from ..store.rollout_tables import (
     Rollout,
     RolloutDevice,
 )
+from . import shadow
 from .rollout_gates import Gate, Subject, default_gates, gather, judge
 from .rollout_plan import Plan
 
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 JOB_ACTOR = "rollout-job"
 SQLITE_YIELD_S = 0.15
 IN_FLIGHT = ("moving", "soaking")
+SHADOWING = "shadowing"  # a canary running the new model in shadow, not moved yet
 
 
 def rollout_target(rollout_id: int) -> str:
@@ -158,7 +160,8 @@ class RolloutStepper:
         if r.state == "aborting":
             self._finish_abort(r, rows, t)
             return True
-        changed = self._judge(r, plan, rows, t)
+        changed = self._judge_shadows(r, plan, rows, t)
+        changed = self._judge(r, plan, rows, t) or changed
         reason = abort_reason(plan, rows)
         if reason:
             r.state = "aborting"
@@ -226,7 +229,7 @@ class RolloutStepper:
         current = [rd for rd in rows if rd.wave == r.wave]
         if any(rd.state == "pending" for rd in current):
             return self._move_some(r, plan, current, t)
-        if any(rd.state in IN_FLIGHT for rd in current):
+        if any(rd.state in (*IN_FLIGHT, SHADOWING) for rd in current):
             return False
         if r.wave >= r.waves:
             r.state = "succeeded"
@@ -251,9 +254,123 @@ class RolloutStepper:
         for rd in pending:
             if not self._spend():
                 break
-            self._move(r, rd, t)
+            if r.wave == 0 and plan.shadow_s > 0 and rd.shadow_started_at is None:
+                self._start_shadow(r, plan, rd, t)
+            else:
+                self._move(r, rd, t)
             moved = True
         return moved
+
+    # -- the canary's shadow phase ---------------------------------------------------
+
+    def _start_shadow(self, r: Rollout, plan: Plan, rd: RolloutDevice, t: float) -> None:
+        """Ask a canary to run the new model beside its current one (a desired state
+        with a shadow entry); it is judged by `_judge_shadows`."""
+        try:
+            shadow.set_shadow(
+                self.registry,
+                rd.device,
+                r.camera,
+                r.model,
+                r.version,
+                share=plan.shadow_share,
+                actor=rollout_target(r.id),
+                reason=f"rollout {r.id} canary: shadow comparison",
+                topics=self.topics,
+            )
+        except RegistryError as exc:
+            self._device_done(r, rd, t, "failed", f"shadow comparison refused: {exc.message}")
+            return
+        self._queued = True
+        rd.state, rd.shadow_started_at = SHADOWING, t
+        rd.reason = f"running {r.model} v{r.version} in shadow for {plan.shadow_s:g} s"
+        rd.save()
+        audit(
+            JOB_ACTOR,
+            "rollout.shadow",
+            device_target(rd.device, r.camera),
+            rd.reason,
+            rollout=r.id,
+            wave=rd.wave,
+        )
+
+    def _judge_shadows(self, r: Rollout, plan: Plan, rows: list[RolloutDevice], t: float) -> bool:
+        """Canaries in their shadow phase: fail one whose counts disagree (it never
+        moves); move one whose phase is over (agreeing, or not judged: too few boxes,
+        or an agent without shadow comparisons). A paused rollout moves none."""
+        changed = False
+        for rd in rows:
+            if rd.state != SHADOWING:
+                continue
+            pooled = shadow.shadow_agreement(
+                rd.device,
+                r.camera,
+                rd.shadow_started_at,
+                candidate=r.model,
+                candidate_version=r.version,
+            )
+            boxes = pooled["boxes_active"] + pooled["boxes_candidate"]
+            judged = boxes >= plan.shadow_min_boxes and pooled["agreement"] is not None
+            agreement = pooled["agreement"] if judged else None
+            over = t - rd.shadow_started_at >= plan.shadow_s
+            failed = agreement is not None and agreement < plan.shadow_min_agreement
+            if not failed and (not over or r.state == "paused"):
+                continue
+            if not self._spend():
+                continue  # the next transaction
+            changed = True
+            rd.shadow_agreement = agreement
+            self._stop_shadow(r, rd)
+            if failed:
+                self._device_done(
+                    r,
+                    rd,
+                    t,
+                    "failed",
+                    f"shadow comparison: counts agree {agreement:.2f} < "
+                    f"{plan.shadow_min_agreement:g} with the current model over {boxes} "
+                    "boxes; never moved",
+                )
+                continue
+            found = (
+                f"shadow agreement {agreement:.2f}"
+                if agreement is not None
+                else f"shadow comparison not judged ({boxes} boxes)"
+            )
+            self._move(r, rd, t)
+            if rd.state == "moving":
+                rd.reason = f"desired state queued; {found}"
+                rd.save()
+        return changed
+
+    def _stop_shadow(self, r: Rollout, rd: RolloutDevice) -> None:
+        try:
+            shadow.clear_shadow(
+                self.registry,
+                rd.device,
+                r.camera,
+                actor=rollout_target(r.id),
+                reason=f"rollout {r.id}: shadow phase over",
+                topics=self.topics,
+            )
+        except RegistryError as exc:  # cleared by hand already: nothing to stop
+            log.info("rollout %d: %s: %s", r.id, rd.device, exc.message)
+        else:
+            self._queued = True
+
+    def _device_done(self, r: Rollout, rd: RolloutDevice, t: float, state: str, why: str) -> None:
+        """A device that finished without being moved (nothing to roll back)."""
+        rd.state, rd.reason, rd.finished_at = state, why, t
+        rd.save()
+        audit(
+            JOB_ACTOR,
+            "rollout.device",
+            device_target(rd.device, r.camera),
+            rd.reason,
+            rollout=r.id,
+            wave=rd.wave,
+            state=rd.state,
+        )
 
     def _move(self, r: Rollout, rd: RolloutDevice, t: float) -> None:
         prev = Deployment.get_or_none(
@@ -272,17 +389,7 @@ class RolloutStepper:
                 topics=self.topics,
             )
         except RegistryError as exc:
-            rd.state, rd.reason, rd.finished_at = "failed", f"deploy refused: {exc.message}", t
-            rd.save()
-            audit(
-                JOB_ACTOR,
-                "rollout.device",
-                device_target(rd.device, r.camera),
-                rd.reason,
-                rollout=r.id,
-                wave=rd.wave,
-                state=rd.state,
-            )
+            self._device_done(r, rd, t, "failed", f"deploy refused: {exc.message}")
             return
         self._queued = True
         rd.state, rd.reason = "moving", "desired state queued"
@@ -335,6 +442,13 @@ class RolloutStepper:
         """Roll back the moved devices (``batch`` per transaction); once none is
         left, the rollout is aborted."""
         for rd in rows:
+            if rd.state == SHADOWING:  # never moved: stop its comparison only
+                if not self._spend():
+                    return
+                self._stop_shadow(r, rd)
+                rd.state, rd.reason = "pending", "not moved: the rollout was aborted"
+                rd.save()
+                continue
             if rd.moved_at is None or rd.reverted_at is not None:
                 continue
             if not self._spend():

@@ -202,6 +202,8 @@ def _device_dict(rd: RolloutDevice) -> dict:
         "finished_at": rd.finished_at,
         "reverted_at": rd.reverted_at,
         "revert_desired_version": rd.revert_desired_version,
+        "shadow_started_at": rd.shadow_started_at,
+        "shadow_agreement": rd.shadow_agreement,
     }
 
 

@@ -72,6 +72,16 @@ PLAN = {
         "beat_timeout_s": {"type": "number", "exclusiveMinimum": 0, "default": 180},
         "abort": ABORT,
         "seed": {"type": ["integer", "null"], "minimum": 0},
+        "shadow_s": {
+            "type": "number",
+            "minimum": 0,
+            "default": 0,
+            "description": "canaries run the new model in shadow this long before they "
+            "move (0: no shadow phase)",
+        },
+        "shadow_share": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
+        "shadow_min_agreement": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.7},
+        "shadow_min_boxes": {"type": "integer", "minimum": 1, "default": 100},
     },
 }
 
@@ -122,6 +132,8 @@ DEVICE = {
         "finished_at": OPT_NUMBER,
         "reverted_at": OPT_NUMBER,
         "revert_desired_version": {"type": ["integer", "null"]},
+        "shadow_started_at": OPT_NUMBER,
+        "shadow_agreement": {"type": ["number", "null"]},
     },
 }
 

@@ -17,6 +17,7 @@ ROLLOUT_STATES = ("running", "paused", "succeeded", "aborting", "aborted")
 ACTIVE_ROLLOUT_STATES = ("running", "paused", "aborting")
 DEVICE_STATES = (
     "pending",
+    "shadowing",
     "moving",
     "soaking",
     "succeeded",
@@ -71,6 +72,9 @@ class RolloutDevice(BaseModel):
     rollout moved it (None: no registry deployment), the model an abort or a failure
     puts back. ``desired_version`` is the device's desired-state version the move
     published; a reported state counts only once the device applied that version.
+    A canary of a plan with ``shadow_s`` first runs the new model in shadow
+    (``shadowing``, from ``shadow_started_at``); ``shadow_agreement`` is what that
+    comparison found (None: not judged).
     """
 
     id = pw.AutoField()
@@ -87,6 +91,8 @@ class RolloutDevice(BaseModel):
     finished_at = pw.DoubleField(null=True)
     reverted_at = pw.DoubleField(null=True)
     revert_desired_version = pw.BigIntegerField(null=True)
+    shadow_started_at = pw.DoubleField(null=True, help_text="canary shadow phase began")
+    shadow_agreement = pw.DoubleField(null=True, help_text="its pooled agreement, once judged")
 
     class Meta:
         table_name = "rollout_device"
