@@ -55,7 +55,12 @@ def drift_paths() -> dict[str, Any]:
                         {"type": "integer", "minimum": 1, "maximum": 1000},
                         "page size",
                     ),
-                    _param("before", "query", {"type": "integer", "minimum": 1}, "ids below this"),
+                    _param(
+                        "before",
+                        "query",
+                        {"type": "integer", "minimum": 1, "maximum": 2**62},
+                        "ids below this",
+                    ),
                 ],
                 "responses": {
                     "200": _json(

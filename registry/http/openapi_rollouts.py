@@ -12,6 +12,7 @@ ROLLOUT_PATH = _param(
 )
 STATE = _param("state", "query", {"type": "string", "enum": list(ROLLOUT_STATES)}, "only these")
 NUMBER = {"type": "number"}
+WEEK_S = 7 * 86_400  # the plan's longest soak, timeout and shadow phase
 OPT_NUMBER = {"type": ["number", "null"]}
 NAMES = {"type": "array", "items": {"type": "string", "pattern": NAME}}
 
@@ -35,12 +36,12 @@ ABORT = {
     "abort at once",
     "additionalProperties": False,
     "properties": {
-        "min_finished": {"type": "integer", "minimum": 1, "default": 5},
+        "min_finished": {"type": "integer", "minimum": 1, "maximum": 10_000, "default": 5},
         **{
             f"{kind}_percent": {"type": "number", "minimum": 0, "maximum": 100, "default": 20}
             for kind in FAILURE_STATES
         },
-        "canary_failures": {"type": "integer", "minimum": 0, "default": 0},
+        "canary_failures": {"type": "integer", "minimum": 0, "maximum": 1000, "default": 0},
     },
 }
 
@@ -56,7 +57,7 @@ PLAN = {
             "additionalProperties": False,
             "properties": {
                 "devices": NAMES,
-                "count": {"type": "integer", "minimum": 0},
+                "count": {"type": "integer", "minimum": 0, "maximum": 10_000},
                 "percent": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
             },
         },
@@ -64,24 +65,31 @@ PLAN = {
         "rate_per_minute": {
             "type": ["number", "null"],
             "exclusiveMinimum": 0,
+            "maximum": 1_000_000,
             "description": "most devices moved per minute in a wave (null: all at once)",
         },
         "rate_growth": {"type": "number", "minimum": 1, "maximum": 100, "default": 1},
-        "soak_s": {"type": "number", "minimum": 0, "default": 600},
-        "timeout_s": {"type": "number", "exclusiveMinimum": 0, "default": 1800},
-        "beat_timeout_s": {"type": "number", "exclusiveMinimum": 0, "default": 180},
+        "soak_s": {"type": "number", "minimum": 0, "maximum": WEEK_S, "default": 600},
+        "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": WEEK_S, "default": 1800},
+        "beat_timeout_s": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "maximum": 86_400,
+            "default": 180,
+        },
         "abort": ABORT,
-        "seed": {"type": ["integer", "null"], "minimum": 0},
+        "seed": {"type": ["integer", "null"], "minimum": 0, "maximum": 2**53 - 1},
         "shadow_s": {
             "type": "number",
             "minimum": 0,
+            "maximum": WEEK_S,
             "default": 0,
             "description": "canaries run the new model in shadow this long before they "
             "move (0: no shadow phase)",
         },
         "shadow_share": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
         "shadow_min_agreement": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.7},
-        "shadow_min_boxes": {"type": "integer", "minimum": 1, "default": 100},
+        "shadow_min_boxes": {"type": "integer", "minimum": 1, "maximum": 10**9, "default": 100},
     },
 }
 
