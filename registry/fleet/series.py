@@ -85,11 +85,13 @@ class Buckets:
         midnight = datetime(local.year, local.month, local.day, tzinfo=self.tz)
         return midnight.timestamp()
 
-    def starts(self, step: str, start: float, end: float) -> list[float]:
-        """Every bucket start of ``step`` from the one holding ``start`` to before ``end``."""
+    def starts(self, step: str, start: float, end: float, limit: int | None = None) -> list[float]:
+        """Every bucket start of ``step`` from the one holding ``start`` to before ``end``
+        (no more than ``limit`` + 1 of them: enough to tell a range is too long without
+        listing the 66 million minutes of a century)."""
         out = []
         t = self.start(step, start)
-        while t < end:
+        while t < end and (limit is None or len(out) <= limit):
             out.append(t)
             if step == "day":
                 # 26 h after a local midnight is always within the next day, whether
@@ -345,11 +347,11 @@ def query(db: pw.Database, q: Query, buckets: Buckets) -> dict:
     """The buckets of ``q`` with their values, per series (``q.group``), and totals."""
     q.check()
     model = _MODEL[q.kind]
-    starts = buckets.starts(q.step, q.start, q.end)
+    starts = buckets.starts(q.step, q.start, q.end, limit=MAX_POINTS)
     group_cols = [_column(model, g) for g in q.group]
     n_series = 1
     if len(starts) > MAX_POINTS:
-        raise SeriesError("from", f"{len(starts)} {q.step} buckets; at most {MAX_POINTS}")
+        raise SeriesError("from", f"more than {MAX_POINTS} {q.step} buckets; at most {MAX_POINTS}")
     total = pw.fn.TOTAL if _is_sqlite(db) else pw.fn.SUM
     values = []
     for v in _VALUES[q.kind]:
