@@ -456,13 +456,9 @@ def deploy(device: str):
     return resp
 
 
-def deployment_body() -> tuple[dict[str, Any], str | int]:
-    """The JSON body of a deployment request and the version or alias it names;
-    404 for an unknown model, version or alias."""
-    body = _json_body(
-        {"camera": str, "model": str, "version": int, "alias": str, "reason": str},
-        required=("camera", "model"),
-    )
+def version_ref(body: dict[str, Any]) -> str | int:
+    """The version number or alias a request body names (exactly one of ``version``
+    and ``alias``); 400 naming the field otherwise. Unknown ones are the caller's 404."""
     if ("version" in body) == ("alias" in body):
         raise RegistryError(
             400, "invalid_field", "give exactly one of 'version' and 'alias'", "version"
@@ -472,9 +468,18 @@ def deployment_body() -> tuple[dict[str, Any], str | int]:
             raise RegistryError(
                 400, "invalid_field", f"version must be from 1 to {MAX_VERSION}", "version"
             )
-        ref: str | int = body["version"]
-    else:
-        ref = check_name(body["alias"], "alias", "alias name")
+        return body["version"]
+    return check_name(body["alias"], "alias", "alias name")
+
+
+def deployment_body() -> tuple[dict[str, Any], str | int]:
+    """The JSON body of a deployment request and the version or alias it names;
+    404 for an unknown model, version or alias."""
+    body = _json_body(
+        {"camera": str, "model": str, "version": int, "alias": str, "reason": str},
+        required=("camera", "model"),
+    )
+    ref = version_ref(body)
     check_name(body["model"], "model", "model name")
     check_name(body["camera"], "camera", "camera name")
     _registry().version(body["model"], ref)

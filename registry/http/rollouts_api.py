@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request
 
-from ..errors import RegistryError, check_name
+from ..errors import RegistryError
 from ..fleet import rollouts
-from .api import MAX_VERSION, _actor, _json_body, _page, _paged, _registry, query_args, requires
+from .api import _actor, _json_body, _page, _paged, _registry, query_args, requires, version_ref
 
 bp = Blueprint("rollouts_api", __name__, url_prefix="/api/rollouts")
 
@@ -69,18 +69,7 @@ def create_rollout():
         },
         required=("model", "camera", "targets"),
     )
-    if ("version" in body) == ("alias" in body):
-        raise RegistryError(
-            400, "invalid_field", "give exactly one of 'version' and 'alias'", "version"
-        )
-    if "version" in body:
-        if not 1 <= body["version"] <= MAX_VERSION:
-            raise RegistryError(
-                400, "invalid_field", f"version must be from 1 to {MAX_VERSION}", "version"
-            )
-        ref: str | int = body["version"]
-    else:
-        ref = check_name(body["alias"], "alias", "alias name")
+    ref = version_ref(body)
     defaults = current_app.extensions.get("flowfleet_rollout_defaults") or {}
     result = rollouts.create_rollout(
         _registry(),

@@ -17,7 +17,6 @@ from flask import Blueprint, current_app, jsonify
 from ..errors import RegistryError, check_name
 from ..fleet import shadow
 from .api import (
-    MAX_VERSION,
     _actor,
     _json_body,
     _page,
@@ -27,6 +26,7 @@ from .api import (
     deployment_commands,
     query_args,
     requires,
+    version_ref,
 )
 
 bp = Blueprint("shadow_api", __name__, url_prefix="/api")
@@ -79,18 +79,7 @@ def _shadow_body() -> tuple[dict, str | int]:
         {"model": str, "version": int, "alias": str, "share": (int, float), "reason": str},
         required=("model",),
     )
-    if ("version" in body) == ("alias" in body):
-        raise RegistryError(
-            400, "invalid_field", "give exactly one of 'version' and 'alias'", "version"
-        )
-    if "version" in body:
-        if not 1 <= body["version"] <= MAX_VERSION:
-            raise RegistryError(
-                400, "invalid_field", f"version must be from 1 to {MAX_VERSION}", "version"
-            )
-        ref: str | int = body["version"]
-    else:
-        ref = check_name(body["alias"], "alias", "alias name")
+    ref = version_ref(body)
     check_name(body["model"], "model", "model name")
     return body, ref
 
