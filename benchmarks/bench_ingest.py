@@ -164,16 +164,18 @@ def _stored(url: str) -> int:
     return regdb.CountBin.select().count(db)
 
 
-def _worker_process(url, address, client_id, shared, stop):
-    worker = IngestWorker(url, address, TOPICS, client_id=client_id, shared=shared)
+def _worker_process(url, address, client_id, shared, store, stop):
+    worker = IngestWorker(url, address, TOPICS, client_id=client_id, shared=shared, store=store)
     worker.start()
     stop.wait()
     worker.stop()
 
 
-def run_ingest(broker: Broker, msgs, url: str, workers: int, tag: str) -> float:
-    """Messages per second ``workers`` ingest workers drain the backlog at; checks
-    that every bin is stored exactly once."""
+def run_ingest(
+    broker: Broker, msgs, url: str, workers: int, tag: str, store: str = "thread"
+) -> float:
+    """Messages per second ``workers`` ingest workers (storing in ``store`` mode)
+    drain the backlog at; checks that every bin is stored exactly once."""
     address = BrokerAddress(broker.host, broker.port)
     shared = workers > 1
     ids = [f"flowfleet-registry-{tag}-{k}" for k in range(1, workers + 1)]
@@ -189,13 +191,13 @@ def run_ingest(broker: Broker, msgs, url: str, workers: int, tag: str) -> float:
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     procs = [
-        ctx.Process(target=_worker_process, args=(url, address, cid, shared, stop))
+        ctx.Process(target=_worker_process, args=(url, address, cid, shared, store, stop))
         for cid in ids[1:]
     ]
     t0 = time.perf_counter()
     for p in procs:
         p.start()
-    worker = IngestWorker(url, address, TOPICS, client_id=ids[0], shared=shared)
+    worker = IngestWorker(url, address, TOPICS, client_id=ids[0], shared=shared, store=store)
     worker.start()
     deadline = time.monotonic() + 600
     while _stored(url) < len(msgs) and time.monotonic() < deadline:
@@ -314,10 +316,11 @@ def main(argv: list[str] | None = None) -> int:
                 row: dict[str, float] = {}
                 progress(f"round {r + 1}/{args.rounds}: bare subscriber")
                 row["bare"] = run_bare(broker, msgs, f"r{r}")
-                progress(f"round {r + 1}/{args.rounds}: ingest, SQLite, one worker")
-                row["ingest sqlite x1"] = run_ingest(
-                    broker, msgs, str(work / f"r{r}.db"), 1, f"s{r}"
-                )
+                for store in ("thread", "process"):
+                    progress(f"round {r + 1}/{args.rounds}: ingest, SQLite, one worker, {store}")
+                    row[f"ingest sqlite x1 {store}"] = run_ingest(
+                        broker, msgs, str(work / f"r{r}{store}.db"), 1, f"s{r}{store}", store
+                    )
                 if args.pg:
                     for n in (1, 2):
                         progress(f"round {r + 1}/{args.rounds}: ingest, PostgreSQL, {n} worker(s)")
@@ -337,13 +340,13 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(results: dict) -> None:
     rounds = results["rounds"]
     print(f"\n{results['bins']:,} count bins from {results['devices']} devices, QoS 1 backlog")
-    print(f"{'consumer':<20} {'msg/s (median)':>15} {'x bare (median)':>16}")
+    print(f"{'consumer':<28} {'msg/s (median)':>15} {'x bare (median)':>16}")
     summary = {}
     for name in rounds[0]:
         rate = statistics.median(r[name] for r in rounds)
         ratio = statistics.median(r[name] / r["bare"] for r in rounds)
         summary[name] = {"rate": round(rate), "ratio_to_bare": round(ratio, 3)}
-        print(f"{name:<20} {rate:>15,.0f} {ratio:>16.2f}")
+        print(f"{name:<28} {rate:>15,.0f} {ratio:>16.2f}")
     results["summary"] = summary
     if "fleet" in results:
         f = results["fleet"]

@@ -162,6 +162,11 @@ class IngestSection(Strict):
     batch_wait_ms: float = Field(
         50.0, ge=0, le=1000, description="how long a batch waits for more after its first"
     )
+    store: Literal["process", "thread"] = Field(
+        "thread",
+        description="where each worker stores its batches: a child process of its own "
+        "(receiving and storing on two cores) or a thread beside paho's (one core)",
+    )
 
 
 class DevicesSection(Strict):

@@ -167,6 +167,7 @@ def run_registry(
         shared=ingest.workers > 1,
         batch_max=ingest.batch_max,
         batch_wait_s=ingest.batch_wait_ms / 1000.0,
+        store=ingest.store,
     )
     pool = (
         WorkerPool(
@@ -178,6 +179,7 @@ def run_registry(
             site_timezone,
             ingest.batch_max,
             ingest.batch_wait_ms / 1000.0,
+            ingest.store,
         )
         if ingest.workers > 1
         else None

@@ -89,9 +89,12 @@ def publish_all(broker, done: threading.Event) -> None:
 
 
 def start_worker(ctx, url: str, broker, client_id: str):
+    """A worker process; the one the test kills stores in a child process of its own
+    (SIGKILL leaves that child orphaned mid-batch), the other on a thread."""
     stop = ctx.Event()
+    store = "process" if client_id == CLIENTS[1] else "thread"
     args = (url, BrokerAddress(broker.host, broker.port), TOPICS.root, client_id, "UTC")
-    proc = ctx.Process(target=run_worker_process, args=(*args, 500, 0.02, stop))
+    proc = ctx.Process(target=run_worker_process, args=(*args, 500, 0.02, stop, store))
     proc.start()
     return proc, stop
 

@@ -126,6 +126,12 @@ class Ingestor:
             acks, self.acks = self.acks, {}
         return acks
 
+    def add_acks(self, acks: dict[str, tuple[int, int]]) -> None:
+        """Queue acks committed elsewhere (a `StoreProcess`) for `take_acks`."""
+        if acks:
+            with self._acks_lock:
+                self.acks.update(acks)
+
     def handle(self, topic: str, payload: bytes, received_at: float | None = None) -> str:
         """Process one message; returns "stored", "duplicate", "dead-letter",
         "deferred" or "error".

@@ -39,6 +39,10 @@ from flowfleet.mqtt import BrokerAddress, Delivery, MqttConnection, discard_sess
 from .. import metrics
 from ..store.db import now, open_database
 from .ingest import DEFERRED, ERROR, OUTCOMES, Ingestor
+from .store_process import StoreProcess
+
+# Where an ingest worker stores its batches (see `IngestWorker`).
+STORE_MODES = ("process", "thread")
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +108,8 @@ class IngestWorker:
             `INGEST_GROUP` (several workers); else a plain subscription (one worker).
         batch_max: most messages per transaction.
         batch_wait_s: how long a batch waits for more messages after its first.
+        store: "process" stores in a child process (`StoreProcess`), so receiving
+            and storing run on two cores; "thread" stores on a thread of this one.
     """
 
     def __init__(
@@ -120,10 +126,18 @@ class IngestWorker:
         shared: bool = False,
         batch_max: int = 1000,
         batch_wait_s: float = 0.05,
+        store: str = "thread",
     ) -> None:
+        if store not in STORE_MODES:
+            raise ValueError(f"ingest store must be one of {', '.join(STORE_MODES)}, not {store!r}")
         self.db = open_database(db_path)
         self.topics = topics
         self.ingestor = Ingestor(self.db, topics, retry_s=retry_s, site_timezone=site_timezone)
+        self.store_process = (
+            StoreProcess(db_path, topics, retry_s=retry_s, site_timezone=site_timezone)
+            if store == "process"
+            else None
+        )
         self.connection = MqttConnection(
             client_id, broker, persistent=True, on_connect_refused=on_connect_refused
         )
@@ -151,6 +165,8 @@ class IngestWorker:
         """Connect in the background; with ``wait``, block up to that many seconds
         for the broker to accept the session. Returns whether it is connected."""
         if not self._started:
+            if self.store_process is not None:
+                self.store_process.start()
             self._writer = threading.Thread(
                 target=self._write_loop, name="ingest-writer", daemon=True
             )
@@ -178,6 +194,8 @@ class IngestWorker:
                 self._ack_thread.join(5)
             self.publish_acks()  # what the last batches committed
             self.connection.stop()
+            if self.store_process is not None:
+                self.store_process.stop()
             self._started = False
 
     @property
@@ -205,6 +223,7 @@ class IngestWorker:
             "batches": batches,
             "mean_batch": round(handled / batches, 1) if batches else 0.0,
             "queued": self._queue.qsize(),
+            "store": "thread" if self.store_process is None else "process",
         }
 
     # -- receiving and storing ------------------------------------------------------
@@ -260,7 +279,12 @@ class IngestWorker:
                 out.append(item)
 
     def _write(self, batch: list[Delivery]) -> None:
-        outcomes = self.ingestor.handle_batch([(d.topic, d.payload, d.received_at) for d in batch])
+        items = [(d.topic, d.payload, d.received_at) for d in batch]
+        if self.store_process is None:
+            outcomes = self.ingestor.handle_batch(items)
+        else:
+            outcomes, acks = self.store_process.handle_batch(items)
+            self.ingestor.add_acks(acks)
         metrics.INGEST_BATCH.observe(len(batch))
         with self._lock:
             self._outcomes.update(outcomes)
@@ -326,6 +350,7 @@ def run_worker_process(
     batch_max: int,
     batch_wait_s: float,
     stop,
+    store: str = "thread",
 ) -> None:
     """Body of an extra ingest worker process (`WorkerPool`): one shared-subscription
     session until ``stop`` is set, SIGTERM arrives or the parent registry is gone."""
@@ -347,6 +372,7 @@ def run_worker_process(
         shared=True,
         batch_max=batch_max,
         batch_wait_s=batch_wait_s,
+        store=store,
     )
     worker.start()
     while not stop.wait(1.0):
@@ -376,6 +402,7 @@ class WorkerPool:
         site_timezone: str = "UTC",
         batch_max: int = 1000,
         batch_wait_s: float = 0.05,
+        store: str = "thread",
     ) -> None:
         import multiprocessing
 
@@ -393,6 +420,7 @@ class WorkerPool:
                 batch_max,
                 batch_wait_s,
             )
+        self._store = store
         self._procs: dict[int, object] = {}
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -401,7 +429,7 @@ class WorkerPool:
     def _spawn(self, index: int) -> None:
         proc = self._ctx.Process(
             target=run_worker_process,
-            args=(*self._args[index], self._stop),
+            args=(*self._args[index], self._stop, self._store),
             name=f"flowfleet-ingest-{index}",
             daemon=False,
         )
