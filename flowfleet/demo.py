@@ -58,10 +58,10 @@ CANARY = "demo-lobby"
 # leave to the right ("leave", out); on the plaza people walk along the road
 # across the picture (left is "in" for both lines, drawn top to bottom), the
 # "west" line near its left end, the "east" line right of the lamp post, where
-# the walkway from the buildings (top right) joins. Checked on the MOT15 ground
-# truth of the same frames: distinct people crossing once per direction, west
-# in 8 / out 6, east in 15 / out 12; `flowfleet count` with YOLOv8n int8 gives
-# west 6 / 4, east 14 / 10 over one pass of the 795 frames.
+# the walkway from the buildings (top right) joins. Checked on one pass of the 795
+# frames: the agent's line counter fed MOT15's ground-truth tracks counts west
+# in 7 / out 5, east in 15 / out 12 (tests/test_demo_scenes.py); `flowfleet count`
+# with YOLOv8n int8 and the tracker counts west 6 / 4, east 14 / 10.
 # Locations: around Reading (UK), where PETS 2009 was filmed.
 SCENES: dict[str, Scene] = {
     "car-detection.mp4": Scene(

@@ -175,7 +175,7 @@ def run_story(
     say(
         f"      (CLI: {cli} rollouts create {model} {version} --camera {camera} "
         f"--group {' --group '.join(groups)} --canary {canary} --waves {plan['waves']} "
-        f"--soak {soak_s:g}; watch it: {cli} rollouts show {rid})"
+        f"--soak {soak_s:g} --timeout 300 --beat-timeout 120; watch it: {cli} rollouts show {rid})"
     )
 
     seen: dict[str, str] = {}
