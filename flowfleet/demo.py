@@ -52,6 +52,8 @@ class Scene:
 # (a rollout moves one camera name).
 CAMERA = "main"
 CANARY = "demo-lobby"
+# The catalog entry the scripted rollout uploads as the next version of the model.
+NEXT_MODEL = "yolov8n-dynamic-tflite"
 
 # Lines follow each scene's traffic: cars cross the lane of the top-down parking
 # view vertically; people walk from the camera up to a table ("approach", in) and
@@ -209,6 +211,13 @@ def run_demo(
         model = resolve(default_entry().name)
     except CatalogError as exc:
         raise DemoError(str(exc)) from None
+    next_model = None
+    if rollout:
+        try:  # the version the scripted rollout uploads (downloaded if not in the data)
+            next_model = resolve(NEXT_MODEL)
+        except CatalogError as exc:
+            log.warning("no scripted rollout: %s", exc)
+            rollout = False
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -222,7 +231,7 @@ def run_demo(
     # its log, not to the demo's first screen.
     logging.getLogger("flowfleet.registry").setLevel(logging.WARNING)
     try:
-        prepared = prepare_registry(str(db_path), workdir, records, CAMERA, model.parent)
+        prepared = prepare_registry(str(db_path), workdir, records, CAMERA, model)
     except Exception as exc:  # a database or key problem: say where, stop here
         raise DemoError(f"preparing the demo registry in {workdir} failed: {exc}") from exc
     _write_private(workdir / "operator.token", prepared.operator_token)
@@ -248,7 +257,7 @@ def run_demo(
         canary=CANARY if any(s.device == CANARY for _, s in found) else found[0][1].device,
         soak_s=soak_s,
         model=prepared.model,
-        model_dir=str(model.parent),
+        next_model=str(next_model or ""),
         registry_config=str(reg_config),
     )
     (workdir / "demo.json").write_text(json.dumps(asdict(story), indent=2) + "\n")
@@ -347,7 +356,7 @@ class StorySettings:
     canary: str
     soak_s: float
     model: str
-    model_dir: str
+    next_model: str  # the file the rollout uploads as the next version
     registry_config: str
 
 
@@ -365,12 +374,11 @@ def _say(text: str) -> None:
 def play_rollout(story: StorySettings, token: str, stop: threading.Event | None = None):
     """Run the scripted rollout against the demo registry (`demo_rollout.run_story`)."""
     from flowfleet.demo_rollout import Api, run_story
-    from flowfleet.demo_setup import NEXT_FILE
 
     return run_story(
         Api(story.url, token),
         model=story.model,
-        model_file=Path(story.model_dir) / NEXT_FILE,
+        model_file=Path(story.next_model),
         camera=CAMERA,
         canary=story.canary,
         devices=story.devices,
@@ -421,6 +429,8 @@ def rollout_again(workdir: Path) -> None:
         token = (workdir / "operator.token").read_text().strip()
     except (OSError, ValueError, TypeError) as exc:
         raise DemoError(f"no demo in {workdir} ({exc}); start one with flowfleet demo") from None
+    if not story.next_model:
+        raise DemoError(f"the demo in {workdir} runs without a model to roll out (see its log)")
     try:
         play_rollout(story, token)
     except StoryError as exc:

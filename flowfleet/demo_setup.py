@@ -31,8 +31,7 @@ OPERATOR = "demo"
 ACTOR = "demo"
 # The registry model every demo camera runs, and the sample files registered at start.
 MODEL = "yolov8n"
-FIRST_FILE = "yolov8n_full_integer_quant.tflite"
-NEXT_FILE = "yolov8n_int8_dynamic.tflite"  # what the scripted rollout uploads as version 2
+# More sample models registered when they lie beside the first one (not deployed).
 EXTRA_MODELS = (("yolov8n-onnx", "yolov8n_int8.onnx"),)
 
 
@@ -76,9 +75,10 @@ def prepare_registry(
     workdir: Path,
     devices: list[DeviceRecord],
     camera: str,
-    models_dir: Path,
+    first_model: Path,
 ) -> Prepared:
-    """Set up the registry at ``db_url`` for the demo (see the module docstring).
+    """Set up the registry at ``db_url`` for the demo (see the module docstring);
+    ``first_model`` is the file registered as the first version and deployed.
 
     Must run while no registry process uses the database (SQLite: before it starts).
     """
@@ -131,10 +131,10 @@ def prepare_registry(
                 rollouts.abort_rollout(
                     db, r.id, actor=ACTOR, reason="left running by an earlier demo"
                 )
-            first = _register(reg, MODEL, models_dir / FIRST_FILE, "the agents' first model")
+            first = _register(reg, MODEL, first_model, "the agents' first model")
             for name, file in EXTRA_MODELS:
-                if (models_dir / file).is_file():
-                    _register(reg, name, models_dir / file, "a sample model")
+                if (first_model.parent / file).is_file():
+                    _register(reg, name, first_model.parent / file, "a sample model")
             reg.set_alias(MODEL, "production", first, actor=ACTOR, reason="flowfleet demo")
             for d in devices:
                 reg.deploy(

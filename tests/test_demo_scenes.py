@@ -14,8 +14,8 @@ import numpy as np
 
 from flowfleet.agent.counting import LineCounter
 from flowfleet.agent.detections import Detections
-from flowfleet.demo import CAMERA, SCENES
-from flowfleet.demo_setup import FIRST_FILE, NEXT_FILE
+from flowfleet.demo import CAMERA, NEXT_MODEL, SCENES
+from flowfleet.models.catalog import default_entry, load_catalog
 
 PLAZA = "pets09-s2l1.avi"
 MOT_FPS = 7.0  # MOT15's frame rate for PETS09-S2L1
@@ -41,8 +41,8 @@ def test_every_scene_draws_inside_its_video_and_the_models_exist(data):
         points += [p for _, poly in scene.zones for p in poly]
         assert all(0 <= x <= w and 0 <= y <= h for x, y in points), (name, w, h)
         assert 51 < scene.latitude < 52 and -1.1 < scene.longitude < -0.8, name
-    for file in (FIRST_FILE, NEXT_FILE):
-        assert (data / "models" / file).is_file(), file
+    for entry in (default_entry(), load_catalog()[NEXT_MODEL]):
+        assert (data / "models" / entry.file).is_file(), entry
 
 
 def ground_truth(data) -> dict[int, list[tuple[float, float, float, float, int]]]:
