@@ -21,7 +21,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from flowfleet.cliutil import CliError, setup_logging
+from flowfleet.cliutil import EXIT_USAGE, CliError, setup_logging
 from flowfleet.data import videos_dir
 
 log = logging.getLogger("flowfleet.demo")
@@ -503,6 +503,15 @@ def register(sub) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
+    beat = max(args.bin_seconds, 5.0)  # the agents' health beat interval
+    if not args.no_rollout and not args.rollout and args.soak <= beat:
+        raise CliError(
+            f"--soak {args.soak:g}: must be longer than the agents' health beat interval "
+            f"({beat:g} s, the larger of --bin-seconds and 5), or no beat falls in a soak",
+            EXIT_USAGE,
+        )
+    if args.rollout_delay < 0:
+        raise CliError(f"--rollout-delay {args.rollout_delay:g}: must be 0 or more", EXIT_USAGE)
     try:
         if args.rollout:
             rollout_again(Path(args.workdir))

@@ -14,6 +14,7 @@ import numpy as np
 
 from flowfleet.agent.counting import LineCounter
 from flowfleet.agent.detections import Detections
+from flowfleet.cli import main
 from flowfleet.demo import CAMERA, NEXT_MODEL, SCENES
 from flowfleet.models.catalog import default_entry, load_catalog
 
@@ -104,3 +105,15 @@ def test_the_plaza_lines_count_the_people_who_cross_them(data):
             # many as cross in the ground truth.
             assert n >= 4, (name, direction, n)
             assert abs(n - len(truth[direction])) <= 1, (name, direction, n, truth)
+
+
+def test_demo_refuses_bad_options_before_it_starts_anything(tmp_path, capsys):
+    work = tmp_path / "demo"
+    assert main(["demo", "--workdir", str(work), "--bin-seconds", "10", "--soak", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "--soak 8: must be longer than the agents' health beat interval (10 s" in err
+    assert main(["demo", "--workdir", str(work), "--rollout-delay", "-1"]) == 2
+    assert "--rollout-delay -1: must be 0 or more" in capsys.readouterr().err
+    assert not work.exists()  # nothing was created
+    assert main(["demo", "--rollout", "--workdir", str(work)]) == 1
+    assert f"no demo in {work}" in capsys.readouterr().err
