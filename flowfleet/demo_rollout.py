@@ -206,20 +206,24 @@ def run_story(
         got = poll()
         if got["state"] not in ("running", "paused"):
             return True
-        return all(s in ("soaking", "succeeded") for s in seen.values()) and len(seen) == len(
-            devices
-        )
+        # Every device moved and judged or being judged (a failed one is put back
+        # at once by the registry; the others go on).
+        waiting = ("pending", "moving", "shadowing")
+        return len(seen) == len(devices) and not any(s in waiting for s in seen.values())
 
     wait_until(all_moved_or_over, timeout, stop, f"every device runs {new}")
-    moved = tuple(sorted(activated))
     if state["rollout"] in ("running", "paused"):
+        running_new = sum(1 for s in seen.values() if s in ("soaking", "succeeded"))
         say(
-            f"[3/4] Every device now counts with {new}. The demo plays the operator who "
-            f"wants to check its counts first: abort. The registry puts every device the "
-            f"rollout moved back on {old}."
+            f"[3/4] {running_new} of {len(devices)} devices now count with {new}. The demo "
+            f"plays the operator who wants to check its counts first: abort. The registry "
+            f"puts every device the rollout moved back on {old}."
         )
         say(f'      (CLI: {cli} rollouts abort {rid} --reason "...")')
-        api.call("POST", f"/api/rollouts/{rid}/abort", {"reason": ABORT_REASON})
+        try:
+            api.call("POST", f"/api/rollouts/{rid}/abort", {"reason": ABORT_REASON})
+        except StoryError as exc:  # it finished between the look and the abort
+            say(f"      the abort came too late: {exc}")
     else:
         say(f"[3/4] The rollout stopped by itself ({state['rollout']}); the registry rolls back.")
 
@@ -228,6 +232,15 @@ def run_story(
         return got["state"] in ("aborted", "succeeded")
 
     wait_until(settled, timeout, stop, f"rollout {rid} finished rolling back")
+    moved = tuple(sorted(activated))
+    entries = api.call("GET", f"/api/audit?target=rollout:{rid}&limit=100")["entries"]
+    actions = tuple(e["action"] for e in sorted(entries, key=lambda e: (e["ts"], e["id"])))
+    if state["rollout"] == "succeeded":
+        say(
+            f"[4/4] The rollout succeeded before it could be aborted: the fleet runs {new}. "
+            f"The audit trail of rollout {rid}: {', '.join(actions)}."
+        )
+        return StoryResult(rid, version, state["rollout"], moved, (), actions)
 
     def all_back() -> bool:
         now = api.running()
@@ -235,8 +248,6 @@ def run_story(
 
     wait_until(all_back, timeout, stop, f"the moved devices report {old} again")
     back = moved
-    entries = api.call("GET", f"/api/audit?target=rollout:{rid}&limit=100")["entries"]
-    actions = tuple(e["action"] for e in sorted(entries, key=lambda e: (e["ts"], e["id"])))
     say(
         f"[4/4] Done: {len(moved)} device(s) ran {new} and are back on {old}. "
         f"The audit trail of rollout {rid}: {', '.join(actions)}."
