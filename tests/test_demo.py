@@ -169,10 +169,16 @@ def test_demo_shows_the_whole_loop_and_ctrl_c_stops_everything(tmp_path, data):
             (cam,) = d["reported"]["cameras"]
             assert (cam["camera"], cam["model"], cam["version"]) == ("main", "yolov8n", 1), d
         for device in DEVICES:  # the agents' own story: v1, then v2, then v1 again
-            events = get(base + f"/api/events?device={device}&limit=200", token)["events"]
-            activated = [
-                e["data"].get("version") for e in reversed(events) if e["type"] == "model_activated"
-            ]
+            activated: list = []
+            deadline = time.monotonic() + 15  # events travel through the outbox
+            while activated[-3:] != [1, 2, 1] and time.monotonic() < deadline:
+                events = get(base + f"/api/events?device={device}&limit=200", token)["events"]
+                activated = [
+                    e["data"].get("version")
+                    for e in reversed(events)
+                    if e["type"] == "model_activated"
+                ]
+                time.sleep(0.3)
             assert activated[-3:] == [1, 2, 1], (device, activated)
         audit = get(base + "/api/audit?target=rollout:1&limit=100", token)["entries"]
         actions = {e["action"] for e in audit}
