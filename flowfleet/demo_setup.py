@@ -7,8 +7,9 @@
 - creates the signing key (the registry's first-start step) and writes the public
   key bundle the agents verify models with (``keys.json``);
 - creates the operator user ``demo`` with a freshly generated web password and an
-  API token for the scripted rollout (both written to files readable only by the
-  owner, and returned so the demo can print them);
+  API token for the scripted rollout (returned so the demo can print the password
+  and keep the token in a file only its owner reads); the tokens an earlier start
+  made are revoked;
 - registers each demo device as a record with a name, site, tags and a location
   (so the fleet map has markers), its device token (it may only download the models
   deployed to it), and puts it in a group;
@@ -31,6 +32,7 @@ OPERATOR = "demo"
 ACTOR = "demo"
 # The registry model every demo camera runs, and the sample files registered at start.
 MODEL = "yolov8n"
+TOKEN_LABELS = ("demo rollout", "demo agent")  # the operator's and the agents' tokens
 # More sample models registered when they lie beside the first one (not deployed).
 EXTRA_MODELS = (("yolov8n-onnx", "yolov8n_int8.onnx"),)
 
@@ -103,7 +105,11 @@ def prepare_registry(
                 if OPERATOR not in users:
                     auth.create_user(OPERATOR, "operator", actor=ACTOR, reason="flowfleet demo")
                 websession.set_password(OPERATOR, password, actor=ACTOR, reason="flowfleet demo")
-                op_token, _ = auth.create_token(OPERATOR, actor=ACTOR, label="demo rollout")
+                # The tokens an earlier start handed out are replaced by new ones.
+                for t in auth.list_tokens(OPERATOR):
+                    if t["revoked_at"] is None and t["label"] in TOKEN_LABELS:
+                        auth.revoke_token(t["id"], actor=ACTOR, reason="flowfleet demo restart")
+                op_token, _ = auth.create_token(OPERATOR, actor=ACTOR, label=TOKEN_LABELS[0])
             tokens: dict[str, Path] = {}
             members: dict[str, list[str]] = {}
             for d in devices:
@@ -120,7 +126,7 @@ def prepare_registry(
                 except RegistryError:  # unknown: register it before it connects
                     fleet_devices.create_device(db, d.device, fields, actor=ACTOR)
                 secret, _ = auth.create_token(
-                    OPERATOR, actor=ACTOR, device=d.device, label="demo agent"
+                    OPERATOR, actor=ACTOR, device=d.device, label=TOKEN_LABELS[1]
                 )
                 tokens[d.device] = _write_secret(workdir / f"{d.device}.token", secret)
                 members.setdefault(d.group, []).append(d.device)
