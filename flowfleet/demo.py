@@ -212,12 +212,11 @@ def run_demo(
     except CatalogError as exc:
         raise DemoError(str(exc)) from None
     next_model = None
-    if rollout:
-        try:  # the version the scripted rollout uploads (downloaded if not in the data)
-            next_model = resolve(NEXT_MODEL)
-        except CatalogError as exc:
-            log.warning("no scripted rollout: %s", exc)
-            rollout = False
+    try:  # the version the scripted rollout uploads (downloaded if not in the data)
+        next_model = resolve(NEXT_MODEL)
+    except CatalogError as exc:
+        log.warning("no scripted rollout: %s", exc)
+        rollout = False
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
