@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -218,6 +219,12 @@ def run_demo(
         log.warning("no scripted rollout: %s", exc)
         rollout = False
 
+    if broker:  # checked before anything is written
+        host, _, port_s = broker.rpartition(":")
+        if not host or not port_s.isdigit():
+            raise DemoError(f"--broker {broker!r}: expected HOST:PORT")
+        port = int(port_s)
+
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     db_path = workdir / "registry.sqlite"
@@ -235,12 +242,7 @@ def run_demo(
         raise DemoError(f"preparing the demo registry in {workdir} failed: {exc}") from exc
     _write_private(workdir / "operator.token", prepared.operator_token)
     own_broker = None
-    if broker:
-        host, _, port_s = broker.rpartition(":")
-        if not host or not port_s.isdigit():
-            raise DemoError(f"--broker {broker!r}: expected HOST:PORT")
-        port = int(port_s)
-    else:
+    if not broker:
         try:
             own_broker = Broker(workdir / "broker").start()
         except BrokerError as exc:
@@ -509,6 +511,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"({beat:g} s, the larger of --bin-seconds and 5), or no beat falls in a soak",
             EXIT_USAGE,
         )
+    if args.broker and not re.fullmatch(r".+:\d+", args.broker):
+        raise CliError(f"--broker {args.broker!r}: expected HOST:PORT", EXIT_USAGE)
     if args.rollout_delay < 0:
         raise CliError(f"--rollout-delay {args.rollout_delay:g}: must be 0 or more", EXIT_USAGE)
     try:

@@ -114,6 +114,8 @@ def test_demo_refuses_bad_options_before_it_starts_anything(tmp_path, capsys):
     assert "--soak 8: must be longer than the agents' health beat interval (10 s" in err
     assert main(["demo", "--workdir", str(work), "--rollout-delay", "-1"]) == 2
     assert "--rollout-delay -1: must be 0 or more" in capsys.readouterr().err
+    assert main(["demo", "--workdir", str(work), "--broker", "localhost"]) == 2
+    assert "--broker 'localhost': expected HOST:PORT" in capsys.readouterr().err
     assert not work.exists()  # nothing was created
     assert main(["demo", "--rollout", "--workdir", str(work)]) == 1
     assert f"no demo in {work}" in capsys.readouterr().err
