@@ -186,6 +186,11 @@ class MqttConnection:
         self._deferred: list[tuple[str, int, DeliveryHandler]] = []
         self._drop_filters: list[str] = []
         self.connected = threading.Event()
+        # Set once the broker acknowledged every subscription of the current
+        # connection: before that, a message published by another client may find no
+        # subscriber (it is not queued for a new session's filters).
+        self.subscribed = threading.Event()
+        self._pending_subs: set[int] = set()
         self._stopping = False
         self.connects = 0  # successful sessions (CONNACK accepted) since start
         self._client = _JitterClient(
@@ -211,6 +216,7 @@ class MqttConnection:
         self._failures = 0
         self._client.on_publish = self._handle_publish
         self._client.on_message = self._handle_message
+        self._client.on_subscribe = self._handle_subscribe
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -315,8 +321,15 @@ class MqttConnection:
             return
         for topic_filter in self._drop_filters:
             client.unsubscribe(topic_filter)
+        self.subscribed.clear()
+        pending = set()
         for topic_filter, qos, _ in self._handlers + self._deferred:
-            client.subscribe(topic_filter, qos=qos)
+            result, mid = client.subscribe(topic_filter, qos=qos)
+            if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+                pending.add(mid)
+        self._pending_subs = pending
+        if not pending:
+            self.subscribed.set()
         self._client.attempt = 0
         self._failures = 0
         self.connects += 1
@@ -335,9 +348,20 @@ class MqttConnection:
             level, "cannot reach %s%s (attempt %d); retrying", self.address, why, self._failures
         )
 
+    def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        self._pending_subs.discard(mid)
+        for code in reason_codes:
+            if code.is_failure:
+                log.error(
+                    "broker %s refused a subscription of %s: %s", self.address, self.client_id, code
+                )
+        if not self._pending_subs:
+            self.subscribed.set()
+
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was = self.connected.is_set()
         self.connected.clear()
+        self.subscribed.clear()
         if was:
             level = logging.INFO if self._stopping else logging.WARNING
             log.log(level, "disconnected from %s: %s", self.address, reason_code)

@@ -200,7 +200,8 @@ class IngestWorker:
 
     @property
     def connected(self) -> bool:
-        return self.connection.connected.is_set()
+        """Connected, with every subscription acknowledged: receiving."""
+        return self.connection.connected.is_set() and self.connection.subscribed.is_set()
 
     @property
     def outcomes(self) -> dict[str, int]:
