@@ -248,6 +248,13 @@ class DriftSection(Strict):
     judge_windows: int = Field(
         60, ge=1, le=100_000, description="windows judged before a new model is accepted"
     )
+    settle_s: float = Field(
+        5.0,
+        ge=0,
+        le=3600,
+        description="windows younger than this wait for the next pass (an ingest "
+        "transaction still in flight on PostgreSQL)",
+    )
 
     @model_validator(mode="after")
     def _k_of_n(self):
@@ -266,7 +273,9 @@ class DriftSection(Strict):
         from .fleet.drift import JudgeOptions
 
         return JudgeOptions(
-            baseline_windows=self.baseline_windows, judge_windows=self.judge_windows
+            baseline_windows=self.baseline_windows,
+            judge_windows=self.judge_windows,
+            settle_s=self.settle_s,
         )
 
 
