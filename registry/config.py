@@ -348,7 +348,11 @@ def load_registry_config(path: str | Path, *, check: bool = True) -> RegistrySet
     base = path.resolve().parent
 
     def rel(p: str | None) -> str | None:
-        return None if p is None or not _is_plain_path(p) else str(base / Path(p).expanduser())
+        # URLs (postgresql://, s3://, sqlite:...) stay as they are; plain paths are
+        # relative to the config file.
+        if p is None or not _is_plain_path(p):
+            return p
+        return str(base / Path(p).expanduser())
 
     s = settings
     settings = s.model_copy(
