@@ -131,7 +131,9 @@ class CountsSection(Strict):
     how long raw count bins are kept (the rollups keep every count)."""
 
     timezone: str = Field("UTC", description="IANA name, e.g. Europe/Paris")
-    raw_retention_days: float = Field(90.0, ge=0, description="0 keeps raw bins forever")
+    raw_retention_days: float = Field(
+        90.0, ge=0, description="raw bins, health beats and shadow windows; 0 keeps them"
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -193,6 +195,13 @@ class WebhooksSection(Strict):
     )
     backoff_max_s: float = Field(3600.0, gt=0, le=86_400, description="longest wait")
     concurrency: int = Field(4, ge=1, le=64, description="deliveries sent at once")
+    log_retention_days: float = Field(
+        30.0,
+        ge=0,
+        le=36_500,
+        description="deliveries delivered or given up longer ago leave the delivery log "
+        "(with their attempts); 0 keeps them",
+    )
 
     @model_validator(mode="after")
     def _backoff_order(self):
