@@ -10,6 +10,7 @@ states, and the rollout job stepping the rollout. Soak times are 1-1.5 s.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -411,6 +412,38 @@ def test_a_moved_canary_runs_its_previous_model_in_shadow_through_the_soak(fleet
     assert all(s.versions_sent(MODEL) == [1] for s in others)
     # The comparison stopped before the rollback: the last desired state has no shadow.
     assert canary.received[-1].shadow is None and canary.received[-1].models[CAMERA].version == 1
+
+
+def test_a_camera_without_a_registry_model_before_is_named_not_silently_left(
+    fleet, registry, broker
+):
+    """A failed device whose camera ran no registry model before the rollout (its
+    configured file) cannot be put back: its reason says so, `rollout.not_reverted` is
+    audited, the create entry counts such devices, and nothing else is deployed to it."""
+    rig, _ = fleet
+    (fresh,) = start_fleet(BrokerAddress(broker.host, broker.port), ["sim-new"], camera=CAMERA)
+    try:
+        fresh.behaviours[(MODEL, 2)] = "rollback"
+        rid = create(
+            registry, {"canary": {"devices": ["sim-new"]}, "waves": 1}, {"devices": ["sim-new"]}
+        )
+        (created,) = actions("rollout.create")
+        details = json.loads(created.details)
+        assert (details["without_previous"], details["without_previous_devices"]) == (
+            1,
+            ["sim-new"],
+        )
+        rig.job.start()
+        wait_for(lambda: state_of(rid) == "aborted", 20, "the rollout to abort")
+        c = get_rollout(rid)["waves"][0]["devices"][0]
+        assert c["state"] == "rolled_back" and c["previous"] is None, c
+        assert "not rolled back: the camera ran no registry model before" in c["reason"], c
+        (entry,) = actions("rollout.not_reverted", f"device:sim-new/camera:{CAMERA}")
+        assert json.loads(entry.details)["version"] == 2
+        assert deployed("sim-new") == 2  # nothing signed to go back to
+        assert fresh.versions_sent(MODEL) == [2]
+    finally:
+        stop_fleet([fresh])
 
 
 def test_three_of_ten_failing_after_the_first_wave_abort_and_roll_every_moved_device_back(

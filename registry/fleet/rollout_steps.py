@@ -395,6 +395,8 @@ class RolloutStepper:
             return
         self._queued = True
         rd.state, rd.reason = "moving", "desired state queued"
+        if prev is None:
+            rd.reason += "; no registry model before: it cannot be put back if it fails"
         rd.moved_at, rd.desired_version = t, row["desired_version"]
         rd.save()
         audit(
@@ -445,7 +447,23 @@ class RolloutStepper:
             rd.reason += f"; not rolled back: its deployment is {now_on} already"
             return
         if rd.previous_model is None:
-            rd.reason += "; not rolled back: the camera had no registry model before"
+            # Nothing signed to go back to: the agent would keep the last model it was
+            # sent whatever the registry did (a desired state cannot say "your
+            # configured file"). Say so where an operator (and a webhook) sees it.
+            rd.reason += (
+                "; not rolled back: the camera ran no registry model before this rollout "
+                f"(its configured file), so it keeps {r.model} v{r.version}; deploy a "
+                "model to it by hand"
+            )
+            audit(
+                JOB_ACTOR,
+                "rollout.not_reverted",
+                device_target(rd.device, r.camera),
+                f"rollout {r.id}: {why}; no registry model before the rollout to put back",
+                rollout=r.id,
+                model=r.model,
+                version=r.version,
+            )
             return
         try:
             _, row = self.registry.deploy(
