@@ -139,7 +139,7 @@ def test_two_registry_processes_move_each_device_once_and_the_survivor_takes_ove
             plan={
                 "canary": {"count": 1},
                 "waves": 3,
-                "soak_s": 1.0,
+                "soak_s": 0.8,
                 "timeout_s": 20.0,
                 "beat_timeout_s": 5.0,
                 "seed": 16,
