@@ -255,10 +255,19 @@ def load(args) -> dict:
     else:  # a temporary database on that server (created and dropped here)
         url = stack.enter_context(temporary_postgres(args.db))
     with stack:
-        return _load(args, url)
+        # Side by side in one run: activations one camera at a time (the code the bulk
+        # path replaced), then in bulk (the judge's default).
+        modes = {"one_at_a_time": False, "bulk": True}
+        if args.mode != "both":
+            modes = {args.mode: modes[args.mode]}
+        runs = {name: _load(args, url, bulk) for name, bulk in modes.items()}
+    first = next(iter(runs.values()))
+    return {k: first[k] for k in ("database", "devices", "cameras")} | {
+        "modes": {name: r["rounds"] for name, r in runs.items()}
+    }
 
 
-def _load(args, url: str) -> dict:
+def _load(args, url: str, bulk: bool = True) -> dict:
     from flowfleet.registry.fleet.drift import DriftJudge, JudgeOptions
     from flowfleet.registry.store import db as regdb
     from flowfleet.registry.testing import reset_database
@@ -272,7 +281,9 @@ def _load(args, url: str) -> dict:
     cameras = [f"cam{j}" for j in range(args.cameras)]
     t0 = 1_780_000_000.0
     seq = {d: 0 for d in devices}
-    judge = DriftJudge(db, None, Settings(), JudgeOptions(batch=5000), name="bench")
+    judge = DriftJudge(
+        db, None, Settings(), JudgeOptions(batch=5000, bulk_activations=bulk), name="bench"
+    )
     rounds = []
 
     def add_round(r: int, model: str) -> None:
@@ -341,12 +352,14 @@ def _load(args, url: str) -> dict:
 
 def print_load(r: dict) -> None:
     print(f"{r['database']}: {r['devices']} devices x {r['cameras']} cameras, one 60 s window each")
-    print(f"{'round':<7}{'kind':<12}{'windows':>8}{'cpu s':>8}{'wall s':>8}{'% of a core':>13}")
-    for x in r["rounds"]:
-        print(
-            f"{x['round']:<7}{x['kind']:<12}{x['windows']:>8}{x['cpu_s']:>8.2f}"
-            f"{x['wall_s']:>8.2f}{x['core_pct_of_60s']:>12.1f}%"
-        )
+    for mode, rounds in r["modes"].items():
+        print(f"activations {mode.replace('_', ' ')}:")
+        print(f"{'round':<7}{'kind':<12}{'windows':>8}{'cpu s':>8}{'wall s':>8}{'% of a core':>13}")
+        for x in rounds:
+            print(
+                f"{x['round']:<7}{x['kind']:<12}{x['windows']:>8}{x['cpu_s']:>8.2f}"
+                f"{x['wall_s']:>8.2f}{x['core_pct_of_60s']:>12.1f}%"
+            )
 
 
 def main() -> None:
@@ -372,6 +385,12 @@ def main() -> None:
         default="sqlite",
         help="sqlite (a temporary file) or a PostgreSQL server URL (a temporary database "
         "is created on it and dropped)",
+    )
+    ld.add_argument(
+        "--mode",
+        choices=("both", "bulk", "one_at_a_time"),
+        default="both",
+        help="how activations read baselines and create rows (both: side by side)",
     )
     ld.add_argument("--json", type=Path, default=Path("benchmarks/results/drift.json"))
     args = ap.parse_args()

@@ -131,7 +131,9 @@ class CountsSection(Strict):
     how long raw count bins are kept (the rollups keep every count)."""
 
     timezone: str = Field("UTC", description="IANA name, e.g. Europe/Paris")
-    raw_retention_days: float = Field(90.0, ge=0, description="0 keeps raw bins forever")
+    raw_retention_days: float = Field(
+        90.0, ge=0, description="raw bins, health beats and shadow windows; 0 keeps them"
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -198,6 +200,13 @@ class WebhooksSection(Strict):
     )
     backoff_max_s: float = Field(3600.0, gt=0, le=86_400, description="longest wait")
     concurrency: int = Field(4, ge=1, le=64, description="deliveries sent at once")
+    log_retention_days: float = Field(
+        30.0,
+        ge=0,
+        le=36_500,
+        description="deliveries delivered or given up longer ago leave the delivery log "
+        "(with their attempts); 0 keeps them",
+    )
 
     @model_validator(mode="after")
     def _backoff_order(self):
@@ -253,6 +262,13 @@ class DriftSection(Strict):
     judge_windows: int = Field(
         60, ge=1, le=100_000, description="windows judged before a new model is accepted"
     )
+    settle_s: float = Field(
+        5.0,
+        ge=0,
+        le=3600,
+        description="windows younger than this wait for the next pass (an ingest "
+        "transaction still in flight on PostgreSQL)",
+    )
 
     @model_validator(mode="after")
     def _k_of_n(self):
@@ -271,7 +287,9 @@ class DriftSection(Strict):
         from .fleet.drift import JudgeOptions
 
         return JudgeOptions(
-            baseline_windows=self.baseline_windows, judge_windows=self.judge_windows
+            baseline_windows=self.baseline_windows,
+            judge_windows=self.judge_windows,
+            settle_s=self.settle_s,
         )
 
 
@@ -344,7 +362,11 @@ def load_registry_config(path: str | Path, *, check: bool = True) -> RegistrySet
     base = path.resolve().parent
 
     def rel(p: str | None) -> str | None:
-        return None if p is None or not _is_plain_path(p) else str(base / Path(p).expanduser())
+        # URLs (postgresql://, s3://, sqlite:...) stay as they are; plain paths are
+        # relative to the config file.
+        if p is None or not _is_plain_path(p):
+            return p
+        return str(base / Path(p).expanduser())
 
     s = settings
     settings = s.model_copy(

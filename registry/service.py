@@ -137,8 +137,9 @@ def run_registry(
         proxy: which reverse-proxy headers to believe; none by default.
         site_timezone: IANA name of the site's timezone: day rollups (and the day
             buckets of /api/series) run from its midnight to midnight.
-        raw_retention_days: raw count bins and health beats older than this are
-            removed once an hour (the rollups keep every count); None keeps them.
+        raw_retention_days: raw count bins, health beats and shadow-comparison
+            windows older than this are removed once an hour (the rollups keep every
+            count); None keeps them.
         ingest: how many ingest workers share the device subscription (worker 1 in
             this process, the others in child processes) and their batches.
         stale_after_s: a device silent for longer is shown with presence "stale".
@@ -237,7 +238,12 @@ def run_registry(
         if watch_dir is not None
         else None
     )
-    retention = RetentionJob(worker.db, raw_retention_days) if raw_retention_days else None
+    webhook_log_days = webhooks.log_retention_days or None
+    retention = (
+        RetentionJob(worker.db, raw_retention_days, webhook_log_days=webhook_log_days)
+        if raw_retention_days or webhook_log_days
+        else None
+    )
     drift = drift or DriftSection()
     # The drift judge runs in every registry process; its named lock makes passes
     # take turns, and its cursor means a window is judged once.

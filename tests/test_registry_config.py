@@ -124,6 +124,23 @@ dir = "drop"
     assert "s3cret" not in out + err
 
 
+def test_urls_in_the_config_are_kept_as_they_are(tmp_path):
+    """A database or artifact store URL is not a path: it is used as written (a
+    PostgreSQL URL once came back as None, and the registry fell back to its default
+    SQLite file without a word)."""
+    path = tmp_path / "registry.toml"
+    path.write_text(
+        '[database]\nurl = "postgresql://flowfleet@db.example:5432/fleet"\n'
+        '[storage]\nartifacts = "s3://models/fleet"\nkey_dir = "keys"\n'
+    )
+    s = load_registry_config(path)
+    assert s.database.url == "postgresql://flowfleet@db.example:5432/fleet"
+    assert s.storage.artifacts == "s3://models/fleet"
+    assert s.storage.key_dir == str(tmp_path / "keys")
+    path.write_text('[database]\nurl = "sqlite:///var/lib/flowfleet/registry.sqlite"\n')
+    assert load_registry_config(path).database.url == "sqlite:///var/lib/flowfleet/registry.sqlite"
+
+
 def test_flags_override_the_file(tmp_path, monkeypatch):
     monkeypatch.delenv("FLOWFLEET_DATABASE_URL", raising=False)
     path = tmp_path / "registry.toml"

@@ -10,6 +10,7 @@ states, and the rollout job stepping the rollout. Soak times are 1-1.5 s.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -21,6 +22,7 @@ from flowfleet.mqtt import BrokerAddress
 from flowfleet.registry.errors import RegistryError
 from flowfleet.registry.fleet.commands import CommandPublisher
 from flowfleet.registry.fleet.groups import set_group
+from flowfleet.registry.fleet.rollout_gates import default_gates
 from flowfleet.registry.fleet.rollout_job import LEASE, RolloutJob
 from flowfleet.registry.fleet.rollout_plan import assign_waves, parse_plan
 from flowfleet.registry.fleet.rollout_steps import RolloutStepper
@@ -32,6 +34,7 @@ from flowfleet.registry.fleet.rollouts import (
     pause_rollout,
     resume_rollout,
 )
+from flowfleet.registry.fleet.shadow import agreement_source
 from flowfleet.registry.fleet.worker import IngestWorker
 from flowfleet.registry.store import leases
 from flowfleet.registry.store.audit import audit
@@ -375,6 +378,72 @@ def test_a_canary_first_runs_the_model_in_shadow_and_disagreeing_counts_stop_it_
     else:
         assert c["state"] == "succeeded", c
         assert all(deployed(d) == 2 for d in DEVICES)
+
+
+def test_a_moved_canary_runs_its_previous_model_in_shadow_through_the_soak(fleet, registry):
+    """Plan ``soak_shadow``: once moved, the canary runs v1 in shadow beside v2, and
+    the count-agreement gate (the registry's shadow source) judges it during the soak:
+    counts that disagree fail it, the comparison stops, it goes back to v1. (A gate
+    that passes on shadow data: test_the_count_agreement_gate_judges_only_with_shadow_data.)
+    """
+    agreement, outcome = 0.4, "aborted"
+    rig, sims = fleet
+    rig.stepper.gates = default_gates(agreement_source())
+    for s in sims.values():
+        s.shadow_agreement[(MODEL, 1)] = agreement  # the previous model, beside v2
+    plan = {"canary": {"devices": ["sim-00"]}, "waves": 1, "soak_s": 2.0, "soak_shadow": True}
+    rid = create(registry, plan)
+    rig.job.start()
+    wait_for(lambda: state_of(rid) == outcome, 30, f"the rollout to end {outcome}")
+    canary = sims["sim-00"]
+    assert any(
+        d.shadow and d.shadow[CAMERA].model.version == 1 and d.models[CAMERA].version == 2
+        for d in canary.received
+    ), "the canary was asked to run v1 in shadow beside v2"
+    assert canary.shadow_windows_sent >= 1
+    wait_for(lambda: canary.shadowing is None, 10, "the shadow comparison to stop")
+    c = get_rollout(rid)["waves"][0]["devices"][0]
+    others = [s for d, s in sims.items() if d != "sim-00"]
+    assert not any(d.shadow for s in others for d in s.received), "only the canary"
+    assert c["state"] == "failed", c
+    assert "count agreement 0.40 with the previous model < 0.7" in c["reason"], c
+    assert "back on yolo v1" in c["reason"]
+    wait_for(lambda: canary.running == (MODEL, 1), 10, "the canary back on v1")
+    assert all(s.versions_sent(MODEL) == [1] for s in others)
+    # The comparison stopped before the rollback: the last desired state has no shadow.
+    assert canary.received[-1].shadow is None and canary.received[-1].models[CAMERA].version == 1
+
+
+def test_a_camera_without_a_registry_model_before_is_named_not_silently_left(
+    fleet, registry, broker
+):
+    """A failed device whose camera ran no registry model before the rollout (its
+    configured file) cannot be put back: its reason says so, `rollout.not_reverted` is
+    audited, the create entry counts such devices, and nothing else is deployed to it."""
+    rig, _ = fleet
+    (fresh,) = start_fleet(BrokerAddress(broker.host, broker.port), ["sim-new"], camera=CAMERA)
+    try:
+        fresh.behaviours[(MODEL, 2)] = "rollback"
+        rid = create(
+            registry, {"canary": {"devices": ["sim-new"]}, "waves": 1}, {"devices": ["sim-new"]}
+        )
+        (created,) = actions("rollout.create")
+        details = json.loads(created.details)
+        assert (details["without_previous"], details["without_previous_devices"]) == (
+            1,
+            ["sim-new"],
+        )
+        rig.job.start()
+        wait_for(lambda: state_of(rid) == "aborted", 20, "the rollout to abort")
+        c = get_rollout(rid)["waves"][0]["devices"][0]
+        assert c["state"] == "rolled_back" and c["previous"] is None, c
+        assert "not rolled back: the camera ran no registry model before" in c["reason"], c
+        (entry,) = actions("rollout.not_reverted", f"device:sim-new/camera:{CAMERA}")
+        assert json.loads(entry.details)["version"] == 2
+        assert deployed("sim-new") == 2  # nothing signed to go back to
+        assert fresh.versions_sent(MODEL) == [2]
+    finally:
+        stop_fleet([fresh])
 
 
 def test_three_of_ten_failing_after_the_first_wave_abort_and_roll_every_moved_device_back(

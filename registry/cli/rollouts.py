@@ -55,6 +55,13 @@ def add_rollout_actions(actions, shared_options: Callable[[argparse.ArgumentPars
         metavar="SECONDS",
         help="canaries run the new model in shadow this long first (needs shadow-capable agents)",
     )
+    create.add_argument(
+        "--soak-shadow",
+        action="store_true",
+        default=None,
+        help="moved canaries run their previous model in shadow through the soak "
+        "(the count-agreement gate's data)",
+    )
     create.add_argument("--timeout", type=float, dest="timeout_s", metavar="SECONDS")
     create.add_argument("--beat-timeout", type=float, dest="beat_timeout_s", metavar="SECONDS")
     create.add_argument("--abort-min", type=int, metavar="N", help="finished devices first")
@@ -127,6 +134,8 @@ def _plan(args: argparse.Namespace) -> dict:
             plan[key] = getattr(args, key)
     if args.beat_timeout_s is not None:
         plan["beat_timeout_s"] = args.beat_timeout_s
+    if args.soak_shadow:
+        plan["soak_shadow"] = True
     if args.seed is not None:
         plan["seed"] = args.seed
     if args.canary:

@@ -46,6 +46,7 @@ from ..store.audit import audit
 from ..store.db import DriftSummary, ModelVersion, now
 from ..store.drift_tables import DriftActivation, DriftCamera, DriftCursor, DriftVerdict
 from ..store.locks import exclusive
+from . import drift_baselines
 from .drift_stats import Settings, WindowStats, compare, confirmed
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ class JudgeOptions:
     judge_windows: int = 60
     settle_s: float = 5.0  # summaries younger than this wait for the next pass
     batch: int = 2000
+    # Read the baselines and create the activations of a pass in bulk
+    # (`drift_baselines`); False: one camera at a time (the benchmark's comparison).
+    bulk_activations: bool = True
 
 
 def model_version(model_file: str | None) -> tuple[str, int] | None:
@@ -174,6 +178,8 @@ class DriftJudge:
         self._verdict_rows: list[dict] = []
         rolled = False
         rows.sort(key=lambda r: (r.device_id, r.camera, r.start, r.id))
+        # Each camera's first activation in this pass, made in bulk before judging.
+        premade = self._activate_many(rows, cams, at) if self.options.bulk_activations else {}
         for row in rows:
             key = (row.device_id, row.camera)
             cam = cams.get(key)
@@ -192,7 +198,9 @@ class DriftJudge:
                 continue  # a late window from before what we know: its model is history
             if row.model != cam.model:
                 # The camera row changes only here (an activation), not per window.
-                act = cam.activation = self._activate(cam, row, at)
+                made = premade.pop(key, None)
+                act = made[1] if made is not None and made[0] == row.id else None
+                act = cam.activation = act or self._activate(cam, row, at)
                 cam.model, cam.last_start, cam.updated_at = row.model, row.start, at
                 if cam.id is not None:
                     changed[key] = cam
@@ -202,6 +210,10 @@ class DriftJudge:
                 judged_acts[act.id] = act
                 out[verdict] = out.get(verdict, 0) + 1
                 rolled = rolled or verdict == "model_drift"
+        if premade:  # never met (the scan mirrors the loop, so this is a safety net)
+            DriftActivation.delete().where(
+                DriftActivation.id.in_([a.id for _, a in premade.values()])
+            ).execute()
         # Written in bulk: a pass over a fleet's windows is a handful of statements.
         for i in range(0, len(self._verdict_rows), BULK):
             DriftVerdict.insert_many(self._verdict_rows[i : i + BULK]).execute()
@@ -245,20 +257,47 @@ class DriftJudge:
     # -- activations -----------------------------------------------------------------
 
     def _activate(self, cam: DriftCamera, row: DriftSummary, at: float) -> DriftActivation:
-        prior = cam.activation
-        base_rows = list(
-            DriftSummary.select()
-            .where(
-                (DriftSummary.device == row.device_id)
-                & (DriftSummary.camera == row.camera)
-                & (DriftSummary.model == cam.model)
-                & (DriftSummary.start < row.start)
-            )
-            .order_by(DriftSummary.start.desc())
-            .limit(self.options.baseline_windows)
+        base_rows = drift_baselines.read_baseline(
+            row.device_id, row.camera, cam.model, row.start, self.options.baseline_windows
         )
+        return DriftActivation.create(
+            **self._activation_values(row, cam.model, cam.activation, base_rows, at)
+        )
+
+    def _activate_many(
+        self, rows: list[DriftSummary], cams: dict[tuple[str, str], DriftCamera], at: float
+    ) -> dict[tuple[str, str], tuple[int, DriftActivation]]:
+        """Each camera's first activation in ``rows``, its baseline read and its row
+        created in bulk (`drift_baselines`); by camera: (the row's id, activation)."""
+        planned = drift_baselines.first_activations(rows, cams)
+        wanted = [(d, c, prev, row.start) for (d, c), (row, prev) in planned.items() if prev]
+        bases = drift_baselines.read_baselines(self.db, wanted, self.options.baseline_windows)
+        values = []
+        for key, (row, prev) in planned.items():
+            cam = cams.get(key)
+            prior = cam.activation if cam is not None else None
+            if key in bases:
+                base_rows = bases[key]
+            else:  # no previous model name (NULL): the one-camera query matches it
+                base_rows = drift_baselines.read_baseline(
+                    *key, prev, row.start, self.options.baseline_windows
+                )
+            values.append(self._activation_values(row, prev, prior, base_rows, at))
+        made = drift_baselines.insert_activations(self.db, values)
+        return {key: (planned[key][0].id, act) for key, act in made.items()}
+
+    def _activation_values(
+        self,
+        row: DriftSummary,
+        previous: str | None,
+        prior: DriftActivation | None,
+        base_rows: list[tuple[int, str]],
+        at: float,
+    ) -> dict:
+        """The activation row for ``row`` (the new model's first window) after
+        ``previous``, judged against ``base_rows`` ((id, payload) of its windows)."""
         pooled = (
-            WindowStats.pool(WindowStats.from_summary(json.loads(r.payload)) for r in base_rows)
+            WindowStats.pool(WindowStats.from_summary(json.loads(body)) for _, body in base_rows)
             if base_rows
             else None
         )
@@ -270,17 +309,17 @@ class DriftJudge:
             state = "no_baseline"
         else:
             state = "judging"
-        return DriftActivation.create(
-            device=row.device_id,
-            camera=row.camera,
-            model=row.model,
-            previous_model=cam.model,
-            started_at=row.start,
-            baseline=json.dumps(pooled.to_dict()) if pooled is not None else None,
-            baseline_ids=json.dumps(sorted(r.id for r in base_rows)),
-            state=state,
-            created_at=at,
-        )
+        return {
+            "device": row.device_id,
+            "camera": row.camera,
+            "model": row.model,
+            "previous_model": previous,
+            "started_at": row.start,
+            "baseline": json.dumps(pooled.to_dict()) if pooled is not None else None,
+            "baseline_ids": json.dumps(sorted(i for i, _ in base_rows)),
+            "state": state,
+            "created_at": at,
+        }
 
     # -- one window ------------------------------------------------------------------
 

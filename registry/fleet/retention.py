@@ -11,9 +11,17 @@ that nothing is counted twice later:
   ``device.bins_pruned`` counts what went, so bins received and gaps stay right;
 - each device's newest health beat stays (its last health on the dashboard).
 
-`prune` works in small transactions under a named lock, so it never holds the
-database for long and two registry processes never prune at once; `RetentionJob`
-runs it once an hour in the registry.
+Beside them, with their own limits:
+
+- shadow-comparison windows (`prune_shadow_windows`) older than the raw limit too,
+  except each device camera's newest (the last agreement an operator saw stays);
+- the webhook delivery log (`prune_webhook_log`): deliveries *finished* (delivered or
+  given up) longer ago than ``[webhooks] log_retention_days``, with their attempts.
+  A delivery still waiting to be sent is never removed.
+
+`prune` and the others work in small transactions under a named lock, so they never
+hold the database for long and two registry processes never prune at once;
+`RetentionJob` runs them once an hour in the registry.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import peewee as pw
 
 from ..store.db import CountBin, Device, HealthBeat, now
 from ..store.locks import exclusive
+from ..store.shadow_tables import ShadowWindow
+from ..store.webhook_tables import WebhookAttempt, WebhookDelivery
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +86,89 @@ def prune(db: pw.Database, keep_days: float, at: float | None = None) -> dict[st
     return out
 
 
-class RetentionJob:
-    """Runs `prune` every ``every_s`` on a thread (first run a minute after start)."""
+def prune_shadow_windows(db: pw.Database, keep_days: float, at: float | None = None) -> int:
+    """Remove shadow-comparison windows that ended more than ``keep_days`` ago, except
+    each device camera's newest; returns how many went."""
+    cutoff = (now() if at is None else at) - keep_days * DAY
+    newest = [
+        i
+        for (i,) in ShadowWindow.select(pw.fn.MAX(ShadowWindow.id))
+        .group_by(ShadowWindow.device, ShadowWindow.camera)
+        .tuples()
+    ]
+    removed = 0
+    while True:
+        with exclusive(db, "retention"):
+            query = ShadowWindow.select(ShadowWindow.id).where(ShadowWindow.end < cutoff)
+            if newest:
+                query = query.where(ShadowWindow.id.not_in(newest))
+            ids = [i for (i,) in query.limit(BATCH).tuples()]
+            if not ids:
+                return removed
+            removed += ShadowWindow.delete().where(ShadowWindow.id.in_(ids)).execute()
 
-    def __init__(self, db: pw.Database, keep_days: float, every_s: float = 3600.0) -> None:
+
+def prune_webhook_log(db: pw.Database, keep_days: float, at: float | None = None) -> dict[str, int]:
+    """Remove webhook deliveries delivered or given up more than ``keep_days`` ago, and
+    their attempts; returns how many of each went."""
+    cutoff = (now() if at is None else at) - keep_days * DAY
+    finished = pw.fn.COALESCE(WebhookDelivery.delivered_at, WebhookDelivery.given_up_at)
+    out = {"webhook_deliveries": 0, "webhook_attempts": 0}
+    while True:
+        with exclusive(db, "retention"):
+            ids = [
+                i
+                for (i,) in WebhookDelivery.select(WebhookDelivery.id)
+                .where(finished.is_null(False) & (finished < cutoff))
+                .limit(BATCH)
+                .tuples()
+            ]
+            if not ids:
+                return out
+            # Attempts first: the log must not depend on the database's cascade.
+            out["webhook_attempts"] += (
+                WebhookAttempt.delete().where(WebhookAttempt.delivery.in_(ids)).execute()
+            )
+            out["webhook_deliveries"] += (
+                WebhookDelivery.delete().where(WebhookDelivery.id.in_(ids)).execute()
+            )
+
+
+def prune_all(
+    db: pw.Database,
+    keep_days: float | None,
+    webhook_log_days: float | None = None,
+    at: float | None = None,
+) -> dict[str, int]:
+    """Every retention rule: raw bins, health beats and shadow windows after
+    ``keep_days``, the webhook delivery log after ``webhook_log_days`` (None or 0:
+    kept)."""
+    out: dict[str, int] = {}
+    if keep_days:
+        out.update(prune(db, keep_days, at))
+        out["shadow_windows"] = prune_shadow_windows(db, keep_days, at)
+    if webhook_log_days:
+        out.update(prune_webhook_log(db, webhook_log_days, at))
+    return out
+
+
+class RetentionJob:
+    """Runs `prune_all` every ``every_s`` on a thread (first run a minute after start).
+
+    ``keep_days``: raw bins, health beats and shadow windows; ``webhook_log_days``:
+    the webhook delivery log (None or 0: kept)."""
+
+    def __init__(
+        self,
+        db: pw.Database,
+        keep_days: float | None,
+        every_s: float = 3600.0,
+        *,
+        webhook_log_days: float | None = None,
+    ) -> None:
         self.db = db
         self.keep_days = keep_days
+        self.webhook_log_days = webhook_log_days
         self.every_s = every_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -102,14 +189,11 @@ class RetentionJob:
             wait = self.every_s
             try:
                 with self.db.connection_context():
-                    done = prune(self.db, self.keep_days)
+                    done = prune_all(self.db, self.keep_days, self.webhook_log_days)
                 if any(done.values()):
                     log.info(
-                        "retention: removed %d raw count bins and %d health beats older "
-                        "than %g days (the rollups keep the counts)",
-                        done["bins"],
-                        done["health_beats"],
-                        self.keep_days,
+                        "retention: removed %s (the rollups keep the counts)",
+                        ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in done.items() if n),
                     )
             except Exception:
                 log.exception("retention failed; trying again in %.0f s", self.every_s)

@@ -10,6 +10,8 @@ rows. A clean stop gives the lease up at once.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -21,6 +23,19 @@ from .rollout_steps import RolloutStepper
 log = logging.getLogger(__name__)
 
 LEASE = "rollouts"
+
+
+def default_holder() -> str:
+    """A lease holder name that says which process holds it: ``registry-<host>-<pid>-<random>``
+    (the random part tells apart two registries that reuse one pid, in containers)."""
+    host = socket.gethostname().split(".")[0][:48] or "host"
+    return f"registry-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def holder_pid(holder: str) -> int | None:
+    """The process id in a `default_holder` name (None for another form)."""
+    parts = holder.rsplit("-", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
 
 
 class RolloutJob:
@@ -38,7 +53,7 @@ class RolloutJob:
         self.db = stepper.db
         self.tick_s = tick_s
         self.lease_s = lease_s if lease_s is not None else max(3 * tick_s, 1.0)
-        self.holder = holder or f"registry-{uuid.uuid4().hex[:12]}"
+        self.holder = holder or default_holder()
         self.ticks = 0  # ticks that held the lease
         self._stop = threading.Event()
         self._wake = threading.Event()

@@ -89,6 +89,10 @@ class Plan(_Strict):
     shadow_share: float | None = Field(None, gt=0, le=1, description="None: agent default")
     shadow_min_agreement: float = Field(0.7, ge=0, le=1)
     shadow_min_boxes: int = Field(100, ge=1, le=10**9)
+    # After a canary moves, it runs its previous model in shadow through the soak, so
+    # the count-agreement gate compares the two on the same frames (shadow_share of
+    # them); without it the gate judges only comparisons an operator started.
+    soak_shadow: bool = False
 
     def wave_rate(self, wave: int) -> float | None:
         """Devices per minute while moving ``wave`` (1 is the first after the canary)."""

@@ -158,7 +158,7 @@ class RolloutStepper:
             .order_by(RolloutDevice.wave, RolloutDevice.device)
         )
         if r.state == "aborting":
-            self._finish_abort(r, rows, t)
+            self._finish_abort(r, plan, rows, t)
             return True
         changed = self._judge_shadows(r, plan, rows, t)
         changed = self._judge(r, plan, rows, t) or changed
@@ -167,7 +167,7 @@ class RolloutStepper:
             r.state = "aborting"
             r.reason = reason
             audit(JOB_ACTOR, "rollout.abort", rollout_target(r.id), reason, automatic=True)
-            self._finish_abort(r, rows, t)
+            self._finish_abort(r, plan, rows, t)
             return True
         if r.state == "paused":
             return changed
@@ -208,6 +208,8 @@ class RolloutStepper:
                 rd.activated_at = j.activated_at
             if j.state in FINISHED_STATES:
                 rd.finished_at = t
+                if soak_shadowed(plan, rd):
+                    self._stop_shadow(r, rd)  # before a rollback, so it runs alone
             if j.state in FAILURE_STATES:
                 self._revert(r, rd, t, f"device {j.state}")
             rd.save()
@@ -257,7 +259,7 @@ class RolloutStepper:
             if r.wave == 0 and plan.shadow_s > 0 and rd.shadow_started_at is None:
                 self._start_shadow(r, plan, rd, t)
             else:
-                self._move(r, rd, t)
+                self._move(r, plan, rd, t)
             moved = True
         return moved
 
@@ -337,7 +339,7 @@ class RolloutStepper:
                 if agreement is not None
                 else f"shadow comparison not judged ({boxes} boxes)"
             )
-            self._move(r, rd, t)
+            self._move(r, plan, rd, t)
             if rd.state == "moving":
                 rd.reason = f"desired state queued; {found}"
                 rd.save()
@@ -372,7 +374,7 @@ class RolloutStepper:
             state=rd.state,
         )
 
-    def _move(self, r: Rollout, rd: RolloutDevice, t: float) -> None:
+    def _move(self, r: Rollout, plan: Plan, rd: RolloutDevice, t: float) -> None:
         prev = Deployment.get_or_none(
             (Deployment.device == rd.device) & (Deployment.camera == r.camera)
         )
@@ -393,6 +395,8 @@ class RolloutStepper:
             return
         self._queued = True
         rd.state, rd.reason = "moving", "desired state queued"
+        if prev is None:
+            rd.reason += "; no registry model before: it cannot be put back if it fails"
         rd.moved_at, rd.desired_version = t, row["desired_version"]
         rd.save()
         audit(
@@ -407,6 +411,30 @@ class RolloutStepper:
             previous=_version_text(rd.previous_model, rd.previous_version),
             desired_version=rd.desired_version,
         )
+        if soak_shadowed(plan, rd):
+            self._start_soak_shadow(r, plan, rd)
+
+    def _start_soak_shadow(self, r: Rollout, plan: Plan, rd: RolloutDevice) -> None:
+        """A moved canary runs its previous model in shadow through the soak (plan
+        ``soak_shadow``): the count-agreement gate's data. A refusal (the previous
+        version unsigned since, say) leaves the gate not judged, and says so."""
+        try:
+            shadow.set_shadow(
+                self.registry,
+                rd.device,
+                r.camera,
+                rd.previous_model,
+                rd.previous_version,
+                share=plan.shadow_share,
+                actor=rollout_target(r.id),
+                reason=f"rollout {r.id} canary: previous model in shadow during the soak",
+                topics=self.topics,
+            )
+        except RegistryError as exc:
+            rd.reason += f"; no shadow comparison during the soak: {exc.message}"
+            rd.save()
+            return
+        self._queued = True
 
     def _revert(self, r: Rollout, rd: RolloutDevice, t: float, why: str) -> None:
         """Put the device's camera back on its previous model (a new desired state)."""
@@ -419,7 +447,23 @@ class RolloutStepper:
             rd.reason += f"; not rolled back: its deployment is {now_on} already"
             return
         if rd.previous_model is None:
-            rd.reason += "; not rolled back: the camera had no registry model before"
+            # Nothing signed to go back to: the agent would keep the last model it was
+            # sent whatever the registry did (a desired state cannot say "your
+            # configured file"). Say so where an operator (and a webhook) sees it.
+            rd.reason += (
+                "; not rolled back: the camera ran no registry model before this rollout "
+                f"(its configured file), so it keeps {r.model} v{r.version}; deploy a "
+                "model to it by hand"
+            )
+            audit(
+                JOB_ACTOR,
+                "rollout.not_reverted",
+                device_target(rd.device, r.camera),
+                f"rollout {r.id}: {why}; no registry model before the rollout to put back",
+                rollout=r.id,
+                model=r.model,
+                version=r.version,
+            )
             return
         try:
             _, row = self.registry.deploy(
@@ -438,7 +482,7 @@ class RolloutStepper:
         rd.revert_desired_version = row["desired_version"]
         rd.reason += f"; back on {_version_text(rd.previous_model, rd.previous_version)}"
 
-    def _finish_abort(self, r: Rollout, rows: list[RolloutDevice], t: float) -> None:
+    def _finish_abort(self, r: Rollout, plan: Plan, rows: list[RolloutDevice], t: float) -> None:
         """Roll back the moved devices (``batch`` per transaction); once none is
         left, the rollout is aborted."""
         for rd in rows:
@@ -454,6 +498,8 @@ class RolloutStepper:
             if not self._spend():
                 return  # more in the next transaction; the rollout stays aborting
             if rd.state not in FAILURE_STATES:
+                if rd.state in IN_FLIGHT and soak_shadowed(plan, rd):
+                    self._stop_shadow(r, rd)
                 rd.state, rd.finished_at = "reverted", t
                 rd.reason = f"rollout aborted: {r.reason}"
             self._revert(r, rd, t, "rollout aborted")
@@ -474,6 +520,17 @@ class RolloutStepper:
         reverted = [rd.device for rd in rows if rd.reverted_at is not None]
         r.state, r.finished_at = "aborted", t
         audit(JOB_ACTOR, "rollout.aborted", rollout_target(r.id), r.reason, reverted=reverted)
+
+
+def soak_shadowed(plan: Plan, rd: RolloutDevice) -> bool:
+    """Whether ``rd`` runs its previous model in shadow while it soaks: a moved
+    canary of a plan with ``soak_shadow``, that had a registry model before."""
+    return (
+        plan.soak_shadow
+        and rd.wave == 0
+        and rd.moved_at is not None
+        and rd.previous_model is not None
+    )
 
 
 def abort_reason(plan: Plan, rows: list[RolloutDevice]) -> str:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import RegistryError, check_name
 from ..store.audit import audit
-from ..store.db import now
+from ..store.db import Deployment, now
 from ..store.locks import exclusive
 from ..store.rollout_tables import (
     ACTIVE_ROLLOUT_STATES,
@@ -106,6 +106,15 @@ def create_rollout(
             created_at=t0,
             updated_at=t0,
         )
+        # Cameras with no registry model cannot be put back if they fail: named in the
+        # audit entry (and, per device, in its reason once moved).
+        deployed = {
+            d
+            for (d,) in Deployment.select(Deployment.device)
+            .where((Deployment.camera == camera) & Deployment.device.in_(devices))
+            .tuples()
+        }
+        without = [d for d in devices if d not in deployed]
         rows = [{"rollout": r.id, "device": d, "wave": w} for d, w in waves.items()]
         for i in range(0, len(rows), 500):
             RolloutDevice.insert_many(rows[i : i + 500]).execute()
@@ -122,6 +131,8 @@ def create_rollout(
             devices=len(devices),
             canary=sorted(d for d, w in waves.items() if w == 0),
             seed=seed,
+            without_previous=len(without),
+            without_previous_devices=without[:20],
         )
     return get_rollout(r.id)
 

@@ -90,6 +90,12 @@ PLAN = {
         "shadow_share": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
         "shadow_min_agreement": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.7},
         "shadow_min_boxes": {"type": "integer", "minimum": 1, "maximum": 10**9, "default": 100},
+        "soak_shadow": {
+            "type": "boolean",
+            "default": False,
+            "description": "moved canaries run their previous model in shadow through the "
+            "soak (the count-agreement gate's data)",
+        },
     },
 }
 
