@@ -361,7 +361,11 @@ def main(argv: list[str] | None = None) -> int:
         tracks, counts, cpu = run_ours(frames, fps, line_sets, spec)
         mot15.write_tracks(
             work / "ours" / f"{SEQ}.txt",
-            [(i + 1, int(t), b) for i, (ids, xy) in enumerate(tracks) for t, b in zip(ids, xy)],
+            [
+                (i + 1, int(t), b)
+                for i, (ids, xy) in enumerate(tracks)
+                for t, b in zip(ids, xy, strict=True)
+            ],
         )
         rows["ours"] = {"counts": counts, "track_s": cpu}
         trackers = ["ours"]
