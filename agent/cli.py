@@ -97,6 +97,12 @@ def register(sub) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the totals as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also print debug messages (the model runtime's own start-up lines among them)",
+    )
     p.set_defaults(func=cmd_count)
 
     p = sub.add_parser("agent", help="run the device agent (or check its config)")
@@ -134,6 +140,8 @@ def cmd_count(args: argparse.Namespace) -> int:
     speed = _parse_speed(args)
     stationary = _parse_stationary(args.stationary)
     tracker = _parse_tracker(args.tracker)
+    if args.verbose:
+        setup_logging(True)
     model = args.model or _default_model()
     try:
         report = count_video(
