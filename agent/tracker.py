@@ -171,6 +171,12 @@ class TrackerSpec(BaseModel):
     min_hits: int = _default("min_hits", ge=1, le=100)
     tentative_misses: int = _default("tentative_misses", ge=0, le=100)
     filtered_boxes: bool = _default("filtered_boxes")
+    auto_thresholds: bool = Field(
+        True,
+        description="set high_thresh, new_track_thresh and strong_birth_thresh from the "
+        "camera's own detection scores (agent/calibration.py); any of them given "
+        "explicitly turns this off",
+    )
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -193,9 +199,14 @@ class TrackerSpec(BaseModel):
         values = self.model_dump(include=self.model_fields_set)
         return ", ".join(f"{k}={v}" for k, v in sorted(values.items()))
 
+    def calibrates(self) -> bool:
+        """Whether the score thresholds set themselves (none given explicitly)."""
+        explicit = {"high_thresh", "new_track_thresh", "strong_birth_thresh"}
+        return self.auto_thresholds and not explicit & self.model_fields_set
+
     def config(self, fps: float) -> TrackerConfig:
         """The tracker's settings for a camera delivering ``fps`` frames per second."""
-        values = self.model_dump(exclude={"lost_s", "weak_birth_s"})
+        values = self.model_dump(exclude={"lost_s", "weak_birth_s", "auto_thresholds"})
         return TrackerConfig.for_fps(
             fps, lost_s=self.lost_s, weak_birth_s=self.weak_birth_s, **values
         )
