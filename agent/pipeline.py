@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .appearance import torso_histograms
 from .calibration import SCORE_KEYS, ScoreCalibrator
 from .counting import (
     Crossing,
@@ -85,7 +86,7 @@ class CameraPipeline:
         self.stats = PipelineStats()
         self.calibrator = calibrator
         # Frames (detections, ts) held back while the calibrator warms up; None after.
-        self._held: list[tuple[Detections, float]] | None = [] if calibrator else None
+        self._held: list[tuple] | None = [] if calibrator else None  # (dets, ts, feats)
 
     def thresholds(self) -> dict:
         """The tracker's score thresholds now and where they come from: ``mode`` is
@@ -113,10 +114,13 @@ class CameraPipeline:
         self.stats.inference_s += infer
         self.stats.last_inference_s = infer
         self.stats.detections += len(dets)
+        feats = None  # torso colours, for a tracker that uses appearance
+        if self.tracker.config.appearance and image is not None and len(dets):
+            feats = torso_histograms(image, dets.xyxy)
         if self.calibrator is not None:
             self.calibrator.observe(dets, ts)
             if self._held is not None:
-                self._held.append((dets, ts))
+                self._held.append((dets, ts, feats))
                 if not self.calibrator.warmup_done(ts):
                     empty = Detections.empty(dets.names)
                     occupancy = {z.name: z.occupancy_by_class() for z in self.zones}
@@ -124,7 +128,7 @@ class CameraPipeline:
                 return self._release(infer)
             if self.calibrator.recheck(ts):
                 self._apply_thresholds()
-        return self._track(dets, ts, infer)
+        return self._track(dets, ts, infer, feats)
 
     def finish(self, ts: float) -> FrameResult | None:
         """At the end of the source: calibrate from what was seen and count the
@@ -143,7 +147,7 @@ class CameraPipeline:
         detections and occupancy, every replayed frame's tracked objects."""
         self._apply_thresholds()
         held, self._held = self._held or [], None
-        results = [self._track(d, t, 0.0) for d, t in held]
+        results = [self._track(d, t, 0.0, f) for d, t, f in held]
         last = results[-1]
         return FrameResult(
             last.detections,
@@ -156,9 +160,9 @@ class CameraPipeline:
             results,
         )
 
-    def _track(self, dets: Detections, ts: float, infer: float) -> FrameResult:
+    def _track(self, dets: Detections, ts: float, infer: float, feats=None) -> FrameResult:
         """Track and count one frame's detections."""
-        tracked = self.tracker.update(dets)
+        tracked = self.tracker.update(dets, feats)
         counted = tracked if self.stationary is None else self.stationary.apply(tracked, ts)
         speeds: list[SpeedEvent] = []
         if self.speed is not None:
