@@ -7,9 +7,9 @@ hues x 4 saturations x 4 values) of its torso: the middle 60% of the box's width
 from 15% to 60% of its height, where a person's clothes are and the background and
 the legs (which move) are least. On PETS09-S2L1's ground-truth boxes this separates
 "same person, 0.3 s apart" from "two different people" best of the variants tried
-(BGR 4 or 8 levels, Lab, HSV with 8-16 hues; docs/benchmarks.md). Histograms are stored as the square root of the normalised
-counts, so the dot product of two is their Bhattacharyya coefficient: 1 for the
-same colours, 0 for none in common.
+(BGR 4 or 8 levels, Lab, HSV with 8-16 hues; docs/benchmarks.md). Histograms are
+stored as the square root of the normalised counts, so the dot product of two is
+their Bhattacharyya coefficient: 1 for the same colours, 0 for none in common.
 
 The cost is a few microseconds per box (a slice, one integer expression and one
 ``bincount`` on a crop of at most ``MAX_CROP`` pixels, larger torsos are subsampled),

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .appearance import torso_histograms
+from .appearance import DIM, torso_histograms
 from .calibration import SCORE_KEYS, ScoreCalibrator
 from .counting import (
     Crossing,
@@ -85,6 +85,8 @@ class CameraPipeline:
         self.tracker = ByteTracker(tracker_config)
         self.stats = PipelineStats()
         self.calibrator = calibrator
+        labels = [n.lower() for n in class_filter.labels]
+        self._person = labels.index("person") if "person" in labels else -1
         # Frames (detections, ts) held back while the calibrator warms up; None after.
         self._held: list[tuple] | None = [] if calibrator else None  # (dets, ts, feats)
 
@@ -116,7 +118,12 @@ class CameraPipeline:
         self.stats.detections += len(dets)
         feats = None  # torso colours, for a tracker that uses appearance
         if self.tracker.config.appearance and image is not None and len(dets):
-            feats = torso_histograms(image, dets.xyxy)
+            # Only people have a torso; other objects get no colours and are
+            # associated by motion alone, as without appearance.
+            people = dets.class_id == self._person
+            if people.any():
+                feats = np.zeros((len(dets), DIM), np.float32)
+                feats[people] = torso_histograms(image, dets.xyxy[people])
         if self.calibrator is not None:
             self.calibrator.observe(dets, ts)
             if self._held is not None:

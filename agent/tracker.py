@@ -136,8 +136,8 @@ class TrackerConfig:
     lost_buffer: int = 30
     filtered_boxes: bool = True
     recover_iou: float = 0.2
-    appearance: bool = False
-    relink_sim: float = 0.85
+    appearance: bool = True
+    relink_sim: float = 0.7
     relink_radius: float = 0.5
     relink_speed: float = 0.15
     appearance_weight: float = 0.5
@@ -486,13 +486,14 @@ class ByteTracker:
         r, c = _match(np.where(ok, block + cfg.appearance_weight * sim, 0.0), 1e-9)
         return rows[r], cols[c]
 
-    def _similarity(self, rows, feats):
-        """Appearance similarity of track rows x detection features; 1 where either
-        has no colours (so it neither helps nor blocks a match)."""
+    def _similarity(self, rows, feats, blank: float = 1.0):
+        """Appearance similarity of track rows x detection features; ``blank`` where
+        either has no colours (not a person, no torso pixels): by default 1, so it
+        neither helps nor blocks a match."""
         assert self._feat is not None
         sim = self._feat[rows] @ feats.T
-        blank = (self._feat[rows].sum(axis=1) == 0)[:, None] | (feats.sum(axis=1) == 0)[None, :]
-        sim[blank] = 1.0
+        none = (self._feat[rows].sum(axis=1) == 0)[:, None] | (feats.sum(axis=1) == 0)[None, :]
+        sim[none] = blank
         return sim
 
     def _relink(self, free_track, confirmed, free_det, boxes, feats, m4_t, m4_d):
@@ -513,7 +514,7 @@ class ByteTracker:
         dist = 0.5 * np.hypot(dx, dy)
         unseen = self.frame - table[orphans, _LAST]
         reach = seen_h * (cfg.relink_radius + cfg.relink_speed * unseen)
-        sim = self._similarity(orphans, feats[left])
+        sim = self._similarity(orphans, feats[left], blank=0.0)  # colours needed here
         ok = (dist <= reach[:, None]) & (ratio >= 0.7) & (ratio <= 1.43)
         r, c = _match(np.where(ok, sim, 0.0), cfg.relink_sim)
         if not len(r):

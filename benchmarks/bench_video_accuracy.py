@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tracks, counts, cpu, thresholds = run_ours(frames, fps, line_sets, spec)
+        tracks, counts, cpu, thresholds = run_ours(frames, fps, line_sets, spec, video=video)
         mot15.write_tracks(
             work / "ours" / f"{SEQ}.txt",
             [
