@@ -10,6 +10,11 @@ false positive never gets an id and can never be counted.
 `ByteTracker.confirmed_origins` hands each newly confirmed track's first box to the
 line counters, so the frames a track spent tentative do not hide a crossing.
 
+With ``appearance`` (default; people only, torso colour histograms computed by the
+pipeline, agent/appearance.py), association also weighs how alike a track and a
+detection look, and a lost track is taken back only by a detection that looks like
+it: without it, an id whose person left passes to whoever appears next nearby.
+
 Association ignores labels: a detector that flickers between car and truck still
 yields one track. Each track keeps a confidence-weighted vote over the classes it was
 detected as, and reports the current winner (on a tie, the lower class id).
@@ -121,6 +126,10 @@ class TrackerConfig:
             track's last box at once.
         relink_speed: how much farther (box heights) per frame the track was unseen;
             ``for_fps`` sets 1.5 heights per second (a brisk walk).
+        appearance_weight: with appearance, stages 1 and 2 maximise IoU + this x
+            similarity over the pairs that pass the IoU gate.
+        appearance_veto: with appearance, a tracked track and a detection less alike
+            than this are never matched (a lost track needs ``relink_sim``).
     """
 
     high_thresh: float = 0.6
