@@ -97,6 +97,12 @@ def register(sub) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the totals as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also print debug messages (the model runtime's own start-up lines among them)",
+    )
     p.set_defaults(func=cmd_count)
 
     p = sub.add_parser("agent", help="run the device agent (or check its config)")
@@ -134,6 +140,8 @@ def cmd_count(args: argparse.Namespace) -> int:
     speed = _parse_speed(args)
     stationary = _parse_stationary(args.stationary)
     tracker = _parse_tracker(args.tracker)
+    if args.verbose:
+        setup_logging(True)
     model = args.model or _default_model()
     try:
         report = count_video(
@@ -252,6 +260,7 @@ def _print_report(data: dict) -> None:
         f"in {data['elapsed_s']:.1f} s, {data['fps']:.1f} frames/s"
     )
     _print_scores(data["scores"])
+    _print_thresholds(data["thresholds"])
     if not data["lines"] and not data["zones"] and "speed" not in data:
         print("no --line, --zone or --homography given: nothing to count")
     for name, line in data["lines"].items():
@@ -289,6 +298,24 @@ def _print_scores(scores: dict) -> None:
             else f"{label}: none"
         )
     print("detection scores: " + "; ".join(parts))
+
+
+def _print_thresholds(t: dict) -> None:
+    values = ", ".join(
+        f"{k} {t[k]:.2f}"
+        for k in ("high_thresh", "new_track_thresh", "strong_birth_thresh")
+        if k in t
+    )
+    if t.get("mode") == "auto":
+        median = t.get("median_score")
+        source = (
+            f"from the median score {median:.2f} of {t['samples']} persistent detections"
+            if median is not None
+            else f"defaults: only {t['samples']} persistent detections"
+        )
+        print(f"tracker thresholds (auto, {source}): {values}")
+    elif t.get("mode") == "config":
+        print(f"tracker thresholds (set): {values}")
 
 
 def _secs(v) -> str:

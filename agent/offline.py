@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +79,7 @@ class CountReport:
     # report it apart from the steady per-frame rate (see benchmarks/bench_count.py).
     first_frame_s: float = 0.0
     scores: ScoreSummary = field(default_factory=ScoreSummary)
+    thresholds: dict = field(default_factory=dict)  # CameraPipeline.thresholds()
 
     @property
     def fps(self) -> float:
@@ -105,6 +106,7 @@ class CountReport:
             "fps": round(self.fps, 2),
             "inference_ms_mean": round(1000 * self.inference_s / max(self.frames, 1), 2),
             "scores": self.scores.to_dict(),
+            "thresholds": self.thresholds,
             "lines": lines,
             "zones": zones,
         }
@@ -200,8 +202,8 @@ def count_video(
     frames = 0
     first_frame_s = 0.0
     last_ts = 0.0
-    for frame in source:
-        result = pipeline.process(frame.image, frame.ts)
+
+    def take(result) -> None:
         for ev in result.crossings:
             tally.add_crossing(CAMERA, ev)
         for ev in result.zone_events:
@@ -211,12 +213,19 @@ def count_video(
         for ev in result.speeds:
             tally.add_speed(CAMERA, ev)
         scores.add(result.detections, result.tracked)
+
+    for frame in source:
+        take(pipeline.process(frame.image, frame.ts))
         frames += 1
         if frames == 1:
             first_frame_s = time.perf_counter() - start
         last_ts = frame.ts
         if bar is not None:
             bar.update(1)
+    rest = pipeline.finish(last_ts)  # a video shorter than the threshold warm-up
+    if rest is not None:
+        rest = replace(rest, detections=rest.detections[:0])  # already in `scores`
+        take(rest)
     for ev in pipeline.flush(last_ts):
         tally.add_zone_event(CAMERA, ev)
     for ev in pipeline.flush_speeds(last_ts):
@@ -236,4 +245,5 @@ def count_video(
         speed_window_s=None if speed is None else speed.window_s,
         first_frame_s=first_frame_s,
         scores=scores,
+        thresholds=pipeline.thresholds(),
     )

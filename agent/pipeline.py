@@ -6,6 +6,12 @@ track's speed at that moment when the camera measures speed.
 
 `CameraPipeline.process` takes a frame and returns what happened in it; the caller
 (the offline counter or the agent service) decides where the counts go.
+
+Score thresholds that set themselves (`calibration.ScoreCalibrator`, on unless a
+camera configures a score threshold): the first frames' detections are held back
+until the camera's own scores say where its thresholds lie, then tracked and
+counted in one go (their crossings come back from the frame that ended the warm-up,
+each with its own timestamp); `finish` does the same when the source ends first.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .appearance import DIM, torso_histograms
+from .calibration import SCORE_KEYS, ScoreCalibrator
 from .counting import (
     Crossing,
     LineCounter,
@@ -40,6 +48,9 @@ class FrameResult:
     occupancy: dict[str, dict[str, int]]  # zone -> class -> objects inside now
     inference_s: float
     speeds: list[SpeedEvent] = field(default_factory=list)  # ended tracks, line crossings
+    # The end of a threshold warm-up: each held-back frame's own result, in order
+    # (their crossings, zone events and speeds are also in the fields above).
+    replayed: list[FrameResult] = field(default_factory=list)
 
 
 @dataclass
@@ -62,6 +73,7 @@ class CameraPipeline:
         *,
         speed: SpeedEstimator | None = None,
         stationary: StationaryFilter | None = None,
+        calibrator: ScoreCalibrator | None = None,
     ) -> None:
         self.name = name
         self.detector = detector
@@ -72,6 +84,25 @@ class CameraPipeline:
         self.stationary = stationary
         self.tracker = ByteTracker(tracker_config)
         self.stats = PipelineStats()
+        self.calibrator = calibrator
+        labels = [n.lower() for n in class_filter.labels]
+        self._person = labels.index("person") if "person" in labels else -1
+        # Frames (detections, ts) held back while the calibrator warms up; None after.
+        self._held: list[tuple] | None = [] if calibrator else None  # (dets, ts, feats)
+
+    def thresholds(self) -> dict:
+        """The tracker's score thresholds now and where they come from: ``mode`` is
+        ``auto`` (calibrated, with the median persistent score and the sample count),
+        ``warming_up`` or ``config`` (set explicitly, or calibration turned off)."""
+        cfg = self.tracker.config
+        if self.calibrator is None:
+            return {"mode": "config", **{k: getattr(cfg, k) for k in SCORE_KEYS}}
+        return self.calibrator.report()
+
+    def _apply_thresholds(self) -> None:
+        assert self.calibrator is not None and self.calibrator.chosen is not None
+        for key, value in self.calibrator.chosen.items():
+            setattr(self.tracker.config, key, value)
 
     @property
     def counted_classes(self) -> list[str]:
@@ -81,7 +112,64 @@ class CameraPipeline:
         t0 = time.perf_counter()
         dets = self.class_filter.apply(self.detector.detect(image))
         infer = time.perf_counter() - t0
-        tracked = self.tracker.update(dets)
+        self.stats.frames += 1
+        self.stats.inference_s += infer
+        self.stats.last_inference_s = infer
+        self.stats.detections += len(dets)
+        feats = None  # torso colours, for a tracker that uses appearance
+        if self.tracker.config.appearance and image is not None and len(dets):
+            # Only people have a torso; other objects get no colours and are
+            # associated by motion alone, as without appearance.
+            people = dets.class_id == self._person
+            if people.any():
+                feats = np.zeros((len(dets), DIM), np.float32)
+                feats[people] = torso_histograms(image, dets.xyxy[people])
+        if self.calibrator is not None:
+            self.calibrator.observe(dets, ts)
+            if self._held is not None:
+                self._held.append((dets, ts, feats))
+                if not self.calibrator.warmup_done(ts):
+                    empty = Detections.empty(dets.names)
+                    occupancy = {z.name: z.occupancy_by_class() for z in self.zones}
+                    return FrameResult(dets, empty, [], [], occupancy, infer)
+                return self._release(infer)
+            if self.calibrator.recheck(ts):
+                self._apply_thresholds()
+        return self._track(dets, ts, infer, feats)
+
+    def finish(self, ts: float) -> FrameResult | None:
+        """At the end of the source: calibrate from what was seen and count the
+        frames still held back by the warm-up (None when there are none)."""
+        if self._held is None or self.calibrator is None:
+            return None
+        if not self._held:
+            self._held = None
+            return None
+        self.calibrator.warmup_done(ts, final=True)
+        return self._release(0.0)
+
+    def _release(self, infer: float) -> FrameResult:
+        """Set the calibrated thresholds, then track and count the held-back frames;
+        one result: their crossings, zone events and speeds, the last frame's
+        detections and occupancy, every replayed frame's tracked objects."""
+        self._apply_thresholds()
+        held, self._held = self._held or [], None
+        results = [self._track(d, t, 0.0, f) for d, t, f in held]
+        last = results[-1]
+        return FrameResult(
+            last.detections,
+            Detections.concat([r.tracked for r in results], last.detections.names),
+            [c for r in results for c in r.crossings],
+            [z for r in results for z in r.zone_events],
+            last.occupancy,
+            infer,
+            [s for r in results for s in r.speeds],
+            results,
+        )
+
+    def _track(self, dets: Detections, ts: float, infer: float, feats=None) -> FrameResult:
+        """Track and count one frame's detections."""
+        tracked = self.tracker.update(dets, feats)
         counted = tracked if self.stationary is None else self.stationary.apply(tracked, ts)
         speeds: list[SpeedEvent] = []
         if self.speed is not None:
@@ -96,10 +184,6 @@ class CameraPipeline:
         for zone in self.zones:
             zone_events.extend(zone.update(counted, ts))
             occupancy[zone.name] = zone.occupancy_by_class()
-        self.stats.frames += 1
-        self.stats.inference_s += infer
-        self.stats.last_inference_s = infer
-        self.stats.detections += len(dets)
         return FrameResult(dets, tracked, crossings, zone_events, occupancy, infer, speeds)
 
     def flush(self, ts: float) -> list[ZoneEvent]:
@@ -145,7 +229,8 @@ def build_pipeline(
     ]
     # A zone exit is declared when a track is unseen for as long as the tracker
     # keeps lost tracks, so a brief occlusion is not an exit and a re-entry.
-    tracker_config = (tracker or TrackerSpec()).config(fps)
+    spec = tracker or TrackerSpec()
+    tracker_config = spec.config(fps)
     zone_counters = [
         ZoneCounter(
             s.name, list(s.points), anchor=anchor, exit_after_s=tracker_config.lost_buffer / fps
@@ -166,4 +251,13 @@ def build_pipeline(
         stationary=None
         if stationary is None
         else StationaryFilter.from_spec(stationary, anchor=anchor),
+        calibrator=calibrator_for(spec, tracker_config),
     )
+
+
+def calibrator_for(spec: TrackerSpec, config: TrackerConfig) -> ScoreCalibrator | None:
+    """The score calibrator of a camera with these tracker settings (None: its score
+    thresholds are configured, or calibration is turned off)."""
+    if not spec.calibrates():
+        return None
+    return ScoreCalibrator({k: getattr(config, k) for k in SCORE_KEYS})

@@ -34,6 +34,7 @@ from flowfleet.contract import (
     Status,
     SystemHealth,
     Topics,
+    TrackerThresholds,
 )
 from flowfleet.contract_device import CameraGeometry, LineGeometry, ZoneGeometry
 from flowfleet.mqtt import BrokerAddress, MqttConnection, Will
@@ -430,6 +431,7 @@ class AgentService:
                 model=Path(c.model_path).name,
                 error=states[name][1],
                 restarts=c.restarts,
+                thresholds=_thresholds(c),
             )
             for name, c in self.cameras.items()
         )
@@ -640,7 +642,16 @@ class AgentService:
                     cam.fps, window_t, window_n = window_n / elapsed, time.monotonic(), 0
             # End of the file or shutdown: close open zone visits and speed tracks so
             # entries are matched by exits and measured speeds reach the last bin.
+            with cam.lock:
+                rest = pipeline.finish(last_ts)  # frames held back by the warm-up
             with self._tally_lock:
+                if rest is not None:
+                    for ev in rest.crossings:
+                        self._tally.add_crossing(c.name, ev)
+                    for ev in rest.zone_events:
+                        self._tally.add_zone_event(c.name, ev)
+                    for ev in rest.speeds:
+                        self._tally.add_speed(c.name, ev)
                 for ev in pipeline.flush(last_ts):
                     self._tally.add_zone_event(c.name, ev)
                 for ev in pipeline.flush_speeds(last_ts):
@@ -650,3 +661,11 @@ class AgentService:
             with cam.lock:
                 cam.pipeline = None
             pipeline.detector.close()
+
+
+def _thresholds(cam: CameraState) -> TrackerThresholds | None:
+    """The running pipeline's tracker score thresholds, for the health beat."""
+    pipeline = cam.pipeline
+    if pipeline is None:
+        return None
+    return TrackerThresholds(**pipeline.thresholds())

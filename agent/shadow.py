@@ -32,7 +32,7 @@ from flowfleet.contract_shadow import (
 from .counting import LineCounter, StationaryFilter
 from .detections import Detections
 from .labels import ClassFilter
-from .pipeline import CameraPipeline, FrameResult
+from .pipeline import CameraPipeline, FrameResult, calibrator_for
 
 MAX_LATENCIES = 4096  # latency samples kept per window (median of the latest)
 
@@ -99,6 +99,9 @@ def candidate_pipeline(config, detector, fps: float, stride: int) -> CameraPipel
         [],
         tracker_config,
         stationary=stationary,
+        # The candidate sets its own score thresholds from its own scores, as the
+        # active model's pipeline does (a new model may score the scene differently).
+        calibrator=calibrator_for(config.tracker, tracker_config),
     )
 
 

@@ -10,6 +10,11 @@ false positive never gets an id and can never be counted.
 `ByteTracker.confirmed_origins` hands each newly confirmed track's first box to the
 line counters, so the frames a track spent tentative do not hide a crossing.
 
+With ``appearance`` (default; people only, torso colour histograms computed by the
+pipeline, agent/appearance.py), association also weighs how alike a track and a
+detection look, and a lost track is taken back only by a detection that looks like
+it: without it, an id whose person left passes to whoever appears next nearby.
+
 Association ignores labels: a detector that flickers between car and truck still
 yields one track. Each track keeps a confidence-weighted vote over the classes it was
 detected as, and reports the current winner (on a tie, the lower class id).
@@ -52,6 +57,7 @@ _VOTES = _STATE + 12  # one column per class id, widened when a new class id app
 _NONE = np.zeros(0, np.intp)
 LOST_SECONDS = 3.0  # how long ``TrackerConfig.for_fps`` keeps a lost track
 WEAK_BIRTH_SECONDS = 0.1  # ``for_fps``: the extra confirmation of a weakly started track
+RELINK_HEIGHTS_PER_S = 1.5  # ``for_fps``: how far (box heights per second) a re-link reaches
 
 
 def _flat(mask: np.ndarray) -> np.ndarray:
@@ -109,6 +115,21 @@ class TrackerConfig:
             confident detection left over by the other stages (observation-centric
             recovery, as in OC-SORT): brings back a person who stood still behind an
             occluder, where the Kalman prediction kept moving. 0 turns it off.
+        appearance: use the torso colour histograms `update` is given
+            (agent/appearance.py): a fifth stage re-links a confirmed track that
+            matched nothing to a confident leftover detection that looks like it
+            (Bhattacharyya coefficient >= ``relink_sim``), is about its height
+            (0.7-1.43x) and within ``relink_radius + relink_speed x frames unseen``
+            box heights of where the track was last seen; instead of a new id.
+        relink_sim: lowest appearance similarity (0..1) for that re-link.
+        relink_radius: how far (box heights) a re-linked detection may be from the
+            track's last box at once.
+        relink_speed: how much farther (box heights) per frame the track was unseen;
+            ``for_fps`` sets 1.5 heights per second (a brisk walk).
+        appearance_weight: with appearance, stages 1 and 2 maximise IoU + this x
+            similarity over the pairs that pass the IoU gate.
+        appearance_veto: with appearance, a tracked track and a detection less alike
+            than this are never matched (a lost track needs ``relink_sim``).
     """
 
     high_thresh: float = 0.6
@@ -124,6 +145,12 @@ class TrackerConfig:
     lost_buffer: int = 30
     filtered_boxes: bool = True
     recover_iou: float = 0.2
+    appearance: bool = True
+    relink_sim: float = 0.7
+    relink_radius: float = 0.5
+    relink_speed: float = 0.15
+    appearance_weight: float = 0.5
+    appearance_veto: float = 0.5
 
     @classmethod
     def for_fps(
@@ -140,6 +167,7 @@ class TrackerConfig:
         ``weak_birth_hits`` override wins."""
         overrides.setdefault("lost_buffer", max(5, round(lost_s * fps)))
         overrides.setdefault("weak_birth_hits", round(weak_birth_s * fps))
+        overrides.setdefault("relink_speed", RELINK_HEIGHTS_PER_S / max(fps, 1e-3))
         return cls(**overrides)
 
 
@@ -171,6 +199,14 @@ class TrackerSpec(BaseModel):
     min_hits: int = _default("min_hits", ge=1, le=100)
     tentative_misses: int = _default("tentative_misses", ge=0, le=100)
     filtered_boxes: bool = _default("filtered_boxes")
+    appearance: bool = _default("appearance")
+    relink_sim: float = _default("relink_sim", gt=0, le=1)
+    auto_thresholds: bool = Field(
+        True,
+        description="set high_thresh, new_track_thresh and strong_birth_thresh from the "
+        "camera's own detection scores (agent/calibration.py); any of them given "
+        "explicitly turns this off",
+    )
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -193,9 +229,14 @@ class TrackerSpec(BaseModel):
         values = self.model_dump(include=self.model_fields_set)
         return ", ".join(f"{k}={v}" for k, v in sorted(values.items()))
 
+    def calibrates(self) -> bool:
+        """Whether the score thresholds set themselves (none given explicitly)."""
+        explicit = {"high_thresh", "new_track_thresh", "strong_birth_thresh"}
+        return self.auto_thresholds and not explicit & self.model_fields_set
+
     def config(self, fps: float) -> TrackerConfig:
         """The tracker's settings for a camera delivering ``fps`` frames per second."""
-        values = self.model_dump(exclude={"lost_s", "weak_birth_s"})
+        values = self.model_dump(exclude={"lost_s", "weak_birth_s", "auto_thresholds"})
         return TrackerConfig.for_fps(
             fps, lost_s=self.lost_s, weak_birth_s=self.weak_birth_s, **values
         )
@@ -267,6 +308,8 @@ class ByteTracker:
         self._next_id = 1
         self.frame = 0
         self._origins: Detections | None = None
+        # Appearance of each track row (unit vectors), kept once `update` got any.
+        self._feat: np.ndarray | None = None
 
     @property
     def active_ids(self) -> set[int]:
@@ -290,8 +333,14 @@ class ByteTracker:
         """
         return self._origins
 
-    def update(self, dets: Detections) -> Detections:
+    def update(self, dets: Detections, appearance: np.ndarray | None = None) -> Detections:
+        """Associate one frame's detections; ``appearance`` (optional, one row per
+        detection, from `appearance.torso_histograms`) is used when
+        ``config.appearance`` is on."""
         cfg = self.config
+        feats = appearance if cfg.appearance else None
+        if feats is not None and self._feat is None:
+            self._feat = np.zeros((len(self._table), feats.shape[1]), np.float32)
         self.frame += 1
         self._origins = None
         scores, classes, boxes = dets.confidence, dets.class_id, dets.xyxy
@@ -303,6 +352,8 @@ class ByteTracker:
             if lowest < cfg.low_thresh:
                 keep = scores >= cfg.low_thresh
                 scores, classes, boxes = scores[keep], classes[keep], boxes[keep]
+                if feats is not None:
+                    feats = feats[keep]
                 n = len(scores)
             if n and classes.max() >= self._table.shape[1] - _VOTES:
                 self._widen(int(classes.max()) + 1)
@@ -330,7 +381,12 @@ class ByteTracker:
         all_confirmed = bool(confirmed.all())
 
         # Stage 1: confident detections against every confirmed track (tracked or lost).
-        if all_confirmed and all_high:
+        if feats is not None:
+            # With appearance, the pairs that overlap enough are weighed by how alike
+            # they look, and a pair that looks nothing alike is not a pair: when two
+            # people's boxes overlap, each track keeps to its own person.
+            m1_t, m1_d = self._look_match(iou, _flat(confirmed), high_idx, feats, cfg.match_iou)
+        elif all_confirmed and all_high:
             m1_t, m1_d = _match(iou, cfg.match_iou)
         else:
             m1_t, m1_d = _block_match(iou, _flat(confirmed), high_idx, cfg.match_iou)
@@ -342,6 +398,8 @@ class ByteTracker:
         remaining = _flat(free_track & was_tracked)
         if all_high:
             m2_t, m2_d = _NONE, _NONE
+        elif feats is not None:
+            m2_t, m2_d = self._look_match(iou, remaining, _flat(~high), feats, cfg.low_match_iou)
         else:
             m2_t, m2_d = _block_match(iou, remaining, _flat(~high), cfg.low_match_iou)
         free_track[m2_t] = False
@@ -365,10 +423,20 @@ class ByteTracker:
             if len(orphans):
                 left = _flat(free_det)
                 last_seen = iou_matrix(table[orphans, _OBS], boxes[left])
-                r, c = _match(last_seen, cfg.recover_iou)
-                m4_t, m4_d = orphans[r], left[c]
+                if feats is not None:
+                    m4_t, m4_d = self._look_match(
+                        last_seen, orphans, left, feats, cfg.recover_iou, block=True
+                    )
+                else:
+                    r, c = _match(last_seen, cfg.recover_iou)
+                    m4_t, m4_d = orphans[r], left[c]
                 free_det[m4_d] = False
                 free_track[m4_t] = False
+
+        # Stage 5 (appearance): confident leftovers that look like a confirmed track
+        # left unmatched, near where it was last seen, take its id back.
+        if feats is not None and free_det.any():
+            m4_t, m4_d = self._relink(free_track, confirmed, free_det, boxes, feats, m4_t, m4_d)
 
         # Tracks that were tracked and matched nothing are lost.
         table[free_track & was_tracked, _STATE] = LOST
@@ -379,6 +447,14 @@ class ByteTracker:
         else:
             matched_t, matched_d = m1_t, m1_d
         n_confirmed = len(m1_t) + len(m2_t) + len(m4_t)
+        if self._feat is not None and feats is not None and len(matched_t):
+            # Appearance follows the track, from confident detections only (a
+            # low-score box is usually part-hidden behind someone else).
+            sure = scores[matched_d] >= cfg.high_thresh
+            t, d = matched_t[sure], matched_d[sure]
+            f = 0.9 * self._feat[t] + 0.1 * feats[d]
+            f /= np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-6)
+            self._feat[t] = f
         out = self._apply_matches(
             matched_t, matched_d, n_confirmed, boxes, scores, classes, dets.names
         )
@@ -388,7 +464,12 @@ class ByteTracker:
         if len(births):
             births = births[scores[births] >= cfg.new_track_thresh]
             if len(births):
-                self._start_tracks(boxes[births], scores[births], classes[births])
+                self._start_tracks(
+                    boxes[births],
+                    scores[births],
+                    classes[births],
+                    None if feats is None else feats[births],
+                )
 
         rows, tids, voted, out_boxes = out
         if len(rows) == 0:
@@ -398,6 +479,58 @@ class ByteTracker:
         return Detections(out_boxes, scores[rows], voted, tids, dets.names)
 
     # -- internals ---------------------------------------------------------------
+
+    def _look_match(self, iou, rows, cols, feats, min_iou, block=False):
+        """``_block_match`` by IoU + ``appearance_weight`` x similarity over the pairs
+        with IoU >= min_iou and similarity >= ``appearance_veto`` (a track or a box
+        without colours passes the veto)."""
+        if len(rows) == 0 or len(cols) == 0:
+            return _NONE, _NONE
+        cfg = self.config
+        block = iou if block else iou[rows][:, cols]
+        sim = self._similarity(rows, feats[cols])
+        # Taking back a lost track is re-identification: it must look like it.
+        need = np.where(self._table[rows, _STATE] == LOST, cfg.relink_sim, cfg.appearance_veto)
+        ok = (block >= min_iou) & (sim >= need[:, None])
+        r, c = _match(np.where(ok, block + cfg.appearance_weight * sim, 0.0), 1e-9)
+        return rows[r], cols[c]
+
+    def _similarity(self, rows, feats, blank: float = 1.0):
+        """Appearance similarity of track rows x detection features; ``blank`` where
+        either has no colours (not a person, no torso pixels): by default 1, so it
+        neither helps nor blocks a match."""
+        assert self._feat is not None
+        sim = self._feat[rows] @ feats.T
+        none = (self._feat[rows].sum(axis=1) == 0)[:, None] | (feats.sum(axis=1) == 0)[None, :]
+        sim[none] = blank
+        return sim
+
+    def _relink(self, free_track, confirmed, free_det, boxes, feats, m4_t, m4_d):
+        """Stage 5: returns stage 4's pairs plus the re-linked ones (see
+        `TrackerConfig.appearance`); marks them matched in the two masks."""
+        cfg = self.config
+        orphans = _flat(free_track & confirmed)
+        if not len(orphans):
+            return m4_t, m4_d
+        table = self._table
+        left = _flat(free_det)
+        obs = table[orphans, _OBS]
+        seen_h = np.maximum(obs[:, 3] - obs[:, 1], 1.0)
+        cand = boxes[left].astype(np.float64)
+        ratio = (cand[:, 3] - cand[:, 1])[None, :] / seen_h[:, None]
+        dx = (obs[:, 0] + obs[:, 2])[:, None] - (cand[:, 0] + cand[:, 2])[None, :]
+        dy = (obs[:, 1] + obs[:, 3])[:, None] - (cand[:, 1] + cand[:, 3])[None, :]
+        dist = 0.5 * np.hypot(dx, dy)
+        unseen = self.frame - table[orphans, _LAST]
+        reach = seen_h * (cfg.relink_radius + cfg.relink_speed * unseen)
+        sim = self._similarity(orphans, feats[left], blank=0.0)  # colours needed here
+        ok = (dist <= reach[:, None]) & (ratio >= 0.7) & (ratio <= 1.43)
+        r, c = _match(np.where(ok, sim, 0.0), cfg.relink_sim)
+        if not len(r):
+            return m4_t, m4_d
+        free_det[left[c]] = False
+        free_track[orphans[r]] = False
+        return np.concatenate((m4_t, orphans[r])), np.concatenate((m4_d, left[c]))
 
     def _no_detections(self, names: tuple[str, ...]) -> Detections:
         """A frame without detections: tracked tracks become lost, expired ones go."""
@@ -416,6 +549,8 @@ class ByteTracker:
         drop |= (table[:, _STATE] == TENTATIVE) & (unmatched_for > self.config.tentative_misses)
         if drop.any():
             self._table = table[~drop]
+            if self._feat is not None:
+                self._feat = self._feat[~drop]
 
     def _apply_matches(self, track_rows, det_rows, n_confirmed, boxes, scores, classes, names):
         """Kalman-correct, vote, count hits and confirm the matched tracks.
@@ -469,8 +604,15 @@ class ByteTracker:
             filtered = kalman.xyah_to_xyxy(rows[:, :4], np.float32)
         return det_rows, rows[:, _ID].astype(np.int64), voted, filtered
 
-    def _start_tracks(self, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> None:
+    def _start_tracks(
+        self, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, feats=None
+    ) -> None:
         k = len(boxes)
+        if self._feat is not None:
+            new_feat = np.zeros((k, self._feat.shape[1]), np.float32)
+            if feats is not None:
+                new_feat[:] = feats
+            self._feat = np.concatenate((self._feat, new_feat))
         new = np.zeros((k, self._table.shape[1]))
         new[:, :_STATE] = kalman.initiate(kalman.xyxy_to_xyah(boxes))
         new[:, _OBS] = boxes

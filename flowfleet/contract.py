@@ -346,6 +346,22 @@ class CountBin(_Payload):
         return rows
 
 
+Score = Annotated[float, Field(ge=0, le=1)]
+
+
+class TrackerThresholds(_Model):
+    """A camera's tracker score thresholds and where they come from (issue 20):
+    ``auto`` (calibrated from its own persistent detection scores: their median and
+    how many), ``warming_up`` (still collecting) or ``config`` (set explicitly)."""
+
+    mode: Literal["auto", "warming_up", "config"]
+    high_thresh: Score | None = None
+    new_track_thresh: Score | None = None
+    strong_birth_thresh: Score | None = None
+    median_score: Score | None = None
+    samples: Total | None = None
+
+
 class CameraHealth(_Model):
     camera: Name
     state: Literal["running", "starting", "failed", "stopped"]
@@ -357,6 +373,7 @@ class CameraHealth(_Model):
     error: FreeText | None = None
     restarts: Total = 0
     inference_p95_ms: Millis | None = None
+    thresholds: TrackerThresholds | None = None
 
 
 class SystemHealth(_Model):

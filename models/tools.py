@@ -53,9 +53,12 @@ def _tflite_tensors(path: Path) -> tuple[list[dict], list[dict]]:
         interpreter_cls, _ = import_interpreter()
     except ImportError as e:
         raise ModelError(f"{path}: {e}") from None
+    from flowfleet.agent.detectors.native_stderr import captured_stderr
+
     try:
-        interp = interpreter_cls(model_path=str(path))
-        interp.allocate_tensors()
+        with captured_stderr():  # LiteRT's delegate chatter (shown with -v)
+            interp = interpreter_cls(model_path=str(path))
+            interp.allocate_tensors()
     except (ValueError, RuntimeError, OSError) as e:
         raise ModelError(f"{path}: cannot load TFLite model: {_one_line(e)}") from e
 

@@ -125,12 +125,35 @@ def test_count_traffic_vehicles(data):
         "--json",
     )
     assert result.returncode == 0, result.stderr
+    # LiteRT's C++ start-up line stays out of the user's way without -v (issue 20).
+    assert "XNNPACK" not in result.stderr and "XNNPACK" not in result.stdout
     report = json.loads(result.stdout)
     assert report["frames"] == 20
     gantry = report["lines"]["gantry"]
     vehicles = sum(gantry["classes"][c]["in"] for c in ("car", "truck", "bus"))
     assert vehicles >= 2 and gantry["total"]["out"] == 0
     assert gantry["classes"]["person"] == {"in": 0, "out": 0}
+
+
+def test_count_verbose_shows_runtime_lines(data):
+    result = flowfleet(
+        "count", str(data / "videos" / "traffic_frames.mp4"), "--line", "g:480,280,480,540", "-v"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Created TensorFlow Lite XNNPACK delegate" in result.stderr
+    assert "line g: in 2, out 0" in result.stdout
+
+
+def test_native_stderr_keeps_what_is_not_chatter(capfd):
+    """Runtime chatter written to fd 2 is held back; anything else reaches stderr."""
+    import os
+
+    from flowfleet.agent.detectors.native_stderr import captured_stderr
+
+    with captured_stderr():
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+        os.write(2, b"ERROR: something the user must see\n")
+    assert capfd.readouterr().err == "ERROR: something the user must see\n"
 
 
 def test_count_with_tracker_settings(data):

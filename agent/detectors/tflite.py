@@ -27,6 +27,7 @@ from ..detections import Detections
 from ..labels import load_labels
 from .base import Detector, ModelError, ModelInfo, check_frame, one_line
 from .base import resolve_labels as base_resolve_labels
+from .native_stderr import captured_stderr
 from .ssd import (
     decode_ssd,
     find_label_map,
@@ -175,8 +176,10 @@ class TFLiteDetector(Detector):
         except ImportError as e:
             raise ModelError(f"{self.path}: {e}") from None
         try:
-            interp = interpreter_cls(model_path=str(self.path), num_threads=self.threads)
-            interp.allocate_tensors()
+            # LiteRT prints "Created TensorFlow Lite XNNPACK delegate" from C++ here.
+            with captured_stderr():
+                interp = interpreter_cls(model_path=str(self.path), num_threads=self.threads)
+                interp.allocate_tensors()
         # The runtimes raise ValueError for bad flatbuffers and RuntimeError for ops
         # or tensors they cannot prepare; re-word both as one line with the file name.
         except (ValueError, RuntimeError, OSError) as e:
