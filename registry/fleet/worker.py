@@ -120,10 +120,20 @@ class IngestWorker:
         shared: bool = False,
         batch_max: int = 1000,
         batch_wait_s: float = 0.05,
+        relay_routes: tuple = (),
+        on_relays_queued: Callable[[], None] | None = None,
     ) -> None:
         self.db = open_database(db_path)
         self.topics = topics
-        self.ingestor = Ingestor(self.db, topics, retry_s=retry_s, site_timezone=site_timezone)
+        self.ingestor = Ingestor(
+            self.db,
+            topics,
+            retry_s=retry_s,
+            site_timezone=site_timezone,
+            relay_routes=relay_routes,
+        )
+        # Called after a commit that queued messages for the cloud relays (wakes them).
+        self.on_relays_queued = on_relays_queued
         self.connection = MqttConnection(
             client_id, broker, persistent=True, on_connect_refused=on_connect_refused
         )
@@ -260,8 +270,11 @@ class IngestWorker:
                 out.append(item)
 
     def _write(self, batch: list[Delivery]) -> None:
+        queued = self.ingestor.relays_queued
         outcomes = self.ingestor.handle_batch([(d.topic, d.payload, d.received_at) for d in batch])
         metrics.INGEST_BATCH.observe(len(batch))
+        if self.on_relays_queued is not None and self.ingestor.relays_queued != queued:
+            self.on_relays_queued()
         with self._lock:
             self._outcomes.update(outcomes)
             self.batches += 1
@@ -326,6 +339,7 @@ def run_worker_process(
     batch_max: int,
     batch_wait_s: float,
     stop,
+    relay_routes: tuple = (),
 ) -> None:
     """Body of an extra ingest worker process (`WorkerPool`): one shared-subscription
     session until ``stop`` is set, SIGTERM arrives or the parent registry is gone."""
@@ -347,6 +361,7 @@ def run_worker_process(
         shared=True,
         batch_max=batch_max,
         batch_wait_s=batch_wait_s,
+        relay_routes=relay_routes,
     )
     worker.start()
     while not stop.wait(1.0):
@@ -376,6 +391,7 @@ class WorkerPool:
         site_timezone: str = "UTC",
         batch_max: int = 1000,
         batch_wait_s: float = 0.05,
+        relay_routes: tuple = (),
     ) -> None:
         import multiprocessing
 
@@ -393,6 +409,7 @@ class WorkerPool:
                 batch_max,
                 batch_wait_s,
             )
+        self._relay_routes = tuple(relay_routes)
         self._procs: dict[int, object] = {}
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -401,7 +418,7 @@ class WorkerPool:
     def _spawn(self, index: int) -> None:
         proc = self._ctx.Process(
             target=run_worker_process,
-            args=(*self._args[index], self._stop),
+            args=(*self._args[index], self._stop, self._relay_routes),
             name=f"flowfleet-ingest-{index}",
             daemon=False,
         )

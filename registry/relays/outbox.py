@@ -1,0 +1,192 @@
+"""The relays' durable outbox: filled by ingest, emptied by the relay job.
+
+`queue_stored` runs inside ingest's transaction (`flowfleet.registry.fleet.ingest`):
+every message ingest stores that a relay's `Route` selects becomes one
+`RelayMessage` row for that relay, in one multi-row INSERT per batch, so a message is
+queued exactly when it is committed; a redelivery (stored once) is queued once, and
+(relay, msg_id) is unique besides.
+
+The relay job reads the oldest rows that are not parked (`due`), deletes them once
+the cloud acknowledged them (`acknowledge`), counts a failed send on them (`failed`)
+or parks one with its reason (`park`). Nothing else removes a row, so whatever the
+registry was doing when it died, what was not acknowledged is sent again after the
+restart: at least once, deduplicated downstream on ``msg_id``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+import peewee as pw
+
+from ..store import bulk
+from ..store.db import DeviceGroup, DeviceGroupMember, now
+from ..store.relay_tables import RelayMessage
+
+_COLUMNS = ("relay", "msg_id", "device", "kind", "seq", "payload", "size", "received_at")
+_COLUMNS += ("attempts",)  # peewee defaults are not the table's: written explicitly
+
+
+def message_id(device: str, kind: str, seq: int) -> str:
+    """The stable id of a device message, the same on every resend: ``device/kind/seq``."""
+    return f"{device}/{kind}/{seq}"
+
+
+@dataclass(frozen=True)
+class Route:
+    """What ingest queues for relay ``relay``: messages of ``kinds`` from devices that
+    match a pattern of ``devices`` or belong to one of ``groups``. Picklable: ingest
+    worker processes get it from the registry."""
+
+    relay: str
+    kinds: tuple[str, ...]
+    devices: tuple[str, ...] = ("*",)
+    groups: tuple[str, ...] = ()
+
+    def selects(self, device: str, kind: str, members: set[tuple[str, str]]) -> bool:
+        if kind not in self.kinds:
+            return False
+        if any(fnmatchcase(device, p) for p in self.devices):
+            return True
+        return any((g, device) in members for g in self.groups)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A message ingest has just stored (in the transaction still open)."""
+
+    device: str
+    kind: str
+    seq: int
+    payload: str
+    received_at: float
+
+
+def _memberships(routes: Sequence[Route], devices: set[str]) -> set[tuple[str, str]]:
+    groups = {g for r in routes for g in r.groups}
+    if not groups or not devices:
+        return set()
+    rows = (
+        DeviceGroupMember.select(DeviceGroup.name, DeviceGroupMember.device)
+        .join(DeviceGroup)
+        .where(DeviceGroup.name.in_(sorted(groups)) & DeviceGroupMember.device.in_(sorted(devices)))
+        .tuples()
+    )
+    return set(rows)
+
+
+def queue_stored(db: pw.Database, routes: Sequence[Route], stored: Sequence[Stored]) -> int:
+    """Queue ``stored`` for every route that selects them (call inside the ingest
+    transaction); returns the rows queued."""
+    if not routes or not stored:
+        return 0
+    members = _memberships(routes, {s.device for s in stored})
+    rows = []
+    for s in stored:
+        for route in routes:
+            if route.selects(s.device, s.kind, members):
+                rows.append(
+                    (
+                        route.relay,
+                        message_id(s.device, s.kind, s.seq),
+                        s.device,
+                        s.kind,
+                        s.seq,
+                        s.payload,
+                        len(s.payload.encode()),
+                        s.received_at,
+                        0,
+                    )
+                )
+    if rows:
+        suffix = 'ON CONFLICT ("relay", "msg_id") DO NOTHING'
+        bulk.insert(db, RelayMessage, _COLUMNS, rows, suffix)
+    return len(rows)
+
+
+def due(relay: str, limit: int) -> list[RelayMessage]:
+    """The oldest ``limit`` rows of ``relay`` that are not parked, in queue order."""
+    m = RelayMessage
+    return list(
+        m.select().where((m.relay == relay) & m.parked_at.is_null()).order_by(m.id).limit(limit)
+    )
+
+
+def acknowledge(ids: Sequence[int]) -> int:
+    """The cloud acknowledged these rows: they leave the outbox."""
+    done = 0
+    for i in range(0, len(ids), 500):
+        done += RelayMessage.delete().where(RelayMessage.id.in_(list(ids[i : i + 500]))).execute()
+    return done
+
+
+def failed(ids: Sequence[int], error: str) -> None:
+    """A send of these rows failed (they stay queued); count the attempt."""
+    m = RelayMessage
+    for i in range(0, len(ids), 500):
+        m.update(attempts=m.attempts + 1, last_error=error[:2000]).where(
+            m.id.in_(list(ids[i : i + 500]))
+        ).execute()
+
+
+def park(row_id: int, reason: str) -> None:
+    """Set a row aside for good (the cloud refuses it, or it failed too often)."""
+    RelayMessage.update(parked_at=now(), reason=reason[:2000]).where(
+        RelayMessage.id == row_id
+    ).execute()
+
+
+def requeue_parked(relay: str, ids: Sequence[int] | None = None) -> int:
+    """Send parked rows of ``relay`` again (after the cause is fixed); returns how many."""
+    m = RelayMessage
+    cond = (m.relay == relay) & m.parked_at.is_null(False)
+    if ids is not None:
+        cond &= m.id.in_(list(ids))
+    return m.update(parked_at=None, reason=None, attempts=0).where(cond).execute()
+
+
+def depth() -> dict[str, dict[str, float]]:
+    """Per relay: rows queued, rows parked, and the age of the oldest queued row."""
+    m = RelayMessage
+    out: dict[str, dict[str, float]] = {}
+    rows = (
+        m.select(
+            m.relay,
+            m.parked_at.is_null(False).alias("parked"),
+            pw.fn.COUNT(m.id),
+            pw.fn.MIN(m.received_at),
+        )
+        .group_by(m.relay, m.parked_at.is_null(False))
+        .tuples()
+    )
+    t = now()
+    for relay, parked, count, oldest in rows:
+        entry = out.setdefault(relay, {"queued": 0, "parked": 0, "oldest_queued_s": 0.0})
+        if parked:
+            entry["parked"] = count
+        else:
+            entry["queued"] = count
+            entry["oldest_queued_s"] = max(0.0, t - oldest) if oldest else 0.0
+    return out
+
+
+def parked(relay: str | None = None, limit: int = 100) -> list[dict]:
+    """Parked rows (newest first) with their reasons."""
+    m = RelayMessage
+    q = m.select().where(m.parked_at.is_null(False))
+    if relay is not None:
+        q = q.where(m.relay == relay)
+    return [
+        {
+            "id": r.id,
+            "relay": r.relay,
+            "msg_id": r.msg_id,
+            "size": r.size,
+            "attempts": r.attempts,
+            "parked_at": r.parked_at,
+            "reason": r.reason,
+        }
+        for r in q.order_by(m.parked_at.desc()).limit(limit)
+    ]

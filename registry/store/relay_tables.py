@@ -1,0 +1,76 @@
+"""Cloud relay tables (schema migration 17): the relays' outbox and their usage.
+
+Ingest queues one `RelayMessage` per relay for every message it stores that the
+relay's route selects, in the ingest transaction itself
+(`flowfleet.registry.relays.outbox`): a stored message is in the outbox as soon as it
+is committed. The relay job (`flowfleet.registry.relays.job`) deletes a row only after
+the cloud acknowledged it; a row the cloud refuses for good stays, parked with the
+reason. `RelayUsage` keeps per relay and hour what was forwarded (messages, bytes,
+billing units, failures, retries, a latency histogram), which the report reads.
+"""
+
+from __future__ import annotations
+
+import peewee as pw
+
+from .db import BaseModel
+
+
+class RelayMessage(BaseModel):
+    """One stored device message waiting to be forwarded by one relay.
+
+    ``msg_id`` is the stable id ``<device>/<kind>/<seq>`` the cloud side deduplicates
+    on; (relay, msg_id) is unique, so a redelivered message is queued once.
+    ``parked_at`` set: refused for good (``reason``), kept for an operator, never
+    blocking the rows behind it.
+    """
+
+    id = pw.AutoField()
+    relay = pw.CharField(max_length=16)
+    msg_id = pw.CharField(max_length=160)
+    device = pw.CharField(max_length=64)
+    kind = pw.CharField(max_length=16)
+    seq = pw.BigIntegerField()
+    payload = pw.TextField(help_text="the message as stored (JSON)")
+    size = pw.IntegerField()
+    received_at = pw.DoubleField(help_text="when ingest received it (latency start)")
+    attempts = pw.IntegerField(default=0)
+    last_error = pw.TextField(null=True)
+    parked_at = pw.DoubleField(null=True)
+    reason = pw.TextField(null=True)
+
+    class Meta:
+        table_name = "relay_message"
+        indexes = (
+            (("relay", "msg_id"), True),
+            (("relay", "parked_at", "id"), False),
+        )
+
+
+class RelayUsage(BaseModel):
+    """What one relay did in one hour (``hour``: its start, epoch seconds).
+
+    ``latency`` is a JSON list of counts per bucket of
+    `flowfleet.registry.relays.usage.LATENCY_EDGES_MS` (end-to-end: ingest received
+    the message -> the cloud acknowledged it), so percentiles over any range of hours
+    are a sum of histograms.
+    """
+
+    relay = pw.CharField(max_length=16)
+    hour = pw.BigIntegerField()
+    messages = pw.BigIntegerField(default=0)
+    publishes = pw.BigIntegerField(default=0)
+    bytes = pw.BigIntegerField(default=0)
+    units = pw.BigIntegerField(default=0)
+    failures = pw.BigIntegerField(default=0)
+    retries = pw.BigIntegerField(default=0)
+    parked = pw.BigIntegerField(default=0)
+    latency = pw.TextField(default="[]")
+
+    class Meta:
+        table_name = "relay_usage"
+        primary_key = pw.CompositeKey("relay", "hour")
+
+
+# Created by schema migration 17.
+RELAY_MODELS: tuple[type[BaseModel], ...] = (RelayMessage, RelayUsage)
