@@ -107,6 +107,8 @@ class TlsBroker:
         pw.chmod(0o600)
         lines = [
             "per_listener_settings true",
+            # As root, mosquitto would switch to its own user and not read our files.
+            *(["user root"] if os.geteuid() == 0 else []),
             "persistence false",
             f"log_dest file {self.folder / 'mosquitto.log'}",
             "log_type all",
@@ -179,6 +181,9 @@ class Collector:
         def on_connect(client, userdata, flags, rc, props):
             client.subscribe(topic_filter, qos=1)
 
+        def on_disconnect(client, userdata, flags, rc, props):
+            self._ready.clear()
+
         def on_subscribe(client, userdata, mid, rcs, props):
             self._ready.set()
 
@@ -187,10 +192,16 @@ class Collector:
                 self.messages.append((msg.topic, bytes(msg.payload)))
 
         c.on_connect, c.on_subscribe, c.on_message = on_connect, on_subscribe, on_message
+        c.on_disconnect = on_disconnect
+        c.reconnect_delay_set(0.05, 0.5)
         c.connect("127.0.0.1", broker.port)
         c.loop_start()
         self.client = c
-        if not self._ready.wait(10):
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the subscription stands (again, after a broker restart)."""
+        if not self._ready.wait(timeout):
             raise RuntimeError("the test subscriber could not subscribe")
 
     def wait_for(self, n: int, timeout: float = 20.0) -> list[tuple[str, bytes]]:

@@ -78,13 +78,13 @@ class ConnectionString:
 
 def sas_token(resource: str, key: str, expiry: int) -> str:
     """An IoT Hub SAS token for ``resource`` (``<hub>/devices/<device>``) valid until
-    ``expiry`` (epoch seconds), signed with the base64 ``key``."""
-    sr = urllib.parse.quote(resource, safe="").lower()
-    to_sign = f"{sr}\n{expiry}".encode()
+    ``expiry`` (epoch seconds), signed with the base64 ``key``: HMAC-SHA256 of the
+    URL-encoded resource, a newline and the expiry (IoT Hub's "Control access to IoT
+    Hub with shared access signatures")."""
+    to_sign = f"{urllib.parse.quote_plus(resource)}\n{expiry}".encode()
     sig = base64.b64encode(hmac.new(base64.b64decode(key), to_sign, hashlib.sha256).digest())
-    return (
-        f"SharedAccessSignature sr={sr}&sig={urllib.parse.quote(sig.decode(), safe='')}&se={expiry}"
-    )
+    fields = {"sr": resource, "sig": sig.decode(), "se": str(expiry)}
+    return "SharedAccessSignature " + urllib.parse.urlencode(fields)
 
 
 def events_topic(device: str, properties: dict[str, str]) -> str:
