@@ -173,6 +173,9 @@ class Collector:
         import paho.mqtt.client as mqtt
 
         self.messages: list[tuple[str, bytes]] = []
+        # Per message: its MQTT 5 user properties and when it arrived (monotonic).
+        self.properties: list[dict[str, str]] = []
+        self.arrived: list[float] = []
         self._lock = threading.Lock()
         self._ready = threading.Event()
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="tester", protocol=mqtt.MQTTv5)
@@ -188,8 +191,11 @@ class Collector:
             self._ready.set()
 
         def on_message(client, userdata, msg):
+            props = getattr(msg.properties, "UserProperty", None) or []
             with self._lock:
                 self.messages.append((msg.topic, bytes(msg.payload)))
+                self.properties.append(dict(props))
+                self.arrived.append(time.monotonic())
 
         c.on_connect, c.on_subscribe, c.on_message = on_connect, on_subscribe, on_message
         c.on_disconnect = on_disconnect

@@ -1,0 +1,135 @@
+"""The AWS IoT Core relay (awsiotsdk, MQTT 5 over mutual TLS) against a Mosquitto TLS
+listener that requires client certificates signed by a test CA made with the
+project's provisioning code: topics per device and kind, payloads, user properties,
+pacing under the per-connection publish limit; a certificate from another CA is
+refused and nothing leaves the outbox."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from flowfleet.provisioning.pki import issue, make_ca
+from flowfleet.registry.relays import outbox, usage
+from flowfleet.registry.relays.aws import IotCoreRelay
+from flowfleet.registry.relays.job import RelayRunner
+from flowfleet.registry.relays.outbox import Route, Stored
+from flowfleet.registry.relays.settings import AwsRelay
+from flowfleet.registry.store import db as regdb
+from flowfleet.registry.store.relay_tables import RelayMessage
+from flowfleet.registry.testing import fresh_database, release
+from tests.relay_endpoints import Collector, TlsBroker, bin_messages, drain
+
+THING = "relay-aws"
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory):
+    broker = TlsBroker(tmp_path_factory.mktemp("iotcore"), client_certs=True).start()
+    collector = Collector(broker, "flowfleet/#")
+    yield broker, collector
+    collector.close()
+    broker.stop()
+
+
+@pytest.fixture
+def db(tmp_path):
+    url = fresh_database(str(tmp_path / "relay.db"))
+    database = regdb.open_database(url)
+    yield database
+    release()
+
+
+def _settings(broker, cert, **changes) -> AwsRelay:
+    values = dict(
+        endpoint="localhost",
+        port=broker.tls_port,
+        client_id=THING,
+        cert_file=str(cert.cert),
+        key_file=str(cert.key),
+        ca_file=str(broker.ca.cert),
+        timeout_s=3.0,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.2,
+    )
+    values.update(changes)
+    return AwsRelay(**values)
+
+
+def _queue(database, stream) -> None:
+    rows = []
+    for _topic, payload, t in stream:
+        body = json.loads(payload)
+        rows.append(Stored(body["device"], "counts", body["seq"], payload.decode(), t))
+    with database.connection_context(), database.atomic():
+        outbox.queue_stored(database, [Route("aws", ("counts",))], rows)
+
+
+def test_messages_arrive_per_device_topic_paced_under_the_limit(endpoint, db):
+    broker, collector = endpoint
+    start = len(collector.messages)
+    stream = bin_messages(2, 15)
+    _queue(db, stream)
+    settings = _settings(broker, broker.client_cert(THING), pack=False, publishes_per_s=40)
+    runner = RelayRunner(db, IotCoreRelay(settings), settings, lease_s=5)
+    began = time.monotonic()
+    try:
+        assert drain(runner) == 30
+    finally:
+        runner.stop()
+    took = time.monotonic() - began
+    messages = collector.wait_for(start + 30)[start:]
+    props = collector.properties[start : start + 30]
+    assert len(messages) == 30
+    sent = {f"{json.loads(p)['device']}/counts/{json.loads(p)['seq']}": p for _, p, _ in stream}
+    for (topic, payload), prop in zip(messages, props, strict=True):
+        body = json.loads(payload)
+        assert topic == f"flowfleet/{body['device']}/counts"
+        assert prop == {
+            "id": f"{body['device']}/counts/{body['seq']}",
+            "device": body["device"],
+            "kind": "counts",
+            "count": "1",
+        }
+        assert body == json.loads(sent[prop["id"]])
+    # 30 publishes at 40/s on one connection: never faster than the pace.
+    assert took >= 29 / 40
+    arrived = collector.arrived[start : start + 30]
+    assert (arrived[-1] - arrived[0]) >= 29 / 40 * 0.9
+    with db.connection_context():
+        used = usage.summary(time.time() - 3600, time.time() + 1)["aws"]
+    assert used["messages"] == 30 and used["units"] == 30  # each bin < 5 KB: one unit
+
+
+def test_packed_messages_stay_under_the_payload_cap(endpoint, db):
+    broker, collector = endpoint
+    start = len(collector.messages)
+    _queue(db, bin_messages(1, 200))
+    settings = _settings(broker, broker.client_cert(THING), pack_units=64)
+    runner = RelayRunner(db, IotCoreRelay(settings), settings, lease_s=5)
+    try:
+        assert drain(runner) == 200
+    finally:
+        runner.stop()
+    time.sleep(0.2)
+    got = collector.messages[start:]
+    assert all(len(p) <= 128 * 1024 for _, p in got)
+    ids = [i for _, p in got for i in json.loads(p)["ids"]]
+    assert ids == [f"cam-0/counts/{s}" for s in range(1, 201)]
+
+
+def test_a_certificate_from_another_ca_is_refused(endpoint, db, tmp_path):
+    broker, _ = endpoint
+    _queue(db, bin_messages(1, 2))
+    stranger = issue(make_ca(tmp_path / "other-ca"), THING, tmp_path / "stranger")
+    settings = _settings(broker, stranger, timeout_s=2.0)
+    runner = RelayRunner(db, IotCoreRelay(settings), settings, lease_s=5)
+    try:
+        result = runner.run_once()
+    finally:
+        runner.stop()
+    assert result.failed == 2 and result.error
+    with db.connection_context():
+        assert RelayMessage.select().where(RelayMessage.attempts == 1).count() == 2
