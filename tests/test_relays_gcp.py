@@ -296,3 +296,18 @@ def test_relay_sigkilled_mid_batch_sends_everything_again(emulator, sqlite_db):
     assert len(ids) >= 1200
     with database.connection_context():
         assert outbox.due("gcp", 1) == []
+
+
+def test_provision_gcp_cli_creates_topic_and_subscription_once(emulator, capsys):
+    from flowfleet.cli import main
+
+    args = ["provision", "gcp", "--project", PROJECT, "--topic", "cli-topic"]
+    args += ["--emulator-host", emulator.host, "--subscription", "cli-sub", "--json"]
+    assert main(args) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert done["topic_created"] and done["subscription_created"]
+    assert main(args) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert not again["topic_created"] and not again["subscription_created"]
+    assert main([*args[:3], "Bad_Project", *args[4:]]) == 2
+    assert "project" in capsys.readouterr().err
