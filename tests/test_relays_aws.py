@@ -133,3 +133,77 @@ def test_a_certificate_from_another_ca_is_refused(endpoint, db, tmp_path):
     assert result.failed == 2 and result.error
     with db.connection_context():
         assert RelayMessage.select().where(RelayMessage.attempts == 1).count() == 2
+
+
+def test_registry_service_relays_what_devices_publish(endpoint, broker, tmp_path):
+    """The whole path: devices publish over MQTT, the registry ingests and its relay
+    job forwards to the IoT Core stand-in; /api/relays shows it."""
+    import threading
+    import urllib.request
+
+    import paho.mqtt.client as mqtt
+
+    from flowfleet.mqtt import BrokerAddress
+    from flowfleet.registry.http import auth
+    from flowfleet.registry.relays.settings import RelaysSection
+    from flowfleet.registry.service import run_registry
+
+    tls, collector = endpoint
+    start = len(collector.messages)
+    settings = _settings(tls, tls.client_cert(THING), pack=False)
+    database = regdb.open_database(tmp_path / "reg.sqlite")
+    with database.connection_context():
+        auth.create_user("viewer", "viewer", actor="test")
+        token, _ = auth.create_token("viewer", actor="test")
+    release()
+    stop = threading.Event()
+    ready: list[str] = []
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            run_registry(
+                tmp_path / "reg.sqlite",
+                BrokerAddress(broker.host, broker.port),
+                "127.0.0.1",
+                0,
+                stop_event=stop,
+                on_ready=ready.append,
+                relays=RelaysSection(tick_s=0.1, aws=settings),
+                drift=None,
+            )
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not ready and not errors and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready and not errors, errors
+        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="cam-pub")
+        pub.connect(broker.host, broker.port)
+        pub.loop_start()
+        for topic, payload, _ in bin_messages(2, 5):
+            pub.publish(topic, payload, qos=1).wait_for_publish(10)
+        pub.disconnect()
+        pub.loop_stop()
+        got = collector.wait_for(start + 10)[start:]
+        assert sorted(p["id"] for p in collector.properties[start : start + 10]) == sorted(
+            f"cam-{d}/counts/{s}" for d in range(2) for s in range(1, 6)
+        )
+        assert len(got) == 10
+        time.sleep(0.3)  # the pass that forwarded them commits its usage after the PUBACKs
+        request = urllib.request.Request(
+            f"{ready[0]}api/relays", headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(request) as resp:
+            body = json.loads(resp.read())
+        (aws,) = body["relays"]
+        assert aws["running"] and aws["queued"] == 0 and aws["usage"]["messages"] == 10
+        assert aws["state"]["circuit"] == "closed"
+    finally:
+        stop.set()
+        thread.join(20)
+        release()
