@@ -110,6 +110,7 @@ class TlsBroker:
             # As root, mosquitto would switch to its own user and not read our files.
             *(["user root"] if os.geteuid() == 0 else []),
             "persistence false",
+            "set_tcp_nodelay true",  # PUBACKs at once, as a cloud endpoint sends them
             f"log_dest file {self.folder / 'mosquitto.log'}",
             "log_type all",
             f"listener {self.port} 127.0.0.1",

@@ -11,8 +11,10 @@ relay's ``timeout_s``, the queue fails every operation on disconnect
 (``FAIL_ALL_ON_DISCONNECT``), and the outbox row stays until a PUBACK came back.
 
 IoT Core's documented limits per connection: 100 publishes per second (the relay
-paces at ``publishes_per_s``, 90 by default) and 128 KB per payload. It meters
-messages in 5 KB increments.
+paces at ``publishes_per_s``, 90 by default), 512 KB/s of outbound throughput (the
+SDK's AWS_IOT_CORE_DEFAULTS flow control throttles to both) and 128 KB per payload.
+It meters messages in 5 KB increments. So one connection forwards at most about
+512 KB/s / message size: some 800 count bins per second, whatever the packing.
 """
 
 from __future__ import annotations

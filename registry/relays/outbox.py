@@ -3,8 +3,7 @@
 `queue_stored` runs inside ingest's transaction (`flowfleet.registry.fleet.ingest`):
 every message ingest stores that a relay's `Route` selects becomes one
 `RelayMessage` row for that relay, in one multi-row INSERT per batch, so a message is
-queued exactly when it is committed; a redelivery (stored once) is queued once, and
-(relay, msg_id) is unique besides.
+queued exactly when it is committed; a redelivery (stored once) is queued once.
 
 The relay job reads the oldest rows that are not parked (`due`), deletes them once
 the cloud acknowledged them (`acknowledge`), counts a failed send on them (`failed`)
@@ -79,30 +78,36 @@ def _memberships(routes: Sequence[Route], devices: set[str]) -> set[tuple[str, s
 
 def queue_stored(db: pw.Database, routes: Sequence[Route], stored: Sequence[Stored]) -> int:
     """Queue ``stored`` for every route that selects them (call inside the ingest
-    transaction); returns the rows queued."""
+    transaction); returns the rows queued. This runs on ingest's hot path: per
+    message the id and size are computed once, and a route for every device of a
+    kind skips the pattern matching."""
     if not routes or not stored:
         return 0
     members = _memberships(routes, {s.device for s in stored})
+    everyone = [r.devices == ("*",) for r in routes]
     rows = []
     for s in stored:
-        for route in routes:
-            if route.selects(s.device, s.kind, members):
-                rows.append(
-                    (
-                        route.relay,
-                        message_id(s.device, s.kind, s.seq),
-                        s.device,
-                        s.kind,
-                        s.seq,
-                        s.payload,
-                        len(s.payload.encode()),
-                        s.received_at,
-                        0,
-                    )
+        common = None
+        for route, all_devices in zip(routes, everyone, strict=True):
+            if s.kind not in route.kinds:
+                continue
+            if not all_devices and not route.selects(s.device, s.kind, members):
+                continue
+            if common is None:
+                size = len(s.payload) if s.payload.isascii() else len(s.payload.encode())
+                common = (
+                    message_id(s.device, s.kind, s.seq),
+                    s.device,
+                    s.kind,
+                    s.seq,
+                    s.payload,
+                    size,
+                    s.received_at,
+                    0,
                 )
+            rows.append((route.relay, *common))
     if rows:
-        suffix = 'ON CONFLICT ("relay", "msg_id") DO NOTHING'
-        bulk.insert(db, RelayMessage, _COLUMNS, rows, suffix)
+        bulk.insert(db, RelayMessage, _COLUMNS, rows)
     return len(rows)
 
 

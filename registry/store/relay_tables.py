@@ -20,7 +20,9 @@ class RelayMessage(BaseModel):
     """One stored device message waiting to be forwarded by one relay.
 
     ``msg_id`` is the stable id ``<device>/<kind>/<seq>`` the cloud side deduplicates
-    on; (relay, msg_id) is unique, so a redelivered message is queued once.
+    on. Ingest queues a message only when it stores it, which happens once per
+    (device, kind, seq), so a redelivery is never queued twice; no unique index
+    enforces it again (each index costs ingest time, docs/relays.md).
     ``parked_at`` set: refused for good (``reason``), kept for an operator, never
     blocking the rows behind it.
     """
@@ -41,10 +43,7 @@ class RelayMessage(BaseModel):
 
     class Meta:
         table_name = "relay_message"
-        indexes = (
-            (("relay", "msg_id"), True),
-            (("relay", "parked_at", "id"), False),
-        )
+        indexes = ((("relay", "parked_at", "id"), False),)
 
 
 class RelayUsage(BaseModel):
