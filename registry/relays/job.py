@@ -47,6 +47,10 @@ from .settings import RelayCommon
 
 log = logging.getLogger(__name__)
 
+# Hourly usage rows older than this are removed (a pass checks once an hour): the
+# report compares at most a year.
+USAGE_KEEP_S = 400 * 86400
+
 
 @contextmanager
 def _connection(db: pw.Database) -> Iterator[None]:
@@ -100,6 +104,7 @@ class RelayRunner:
         self.next_try = 0.0  # backoff: no send before (monotonic)
         self.last_error: str | None = None
         self.last_ok_at: float | None = None
+        self._pruned_at = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -139,6 +144,9 @@ class RelayRunner:
             if not leases.acquire(self.db, lease_name(self.name), self.holder, self.lease_s):
                 return PassResult()
             rows = outbox.due(self.name, self.settings.batch_max)
+            if time.monotonic() - self._pruned_at > 3600:
+                self._pruned_at = time.monotonic()
+                usage.delete_before(now() - USAGE_KEEP_S, relay=self.name)
         if not rows:
             return PassResult()
         items = [

@@ -121,9 +121,12 @@ def summary(since: float, until: float) -> dict[str, dict]:
     return out
 
 
-def delete_before(t: float) -> int:
-    """Forget usage older than ``t`` (hours that ended before it)."""
-    return RelayUsage.delete().where(RelayUsage.hour + 3600 <= t).execute()
+def delete_before(t: float, relay: str | None = None) -> int:
+    """Forget usage older than ``t`` (hours that ended before it), of ``relay`` or all."""
+    cond = RelayUsage.hour + 3600 <= t
+    if relay is not None:
+        cond &= RelayUsage.relay == relay
+    return RelayUsage.delete().where(cond).execute()
 
 
 __all__ = ["LATENCY_EDGES_MS", "Tally", "delete_before", "percentile", "record", "summary"]
