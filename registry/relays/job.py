@@ -105,6 +105,7 @@ class RelayRunner:
         self.last_error: str | None = None
         self.last_ok_at: float | None = None
         self._pruned_at = 0.0
+        self._held_until = 0.0  # monotonic: the lease is ours at least until then
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -136,12 +137,24 @@ class RelayRunner:
 
     # -- one pass -------------------------------------------------------------------
 
+    def _hold_lease(self) -> bool:
+        """Take or renew the relay's lease; renewed only in its second half, so an
+        idle relay does not write to the database on every pass."""
+        t = time.monotonic()
+        if t < self._held_until - self.lease_s / 2:
+            return True
+        if leases.acquire(self.db, lease_name(self.name), self.holder, self.lease_s):
+            self._held_until = t + self.lease_s
+            return True
+        self._held_until = 0.0
+        return False
+
     def run_once(self) -> PassResult:
         """One pass (the lease held or taken first). Never raises for a cloud failure."""
         if time.monotonic() < self.next_try:
             return PassResult()
         with _connection(self.db):
-            if not leases.acquire(self.db, lease_name(self.name), self.holder, self.lease_s):
+            if not self._hold_lease():
                 return PassResult()
             rows = outbox.due(self.name, self.settings.batch_max)
             if time.monotonic() - self._pruned_at > 3600:
@@ -285,6 +298,7 @@ class RelayRunner:
             self._thread.join(self.settings.timeout_s + 10)
             self._thread = None
         self.relay.close()
+        self._held_until = 0.0
         try:
             with _connection(self.db):
                 leases.release(self.db, lease_name(self.name), self.holder)
