@@ -163,7 +163,7 @@ class RelayRunner:
         if not rows:
             return PassResult()
         items = [
-            Item(r.id, r.msg_id, r.device, r.kind, r.seq, r.payload, r.received_at) for r in rows
+            Item(r.id, r.msg_id, *outbox.split_id(r.msg_id), r.payload, r.received_at) for r in rows
         ]
         attempts = {r.id: r.attempts for r in rows}
         result = PassResult(taken=len(rows))

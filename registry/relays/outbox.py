@@ -24,13 +24,18 @@ from ..store import bulk
 from ..store.db import DeviceGroup, DeviceGroupMember, now
 from ..store.relay_tables import RelayMessage
 
-_COLUMNS = ("relay", "msg_id", "device", "kind", "seq", "payload", "size", "received_at")
-_COLUMNS += ("attempts",)  # peewee defaults are not the table's: written explicitly
+_COLUMNS = ("relay", "msg_id", "payload", "received_at")
 
 
 def message_id(device: str, kind: str, seq: int) -> str:
     """The stable id of a device message, the same on every resend: ``device/kind/seq``."""
     return f"{device}/{kind}/{seq}"
+
+
+def split_id(msg_id: str) -> tuple[str, str, int]:
+    """(device, kind, seq) of a `message_id` (device ids never contain a slash)."""
+    device, kind, seq = msg_id.split("/")
+    return device, kind, int(seq)
 
 
 @dataclass(frozen=True)
@@ -79,33 +84,23 @@ def _memberships(routes: Sequence[Route], devices: set[str]) -> set[tuple[str, s
 def queue_stored(db: pw.Database, routes: Sequence[Route], stored: Sequence[Stored]) -> int:
     """Queue ``stored`` for every route that selects them (call inside the ingest
     transaction); returns the rows queued. This runs on ingest's hot path: per
-    message the id and size are computed once, and a route for every device of a
-    kind skips the pattern matching."""
+    message the id is made once, a route for every device of a kind skips the
+    pattern matching, and a row is four values."""
     if not routes or not stored:
         return 0
     members = _memberships(routes, {s.device for s in stored})
     everyone = [r.devices == ("*",) for r in routes]
     rows = []
     for s in stored:
-        common = None
+        msg_id = None
         for route, all_devices in zip(routes, everyone, strict=True):
             if s.kind not in route.kinds:
                 continue
             if not all_devices and not route.selects(s.device, s.kind, members):
                 continue
-            if common is None:
-                size = len(s.payload) if s.payload.isascii() else len(s.payload.encode())
-                common = (
-                    message_id(s.device, s.kind, s.seq),
-                    s.device,
-                    s.kind,
-                    s.seq,
-                    s.payload,
-                    size,
-                    s.received_at,
-                    0,
-                )
-            rows.append((route.relay, *common))
+            if msg_id is None:
+                msg_id = message_id(s.device, s.kind, s.seq)
+            rows.append((route.relay, msg_id, s.payload, s.received_at))
     if rows:
         bulk.insert(db, RelayMessage, _COLUMNS, rows)
     return len(rows)
@@ -188,7 +183,7 @@ def parked(relay: str | None = None, limit: int = 100) -> list[dict]:
             "id": r.id,
             "relay": r.relay,
             "msg_id": r.msg_id,
-            "size": r.size,
+            "size": len(r.payload.encode()),
             "attempts": r.attempts,
             "parked_at": r.parked_at,
             "reason": r.reason,

@@ -20,7 +20,8 @@ class RelayMessage(BaseModel):
     """One stored device message waiting to be forwarded by one relay.
 
     ``msg_id`` is the stable id ``<device>/<kind>/<seq>`` the cloud side deduplicates
-    on. Ingest queues a message only when it stores it, which happens once per
+    on; the device, kind and seq are read back from it (ingest writes four values per
+    row and nothing more). Ingest queues a message only when it stores it, which happens once per
     (device, kind, seq), so a redelivery is never queued twice; no unique index
     enforces it again (each index costs ingest time, docs/relays.md).
     ``parked_at`` set: refused for good (``reason``), kept for an operator, never
@@ -29,14 +30,11 @@ class RelayMessage(BaseModel):
 
     id = pw.AutoField()
     relay = pw.CharField(max_length=16)
-    msg_id = pw.CharField(max_length=160)
-    device = pw.CharField(max_length=64)
-    kind = pw.CharField(max_length=16)
-    seq = pw.BigIntegerField()
+    msg_id = pw.CharField(max_length=160, help_text="<device>/<kind>/<seq>: all three in one")
     payload = pw.TextField(help_text="the message as stored (JSON)")
-    size = pw.IntegerField()
     received_at = pw.DoubleField(help_text="when ingest received it (latency start)")
-    attempts = pw.IntegerField(default=0)
+    # A database default: ingest's multi-row INSERT leaves it out (fewer values to bind).
+    attempts = pw.IntegerField(default=0, constraints=[pw.SQL("DEFAULT 0")])
     last_error = pw.TextField(null=True)
     parked_at = pw.DoubleField(null=True)
     reason = pw.TextField(null=True)
