@@ -200,3 +200,39 @@ def test_broker_stopped_and_restarted_nothing_lost(hub, db):
     got = _received(collector, start, 40)
     ids = {i for _, _, e in got for i in e["ids"]}
     assert ids == {f"cam-{d}/counts/{s}" for d in range(2) for s in range(1, 21)}
+
+
+def _fail_passes(runner, n: int) -> None:
+    for _ in range(n):
+        while time.monotonic() < runner.next_try:
+            time.sleep(0.01)  # the backoff (a few tens of ms here)
+        assert runner.run_once().error
+
+
+def test_repeated_failures_park_only_while_the_circuit_is_closed(hub, db):
+    broker, _ = hub
+    wrong = base64.b64encode(b"another key, not the device's!!").decode()
+    _queue(db, bin_messages(1, 2))
+    quick = dict(backoff_initial_s=0.01, backoff_max_s=0.02, breaker_cooldown_s=0.02)
+    # Circuit closed (5 failures to open): the 2nd failed send parks them.
+    relay, settings = _relay(broker, key=wrong, max_attempts=2, breaker_failures=5, **quick)
+    runner = RelayRunner(db, relay, settings, lease_s=5)
+    try:
+        _fail_passes(runner, 2)
+    finally:
+        runner.stop()
+    with db.connection_context():
+        parked = outbox.parked("azure")
+        assert len(parked) == 2 and "gave up after 2 failed sends" in parked[0]["reason"]
+        RelayMessage.delete().execute()
+    # An outage: the circuit opens at the 1st failure; later failures do not count.
+    _queue(db, bin_messages(1, 2))
+    relay, settings = _relay(broker, key=wrong, max_attempts=2, breaker_failures=1, **quick)
+    runner = RelayRunner(db, relay, settings, lease_s=5)
+    try:
+        _fail_passes(runner, 4)
+    finally:
+        runner.stop()
+    with db.connection_context():
+        assert outbox.parked("azure") == []
+        assert [r.attempts for r in RelayMessage.select()] == [1, 1]

@@ -212,13 +212,19 @@ class RelayRunner:
                 tally.retries += 1 if attempts[it.row_id] else 0
                 tally.observe_ms(max(0.0, (t - it.received_at) * 1000.0))
         failed_ids = [it.row_id for p in unknown for it in p.items]
-        exhausted = [i for i in failed_ids if attempts[i] + 1 >= self.settings.max_attempts]
+        # Failed sends count towards parking only while the circuit is closed: an
+        # outage opens it after breaker_failures sends, and a cloud that is down for
+        # days must not park what it will take once it is back.
+        counting = self.failures < self.settings.breaker_failures
+        exhausted = [
+            i for i in failed_ids if counting and attempts[i] + 1 >= self.settings.max_attempts
+        ]
         tally.failures = len(failed_ids)
         tally.parked = len(refused) + len(exhausted)
         with _connection(self.db), self.db.atomic():
             outbox.acknowledge([it.row_id for p in acked for it in p.items])
             if failed_ids:
-                outbox.failed(failed_ids, error or "unavailable")
+                outbox.failed(failed_ids, error or "unavailable", count=counting)
             for i in exhausted:
                 outbox.park(i, f"gave up after {self.settings.max_attempts} failed sends: {error}")
             for item, reason in refused:

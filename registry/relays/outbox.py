@@ -122,13 +122,15 @@ def acknowledge(ids: Sequence[int]) -> int:
     return done
 
 
-def failed(ids: Sequence[int], error: str) -> None:
-    """A send of these rows failed (they stay queued); count the attempt."""
+def failed(ids: Sequence[int], error: str, *, count: bool = True) -> None:
+    """A send of these rows failed (they stay queued): note the error and, with
+    ``count``, the attempt (attempts lead to parking at ``max_attempts``)."""
     m = RelayMessage
+    changes: dict = {"last_error": error[:2000]}
+    if count:
+        changes["attempts"] = m.attempts + 1
     for i in range(0, len(ids), 500):
-        m.update(attempts=m.attempts + 1, last_error=error[:2000]).where(
-            m.id.in_(list(ids[i : i + 500]))
-        ).execute()
+        m.update(changes).where(m.id.in_(list(ids[i : i + 500]))).execute()
 
 
 def park(row_id: int, reason: str) -> None:
