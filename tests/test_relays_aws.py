@@ -207,3 +207,37 @@ def test_registry_service_relays_what_devices_publish(endpoint, broker, tmp_path
         stop.set()
         thread.join(20)
         release()
+
+
+def test_endpoint_stopped_and_restarted_nothing_lost(endpoint, db):
+    broker, collector = endpoint
+    start = len(collector.messages)
+    _queue(db, bin_messages(2, 10))
+    settings = _settings(
+        broker,
+        broker.client_cert(THING),
+        pack=False,
+        timeout_s=1.0,
+        breaker_failures=2,
+        breaker_cooldown_s=0.3,
+        publishes_per_s=100,
+    )
+    runner = RelayRunner(db, IotCoreRelay(settings), settings, lease_s=5)
+    try:
+        drain(runner)
+        _queue(db, bin_messages(2, 10, first_seq=11))
+        broker.stop()
+        deadline = time.monotonic() + 15
+        while runner.circuit != "open" and time.monotonic() < deadline:
+            runner.run_once()
+            time.sleep(0.02)
+        assert runner.circuit == "open"
+        broker.start()
+        collector.wait_ready()
+        time.sleep(0.3)  # the cooldown
+        drain(runner)
+    finally:
+        runner.stop()
+    collector.wait_for(start + 40)
+    ids = {p["id"] for p in collector.properties[start:]}
+    assert ids == {f"cam-{d}/counts/{s}" for d in range(2) for s in range(1, 21)}
