@@ -292,15 +292,14 @@ class Ingestor:
 
     def _queue_for_relays(self, stored: list[tuple[str, str, bytes, object, float]]) -> None:
         """Queue (device, topic, payload, message, received_at) just stored for the
-        relays whose routes select them (in the open transaction). The payload goes
-        as received: it is valid JSON, and re-serialising would cost ingest time."""
+        relays whose routes select them (in the open transaction). Only a reference
+        is queued: the relay reads the message from its table when it sends it."""
         rows = []
-        for device, topic, payload, message, received_at in stored:
+        for device, topic, _payload, message, received_at in stored:
             kind = topic.rsplit("/", 1)[-1]
             seq = getattr(message, "seq", None)
             if kind in self._relay_kinds and seq is not None:
-                text = payload.decode() if isinstance(payload, bytes | bytearray) else payload
-                rows.append(RelayStored(device, kind, seq, text, received_at))
+                rows.append(RelayStored(device, kind, seq, None, received_at))
         self.relays_queued += queue_stored(self.db, self.relay_routes, rows)
 
     def _stage_ack(self, device: str, state: tuple[int, int] | None) -> None:

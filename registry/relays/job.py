@@ -162,15 +162,25 @@ class RelayRunner:
                 usage.delete_before(now() - USAGE_KEEP_S, relay=self.name)
         if not rows:
             return PassResult()
-        items = [
-            Item(r.id, r.msg_id, *outbox.split_id(r.msg_id), r.payload, r.received_at) for r in rows
-        ]
+        keys = {r.id: outbox.split_id(r.msg_id) for r in rows}
+        stored: dict = {}
+        if any(r.payload is None for r in rows):
+            with _connection(self.db):
+                stored = outbox.load_payloads(
+                    self.db, [keys[r.id] for r in rows if r.payload is None]
+                )
+        items, gone = [], []
+        for r in rows:
+            payload = r.payload if r.payload is not None else stored.get(keys[r.id])
+            item = Item(r.id, r.msg_id, *keys[r.id], payload or "", r.received_at)
+            (items if payload is not None else gone).append(item)
         attempts = {r.id: r.attempts for r in rows}
         result = PassResult(taken=len(rows))
         packing = pack(items, self.relay, self.settings.pack, self.settings.pack_units)
         tally = usage.Tally()
         acked: list[Packet] = []
         refused: list[tuple[Item, str]] = [(r.item, r.reason) for r in packing.refused]
+        refused += [(it, "the stored message is gone (removed by retention)") for it in gone]
         unknown: list[Packet] = []
         error: str | None = None
         try:

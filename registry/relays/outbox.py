@@ -3,7 +3,9 @@
 `queue_stored` runs inside ingest's transaction (`flowfleet.registry.fleet.ingest`):
 every message ingest stores that a relay's `Route` selects becomes one
 `RelayMessage` row for that relay, in one multi-row INSERT per batch, so a message is
-queued exactly when it is committed; a redelivery (stored once) is queued once.
+queued exactly when it is committed; a redelivery (stored once) is queued once. The
+row holds the message's id and no copy of it: the relay reads the payload from the
+table ingest stored it in (`load_payloads`) when it sends it.
 
 The relay job reads the oldest rows that are not parked (`due`), deletes them once
 the cloud acknowledged them (`acknowledge`), counts a failed send on them (`failed`)
@@ -25,6 +27,7 @@ from ..store.db import DeviceGroup, DeviceGroupMember, now
 from ..store.relay_tables import RelayMessage
 
 _COLUMNS = ("relay", "msg_id", "payload", "received_at")
+_INGEST_COLUMNS = ("relay", "msg_id", "received_at")
 
 
 def message_id(device: str, kind: str, seq: int) -> str:
@@ -59,12 +62,13 @@ class Route:
 
 @dataclass(frozen=True)
 class Stored:
-    """A message ingest has just stored (in the transaction still open)."""
+    """A message to queue. ``payload`` None: ingest has just stored it (in the
+    transaction still open) and the relay reads it from there when it sends it."""
 
     device: str
     kind: str
     seq: int
-    payload: str
+    payload: str | None
     received_at: float
 
 
@@ -101,9 +105,42 @@ def queue_stored(db: pw.Database, routes: Sequence[Route], stored: Sequence[Stor
             if msg_id is None:
                 msg_id = message_id(s.device, s.kind, s.seq)
             rows.append((route.relay, msg_id, s.payload, s.received_at))
-    if rows:
-        bulk.insert(db, RelayMessage, _COLUMNS, rows)
+    by_reference = [(r, m, t) for r, m, p, t in rows if p is None]
+    if by_reference:
+        bulk.insert(db, RelayMessage, _INGEST_COLUMNS, by_reference)
+    with_payload = [row for row in rows if row[2] is not None]
+    if with_payload:
+        bulk.insert(db, RelayMessage, _COLUMNS, with_payload)
     return len(rows)
+
+
+def _stored_tables() -> dict[str, type[pw.Model]]:
+    from ..store.db import CountBin, DriftSummary, Event, HealthBeat
+    from ..store.shadow_tables import ShadowWindow
+
+    return {
+        "counts": CountBin,
+        "health": HealthBeat,
+        "events": Event,
+        "drift": DriftSummary,
+        "shadow": ShadowWindow,
+    }
+
+
+def load_payloads(db: pw.Database, wanted: Sequence[tuple[str, str, int]]) -> dict:
+    """The stored payloads of (device, kind, seq) messages: one query per kind.
+    A message retention has removed since is missing from the answer."""
+    by_kind: dict[str, list[tuple[str, int]]] = {}
+    for device, kind, seq in wanted:
+        by_kind.setdefault(kind, []).append((device, seq))
+    tables = _stored_tables()
+    out: dict[tuple[str, str, int], str] = {}
+    for kind, keys in by_kind.items():
+        model = tables[kind]
+        names = ("device", "seq", "payload")
+        for device, seq, payload in bulk.select_in(db, model, names, ("device", "seq"), keys):
+            out[(device, kind, seq)] = payload
+    return out
 
 
 def due(relay: str, limit: int) -> list[RelayMessage]:
@@ -185,7 +222,7 @@ def parked(relay: str | None = None, limit: int = 100) -> list[dict]:
             "id": r.id,
             "relay": r.relay,
             "msg_id": r.msg_id,
-            "size": len(r.payload.encode()),
+            "size": len(r.payload.encode()) if r.payload is not None else None,
             "attempts": r.attempts,
             "parked_at": r.parked_at,
             "reason": r.reason,

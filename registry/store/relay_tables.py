@@ -20,7 +20,7 @@ class RelayMessage(BaseModel):
     """One stored device message waiting to be forwarded by one relay.
 
     ``msg_id`` is the stable id ``<device>/<kind>/<seq>`` the cloud side deduplicates
-    on; the device, kind and seq are read back from it (ingest writes four values per
+    on; the device, kind and seq are read back from it (ingest writes three values per
     row and nothing more). Ingest queues a message only when it stores it, which happens once per
     (device, kind, seq), so a redelivery is never queued twice; no unique index
     enforces it again (each index costs ingest time, docs/relays.md).
@@ -31,7 +31,9 @@ class RelayMessage(BaseModel):
     id = pw.AutoField()
     relay = pw.CharField(max_length=16)
     msg_id = pw.CharField(max_length=160, help_text="<device>/<kind>/<seq>: all three in one")
-    payload = pw.TextField(help_text="the message as stored (JSON)")
+    # NULL for what ingest queues: the relay reads the message from the table ingest
+    # stored it in, by (device, seq), when it sends it (so ingest writes no second copy).
+    payload = pw.TextField(null=True, help_text="the message (JSON), when not stored elsewhere")
     received_at = pw.DoubleField(help_text="when ingest received it (latency start)")
     # A database default: ingest's multi-row INSERT leaves it out (fewer values to bind).
     attempts = pw.IntegerField(default=0, constraints=[pw.SQL("DEFAULT 0")])
