@@ -3,15 +3,21 @@ data reaches Google Cloud through Pub/Sub; `google-cloud-iot` has no service beh
 
 Each packet is one Pub/Sub message on the configured topic with the device as its
 ordering key (a subscription with message ordering gets each device's messages in
-order) and attributes ``device``, ``kind``, ``id`` (the first message id), ``count``
-and, for a packet of one message, nothing else: its id is ``id``. The client's own
-batching (`BatchSettings`) groups the packets of a pass into few publish requests.
+order) and attributes ``device``, ``kind``, ``id`` (the first message id) and
+``count``.
+
+Batching: a pass of the relay job is sent as one synchronous Publish request (split
+at Pub/Sub's 1,000 messages / 10 MB per request) through the library's publisher API
+client (`google.pubsub_v1.PublisherClient`), without retries of its own. The
+high-level `pubsub_v1.PublisherClient` batches in background threads and, once
+message ordering is on, retries a failed publish for ever (its retry deadline is
+forced to infinity) and pauses the ordering key: the outbox already is the durable
+retry, in order, so the relay keeps the request synchronous and the outcome known
+within ``timeout_s``. (`publisher_client` below is the high-level client, used by
+`provision_gcp`.)
 
 Pub/Sub bills delivered bytes with a minimum of 1,000 bytes per message, hence a
-billing unit of 1,000 bytes. Its publish retries for ever once ordering is on, so
-`send` waits ``timeout_s`` for the acknowledgements and otherwise raises
-`Unavailable`, closing the gRPC channel (the abandoned publishes fail; the rows are
-sent again on the next pass, a fresh client).
+billing unit of 1,000 bytes.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from concurrent.futures import TimeoutError as FutureTimeout
 
 from .base import Packet, Relay, Unavailable
 from .settings import GcpRelay
@@ -35,6 +40,24 @@ def topic_path(settings: GcpRelay) -> str:
 
 def _emulator(settings: GcpRelay) -> str | None:
     return settings.emulator_host or os.environ.get("PUBSUB_EMULATOR_HOST")
+
+
+def gapic_client(settings: GcpRelay):
+    """The plain Pub/Sub publisher API client (one synchronous Publish per call)."""
+    import grpc
+    from google.auth.credentials import AnonymousCredentials
+    from google.pubsub_v1 import PublisherClient
+    from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
+
+    host = _emulator(settings)
+    if host:
+        transport = PublisherGrpcTransport(
+            channel=grpc.insecure_channel(host), credentials=AnonymousCredentials()
+        )
+        return PublisherClient(transport=transport)
+    if settings.credentials_file:
+        return PublisherClient.from_service_account_file(settings.credentials_file)
+    return PublisherClient()
 
 
 def publisher_client(settings: GcpRelay, *, ordering: bool = True):
@@ -72,55 +95,71 @@ class PubSubRelay(Relay):
 
     def _publisher(self):
         if self._client is None:
-            self._client = publisher_client(self.settings)
+            self._client = gapic_client(self.settings)
         return self._client
 
     def send(self, packets: Sequence[Packet]) -> list[str | None]:
+        """One synchronous Publish request per chunk (<= 1,000 messages, <= 9 MB): the
+        pass is the batch. No retry inside: a failure is the job's to retry, from the
+        outbox, in order."""
         from google.api_core import exceptions as gexc
+        from google.pubsub_v1 import PubsubMessage
 
         client = self._publisher()
-        futures = []
-        try:
-            for p in packets:
-                attrs = {
-                    "device": p.device,
-                    "kind": p.kind,
-                    "id": p.items[0].msg_id,
-                    "count": str(len(p.items)),
-                }
-                futures.append(client.publish(self.topic, p.body, ordering_key=p.device, **attrs))
-        except Exception as exc:  # a stopped or broken client: nothing is known
-            self.close()
-            raise Unavailable(f"publish to {self.topic}: {exc}") from exc
         answers: list[str | None] = []
-        failed = None
-        for p, f in zip(packets, futures, strict=True):
+        for chunk in _chunks(packets):
+            messages = [
+                PubsubMessage(
+                    data=p.body,
+                    ordering_key=p.device,
+                    attributes={
+                        "device": p.device,
+                        "kind": p.kind,
+                        "id": p.items[0].msg_id,
+                        "count": str(len(p.items)),
+                    },
+                )
+                for p in chunk
+            ]
             try:
-                f.result(timeout=self.settings.timeout_s)
-                answers.append(None)
-            except FutureTimeout:
-                failed = f"no acknowledgement from {self.topic} in {self.settings.timeout_s:g}s"
-                break
+                client.publish(
+                    topic=self.topic,
+                    messages=messages,
+                    retry=None,
+                    timeout=self.settings.timeout_s,
+                )
             except (gexc.InvalidArgument, gexc.FailedPrecondition) as exc:
-                answers.append(f"{type(exc).__name__}: {exc.message}")
-                client.resume_publish(self.topic, p.device)
-            except gexc.NotFound as exc:  # the topic is gone: not the message's fault
-                failed = f"{self.topic} not found: {exc.message}"
-                break
-            except Exception as exc:
-                failed = f"{type(exc).__name__}: {exc}"
-                break
-        if failed is not None:
-            self.close()
-            raise Unavailable(failed, acked=[i for i, a in enumerate(answers) if a is None])
+                # The request is refused as a whole: the job sends its messages one at
+                # a time next, so only the one at fault is parked.
+                answers += [f"{type(exc).__name__}: {exc.message}"] * len(chunk)
+                continue
+            except Exception as exc:  # unreachable, deadline, topic missing: unknown
+                self.close()
+                raise Unavailable(
+                    f"publish to {self.topic}: {type(exc).__name__}: {exc}",
+                    acked=[i for i, a in enumerate(answers) if a is None],
+                ) from exc
+            answers += [None] * len(chunk)
         return answers
 
     def close(self) -> None:
         client, self._client = self._client, None
-        if client is None:
-            return
-        try:
-            # Closing the channel ends the publishes still retrying in the background.
-            client._transport.close()
-        except Exception:
-            log.debug("gcp relay: closing the publisher failed", exc_info=True)
+        if client is not None:
+            try:
+                client.transport.close()
+            except Exception:
+                log.debug("gcp relay: closing the channel failed", exc_info=True)
+
+
+def _chunks(packets: Sequence[Packet]):
+    """Pub/Sub takes at most 1,000 messages and 10 MB per Publish request."""
+    chunk: list[Packet] = []
+    size = 0
+    for p in packets:
+        if chunk and (len(chunk) == 1000 or size + p.size > 9_000_000):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(p)
+        size += p.size
+    if chunk:
+        yield chunk
