@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     from flowfleet.agent import cli as agent_cli
     from flowfleet.models import cli as models_cli
     from flowfleet.registry.cli import main as registry_cli
+    from flowfleet.registry.relays import cli as relays_cli
 
     parser = argparse.ArgumentParser(
         prog="flowfleet",
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry_cli.register(sub)
     demo.register(sub)
     models_cli.register(sub)
+    relays_cli.register(sub)  # `relays` and `provision`
     return parser
 
 

@@ -40,6 +40,8 @@ from flowfleet.contract import DEFAULT_ROOT
 from flowfleet.identity import check_registry_identity
 from flowfleet.mqtt import BrokerAddress
 
+from .relays.settings import RelaysSection
+
 DEFAULT_CONFIG = Path("/etc/flowfleet/registry.toml")
 DEFAULT_CLIENT_ID = "flowfleet-registry"
 
@@ -339,10 +341,13 @@ class RegistrySettings(Strict):
     webhooks: WebhooksSection = WebhooksSection()
     drift: DriftSection = DriftSection()
     rollouts: RolloutsSection = RolloutsSection()
+    relays: RelaysSection = RelaysSection()
 
 
 _BROKER_FILES = ("password_file", "ca_file", "cert_file", "key_file")
 _STORAGE_PATHS = ("state_dir", "artifacts", "key_dir")
+# Files a relay sub-table may name, resolved against the config's folder.
+_RELAY_FILES = ("ca_file", "cert_file", "key_file", "credentials_file", "connection_string_file")
 
 
 def _is_plain_path(value: str) -> bool:
@@ -379,6 +384,17 @@ def load_registry_config(path: str | Path, *, check: bool = True) -> RegistrySet
                 update={k: rel(getattr(s.broker, k)) for k in _BROKER_FILES}
             ),
             "watch": s.watch.model_copy(update={"dir": rel(s.watch.dir)}),
+            "relays": s.relays.model_copy(
+                update={
+                    name: relay.model_copy(
+                        update={
+                            k: rel(getattr(relay, k)) for k in _RELAY_FILES if hasattr(relay, k)
+                        }
+                    )
+                    for name in ("aws", "azure", "gcp")
+                    if (relay := getattr(s.relays, name)) is not None
+                }
+            ),
         }
     )
     if check:
@@ -391,6 +407,13 @@ def check_files(settings: RegistrySettings, source: str) -> None:
     b = settings.broker
     problems = [unreadable(f"broker.{k}", getattr(b, k)) for k in _BROKER_FILES]
     problems.append(unset_env("broker.password_env", b.password_env))
+    for name, relay in settings.relays.configured().items():
+        for key in _RELAY_FILES:
+            if hasattr(relay, key):
+                problems.append(unreadable(f"relays.{name}.{key}", getattr(relay, key)))
+        if hasattr(relay, "connection_string_env"):
+            env = relay.connection_string_env
+            problems.append(unset_env(f"relays.{name}.connection_string_env", env))
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))

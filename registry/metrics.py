@@ -32,6 +32,17 @@ flowfleet_registry_commands_oldest_pending_seconds          (none): age of the o
                                                             when none is pending)
 flowfleet_registry_webhook_deliveries_pending               (none): webhook deliveries
                                                             neither delivered nor given up
+flowfleet_registry_relay_messages_total                     relay, outcome (forwarded,
+                                                            failed, parked)
+flowfleet_registry_relay_publishes_total                    relay: cloud messages acked
+flowfleet_registry_relay_bytes_total                        relay: bytes acknowledged
+flowfleet_registry_relay_billing_units_total                relay: the cloud's units
+flowfleet_registry_relay_retries_total                      relay: sends tried again
+flowfleet_registry_relay_latency_seconds (hist.)            relay: ingest -> cloud ack
+flowfleet_registry_relay_circuit_open                       relay: 1 while the breaker is
+                                                            open
+flowfleet_registry_relay_outbox                             relay, state (queued, parked)
+flowfleet_registry_relay_oldest_queued_seconds              relay
 ==========================================================  ==========================
 """
 
@@ -94,6 +105,32 @@ REQUEST_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 
+RELAY_MESSAGES = Counter(
+    f"{PREFIX}_relay_messages_total",
+    "Device messages by relay and outcome: forwarded (the cloud acknowledged), failed "
+    "(a send failed; retried), parked (refused for good)",
+    ("relay", "outcome"),
+)
+RELAY_PUBLISHES = Counter(
+    f"{PREFIX}_relay_publishes_total", "Cloud messages acknowledged", ("relay",)
+)
+RELAY_BYTES = Counter(f"{PREFIX}_relay_bytes_total", "Bytes the cloud acknowledged", ("relay",))
+RELAY_UNITS = Counter(
+    f"{PREFIX}_relay_billing_units_total",
+    "Billing units used (AWS 5 KB, Azure 4 KB, Pub/Sub 1,000 bytes per message at least)",
+    ("relay",),
+)
+RELAY_RETRIES = Counter(f"{PREFIX}_relay_retries_total", "Sends tried again", ("relay",))
+RELAY_LATENCY = Histogram(
+    f"{PREFIX}_relay_latency_seconds",
+    "End to end: ingest received a message -> the cloud acknowledged it",
+    ("relay",),
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+)
+RELAY_CIRCUIT = Gauge(
+    f"{PREFIX}_relay_circuit_open", "1 while the relay's circuit breaker is open", ("relay",)
+)
+
 # Read from the database at scrape time (shared by every worker).
 _SCRAPE = CollectorRegistry(auto_describe=True)
 DEVICES = Gauge(f"{PREFIX}_devices", "Devices by state", ("state",), registry=_SCRAPE)
@@ -119,6 +156,31 @@ WEBHOOKS_PENDING = Gauge(
 )
 
 
+RELAY_OUTBOX = Gauge(
+    f"{PREFIX}_relay_outbox",
+    "Relay outbox rows by state (queued: to send; parked: refused for good)",
+    ("relay", "state"),
+    registry=_SCRAPE,
+)
+RELAY_OLDEST = Gauge(
+    f"{PREFIX}_relay_oldest_queued_seconds",
+    "Age of the relay's oldest queued message (0 when none)",
+    ("relay",),
+    registry=_SCRAPE,
+)
+
+
+def _refresh_relay_gauges() -> None:
+    from .relays.outbox import depth
+
+    RELAY_OUTBOX.clear()  # a relay whose outbox emptied has no row left to report
+    RELAY_OLDEST.clear()
+    for relay, d in depth().items():
+        RELAY_OUTBOX.labels(relay, "queued").set(d["queued"])
+        RELAY_OUTBOX.labels(relay, "parked").set(d["parked"])
+        RELAY_OLDEST.labels(relay).set(d["oldest_queued_s"])
+
+
 def _refresh_fleet_gauges() -> None:
     from .store.db import DEVICE_STATES, DeadLetter, Device, ModelVersion
 
@@ -142,6 +204,7 @@ def _refresh_fleet_gauges() -> None:
         .where(WebhookDelivery.delivered_at.is_null() & WebhookDelivery.given_up_at.is_null())
         .count()
     )
+    _refresh_relay_gauges()
 
 
 def install_metrics(app: Flask) -> None:

@@ -42,6 +42,7 @@ from .fleet.webhooks import WebhookJob
 from .fleet.worker import IngestWorker, WorkerPool, retire_workers
 from .http.server import HttpServer, ProxyTrust
 from .http.web import create_app
+from .relays.settings import RelaysSection
 from .store.db import describe
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ def run_registry(
     webhooks: WebhooksSection | None = None,
     drift: DriftSection | None = None,
     rollouts: RolloutsSection | None = None,
+    relays: RelaysSection | None = None,
 ) -> None:
     """Ingest device messages from ``broker`` into ``db_path`` and serve the web UI.
 
@@ -150,6 +152,9 @@ def run_registry(
             ``interval_s`` unless ``enabled`` is false.
         rollouts: the rollout job (on unless ``enabled`` is false; one registry
             process at a time steps rollouts, through a lease) and plan defaults.
+        relays: the cloud relays (`flowfleet.registry.relays`): ingest queues what they
+            forward, and a job in this process forwards it (one process per relay at a
+            time, through a lease).
 
     Raises OSError if the HTTP port cannot be bound (before anything else starts), and
     BrokerRefused if the broker refuses the registry's credentials on the first
@@ -158,6 +163,9 @@ def run_registry(
     stop = stop_event if stop_event is not None else threading.Event()
     refusals = _RefusalWatch(broker)
     ingest = ingest or IngestSection()
+    relays = relays or RelaysSection()
+    relay_routes = relays.routes()
+    relay_job = None
     worker = IngestWorker(
         db_path,
         broker,
@@ -169,6 +177,8 @@ def run_registry(
         batch_max=ingest.batch_max,
         batch_wait_s=ingest.batch_wait_ms / 1000.0,
         store=ingest.store,
+        relay_routes=relay_routes,
+        on_relays_queued=lambda: relay_job.wake() if relay_job is not None else None,
     )
     pool = (
         WorkerPool(
@@ -181,6 +191,7 @@ def run_registry(
             ingest.batch_max,
             ingest.batch_wait_ms / 1000.0,
             ingest.store,
+            relay_routes,
         )
         if ingest.workers > 1
         else None
@@ -202,6 +213,9 @@ def run_registry(
     commands = CommandPublisher(worker.db, worker.connection)
     webhooks = webhooks or WebhooksSection()
     hooks = WebhookJob(worker.db, webhooks.job_settings()) if webhooks.enabled else None
+    from .relays.job import build_job
+
+    relay_job = build_job(worker.db, relays)
     app = create_app(
         worker.db,
         ingest_stats=ingest_stats,
@@ -231,6 +245,7 @@ def run_registry(
         else None
     )
     app.extensions["flowfleet_rollout_job"] = rollout_job
+    app.extensions["flowfleet_relays"] = relay_job
     app.extensions["flowfleet_rollout_defaults"] = rollouts.plan_defaults()
     server = HttpServer(app, http_host, http_port, threads=http_threads, proxy=proxy)
     watcher = (
@@ -285,6 +300,8 @@ def run_registry(
             judge.start(drift.interval_s)
         if rollout_job is not None:
             rollout_job.start()
+        if relay_job is not None:
+            relay_job.start()
         log.info(
             "registry web UI at %s (waitress, %d threads; database %s)",
             url,
@@ -323,6 +340,8 @@ def run_registry(
             judge.stop()
         if rollout_job is not None:
             rollout_job.stop()  # gives the lease up: another registry may take over now
+        if relay_job is not None:
+            relay_job.stop()  # what the clouds did not acknowledge is sent after a restart
         if http_thread.is_alive():
             server.shutdown()
         server.close()

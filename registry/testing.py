@@ -84,6 +84,7 @@ def reset_database(db: pw.Database) -> None:
     """
     from .store.drift_tables import DRIFT_MODELS
     from .store.migrations import migrate
+    from .store.relay_tables import RELAY_MODELS
     from .store.rollout_tables import ROLLOUT_MODELS
     from .store.shadow_tables import SHADOW_MODELS
     from .store.webhook_tables import WEBHOOK_MODELS
@@ -91,6 +92,7 @@ def reset_database(db: pw.Database) -> None:
     migrate(db, backup=False)
     # Tables of later migrations live beside their subsystem, not in store/db.py.
     models = regdb.MODELS + DRIFT_MODELS + ROLLOUT_MODELS + SHADOW_MODELS + WEBHOOK_MODELS
+    models += RELAY_MODELS
     with db.connection_context():
         db.create_tables(models, safe=True)
         # DELETE, not TRUNCATE: for a few rows it is far cheaper on PostgreSQL (TRUNCATE

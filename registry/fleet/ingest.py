@@ -43,6 +43,8 @@ from flowfleet.contract import Status as StatusPayload
 from flowfleet.contract_shadow import ShadowWindow as ShadowPayload
 
 from .. import metrics
+from ..relays.outbox import Route, queue_stored
+from ..relays.outbox import Stored as RelayStored
 from ..store.db import (
     DEAD_LETTER_MAX_BYTES,
     CountBin,
@@ -107,6 +109,7 @@ class Ingestor:
         *,
         retry_s: float = 15.0,
         site_timezone: str = "UTC",
+        relay_routes: Sequence[Route] = (),
     ) -> None:
         require_bound(db)
         self.db = db
@@ -119,6 +122,11 @@ class Ingestor:
         self._acks_lock = threading.Lock()
         # The acks a transaction in progress computed; kept only once it committed.
         self._staged_acks: dict[str, tuple[int, int]] = {}
+        # What the cloud relays forward: stored messages are queued for them in the
+        # same transaction (`flowfleet.registry.relays.outbox`).
+        self.relay_routes = tuple(relay_routes)
+        self._relay_kinds = {k for r in self.relay_routes for k in r.kinds}
+        self.relays_queued = 0  # rows queued for the relays (committed or not)
 
     def take_acks(self) -> dict[str, tuple[int, int]]:
         """The acks to publish since the last call (newest state per device)."""
@@ -223,6 +231,14 @@ class Ingestor:
         for i, outcome in result.outcomes.items():
             outcomes[i] = outcome
         refused.update(result.refused)
+        if self._relay_kinds:
+            self._queue_for_relays(
+                [
+                    (device, items[i][0], items[i][1], message, items[i][2])
+                    for i, device, message in parsed
+                    if outcomes[i] == STORED
+                ]
+            )
         for i, reason in sorted(refused.items()):
             topic, payload, received_at = items[i]
             custody = self._write_dead_letter(topic, payload, reason, received_at)
@@ -256,8 +272,15 @@ class Ingestor:
         except Exception as exc:  # a validator bug must not take the worker down
             log.exception("unexpected error validating a message on %s", topic)
             return DEAD_LETTER, f"could not validate: {exc!r}"
+
+        def store() -> str:
+            outcome = self._store(device, message, received_at)
+            if outcome == STORED and kind in self._relay_kinds:
+                self._queue_for_relays([(device, topic, payload, message, received_at)])
+            return outcome
+
         try:
-            outcome = self._retrying(lambda: self._store(device, message, received_at), topic)
+            outcome = self._retrying(store, topic)
         except _Conflict as exc:
             # The transaction above was rolled back; record the conflict on its own.
             return DEAD_LETTER, str(exc)
@@ -272,6 +295,18 @@ class Ingestor:
         if kind == "counts" or self._staged_acks:
             self._note_ack(device)  # committed: the device may let go of its bins
         return outcome, ""
+
+    def _queue_for_relays(self, stored: list[tuple[str, str, bytes, object, float]]) -> None:
+        """Queue (device, topic, payload, message, received_at) just stored for the
+        relays whose routes select them (in the open transaction). Only a reference
+        is queued: the relay reads the message from its table when it sends it."""
+        rows = []
+        for device, topic, _payload, message, received_at in stored:
+            kind = topic.rsplit("/", 1)[-1]
+            seq = getattr(message, "seq", None)
+            if kind in self._relay_kinds and seq is not None:
+                rows.append(RelayStored(device, kind, seq, None, received_at))
+        self.relays_queued += queue_stored(self.db, self.relay_routes, rows)
 
     def _stage_ack(self, device: str, state: tuple[int, int] | None) -> None:
         if state is not None:

@@ -72,7 +72,9 @@ def apply_deltas(deltas: MetricDeltas) -> None:
         (counter.labels(**labels) if labels else counter).inc(amount)
 
 
-def _serve(conn, db_path: str, topics_root: str, retry_s: float, site_timezone: str) -> None:
+def _serve(
+    conn, db_path: str, topics_root: str, retry_s: float, site_timezone: str, relay_routes
+) -> None:
     """The child: store each batch it is sent until it gets None or the pipe closes."""
     from ..store.db import open_database
 
@@ -81,7 +83,11 @@ def _serve(conn, db_path: str, topics_root: str, retry_s: float, site_timezone: 
     )
     parent = os.getppid()
     ingestor = Ingestor(
-        open_database(db_path), Topics(topics_root), retry_s=retry_s, site_timezone=site_timezone
+        open_database(db_path),
+        Topics(topics_root),
+        retry_s=retry_s,
+        site_timezone=site_timezone,
+        relay_routes=relay_routes,
     )
     before = _counter_values()
     while True:
@@ -91,10 +97,12 @@ def _serve(conn, db_path: str, topics_root: str, retry_s: float, site_timezone: 
             return  # the parent is gone
         if items is None or os.getppid() != parent:
             return
+        queued = ingestor.relays_queued
         outcomes = ingestor.handle_batch(items)
         after = _counter_values()
+        relayed = ingestor.relays_queued - queued
         try:
-            conn.send((outcomes, ingestor.take_acks(), _deltas(before, after)))
+            conn.send((outcomes, ingestor.take_acks(), relayed, _deltas(before, after)))
         except OSError:  # the parent died mid-batch: its broker session resends the batch
             return
         before = after
@@ -108,9 +116,15 @@ class StoreProcess:
     """
 
     def __init__(
-        self, db_path: str, topics: Topics, *, retry_s: float = 15.0, site_timezone: str = "UTC"
+        self,
+        db_path: str,
+        topics: Topics,
+        *,
+        retry_s: float = 15.0,
+        site_timezone: str = "UTC",
+        relay_routes: tuple = (),
     ) -> None:
-        self._args = (str(db_path), topics.root, retry_s, site_timezone)
+        self._args = (str(db_path), topics.root, retry_s, site_timezone, tuple(relay_routes))
         self._ctx = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._proc = None
@@ -144,8 +158,9 @@ class StoreProcess:
 
     def handle_batch(
         self, items: Sequence[tuple[str, bytes, float]]
-    ) -> tuple[list[str], dict[str, tuple[int, int]]]:
-        """Store ``items`` in the child; returns (outcomes in order, acks to publish).
+    ) -> tuple[list[str], dict[str, tuple[int, int]], int]:
+        """Store ``items`` in the child; returns (outcomes in order, acks to publish,
+        rows it queued for the cloud relays).
 
         Raises StoreProcessDied when the child ended before answering: nothing of the
         batch may be acknowledged; the next call starts a new child.
@@ -155,7 +170,7 @@ class StoreProcess:
                 self._spawn()
             try:
                 self._conn.send(list(items))
-                outcomes, acks, deltas = self._conn.recv()
+                outcomes, acks, relayed, deltas = self._conn.recv()
             except (EOFError, OSError) as exc:
                 self._conn.close()
                 raise StoreProcessDied(
@@ -163,7 +178,7 @@ class StoreProcess:
                     f"(exit code {self._proc.exitcode})"
                 ) from exc
         apply_deltas(deltas)
-        return outcomes, acks
+        return outcomes, acks, relayed
 
     def stop(self, timeout: float = 30.0) -> None:
         """Let the child finish its batch and exit."""

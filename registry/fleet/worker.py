@@ -127,17 +127,33 @@ class IngestWorker:
         batch_max: int = 1000,
         batch_wait_s: float = 0.05,
         store: str = "thread",
+        relay_routes: tuple = (),
+        on_relays_queued: Callable[[], None] | None = None,
     ) -> None:
         if store not in STORE_MODES:
             raise ValueError(f"ingest store must be one of {', '.join(STORE_MODES)}, not {store!r}")
         self.db = open_database(db_path)
         self.topics = topics
-        self.ingestor = Ingestor(self.db, topics, retry_s=retry_s, site_timezone=site_timezone)
+        self.ingestor = Ingestor(
+            self.db,
+            topics,
+            retry_s=retry_s,
+            site_timezone=site_timezone,
+            relay_routes=relay_routes,
+        )
         self.store_process = (
-            StoreProcess(db_path, topics, retry_s=retry_s, site_timezone=site_timezone)
+            StoreProcess(
+                db_path,
+                topics,
+                retry_s=retry_s,
+                site_timezone=site_timezone,
+                relay_routes=relay_routes,
+            )
             if store == "process"
             else None
         )
+        # Called after a commit that queued messages for the cloud relays (wakes them).
+        self.on_relays_queued = on_relays_queued
         self.connection = MqttConnection(
             client_id, broker, persistent=True, on_connect_refused=on_connect_refused
         )
@@ -281,12 +297,16 @@ class IngestWorker:
 
     def _write(self, batch: list[Delivery]) -> None:
         items = [(d.topic, d.payload, d.received_at) for d in batch]
+        queued = self.ingestor.relays_queued
         if self.store_process is None:
             outcomes = self.ingestor.handle_batch(items)
         else:
-            outcomes, acks = self.store_process.handle_batch(items)
+            outcomes, acks, relayed = self.store_process.handle_batch(items)
             self.ingestor.add_acks(acks)
+            self.ingestor.relays_queued += relayed
         metrics.INGEST_BATCH.observe(len(batch))
+        if self.on_relays_queued is not None and self.ingestor.relays_queued != queued:
+            self.on_relays_queued()
         with self._lock:
             self._outcomes.update(outcomes)
             self.batches += 1
@@ -352,6 +372,7 @@ def run_worker_process(
     batch_wait_s: float,
     stop,
     store: str = "thread",
+    relay_routes: tuple = (),
 ) -> None:
     """Body of an extra ingest worker process (`WorkerPool`): one shared-subscription
     session until ``stop`` is set, SIGTERM arrives or the parent registry is gone."""
@@ -374,6 +395,7 @@ def run_worker_process(
         batch_max=batch_max,
         batch_wait_s=batch_wait_s,
         store=store,
+        relay_routes=relay_routes,
     )
     worker.start()
     while not stop.wait(1.0):
@@ -404,6 +426,7 @@ class WorkerPool:
         batch_max: int = 1000,
         batch_wait_s: float = 0.05,
         store: str = "thread",
+        relay_routes: tuple = (),
     ) -> None:
         import multiprocessing
 
@@ -422,6 +445,7 @@ class WorkerPool:
                 batch_wait_s,
             )
         self._store = store
+        self._relay_routes = tuple(relay_routes)
         self._procs: dict[int, object] = {}
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -430,7 +454,7 @@ class WorkerPool:
     def _spawn(self, index: int) -> None:
         proc = self._ctx.Process(
             target=run_worker_process,
-            args=(*self._args[index], self._stop, self._store),
+            args=(*self._args[index], self._stop, self._store, self._relay_routes),
             name=f"flowfleet-ingest-{index}",
             daemon=False,
         )

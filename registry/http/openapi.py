@@ -723,6 +723,7 @@ def openapi_document() -> dict[str, Any]:
     from .openapi_drift import drift_paths
     from .openapi_fleet import fleet_paths
     from .openapi_groups import group_paths
+    from .openapi_relays import relay_paths
     from .openapi_rollouts import rollout_paths
     from .openapi_series import series_paths
     from .openapi_shadow import shadow_paths
@@ -769,5 +770,6 @@ def openapi_document() -> dict[str, Any]:
             drift_paths(),
             shadow_paths(),
             rollout_paths(),
+            relay_paths(),
         ),
     }

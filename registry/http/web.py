@@ -65,6 +65,7 @@ from .api import int_arg, query_args
 from .devices_api import bp as devices_bp
 from .drift_api import bp as drift_bp
 from .groups_api import bp as groups_bp
+from .relays_api import bp as relays_bp
 from .rollouts_api import bp as rollouts_bp
 from .series_api import bp as series_bp
 from .shadow_api import bp as shadow_bp
@@ -519,6 +520,7 @@ def create_app(
     app.register_blueprint(drift_bp)
     app.register_blueprint(shadow_bp)
     app.register_blueprint(rollouts_bp)
+    app.register_blueprint(relays_bp)
     install_metrics(app)  # first before_request hook: times everything after it
 
     @app.before_request

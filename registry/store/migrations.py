@@ -200,6 +200,12 @@ def _m16_webhooks(db: pw.Database) -> None:
     # so existing history is never sent to the webhooks created later.
 
 
+def _m17_relays(db: pw.Database) -> None:
+    from .relay_tables import RELAY_MODELS
+
+    db.create_tables(RELAY_MODELS, safe=True)
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
     (
         1,
@@ -290,6 +296,11 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         "webhooks: webhook, webhook_delivery, webhook_attempt (the delivery log), "
         "webhook_cursor (how far the audit trail is dispatched)",
         _m16_webhooks,
+    ),
+    (
+        17,
+        "cloud relays: relay_message (the relays' outbox), relay_usage (per relay and hour)",
+        _m17_relays,
     ),
 )
 LATEST = MIGRATIONS[-1][0]

@@ -1,0 +1,145 @@
+"""OpenAPI paths of the relay API (`flowfleet.registry.http.relays_api`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..relays.clouds import CLOUDS
+from .openapi import BAD, UNAUTH, _error, _json, _param, json_body
+
+RELAY = {"type": "string", "enum": list(CLOUDS)}
+MS = {"type": ["number", "null"]}
+USAGE = {
+    "type": "object",
+    "required": ["messages", "publishes", "bytes", "units", "failures", "retries", "parked"],
+    "properties": {
+        **{
+            k: {"type": "integer"}
+            for k in ("messages", "publishes", "bytes", "units", "failures", "retries", "parked")
+        },
+        "latency_ms": {
+            "type": "object",
+            "properties": {"p50": MS, "p95": MS, "p99": MS},
+            "description": "ingest received -> cloud acknowledged (bucket upper edges)",
+        },
+    },
+}
+RELAY_STATE = {
+    "type": "object",
+    "required": ["relay", "running", "queued", "parked", "oldest_queued_s", "usage"],
+    "properties": {
+        "relay": RELAY,
+        "running": {"type": "boolean", "description": "its job runs in this process"},
+        "queued": {"type": "integer"},
+        "parked": {"type": "integer"},
+        "oldest_queued_s": {"type": "number"},
+        "state": {
+            "type": ["object", "null"],
+            "properties": {
+                "circuit": {"type": "string", "enum": ["closed", "open", "half-open"]},
+                "consecutive_failures": {"type": "integer"},
+                "retry_in_s": {"type": "number"},
+                "last_error": {"type": ["string", "null"]},
+                "last_ok_at": {"type": ["number", "null"]},
+            },
+        },
+        "usage": USAGE,
+    },
+}
+PARKED = {
+    "type": "object",
+    "required": ["id", "relay", "msg_id", "size", "attempts", "parked_at", "reason"],
+    "properties": {
+        "id": {"type": "integer"},
+        "relay": RELAY,
+        "msg_id": {"type": "string"},
+        "size": {"type": "integer"},
+        "attempts": {"type": "integer"},
+        "parked_at": {"type": "number"},
+        "reason": {"type": "string"},
+    },
+}
+
+
+def relay_paths() -> dict[str, Any]:
+    bearer = [{"bearer": []}]
+    return {
+        "/api/relays": {
+            "get": {
+                "summary": "Cloud relays: outbox, live state, what they forwarded (viewer)",
+                "security": bearer,
+                "parameters": [
+                    _param(
+                        "hours",
+                        "query",
+                        {"type": "integer", "minimum": 1, "maximum": 24 * 366},
+                        "the period of `usage`: the last hours (default 24)",
+                    )
+                ],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["relays", "hours"],
+                            "properties": {
+                                "relays": {"type": "array", "items": RELAY_STATE},
+                                "hours": {"type": "integer"},
+                            },
+                        },
+                        "relays that run here or have rows or usage",
+                    ),
+                    **BAD,
+                    **UNAUTH,
+                },
+            }
+        },
+        "/api/relays/parked": {
+            "get": {
+                "summary": "Parked relay messages with their reasons (operator)",
+                "security": bearer,
+                "parameters": [
+                    _param("relay", "query", RELAY, "only this relay"),
+                    _param(
+                        "limit",
+                        "query",
+                        {"type": "integer", "minimum": 1, "maximum": 1000},
+                        "most rows (default 100)",
+                    ),
+                ],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["parked"],
+                            "properties": {"parked": {"type": "array", "items": PARKED}},
+                        },
+                        "newest first",
+                    ),
+                    **BAD,
+                    **UNAUTH,
+                },
+            }
+        },
+        "/api/relays/{relay}/requeue": {
+            "post": {
+                "summary": "Send a relay's parked messages again (admin; audited)",
+                "security": bearer,
+                "parameters": [_param("relay", "path", RELAY, "the relay")],
+                "requestBody": json_body({"reason": {"type": "string"}}),
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["relay", "requeued"],
+                            "properties": {"relay": RELAY, "requeued": {"type": "integer"}},
+                        },
+                        "how many were requeued",
+                    ),
+                    **BAD,
+                    **UNAUTH,
+                    "404": _error("unknown relay"),
+                    "415": _error("not JSON"),
+                },
+            }
+        },
+    }

@@ -1,0 +1,186 @@
+"""The one small interface every cloud relay implements, and cost-aware packing.
+
+A relay (`Relay`) sends `Packet` s, each one cloud message made of one or more outbox
+rows, and says per packet whether the cloud acknowledged it. The relay job
+(`flowfleet.registry.relays.job`) owns everything else: the outbox, retries, the
+circuit breaker, parking, usage. A cloud module only maps packets to its protocol:
+
+- `Relay.send` blocks until the cloud acknowledged every packet or refused it,
+  returning one entry per packet: None (acknowledged) or the reason it is refused for
+  good (the message is poison: too large, invalid for the cloud). It raises
+  `Unavailable` when the cloud could not be reached or did not answer in time: nothing
+  is known about any packet, so all are sent again later (at least once).
+- `units` is the cloud's billing measure of one message of ``size`` bytes.
+
+Packing: the clouds bill per unit of message size (AWS IoT Core per 5 KB, Azure IoT
+Hub per 4 KB, Pub/Sub at least 1,000 bytes per message), so with ``pack`` on several
+messages of one device and kind go into one cloud message up to ``pack_units`` units
+(never over the cloud's payload cap), as a JSON envelope::
+
+    {"schema": "flowfleet.relay/1", "device": "cam-1", "kind": "counts",
+     "ids": ["cam-1/counts/41", "cam-1/counts/42"], "messages": [{...}, {...}]}
+
+With ``pack`` off a cloud message is the stored payload itself, its id in the
+cloud's message properties.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+ENVELOPE_SCHEMA = "flowfleet.relay/1"
+
+
+class Unavailable(Exception):
+    """The cloud could not be reached or did not acknowledge in time: send again later.
+
+    ``acked``: indices of the packets the cloud did acknowledge before it failed (they
+    leave the outbox; the others are sent again)."""
+
+    def __init__(self, message: str, acked: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.acked = list(acked)
+
+
+@dataclass
+class Item:
+    """One outbox row as the relay sees it."""
+
+    row_id: int
+    msg_id: str
+    device: str
+    kind: str
+    seq: int
+    payload: str
+    received_at: float
+
+
+@dataclass
+class Packet:
+    """One cloud message: ``body`` carries ``items`` (one, unless packed)."""
+
+    device: str
+    kind: str
+    items: list[Item]
+    body: bytes
+    packed: bool = False
+
+    @property
+    def ids(self) -> list[str]:
+        return [it.msg_id for it in self.items]
+
+    @property
+    def size(self) -> int:
+        return len(self.body)
+
+
+@dataclass
+class Refusal:
+    """An item no cloud message can carry (larger than the cloud's payload cap)."""
+
+    item: Item
+    reason: str
+
+
+@dataclass
+class Packing:
+    packets: list[Packet] = field(default_factory=list)
+    refused: list[Refusal] = field(default_factory=list)
+
+
+class Relay(ABC):
+    """A connection to one cloud. Not thread-safe: the relay job's thread uses it."""
+
+    #: the config key and metric label: "aws", "azure", "gcp"
+    name: str = ""
+    #: bytes per billing unit, and the largest message the cloud accepts
+    unit_bytes: int = 1
+    max_payload: int = 1
+    #: the smallest size the cloud bills for one message
+    min_billed: int = 0
+
+    def units(self, size: int) -> int:
+        """Billing units of one message of ``size`` bytes."""
+        return max(1, math.ceil(max(size, self.min_billed) / self.unit_bytes))
+
+    def billed_bytes(self, size: int) -> int:
+        return max(size, self.min_billed)
+
+    @abstractmethod
+    def send(self, packets: Sequence[Packet]) -> list[str | None]:
+        """Send ``packets``; per packet None (acknowledged) or why it is refused for
+        good. Raises `Unavailable` when the outcome is unknown."""
+
+    def close(self) -> None:  # noqa: B027 (optional: not every client holds a connection)
+        """Disconnect (the next send connects again)."""
+
+
+def envelope(device: str, kind: str, items: Sequence[Item]) -> bytes:
+    """The packed message of ``items`` (payloads are JSON already: joined, not parsed)."""
+    head = json.dumps(
+        {
+            "schema": ENVELOPE_SCHEMA,
+            "device": device,
+            "kind": kind,
+            "ids": [i.msg_id for i in items],
+        },
+        separators=(",", ":"),
+    )
+    return (head[:-1] + ',"messages":[' + ",".join(i.payload for i in items) + "]}").encode()
+
+
+def _envelope_size(device: str, kind: str, items: Sequence[Item]) -> int:
+    # The envelope's fixed part plus each item's id and payload (ASCII ids; payload
+    # bytes counted exactly), so packing does not build every candidate envelope.
+    fixed = len(envelope(device, kind, []))
+    return (
+        fixed
+        + sum(len(i.msg_id) + 3 + len(i.payload.encode()) + 1 for i in items)
+        - (1 if items else 0) * 2
+    )
+
+
+def pack(items: Sequence[Item], relay: Relay, enabled: bool, pack_units: int) -> Packing:
+    """Cut ``items`` (queue order) into packets for ``relay``.
+
+    Packed: consecutive items of one device and kind share a packet while it stays
+    within ``pack_units`` billing units (and the payload cap); an item larger than
+    that goes alone. Unpacked: one packet per item. An item over the payload cap even
+    alone is refused (it is parked, not retried).
+    """
+    out = Packing()
+    limit = min(relay.max_payload, relay.unit_bytes * pack_units)
+    groups: dict[tuple[str, str], list[list[Item]]] = {}
+    order: list[tuple[str, str]] = []
+    for it in items:
+        size = len(it.payload.encode())
+        single = len(envelope(it.device, it.kind, [it])) if enabled else size
+        if single > relay.max_payload:
+            out.refused.append(
+                Refusal(
+                    it,
+                    f"{single} bytes is over the {relay.name} payload cap of "
+                    f"{relay.max_payload} bytes",
+                )
+            )
+            continue
+        key = (it.device, it.kind)
+        if key not in groups:
+            groups[key] = [[]]
+            order.append(key)
+        current = groups[key][-1]
+        if current and (not enabled or _envelope_size(*key, [*current, it]) > limit):
+            groups[key].append([it])
+        else:
+            current.append(it)
+    for key in order:
+        for chunk in groups[key]:
+            if enabled:
+                out.packets.append(Packet(*key, chunk, envelope(*key, chunk), packed=True))
+            else:
+                out.packets.append(Packet(*key, chunk, chunk[0].payload.encode()))
+    return out
