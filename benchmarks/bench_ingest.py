@@ -159,13 +159,19 @@ def run_bare(broker: Broker, msgs, tag: str) -> float:
     return len(msgs) / elapsed
 
 
+# Messages per ingest transaction (the worker's batch_max; --batch-max).
+BATCH_MAX = 1000
+
+
 def _stored(url: str) -> int:
     db = regdb.open_database(url)
     return regdb.CountBin.select().count(db)
 
 
-def _worker_process(url, address, client_id, shared, store, stop):
-    worker = IngestWorker(url, address, TOPICS, client_id=client_id, shared=shared, store=store)
+def _worker_process(url, address, client_id, shared, store, batch_max, stop):
+    worker = IngestWorker(
+        url, address, TOPICS, client_id=client_id, shared=shared, store=store, batch_max=batch_max
+    )
     worker.start()
     stop.wait()
     worker.stop()
@@ -191,13 +197,17 @@ def run_ingest(
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     procs = [
-        ctx.Process(target=_worker_process, args=(url, address, cid, shared, store, stop))
+        ctx.Process(
+            target=_worker_process, args=(url, address, cid, shared, store, BATCH_MAX, stop)
+        )
         for cid in ids[1:]
     ]
     t0 = time.perf_counter()
     for p in procs:
         p.start()
-    worker = IngestWorker(url, address, TOPICS, client_id=ids[0], shared=shared, store=store)
+    worker = IngestWorker(
+        url, address, TOPICS, client_id=ids[0], shared=shared, store=store, batch_max=BATCH_MAX
+    )
     worker.start()
     deadline = time.monotonic() + 600
     while _stored(url) < len(msgs) and time.monotonic() < deadline:
@@ -305,8 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pg", help="a PostgreSQL URL whose server may get scratch databases")
     ap.add_argument("--fleet", type=int, default=0, help="simulated devices for the CPU check")
     ap.add_argument("--fleet-seconds", type=float, default=60.0)
+    ap.add_argument("--batch-max", type=int, default=1000, help="messages per transaction")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/ingest.json"))
     args = ap.parse_args(argv)
+    global BATCH_MAX
+    BATCH_MAX = args.batch_max
     results: dict = {"bins": args.bins, "devices": args.devices, "rounds": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
