@@ -55,9 +55,7 @@ def fill_raw_bins(db: pw.Database, devices: int, days: int, end: float) -> float
         db.execute_sql("CREATE TEMP TABLE bench_rawd (i INTEGER PRIMARY KEY, id VARCHAR(64))")
         db.cursor().executemany("INSERT INTO bench_rawd VALUES (?, ?)", list(enumerate(ids)))
         db.execute_sql("CREATE TEMP TABLE bench_rawm (m INTEGER PRIMARY KEY)")
-        db.cursor().executemany(
-            "INSERT INTO bench_rawm VALUES (?)", [(m,) for m in range(minutes)]
-        )
+        db.cursor().executemany("INSERT INTO bench_rawm VALUES (?)", [(m,) for m in range(minutes)])
         db.execute_sql(
             "INSERT INTO count_bin (device, seq, window_start, window_end, received_at, payload) "
             "SELECT d.id, m.m + 1, ? + 60 * m.m, ? + 60 * m.m + 60, ? + 60 * m.m + 61, ? "
