@@ -10,9 +10,9 @@ Fills a SQLite registry database the way ingest leaves it: ``line_rollup`` for
 and day buckets, by `bench_series.fill`), and the raw ``count_bin`` rows of the last
 ``--raw-days`` days (one per device and minute: what ``/api/devices`` counts). Then
 times, through the Flask app with a viewer token, every request the open dashboard
-makes: the page itself, one 2-second poll of its counts (8 ``/api/series`` queries:
-today, the last hour, the range, the flow chart, the class mix, busiest lines and
-zones, speeds) and one 5-second poll of the fleet (``/api/devices``, events,
+makes: the page itself, one 2-second poll of its counts (6 distinct ``/api/series``
+queries: today, the last hour (also the default range and the class mix), the flow
+chart, busiest lines and zones, speeds) and one 5-second poll of the fleet (``/api/devices``, events,
 rollouts, drift verdicts). "Now" is the end of the filled data (a UTC midnight), so
 "today" is the filled last day. Server time is the time from request to the full
 response body, per request and per poll (the requests of a poll summed, as if served
@@ -78,10 +78,9 @@ def series_urls(now: float) -> list[str]:
 
     return [
         q(kind="lines", step="hour", **{"from": int(today), "to": int(now)}, group="class"),
-        q(kind="lines", step="minute", **{"from": int(hour), "to": int(now)}, group="class"),
+        # the last hour, the range and the class mix: one URL, asked once per poll
         q(kind="lines", step="minute", **{"from": int(hour), "to": int(now)}, group="class"),
         q(kind="lines", step="minute", **{"from": int(hour), "to": int(now)}),
-        q(kind="lines", step="minute", **{"from": int(hour), "to": int(now)}, group="class"),
         q(
             kind="lines",
             step="hour",

@@ -240,6 +240,19 @@ def devices(
     return result
 
 
+def device_rows(stale_after_s: float = DEFAULT_STALE_AFTER_S) -> list[dict[str, Any]]:
+    """Every device's record and reported state without the ingest bookkeeping of
+    `devices` (bins, gaps, health, dead letters): what the dashboard page renders at
+    once. Counting a device's bins reads every raw bin's index entry, which grows with
+    the fleet's history; the page's script fills those columns from /api/devices."""
+    reported = {row.device_id: row for row in ReportedState.select()}
+    at = now()
+    return [
+        {**device_dict(dev, at, stale_after_s), "reported": _reported(reported.get(dev.id))}
+        for dev in Device.select().order_by(Device.id)
+    ]
+
+
 def _reported(row: ReportedState | None) -> dict[str, Any] | None:
     """The device's latest reported state (what each camera runs), None if none yet."""
     if row is None:
@@ -637,7 +650,7 @@ def create_app(
         # its script); everything else, and every refresh, comes from the API.
         return render_template(
             "index.html",
-            devices=devices(stale_after_s),
+            devices=device_rows(stale_after_s),
             events=events(DASHBOARD_EVENTS)[0],
             urls={
                 "devices": url_for("api_devices"),

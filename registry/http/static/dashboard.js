@@ -23,8 +23,12 @@
     }
     return [people, vehicles];
   };
+  // One poll asks each distinct URL once (the hour tile, the range tile and the class
+  // table share theirs while the range is the last hour).
+  let asked = new Map();
+  const once = (url) => { if (!asked.has(url)) asked.set(url, FF.getJson(url)); return asked.get(url); };
   async function tile(url, ids) {
-    const [p, v] = split(await FF.getJson(url));
+    const [p, v] = split(await once(url));
     $(ids[0]).textContent = FF.fmt(p); $(ids[0]).dataset.source = url; $(ids[0]).dataset.value = p;
     $(ids[1]).textContent = FF.fmt(v); $(ids[1]).dataset.source = url; $(ids[1]).dataset.value = v;
   }
@@ -37,12 +41,13 @@
     const step = flowStep(rt - rf), tstep = tableStep(rt - rf);
     const rangeUrl = series({ kind: "lines", step: "minute", from: rf, to: rt, group: "class" });
     const classUrl = rt - rf <= 2 * DAY ? rangeUrl : series({ kind: "lines", step: tstep, from: rf, to: rt, group: "class" });
+    asked = new Map();
     const [, , , flow, classes, lines, zones, speeds] = await Promise.all([
       tile(series({ kind: "lines", step: "hour", from: Math.floor(midnight / 1000), to: now, group: "class" }), ["people-today", "vehicles-today"]),
       tile(series({ kind: "lines", step: "minute", from: now - HOUR, to: now, group: "class" }), ["people-hour", "vehicles-hour"]),
       tile(classUrl, ["people-range", "vehicles-range"]),
       FF.getJson(series({ kind: "lines", step, from: rf, to: rt })),
-      FF.getJson(classUrl),
+      once(classUrl),
       FF.getJson(series({ kind: "lines", step: tstep, from: rf, to: rt, group: "device,camera,line" })),
       FF.getJson(series({ kind: "zones", step: tstep, from: rf, to: rt, group: "device,camera,zone" })),
       FF.getJson(series({ kind: "speeds", step: tstep, from: rf, to: rt, group: "device,camera,line" })),
