@@ -218,6 +218,8 @@ WEIGHT_JS = """() => performance.getEntries()
 
 def test_sign_in_shows_the_shell_on_every_page_within_the_weight_budget(site, operator):
     page = operator
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
     for path, name in (
         ("/", "dashboard"),
         ("/map", "map"),
@@ -235,6 +237,7 @@ def test_sign_in_shows_the_shell_on_every_page_within_the_weight_budget(site, op
         weight = page.evaluate(WEIGHT_JS)
         assert 0 < weight < PAGE_BUDGET, f"{path} weighs {weight} bytes"
         shot(site, page, name)
+    assert not errors, f"script errors: {errors}"
     # Times are the viewer's, with the UTC value on hover.
     page.goto(site["url"] + "/devices")
     first = page.locator("#devices time").first
@@ -243,7 +246,8 @@ def test_sign_in_shows_the_shell_on_every_page_within_the_weight_budget(site, op
 
 
 def test_error_pages_are_styled_and_anonymous_reads_are_read_only(browser, site):
-    ctx = browser.new_context()
+    # Dark mode follows the system's preference.
+    ctx = browser.new_context(color_scheme="dark", viewport={"width": 1280, "height": 860})
     page = ctx.new_page()
     resp = page.goto(site["url"] + "/no-such-page")
     assert resp.status == 404 and page.locator("header.shell").count() == 1
@@ -253,6 +257,9 @@ def test_error_pages_are_styled_and_anonymous_reads_are_read_only(browser, site)
     shot(site, page, "error-401")
     resp = page.goto(site["url"] + "/")  # anonymous dashboard from localhost
     assert resp.status == 200 and "not signed in" in page.inner_text("#who")
+    assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(18, 21, 26)"
+    page.wait_for_selector("#refresh.status:has-text('updated')")
+    shot(site, page, "dashboard-dark")
     ctx.close()
 
 
