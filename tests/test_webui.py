@@ -448,3 +448,23 @@ def test_the_map_section_is_validated(tmp_path, toml, expected):
     assert str(path) in str(err.value) and expected in str(err.value)
     path.write_text('[map]\ntiles = "/tiles/{z}/{x}/{y}.png"\nattribution = "ours"\n')
     assert load_registry_config(path, check=False).map.tiles == "/tiles/{z}/{x}/{y}.png"
+
+
+def test_every_page_file_is_packaged():
+    """An installed wheel serves the same pages: every template and static file is in
+    pyproject's packages and package-data (folders of data files are listed as
+    packages, see pyproject.toml)."""
+    import fnmatch
+
+    from flowfleet.configfile import tomllib  # tomli before Python 3.11
+
+    root = Path(__file__).resolve().parent.parent
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    http = root / "registry" / "http"
+    files = [p for d in ("static", "templates") for p in (http / d).rglob("*") if p.is_file()]
+    assert len(files) > 20
+    for path in files:
+        package = "flowfleet.registry.http." + ".".join(path.parent.relative_to(http).parts)
+        assert package in setup["packages"], f"{package} is not listed in packages"
+        patterns = setup["package-data"].get(package, [])
+        assert any(fnmatch.fnmatch(path.name, p) for p in patterns), f"{path} is not packaged"
