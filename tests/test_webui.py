@@ -381,6 +381,38 @@ def test_a_rollback_from_the_device_page_appears_in_events(site, operator):
     shot(site, page, "events")
 
 
+def test_pause_resume_and_abort_a_rollout_from_its_page(site, operator):
+    sim_c = site["sims"][2]
+    sim_c.behaviours[(MODEL, 1)] = "ignore"  # never applies v1: the canary stays moving
+    body = {
+        "model": MODEL,
+        "version": 1,
+        "camera": CAMERA,
+        "targets": {"devices": ["sim-c"]},
+        "reason": "stuck canary",
+    }
+    req = urllib.request.Request(
+        site["url"] + "/api/rollouts",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {site['token']}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        rid = json.loads(resp.read())["id"]
+    page = operator
+    page.goto(site["url"] + "/rollouts")
+    card = f"#rollout-{rid}"
+    page.click(f"{card} button[data-action=pause]")
+    page.wait_for_selector(f"{card}[data-state=paused]")
+    page.click(f"{card} button[data-action=resume]")
+    page.wait_for_selector(f"{card}[data-state=running]")
+    page.once("dialog", lambda d: d.accept("the canary never answers"))
+    page.click(f"{card} button[data-action=abort]")
+    page.wait_for_selector(f"{card}[data-state=aborted]", timeout=15_000)
+    assert "the canary never answers" in page.inner_text(card)
+    wait_for(lambda: sim_c.running == (MODEL, 2), 15, "sim-c still on v2")
+
+
 def test_csrf_and_roles_refuse_bad_forms(browser, site, data):
     ctx, page = _login(browser, site, "vera")
     try:
