@@ -12,11 +12,11 @@ and day buckets, by `bench_series.fill`), and the raw ``count_bin`` rows of the 
 times, through the Flask app with a viewer token, every request the open dashboard
 makes: the page itself, one 2-second poll of its counts (6 distinct ``/api/series``
 queries: today, the last hour (also the default range and the class mix), the flow
-chart, busiest lines and zones, speeds) and one 5-second poll of the fleet (``/api/devices``, events,
-rollouts, drift verdicts). "Now" is the end of the filled data (a UTC midnight), so
-"today" is the filled last day. Server time is the time from request to the full
-response body, per request and per poll (the requests of a poll summed, as if served
-one after another).
+chart, busiest lines and zones, speeds) and one 5-second poll of the fleet
+(``/api/devices``, events, rollouts, drift verdicts). "Now" is the end of the filled
+data (a UTC midnight), so "today" is the filled last day. Server time is the time
+from request to the full response body, per request and per poll (the requests of a
+poll summed, as if served one after another).
 
 Prints a table and writes JSON (default benchmarks/results/dashboard.json).
 """
