@@ -343,6 +343,12 @@ def test_upload_a_model_through_the_form(site, operator, data):
     page.click("#upload button[type=submit]")
     page.wait_for_selector(f"text=Registered {MODEL} version 2")
     assert page.locator(f"tr[data-model='{MODEL}'][data-version='2']").count() == 1
+    # Move an alias with its form (PUT /api/models/yolo/aliases/production).
+    alias = page.locator("#alias-form")
+    alias.locator("input[name=version]").fill("2")
+    alias.locator("input[name=reason]").fill("v2 for everyone")
+    alias.locator("button[type=submit]").click()
+    page.wait_for_selector("h2 .chip:has-text('production→v2')")
     # "deployed on" comes from the devices' reported state.
     page.wait_for_selector(
         f"tr[data-model='{MODEL}'][data-version='1'] .deployed:has-text('sim-a/')"
