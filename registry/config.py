@@ -124,6 +124,35 @@ class HttpSection(Strict):
     trusted_proxies: tuple[IPvAnyNetwork, ...] = Field(("127.0.0.1/32", "::1/128"), min_length=1)
 
 
+class MapSection(Strict):
+    """The web UI's fleet map. Without ``tiles`` the map draws its markers on a plain
+    background with a scale bar (air-gapped sites); with it, the browser loads tiles
+    from that URL (the registry never fetches them)."""
+
+    tiles: str | None = Field(
+        None,
+        description="tile URL template with {z}, {x} and {y}, e.g. "
+        "https://tile.openstreetmap.org/{z}/{x}/{y}.png; none: no tiles",
+    )
+    attribution: str = Field("", max_length=500, description="credit the tile provider asks for")
+
+    @field_validator("tiles")
+    @classmethod
+    def _tile_template(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not (
+            value.startswith("https://") or value.startswith("http://") or value.startswith("/")
+        ):
+            raise ValueError("must be an http(s) URL or a path on the registry's host")
+        missing = [p for p in ("{z}", "{x}", "{y}") if p not in value]
+        if missing:
+            raise ValueError(f"must contain {', '.join(missing)} (a tile URL template)")
+        if any(c in value for c in ' "<>'):
+            raise ValueError("must not contain spaces, quotes or angle brackets")
+        return value
+
+
 class WatchSection(Strict):
     dir: str | None = Field(None, description="register model files dropped here")
 
@@ -342,6 +371,7 @@ class RegistrySettings(Strict):
     drift: DriftSection = DriftSection()
     rollouts: RolloutsSection = RolloutsSection()
     relays: RelaysSection = RelaysSection()
+    map: MapSection = MapSection()
 
 
 _BROKER_FILES = ("password_file", "ca_file", "cert_file", "key_file")

@@ -29,7 +29,7 @@ from flowfleet.mqtt import AUTH_REFUSALS, BrokerAddress, MqttConnection
 
 from .catalog.modelreg import ModelRegistry, RegistryConfig
 from .catalog.watch import WatchFolder
-from .config import DriftSection, IngestSection, RolloutsSection, WebhooksSection
+from .config import DriftSection, IngestSection, MapSection, RolloutsSection, WebhooksSection
 from .errors import BrokerRefused
 from .fleet.commands import CommandPublisher
 from .fleet.drift import DriftJudge
@@ -116,6 +116,7 @@ def run_registry(
     drift: DriftSection | None = None,
     rollouts: RolloutsSection | None = None,
     relays: RelaysSection | None = None,
+    map_section: MapSection | None = None,
 ) -> None:
     """Ingest device messages from ``broker`` into ``db_path`` and serve the web UI.
 
@@ -155,6 +156,8 @@ def run_registry(
         relays: the cloud relays (`flowfleet.registry.relays`): ingest queues what they
             forward, and a job in this process forwards it (one process per relay at a
             time, through a lease).
+        map_section: the web UI map's tile URL and attribution (`MapSection`); none:
+            markers on a plain background.
 
     Raises OSError if the HTTP port cannot be bound (before anything else starts), and
     BrokerRefused if the broker refuses the registry's credentials on the first
@@ -226,6 +229,8 @@ def run_registry(
         site_timezone=site_timezone,
         stale_after_s=stale_after_s,
         webhooks=hooks,
+        map_tiles=map_section.tiles if map_section is not None else None,
+        map_attribution=map_section.attribution if map_section is not None else "",
     )
     rollouts = rollouts or RolloutsSection()
     # Staged rollouts: the job steps them (a lease keeps it to one registry process);

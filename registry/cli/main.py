@@ -330,6 +330,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
             drift=s.drift,
             rollouts=s.rollouts,
             relays=s.relays,
+            map_section=s.map,
             proxy=ProxyTrust(
                 hops=h.proxy_hops,
                 headers=tuple(h.proxy_headers),

@@ -62,6 +62,11 @@ DASHBOARD_ENDPOINTS = {
     "api_dead_letters",
     "api_events",
     "api_drift",
+    # The web pages whose data is the dashboard's (their scripts read the API above).
+    "ui.map",
+    "ui.devices",
+    "ui.device",
+    "ui.events",
     "metrics",  # Prometheus scrapes with a viewer token, or anonymously per the policy
 }
 

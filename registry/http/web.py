@@ -2,6 +2,7 @@
 
 Routes:
     GET /                  dashboard (HTML) that refreshes itself from the JSON API
+    GET /map, /devices, /devices/<id>, /rollouts, /events   pages (`.webui`)
     GET /api/totals        line and zone totals per device/camera/line|zone/class
     GET /api/devices       devices with state, bins, sequence gaps and reported models
     GET /api/dead-letters  rejected messages, newest first
@@ -72,6 +73,8 @@ from .shadow_api import bp as shadow_bp
 from .webauth import bp as webauth_bp
 from .webauth import error_page
 from .webhooks_api import bp as webhooks_bp
+from .webui import bp as webui_bp
+from .webui import render_error
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +239,19 @@ def devices(
             }
         )
     return result
+
+
+def device_rows(stale_after_s: float = DEFAULT_STALE_AFTER_S) -> list[dict[str, Any]]:
+    """Every device's record and reported state without the ingest bookkeeping of
+    `devices` (bins, gaps, health, dead letters): what the dashboard page renders at
+    once. Counting a device's bins reads every raw bin's index entry, which grows with
+    the fleet's history; the page's script fills those columns from /api/devices."""
+    reported = {row.device_id: row for row in ReportedState.select()}
+    at = now()
+    return [
+        {**device_dict(dev, at, stale_after_s), "reported": _reported(reported.get(dev.id))}
+        for dev in Device.select().order_by(Device.id)
+    ]
 
 
 def _reported(row: ReportedState | None) -> dict[str, Any] | None:
@@ -477,6 +493,8 @@ def create_app(
     site_timezone: str = "UTC",
     stale_after_s: float = DEFAULT_STALE_AFTER_S,
     webhooks: WebhookJob | None = None,
+    map_tiles: str | None = None,
+    map_attribution: str = "",
 ) -> Flask:
     """The registry web app on ``db`` (opened with `open_database`).
 
@@ -491,7 +509,9 @@ def create_app(
     site's, where the day buckets of /api/series start. A device silent for more
     than ``stale_after_s`` is shown with presence "stale". ``webhooks`` is the
     registry's `WebhookJob`, woken to send a ping or a redelivery at once (without
-    one they wait for a registry process that runs it).
+    one they wait for a registry process that runs it). ``map_tiles`` is the map's
+    tile URL template (``https://host/{z}/{x}/{y}.png``; None: no tiles, markers on
+    a plain background) and ``map_attribution`` the text the tiles' licence asks for.
     """
     require_bound(db)
     app = Flask(__name__)
@@ -521,6 +541,8 @@ def create_app(
     app.register_blueprint(shadow_bp)
     app.register_blueprint(rollouts_bp)
     app.register_blueprint(relays_bp)
+    app.register_blueprint(webui_bp)
+    app.extensions["flowfleet_map"] = {"tiles": map_tiles, "attribution": map_attribution}
     install_metrics(app)  # first before_request hook: times everything after it
 
     @app.before_request
@@ -549,7 +571,7 @@ def create_app(
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
         if not _is_api():
-            return exc
+            return render_error(exc.code or 500, exc.description or exc.name)
         if exc.code == 413:
             return _error_response(
                 413, "too_large", "the request is larger than the upload limit", "file"
@@ -562,7 +584,7 @@ def create_app(
         log.exception("error serving %s", request.path)
         if _is_api():
             return _error_response(500, "internal_error", f"internal error: {exc!r}")
-        return "internal error, see the registry log", 500
+        return render_error(500, "Something went wrong on the registry; its log has the details.")
 
     @app.get("/api/totals")
     def api_totals():
@@ -626,17 +648,16 @@ def create_app(
 
     @app.get("/")
     def index():
+        # The page renders the fleet and the latest events at once (readable without
+        # its script); everything else, and every refresh, comes from the API.
         return render_template(
             "index.html",
-            totals=totals(),
-            devices=devices(stale_after_s),
-            dead_letters=dead_letters(10),
+            devices=device_rows(stale_after_s),
             events=events(DASHBOARD_EVENTS)[0],
             urls={
-                "totals": url_for("api_totals"),
                 "devices": url_for("api_devices"),
-                "dead_letters": url_for("api_dead_letters", limit=10),
                 "events": url_for("api_events", limit=DASHBOARD_EVENTS),
+                "series": url_for("series.api_series"),
             },
         )
 

@@ -22,7 +22,6 @@ import hmac
 import secrets
 
 from flask import Blueprint, Response, current_app, g, redirect, render_template, request, url_for
-from markupsafe import escape
 
 from ..catalog.modelreg import MAX_PAGE, ModelRegistry, RegistryError, check_filename, check_name
 from ..errors import comma_list
@@ -59,15 +58,12 @@ def _safe_next(target: str | None) -> str:
 
 def error_page(status: int, message: str):
     """An HTML error page for a browser (401 and 403 outside /api)."""
-    login = url_for("webauth.login", next=request.full_path.rstrip("?"))
-    body = (
-        "<!doctype html><title>flowfleet registry</title>"
-        f"<p>{escape(message)}</p><p><a href='{escape(login)}'>Sign in</a></p>"
-    )
-    headers = {"Content-Type": "text/html; charset=utf-8"}
+    from .webui import render_error
+
+    headers = {}
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="flowfleet-registry"'
-    return body, status, headers
+    return render_error(status, message, headers)
 
 
 def _login_form(error: str = "", status: int = 200, retry_after: int | None = None) -> Response:
