@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     from flowfleet import demo
     from flowfleet.agent import cli as agent_cli
     from flowfleet.models import cli as models_cli
+    from flowfleet.provisioning import cli as provision_cli
     from flowfleet.registry.cli import main as registry_cli
 
     parser = argparse.ArgumentParser(
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry_cli.register(sub)
     demo.register(sub)
     models_cli.register(sub)
+    provision_cli.register(sub)
     return parser
 
 

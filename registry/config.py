@@ -304,6 +304,23 @@ class RolloutsSection(Strict):
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
+class EnrollmentSection(Strict):
+    """Enrollment by claim (docs/provisioning.md): off unless ``ca_dir`` is set."""
+
+    ca_dir: str | None = Field(
+        None, description="fleet CA folder with its key (flowfleet provision ca create)"
+    )
+    broker_host: str | None = Field(None, description="the mTLS listener as devices reach it")
+    broker_port: int = Field(8883, ge=1, le=65535)
+    cert_days: int = Field(30, ge=1, le=825, description="validity of enrolled certificates")
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.ca_dir and not self.broker_host:
+            raise ValueError("ca_dir needs broker_host (where enrolled devices connect)")
+        return self
+
+
 class RegistrySettings(Strict):
     database: DatabaseSection = DatabaseSection()
     counts: CountsSection = CountsSection()
@@ -316,6 +333,7 @@ class RegistrySettings(Strict):
     webhooks: WebhooksSection = WebhooksSection()
     drift: DriftSection = DriftSection()
     rollouts: RolloutsSection = RolloutsSection()
+    enrollment: EnrollmentSection = EnrollmentSection()
 
 
 _BROKER_FILES = ("password_file", "ca_file", "cert_file", "key_file")
@@ -352,6 +370,7 @@ def load_registry_config(path: str | Path, *, check: bool = True) -> RegistrySet
                 update={k: rel(getattr(s.broker, k)) for k in _BROKER_FILES}
             ),
             "watch": s.watch.model_copy(update={"dir": rel(s.watch.dir)}),
+            "enrollment": s.enrollment.model_copy(update={"ca_dir": rel(s.enrollment.ca_dir)}),
         }
     )
     if check:

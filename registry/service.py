@@ -29,7 +29,13 @@ from flowfleet.mqtt import AUTH_REFUSALS, BrokerAddress, MqttConnection
 
 from .catalog.modelreg import ModelRegistry, RegistryConfig
 from .catalog.watch import WatchFolder
-from .config import DriftSection, IngestSection, RolloutsSection, WebhooksSection
+from .config import (
+    DriftSection,
+    EnrollmentSection,
+    IngestSection,
+    RolloutsSection,
+    WebhooksSection,
+)
 from .errors import BrokerRefused
 from .fleet.commands import CommandPublisher
 from .fleet.drift import DriftJudge
@@ -92,6 +98,20 @@ def _url(host: str, port: int) -> str:
     return f"http://{host}:{port}/"
 
 
+def _enrollment_settings(section: EnrollmentSection | None, topics_root: str):
+    if section is None or not section.ca_dir:
+        return None
+    from .fleet.enrollment import EnrollmentSettings
+
+    return EnrollmentSettings(
+        Path(section.ca_dir),
+        section.broker_host or "",
+        section.broker_port,
+        topics_root,
+        section.cert_days,
+    )
+
+
 def run_registry(
     db_path: str | Path,
     broker: BrokerAddress,
@@ -114,6 +134,7 @@ def run_registry(
     webhooks: WebhooksSection | None = None,
     drift: DriftSection | None = None,
     rollouts: RolloutsSection | None = None,
+    enrollment: EnrollmentSection | None = None,
 ) -> None:
     """Ingest device messages from ``broker`` into ``db_path`` and serve the web UI.
 
@@ -149,6 +170,8 @@ def run_registry(
             ``interval_s`` unless ``enabled`` is false.
         rollouts: the rollout job (on unless ``enabled`` is false; one registry
             process at a time steps rollouts, through a lease) and plan defaults.
+        enrollment: the ``[enrollment]`` section: with a ``ca_dir``, devices enroll
+            by claim at ``POST /api/enroll`` (`flowfleet.registry.fleet.enrollment`).
 
     Raises OSError if the HTTP port cannot be bound (before anything else starts), and
     BrokerRefused if the broker refuses the registry's credentials on the first
@@ -209,6 +232,7 @@ def run_registry(
         site_timezone=site_timezone,
         stale_after_s=stale_after_s,
         webhooks=hooks,
+        enrollment=_enrollment_settings(enrollment, topics_root),
     )
     rollouts = rollouts or RolloutsSection()
     # Staged rollouts: the job steps them (a lease keeps it to one registry process);

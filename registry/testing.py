@@ -83,6 +83,7 @@ def reset_database(db: pw.Database) -> None:
     Tables a test dropped are re-created; every table is emptied.
     """
     from .store.drift_tables import DRIFT_MODELS
+    from .store.enrollment_tables import ENROLLMENT_MODELS
     from .store.migrations import migrate
     from .store.rollout_tables import ROLLOUT_MODELS
     from .store.shadow_tables import SHADOW_MODELS
@@ -91,6 +92,7 @@ def reset_database(db: pw.Database) -> None:
     migrate(db, backup=False)
     # Tables of later migrations live beside their subsystem, not in store/db.py.
     models = regdb.MODELS + DRIFT_MODELS + ROLLOUT_MODELS + SHADOW_MODELS + WEBHOOK_MODELS
+    models += ENROLLMENT_MODELS
     with db.connection_context():
         db.create_tables(models, safe=True)
         # DELETE, not TRUNCATE: for a few rows it is far cheaper on PostgreSQL (TRUNCATE

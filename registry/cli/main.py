@@ -329,6 +329,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
             webhooks=s.webhooks,
             drift=s.drift,
             rollouts=s.rollouts,
+            enrollment=s.enrollment,
             proxy=ProxyTrust(
                 hops=h.proxy_hops,
                 headers=tuple(h.proxy_headers),

@@ -64,6 +64,7 @@ from .api import error_response as registry_error_response
 from .api import int_arg, query_args
 from .devices_api import bp as devices_bp
 from .drift_api import bp as drift_bp
+from .enrollment_api import bp as enrollment_bp
 from .groups_api import bp as groups_bp
 from .rollouts_api import bp as rollouts_bp
 from .series_api import bp as series_bp
@@ -476,6 +477,7 @@ def create_app(
     site_timezone: str = "UTC",
     stale_after_s: float = DEFAULT_STALE_AFTER_S,
     webhooks: WebhookJob | None = None,
+    enrollment: Any = None,
 ) -> Flask:
     """The registry web app on ``db`` (opened with `open_database`).
 
@@ -510,6 +512,8 @@ def create_app(
     app.extensions["flowfleet_stale_after_s"] = stale_after_s
     if webhooks is not None:
         app.extensions["flowfleet_webhooks"] = webhooks
+    if enrollment is not None:  # EnrollmentSettings (registry.fleet.enrollment)
+        app.extensions["flowfleet_enrollment"] = enrollment
     app.register_blueprint(api_bp)
     app.register_blueprint(series_bp)
     app.register_blueprint(webauth_bp)
@@ -519,6 +523,7 @@ def create_app(
     app.register_blueprint(drift_bp)
     app.register_blueprint(shadow_bp)
     app.register_blueprint(rollouts_bp)
+    app.register_blueprint(enrollment_bp)
     install_metrics(app)  # first before_request hook: times everything after it
 
     @app.before_request

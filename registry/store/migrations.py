@@ -200,6 +200,12 @@ def _m16_webhooks(db: pw.Database) -> None:
     # so existing history is never sent to the webhooks created later.
 
 
+def _m18_enrollment(db: pw.Database) -> None:
+    from .enrollment_tables import ENROLLMENT_MODELS
+
+    db.create_tables(ENROLLMENT_MODELS, safe=True)
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
     (
         1,
@@ -290,6 +296,11 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         "webhooks: webhook, webhook_delivery, webhook_attempt (the delivery log), "
         "webhook_cursor (how far the audit trail is dispatched)",
         _m16_webhooks,
+    ),
+    (
+        18,
+        "enrollment by claim: enrollment_token (bootstrap tokens), enrollment, reenroll_allowance",
+        _m18_enrollment,
     ),
 )
 LATEST = MIGRATIONS[-1][0]

@@ -1,0 +1,120 @@
+"""`flowfleet agent enroll`: from a bootstrap token to the device's own identity.
+
+The device generates its private key here (P-256, mode 0600; it never leaves the
+device), sends its id, a CSR and the bootstrap token to the registry
+(``POST /api/enroll``) and writes what comes back into the config folder::
+
+    device.key   its private key (0600)
+    device.crt   its certificate from the fleet CA (CN = device id)
+    ca.crt       the fleet CA: the broker's certificate is checked against it
+    keys.json    the registry's public signing keys (model signatures)
+    agent.toml   the agent config: the token's template, the device id, the broker
+
+The token is sent in the request body over the registry's HTTPS (``--registry-ca``
+for a private CA) and is never written or logged. Nothing is written until the
+registry accepted the claim, except the key, which is made first so a CSR can be
+signed with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class EnrollError(RuntimeError):
+    """The registry refused the claim, or could not be reached; ``status`` is the
+    HTTP status (0 when there was no answer)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+FILES = ("device.key", "device.crt", "ca.crt", "keys.json", "agent.toml")
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    device: str
+    config: Path
+    registration: str
+    serial: str
+    not_after: float
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def enroll(
+    registry_url: str,
+    token: str,
+    device: str,
+    folder: str | Path,
+    *,
+    registry_ca: str | None = None,
+    force: bool = False,
+    timeout: float = 30.0,
+) -> Enrolled:
+    """Enroll this device (see the module docstring). Raises EnrollError, or
+    ValueError for a bad device id or a folder that already holds an identity."""
+    from flowfleet.identity import check_device_id
+    from flowfleet.provisioning.authority import make_csr, make_device_key
+
+    check_device_id(device, "device id")
+    folder = Path(folder)
+    if not force:
+        present = [f for f in FILES if (folder / f).exists()]
+        if present:
+            raise ValueError(
+                f"{folder} already holds {', '.join(present)}; use --force to enroll again"
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    key_path = folder / "device.key.new"
+    key = make_device_key(key_path)
+    body = json.dumps({"token": token, "device": device, "csr": make_csr(key, device).decode()})
+    request = urllib.request.Request(
+        registry_url.rstrip("/") + "/api/enroll",
+        data=body.encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    context = ssl.create_default_context(cafile=registry_ca) if registry_ca else None
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as resp:
+            answer = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        key_path.unlink(missing_ok=True)
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except Exception:
+            message = exc.reason
+        raise EnrollError(
+            f"the registry refused the enrollment ({exc.code}): {message}", exc.code
+        ) from None
+    except (urllib.error.URLError, OSError) as exc:
+        key_path.unlink(missing_ok=True)
+        reason = getattr(exc, "reason", exc)
+        raise EnrollError(f"cannot reach the registry at {registry_url}: {reason}") from None
+    _write(folder / "device.crt", answer["certificate"])
+    _write(folder / "ca.crt", answer["ca"])
+    _write(folder / "keys.json", json.dumps(answer["keys"], indent=2) + "\n")
+    os.replace(key_path, folder / "device.key")
+    _write(folder / "agent.toml", answer["agent_config"])
+    return Enrolled(
+        device=device,
+        config=folder / "agent.toml",
+        registration=answer["registration"],
+        serial=answer["serial"],
+        not_after=answer["not_after"],
+    )

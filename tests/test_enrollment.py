@@ -1,0 +1,361 @@
+"""Enrollment by claim, end to end: a real Mosquitto with the generated config (mTLS
+listener with the fleet CA's CRL, password listener for the registry, generated ACL),
+the real registry process (`flowfleet registry --config`) with an ``[enrollment]``
+section, the real `flowfleet agent enroll` and `flowfleet agent` commands, and the
+`flowfleet provision` commands an operator runs.
+
+One module-scoped fleet; the tests run in order (the first enrolls cam-a).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import pytest
+
+from flowfleet.agent.enroll import EnrollError, enroll
+from flowfleet.cli import main
+from flowfleet.contract import Topics
+from flowfleet.mqtt import BrokerAddress, MqttConnection
+from flowfleet.provisioning.authority import Authority
+from flowfleet.provisioning.mosquitto import (
+    Broker,
+    BrokerSecurity,
+    free_port,
+    render_acl,
+    write_password_file,
+)
+
+from .factories import count_bin
+
+T = Topics()
+REGISTRY_PW = "enroll-registry-pw-4c1d"
+CLIP_FRAMES = 40
+
+
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def flowfleet(*args: str, check: bool = True) -> Ran:
+    """The `flowfleet` command line in this process (a Python start-up per operator
+    command would cost a second or two each on a busy machine)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse
+            code = int(exc.code or 0)
+    ran = Ran(code, out.getvalue(), err.getvalue())
+    if check:
+        assert ran.returncode == 0, ran.stderr
+    return ran
+
+
+def flowfleet_process(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "FLOWFLEET_DATABASE_URL"}
+    return subprocess.run(
+        [sys.executable, "-m", "flowfleet.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def get(url: str):
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+@dataclass
+class Fleet:
+    root: Path
+    ca: Authority
+    broker: Broker
+    db: str
+    url: str
+    registry_log: Path
+    outputs: list[str] = field(default_factory=list)  # every CLI output, for the scan
+    secrets: list[str] = field(default_factory=list)
+
+    def cli(self, *args: str, check: bool = True) -> Ran:
+        proc = flowfleet(*args, check=check)
+        self.outputs += [proc.stdout, proc.stderr]
+        return proc
+
+    def token(self, *extra: str) -> str:
+        # stdout is the token itself (shown once, by design); stderr is scanned.
+        out = flowfleet("provision", "tokens", "create", "--db", self.db, *extra)
+        self.outputs.append(out.stderr)
+        secret = out.stdout.strip()
+        self.secrets.append(secret)
+        return secret
+
+    def device_address(self, folder: Path) -> BrokerAddress:
+        return BrokerAddress(
+            "127.0.0.1",
+            self.broker.tls_port,
+            ca_file=str(folder / "ca.crt"),
+            cert_file=str(folder / "device.crt"),
+            key_file=str(folder / "device.key"),
+        )
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, videos: Path, int8_model: Path):
+    root = tmp_path_factory.mktemp("enroll")
+    ca = Authority.create(root / "ca")
+    server, _ = ca.issue("broker", "broker", root / "server", hosts=("127.0.0.1",))
+    acl = root / "acl"
+    acl.write_text(render_acl())
+    security = BrokerSecurity(
+        password_file=write_password_file(root / "passwd", {"registry": REGISTRY_PW}),
+        acl_file=acl,
+        tls_port=free_port(),
+        cafile=ca.ca.cert,
+        certfile=server.cert,
+        keyfile=server.key,
+        require_certificate=True,
+        use_identity_as_username=True,
+        crlfile=ca.crl,
+    )
+    clip = root / "clip"
+    clip.mkdir()
+    cap = cv2.VideoCapture(str(videos / "one-by-one-person-detection.mp4"))
+    try:
+        for i in range(CLIP_FRAMES):
+            ok, image = cap.read()
+            assert ok, f"the person video ended at frame {i}"
+            cv2.imwrite(str(clip / f"{i:05d}.jpg"), image)
+    finally:
+        cap.release()
+    (root / "template.toml").write_text(
+        f'state_dir = "{root / "agent-state"}"\nbin_seconds = 1\nhealth_seconds = 1\n\n'
+        f'[[cameras]]\nname = "table"\nsource = "{clip}"\nmodel = "{int8_model}"\n'
+        'realtime = false\nloop = false\nclasses = ["person"]\n'
+        '[[cameras.lines]]\nname = "approach"\npoints = [[768, 415], [0, 415]]\n'
+    )
+    pw = root / "registry.pw"
+    pw.write_text(REGISTRY_PW + "\n")
+    pw.chmod(0o600)
+    db = str(root / "registry.sqlite")
+    port = free_port()
+    with Broker(root / "broker", security=security) as broker:
+        (root / "registry.toml").write_text(
+            f'[database]\nurl = "{db}"\n[http]\nport = {port}\nthreads = 4\n'
+            f'[broker]\nhost = "127.0.0.1"\nport = {broker.port}\nusername = "registry"\n'
+            f'password_file = "{pw}"\n'
+            f'[enrollment]\nca_dir = "{ca.folder}"\nbroker_host = "127.0.0.1"\n'
+            f"broker_port = {broker.tls_port}\ncert_days = 7\n"
+        )
+        log = root / "registry.log"
+        conf = root / "registry.toml"
+        env = {k: v for k, v in os.environ.items() if k != "FLOWFLEET_DATABASE_URL"}
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "flowfleet.cli", "registry", "--config", str(conf)],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        url = f"http://127.0.0.1:{port}"
+        try:
+
+            def ready():
+                assert proc.poll() is None, log.read_text()[-3000:]
+                try:
+                    return get(url + "/healthz")["ingest"]["connected"]
+                except OSError:
+                    return False
+
+            wait_for(ready, 30, "the registry")
+            yield Fleet(root, ca, broker, db, url, log)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+
+
+def devices(fleet: Fleet) -> dict[str, dict]:
+    return {d["device"]: d for d in get(fleet.url + "/api/devices")["devices"]}
+
+
+def test_a_device_enrolls_with_a_token_and_counts_over_mtls(fleet: Fleet):
+    token = fleet.token("--group", "lobby", "--agent-template", str(fleet.root / "template.toml"))
+    folder = fleet.root / "cam-a"
+    # The one command on the device, as its own process.
+    out = flowfleet_process(
+        "agent", "enroll", "--registry", fleet.url, "--token", token,
+        "--device", "cam-a", "--dir", str(folder),
+    )  # fmt: skip
+    fleet.outputs += [out.stdout, out.stderr]
+    assert out.returncode == 0, out.stderr
+    assert "enrolled cam-a" in out.stdout and "unregistered" in out.stdout
+    assert (folder / "device.key").stat().st_mode & 0o777 == 0o600
+    cert = Authority(fleet.ca.folder).records()[-1]
+    assert (cert.cn, cert.kind) == ("cam-a", "device")
+    assert cert.not_after - time.time() == pytest.approx(7 * 86400, abs=600)
+    keys = json.loads((folder / "keys.json").read_text())
+    assert keys["keys"] and keys["keys"][0]["public_key"]
+    # The device arrives unregistered, in the token's group.
+    dev = devices(fleet)["cam-a"]
+    assert dev["registration"] == "unregistered"
+    groups = fleet.cli("registry", "groups", "list", "--db", fleet.db).stdout
+    assert "lobby" in groups and "cam-a" in groups
+
+    # The one config the registry wrote runs the agent on its own certificate.
+    check = fleet.cli("agent", "check-config", "--config", str(folder / "agent.toml"))
+    assert "device cam-a" in check.stdout
+    log = fleet.root / "agent-a.log"
+    with open(log, "wb") as fh:
+        agent = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "flowfleet.cli",
+                "agent",
+                "--config",
+                str(folder / "agent.toml"),
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: devices(fleet)["cam-a"]["bins"] >= 2, 60, "count bins from cam-a")
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(30) == 0, log.read_text()[-3000:]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    fleet.outputs.append(log.read_text())
+    # Over the mutual-TLS listener: the only broker address the written config has.
+    assert f"port = {fleet.broker.tls_port}" in (folder / "agent.toml").read_text()
+
+    # The single-use token is spent: a second device is refused, nothing is written.
+    other = fleet.root / "cam-b"
+    refused = fleet.cli(
+        "agent", "enroll", "--registry", fleet.url, "--token", token,
+        "--device", "cam-b", "--dir", str(other), check=False,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "used up" in refused.stderr
+    assert not other.exists() or not any(other.iterdir())
+    assert "cam-b" not in devices(fleet)
+
+
+def test_expired_revoked_tokens_and_existing_ids_are_refused(fleet: Fleet):
+    folder = fleet.root / "claims"
+    short = fleet.token("--ttl-hours", str(0.3 / 3600))
+    time.sleep(0.4)
+    with pytest.raises(EnrollError, match="expired") as err:
+        enroll(fleet.url, short, "cam-late", folder / "late")
+    assert err.value.status == 401
+
+    revoked = fleet.token("--uses", "5")
+    listed = json.loads(fleet.cli("provision", "tokens", "list", "--db", fleet.db, "--json").stdout)
+    token_id = next(t["id"] for t in listed["tokens"] if revoked.startswith(t["prefix"]))
+    assert revoked not in json.dumps(listed)
+    fleet.cli("provision", "tokens", "revoke", str(token_id), "--db", fleet.db)
+    with pytest.raises(EnrollError, match="revoked"):
+        enroll(fleet.url, revoked, "cam-rev", folder / "rev")
+    with pytest.raises(EnrollError, match="unknown"):
+        enroll(fleet.url, "ffe_" + "x" * 43, "cam-x", folder / "x")
+
+    # cam-a exists: a new token cannot claim it until an operator allows it, once.
+    multi = fleet.token("--uses", "3", "--auto-accept")
+    with pytest.raises(EnrollError, match="exists") as err:
+        enroll(fleet.url, multi, "cam-a", folder / "again")
+    assert err.value.status == 409
+    fleet.cli("provision", "tokens", "allow-reenroll", "cam-a", "--db", fleet.db)
+    done = enroll(fleet.url, multi, "cam-a", folder / "again")
+    assert done.registration == "unregistered"  # re-enrolling does not accept it
+    with pytest.raises(EnrollError, match="exists"):
+        enroll(fleet.url, multi, "cam-a", folder / "third", force=True)
+    # An auto-accepting token registers a new device at once.
+    assert enroll(fleet.url, multi, "cam-c", folder / "c").registration == "registered"
+    assert devices(fleet)["cam-c"]["registration"] == "registered"
+    # Refusals wrote nothing beside the device key they never kept.
+    assert not (folder / "late").exists() or not any((folder / "late").iterdir())
+
+
+def test_a_device_cannot_speak_for_another_and_revocation_takes_effect(fleet: Fleet):
+    folder = fleet.root / "cam-a"
+    got: list[bytes] = []
+    conn = MqttConnection("ignored", fleet.device_address(folder))
+    conn.subscribe(T.ack("cam-a"), lambda topic, payload: got.append(payload))
+    conn.start()
+    try:
+        assert conn.wait_connected(10), "cam-a's enrolled certificate was refused"
+        dev = devices(fleet)["cam-a"]
+        before, seq = dev["bins"], dev["highest_seq"] + 1
+        # Under cam-c's topic (the ACL drops it), then under its own.
+        conn.publish(T.counts("cam-c"), count_bin("cam-c", 1).to_json())
+        conn.publish(T.counts("cam-a"), count_bin("cam-a", seq).to_json())
+        wait_for(lambda: devices(fleet)["cam-a"]["bins"] > before, 15, "cam-a's own bin")
+        assert devices(fleet)["cam-c"]["bins"] == 0
+    finally:
+        conn.stop()
+
+    pidfile = fleet.root / "mosquitto.pid"
+    pidfile.write_text(f"{fleet.broker.proc.pid}\n")
+    out = fleet.cli(
+        "provision", "cert", "revoke", "cam-a", "--ca", str(fleet.ca.folder),
+        "--reload-pidfile", str(pidfile), "--json",
+    )  # fmt: skip
+    revoked = json.loads(out.stdout)["revoked"]
+    assert len(revoked) == 2  # the first enrollment's and the re-enrollment's
+    listing = json.loads(
+        fleet.cli("provision", "cert", "list", "--ca", str(fleet.ca.folder), "--json").stdout
+    )
+    states = {(c["cn"], c["state"]) for c in listing["certificates"]}
+    assert ("cam-a", "revoked") in states and ("cam-c", "valid") in states
+
+    def refused() -> bool:
+        again = MqttConnection("ignored", fleet.device_address(folder))
+        again.start()
+        try:
+            return not again.wait_connected(2)
+        finally:
+            again.stop()
+
+    # The same certificate connected above; now the reloaded CRL refuses it.
+    wait_for(refused, 10, "the broker to refuse the revoked certificate")
+
+
+def test_secrets_never_reach_the_logs(fleet: Fleet):
+    keys = [p.read_text() for p in fleet.root.glob("**/device.key")]
+    assert keys and fleet.secrets
+    body = [k.split("-----")[2].strip() for k in keys]
+    logs = [
+        fleet.registry_log.read_text(),
+        (fleet.root / "broker" / "mosquitto.log").read_text(),
+        *fleet.outputs,
+    ]
+    for text in logs:
+        for secret in [*fleet.secrets, REGISTRY_PW, *body]:
+            assert secret not in text
