@@ -63,7 +63,7 @@ def create_token():
     _settings()
     body = _json_body(
         {
-            "ttl_s": float,
+            "ttl_s": (int, float),
             "max_uses": int,
             "group": str,
             "auto_accept": bool,

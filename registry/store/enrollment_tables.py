@@ -64,4 +64,4 @@ class ReenrollAllowance(BaseModel):
         table_name = "reenroll_allowance"
 
 
-ENROLLMENT_MODELS = [EnrollmentToken, Enrollment, ReenrollAllowance]
+ENROLLMENT_MODELS = (EnrollmentToken, Enrollment, ReenrollAllowance)
