@@ -219,12 +219,81 @@ def _add_device(actions) -> None:
     add_device_action(actions)
 
 
+def _add_broker_config(actions) -> None:
+    p = actions.add_parser(
+        "broker-config",
+        help="write the production Mosquitto files (mTLS, CRL, ACL) and reload on change",
+    )
+    p.add_argument("--ca", required=True, help="CA folder")
+    p.add_argument(
+        "--out", required=True, help="the broker's folder, e.g. /etc/mosquitto/flowfleet"
+    )
+    p.add_argument("--host", action="append", default=[], help="broker DNS name or IP (SAN)")
+    p.add_argument("--tls-port", type=int, default=8883, help="mutual-TLS listener (8883)")
+    p.add_argument("--password-port", type=int, help="a password-over-TLS listener too")
+    p.add_argument("--password-file", help="Mosquitto password file for --password-port")
+    p.add_argument("--bind", default="0.0.0.0", help="listen address (default 0.0.0.0)")
+    p.add_argument("--data-dir", default="/var/lib/mosquitto", help="persistence folder")
+    p.add_argument("--reload-pidfile", help="SIGHUP this broker when a file changed")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_broker_config)
+
+
+def cmd_broker_config(args: argparse.Namespace) -> int:
+    from flowfleet.contract import ContractError
+
+    from .authority import AuthorityError
+    from .broker_files import write_broker_files
+
+    auth = _authority(args.ca)
+    if bool(args.password_port) != bool(args.password_file):
+        raise CliError("--password-port and --password-file go together", EXIT_USAGE)
+    if not args.host and not (Path(args.out) / "broker.crt").is_file():
+        raise CliError("--host is needed to issue the broker's certificate", EXIT_USAGE)
+    try:
+        files = write_broker_files(
+            auth,
+            args.out,
+            hosts=tuple(args.host),
+            tls_port=args.tls_port,
+            password_port=args.password_port,
+            password_file=args.password_file,
+            bind=args.bind,
+            data_dir=args.data_dir,
+            pidfile=args.reload_pidfile,
+        )
+    except (AuthorityError, ContractError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    except OSError as exc:
+        raise CliError(f"{args.out}: {exc}") from None
+    data = {
+        "folder": str(files.folder),
+        "changed": list(files.changed),
+        "reloaded_pid": files.reloaded_pid,
+    }
+    text = (
+        f"{files.folder}: {', '.join(files.changed)} written"
+        + (f"; broker (pid {files.reloaded_pid}) reloaded" if files.reloaded_pid else "")
+        if files.changed
+        else f"{files.folder}: up to date, nothing changed"
+    )
+    _out(
+        args,
+        data,
+        text + f"\ninclude it from mosquitto.conf: include_dir {files.folder}"
+        if files.changed
+        else text,
+    )
+    return 0
+
+
 # One entry per `flowfleet provision` action: (name, function adding its parser).
 ACTIONS = (
     ("ca", _add_ca),
     ("cert", _add_cert),
     ("tokens", _add_tokens),
     ("device", _add_device),
+    ("broker-config", _add_broker_config),
 )
 
 

@@ -313,6 +313,10 @@ class EnrollmentSection(Strict):
     broker_host: str | None = Field(None, description="the mTLS listener as devices reach it")
     broker_port: int = Field(8883, ge=1, le=65535)
     cert_days: int = Field(30, ge=1, le=825, description="validity of enrolled certificates")
+    broker_dir: str | None = Field(
+        None, description="the broker's folder (provision broker-config): revocations copy the CRL"
+    )
+    broker_pidfile: str | None = Field(None, description="SIGHUP this broker after a revocation")
 
     @model_validator(mode="after")
     def _complete(self):
@@ -370,7 +374,12 @@ def load_registry_config(path: str | Path, *, check: bool = True) -> RegistrySet
                 update={k: rel(getattr(s.broker, k)) for k in _BROKER_FILES}
             ),
             "watch": s.watch.model_copy(update={"dir": rel(s.watch.dir)}),
-            "enrollment": s.enrollment.model_copy(update={"ca_dir": rel(s.enrollment.ca_dir)}),
+            "enrollment": s.enrollment.model_copy(
+                update={
+                    k: rel(getattr(s.enrollment, k))
+                    for k in ("ca_dir", "broker_dir", "broker_pidfile")
+                }
+            ),
         }
     )
     if check:

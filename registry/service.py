@@ -109,6 +109,8 @@ def _enrollment_settings(section: EnrollmentSection | None, topics_root: str):
         section.broker_port,
         topics_root,
         section.cert_days,
+        Path(section.broker_dir) if section.broker_dir else None,
+        Path(section.broker_pidfile) if section.broker_pidfile else None,
     )
 
 

@@ -30,6 +30,7 @@ from flowfleet.cli import main
 from flowfleet.contract import Topics
 from flowfleet.mqtt import BrokerAddress, MqttConnection
 from flowfleet.provisioning.authority import Authority
+from flowfleet.provisioning.broker_files import refresh_crl
 from flowfleet.provisioning.mosquitto import (
     Broker,
     BrokerSecurity,
@@ -143,8 +144,10 @@ def fleet(tmp_path_factory, videos: Path, int8_model: Path):
         keyfile=server.key,
         require_certificate=True,
         use_identity_as_username=True,
-        crlfile=ca.crl,
+        crlfile=root / "broker-files" / "crl.pem",  # the copy the registry refreshes
     )
+    (root / "broker-files").mkdir()
+    refresh_crl(ca, root / "broker-files", None)
     clip = root / "clip"
     clip.mkdir()
     cap = cv2.VideoCapture(str(videos / "one-by-one-person-detection.mp4"))
@@ -167,12 +170,14 @@ def fleet(tmp_path_factory, videos: Path, int8_model: Path):
     db = str(root / "registry.sqlite")
     port = free_port()
     with Broker(root / "broker", security=security) as broker:
+        (root / "broker.pid").write_text(f"{broker.proc.pid}\n")
         (root / "registry.toml").write_text(
             f'[database]\nurl = "{db}"\n[http]\nport = {port}\nthreads = 4\n'
             f'[broker]\nhost = "127.0.0.1"\nport = {broker.port}\nusername = "registry"\n'
             f'password_file = "{pw}"\n'
             f'[enrollment]\nca_dir = "{ca.folder}"\nbroker_host = "127.0.0.1"\n'
             f"broker_port = {broker.tls_port}\ncert_days = 7\n"
+            f'broker_dir = "{root / "broker-files"}"\nbroker_pidfile = "{root / "broker.pid"}"\n'
         )
         log = root / "registry.log"
         conf = root / "registry.toml"
@@ -321,30 +326,49 @@ def test_a_device_cannot_speak_for_another_and_revocation_takes_effect(fleet: Fl
     finally:
         conn.stop()
 
-    pidfile = fleet.root / "mosquitto.pid"
-    pidfile.write_text(f"{fleet.broker.proc.pid}\n")
-    out = fleet.cli(
-        "provision", "cert", "revoke", "cam-a", "--ca", str(fleet.ca.folder),
-        "--reload-pidfile", str(pidfile), "--json",
-    )  # fmt: skip
-    revoked = json.loads(out.stdout)["revoked"]
-    assert len(revoked) == 2  # the first enrollment's and the re-enrollment's
+    # An admin revokes cam-a through the registry's API: the registry revokes its
+    # certificates in the CA, copies the CRL to the broker and reloads it.
+    fleet.cli("registry", "users", "add", "root", "--role", "admin", "--db", fleet.db)
+    made = flowfleet("registry", "tokens", "create", "root", "--db", fleet.db)
+    fleet.outputs.append(made.stderr)  # stdout is the token itself, shown once
+    admin = made.stdout.strip()
+    fleet.secrets.append(admin)
+    req = urllib.request.Request(
+        fleet.url + "/api/devices/cam-a/revoke?reason=stolen",
+        method="POST",
+        headers={"Authorization": f"Bearer {admin}"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        answer = json.loads(resp.read())
+    assert len(answer["revoked"]) == 2  # the first enrollment's and the re-enrollment's
+    assert answer["broker_reloaded"]
     listing = json.loads(
         fleet.cli("provision", "cert", "list", "--ca", str(fleet.ca.folder), "--json").stdout
     )
     states = {(c["cn"], c["state"]) for c in listing["certificates"]}
     assert ("cam-a", "revoked") in states and ("cam-c", "valid") in states
-
-    def refused() -> bool:
-        again = MqttConnection("ignored", fleet.device_address(folder))
-        again.start()
-        try:
-            return not again.wait_connected(2)
-        finally:
-            again.stop()
-
     # The same certificate connected above; now the reloaded CRL refuses it.
-    wait_for(refused, 10, "the broker to refuse the revoked certificate")
+    wait_for(lambda: refused(fleet.device_address(folder)), 10, "cam-a refused")
+    # cam-c keeps its access.
+    assert not refused(fleet.device_address(fleet.root / "claims" / "c"))
+
+    # The operator's way: `provision cert revoke --reload-pidfile` on the CA itself.
+    out = fleet.cli(
+        "provision", "cert", "revoke", "cam-c", "--ca", str(fleet.ca.folder),
+        "--reload-pidfile", str(fleet.root / "broker.pid"), "--json",
+    )  # fmt: skip
+    assert json.loads(out.stdout)["reloaded_pid"] == fleet.broker.proc.pid
+    refresh_crl(fleet.ca, fleet.root / "broker-files", fleet.root / "broker.pid")
+    wait_for(lambda: refused(fleet.device_address(fleet.root / "claims" / "c")), 10, "cam-c")
+
+
+def refused(address: BrokerAddress) -> bool:
+    conn = MqttConnection("ignored", address)
+    conn.start()
+    try:
+        return not conn.wait_connected(2)
+    finally:
+        conn.stop()
 
 
 def test_secrets_never_reach_the_logs(fleet: Fleet):

@@ -212,3 +212,25 @@ def test_enrollment_endpoints_need_the_right_role(tmp_path: Path, ca: Path):
         assert revoked.json["state"] == "revoked"
         again = client.post("/api/enroll", json={**claim, "device": "cam-3"})
         assert again.status_code == 401
+
+
+def test_broker_config_is_idempotent_and_a_revocation_changes_only_the_crl(
+    ca: Path, tmp_path: Path
+):
+    out_dir = tmp_path / "mosq"
+    args = ("provision", "broker-config", "--ca", str(ca), "--out", str(out_dir), "--json")
+    code, out, err = run(*args, "--host", "127.0.0.1", "--tls-port", "18883")
+    assert code == 0, err
+    assert set(json.loads(out)["changed"]) >= {"flowfleet.conf", "acl", "crl.pem", "broker.key"}
+    conf = (out_dir / "flowfleet.conf").read_text()
+    for line in ("require_certificate true", "use_identity_as_username true", "crlfile "):
+        assert line in conf
+    assert "allow_anonymous false" in conf and "user root" not in conf
+    code, out, _ = run(*args, "--tls-port", "18883")
+    assert json.loads(out)["changed"] == []
+    run("provision", "cert", "issue", "device", "cam-1", "--ca", str(ca))
+    run("provision", "cert", "revoke", "cam-1", "--ca", str(ca))
+    code, out, _ = run(*args, "--tls-port", "18883")
+    assert json.loads(out)["changed"] == ["crl.pem"]
+    code, _, err = run(*args, "--password-port", "1")
+    assert code == 2 and "go together" in err

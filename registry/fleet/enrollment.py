@@ -64,6 +64,10 @@ class EnrollmentSettings:
     broker_port: int
     topic_root: str = DEFAULT_ROOT
     cert_days: int = 30
+    # The broker's folder from `flowfleet provision broker-config` and its pid file:
+    # a revocation copies the CRL there and reloads the broker (SIGHUP).
+    broker_dir: Path | None = None
+    broker_pidfile: Path | None = None
 
     def authority(self):
         from flowfleet.provisioning.authority import Authority
@@ -370,3 +374,26 @@ def enroll(
         "serial": info["serial"],
         "group": row.group,
     }
+
+
+def revoke_device(
+    settings: EnrollmentSettings, device: str, *, actor: str, reason: str = ""
+) -> dict:
+    """Revoke every live certificate of ``device`` (the CA's CRL), copy the CRL to the
+    broker and reload it; from then on the broker refuses the device's certificate.
+    404 when the device has no live certificate."""
+    from flowfleet.provisioning.authority import AuthorityError
+    from flowfleet.provisioning.broker_files import refresh_crl
+
+    check_name(device, "device", "device id")
+    authority = settings.authority()
+    try:
+        revoked = authority.revoke(cn=device, reason=reason)
+    except AuthorityError as exc:
+        raise RegistryError(404, "unknown_certificate", str(exc), "device") from None
+    reloaded = False
+    if settings.broker_dir is not None:
+        reloaded = refresh_crl(authority, settings.broker_dir, settings.broker_pidfile)
+    serials = [r.serial for r in revoked]
+    audit(actor, "device.revoke", f"device:{device}", reason, serials=serials)
+    return {"device": device, "revoked": serials, "broker_reloaded": reloaded}

@@ -108,3 +108,13 @@ def allow_reenroll(device: str):
     args = query_args(("reason",))
     row = enrollment.allow_reenroll(device, actor=_actor(), reason=args.get("reason", ""))
     return jsonify({"device": row.device, "expires_at": row.expires_at})
+
+
+@bp.post("/devices/<device>/revoke")
+@requires("admin")
+def revoke_device(device: str):
+    """Revoke the device's certificates; the broker reloads the CRL and refuses it."""
+    args = query_args(("reason",))
+    return jsonify(
+        enrollment.revoke_device(_settings(), device, actor=_actor(), reason=args.get("reason", ""))
+    )
