@@ -176,7 +176,7 @@ def fleet(tmp_path_factory, videos: Path, int8_model: Path):
             f'[broker]\nhost = "127.0.0.1"\nport = {broker.port}\nusername = "registry"\n'
             f'password_file = "{pw}"\n'
             f'[enrollment]\nca_dir = "{ca.folder}"\nbroker_host = "127.0.0.1"\n'
-            f"broker_port = {broker.tls_port}\ncert_days = 7\n"
+            f"broker_port = {broker.tls_port}\ncert_days = 10\n"
             f'broker_dir = "{root / "broker-files"}"\nbroker_pidfile = "{root / "broker.pid"}"\n'
         )
         log = root / "registry.log"
@@ -224,7 +224,7 @@ def test_a_device_enrolls_with_a_token_and_counts_over_mtls(fleet: Fleet):
     assert (folder / "device.key").stat().st_mode & 0o777 == 0o600
     cert = Authority(fleet.ca.folder).records()[-1]
     assert (cert.cn, cert.kind) == ("cam-a", "device")
-    assert cert.not_after - time.time() == pytest.approx(7 * 86400, abs=600)
+    assert cert.not_after - time.time() == pytest.approx(10 * 86400, abs=600)
     keys = json.loads((folder / "keys.json").read_text())
     assert keys["keys"] and keys["keys"][0]["public_key"]
     # The device arrives unregistered, in the token's group.
@@ -326,6 +326,14 @@ def test_a_device_cannot_speak_for_another_and_revocation_takes_effect(fleet: Fl
     finally:
         conn.stop()
 
+    # The doctor on the enrolled device: every check passes.
+    doctor = ("doctor", "--config", str(folder / "agent.toml"), "--registry", fleet.url)
+    ran = fleet.cli(*doctor, "--json")
+    checks = {c["name"]: c for c in json.loads(ran.stdout)["checks"]}
+    assert [c for c in checks.values() if c["status"] != "ok"] == []
+    assert {"certificate", "broker", "clock", "model table", "camera table"} <= set(checks)
+    assert "signing keys" in checks
+
     # An admin revokes cam-a through the registry's API: the registry revokes its
     # certificates in the CA, copies the CRL to the broker and reloads it.
     fleet.cli("registry", "users", "add", "root", "--role", "admin", "--db", fleet.db)
@@ -349,6 +357,9 @@ def test_a_device_cannot_speak_for_another_and_revocation_takes_effect(fleet: Fl
     assert ("cam-a", "revoked") in states and ("cam-c", "valid") in states
     # The same certificate connected above; now the reloaded CRL refuses it.
     wait_for(lambda: refused(fleet.device_address(folder)), 10, "cam-a refused")
+    ran = fleet.cli(*doctor, check=False)
+    assert ran.returncode == 1
+    assert "fail  broker" in ran.stdout and "fix:" in ran.stdout
     # cam-c keeps its access.
     assert not refused(fleet.device_address(fleet.root / "claims" / "c"))
 

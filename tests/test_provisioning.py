@@ -102,7 +102,7 @@ state_dir = "/var/lib/flowfleet"
 
 [[cameras]]
 name = "door"
-source = "/dev/video0"
+source = "/dev/video97"
 model = "/var/lib/flowfleet/models/m.tflite"
 """
 
@@ -234,3 +234,32 @@ def test_broker_config_is_idempotent_and_a_revocation_changes_only_the_crl(
     assert json.loads(out)["changed"] == ["crl.pem"]
     code, _, err = run(*args, "--password-port", "1")
     assert code == 2 and "go together" in err
+
+
+def test_doctor_names_each_problem_with_its_fix(ca: Path, tmp_path: Path):
+    from flowfleet.provisioning.mosquitto import free_port
+
+    template = tmp_path / "template.toml"
+    template.write_text(TEMPLATE.replace("/var/lib/flowfleet", str(tmp_path / "state")))
+    bundle = tmp_path / "cam.tar.gz"
+    port = free_port()  # nothing listens there
+    code, _, err = run(
+        "provision", "device", "cam-doc", "--ca", str(ca), "--broker", f"127.0.0.1:{port}",
+        "--template", str(template), "--out", str(bundle), "--days", "3",
+    )  # fmt: skip
+    assert code == 0, err
+    root = tmp_path / "root"
+    assert run("agent", "install", str(bundle), "--root", str(root))[0] == 0
+    config = root / "etc" / "flowfleet" / "agent.toml"
+    os.chmod(config.parent / "device.key", 0o644)
+    code, out, _ = run("doctor", "--config", str(config), "--timeout", "1", "--json")
+    assert code == 1
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    assert checks["config"]["status"] == "ok"
+    assert checks["certificate"]["status"] == "warn" and "renew" in checks["certificate"]["fix"]
+    assert checks["key permissions"]["fix"].startswith("chmod 600")
+    assert checks["broker"]["status"] == "fail" and "unreachable" in checks["broker"]["detail"]
+    assert checks["model door"]["status"] == "fail" and checks["model door"]["fix"]
+    assert checks["camera door"]["status"] == "fail"
+    code, out, _ = run("doctor", "--config", str(tmp_path / "missing.toml"))
+    assert code == 1 and "fail  config" in out and "fix:" in out
