@@ -263,3 +263,58 @@ def test_doctor_names_each_problem_with_its_fix(ca: Path, tmp_path: Path):
     assert checks["camera door"]["status"] == "fail"
     code, out, _ = run("doctor", "--config", str(tmp_path / "missing.toml"))
     assert code == 1 and "fail  config" in out and "fix:" in out
+
+
+INSTALL = Path(__file__).resolve().parent.parent / "provisioning" / "install"
+
+
+def tree(root: Path) -> dict[str, tuple[int, bytes | str]]:
+    out = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        data = (
+            os.readlink(path)
+            if path.is_symlink()
+            else (path.read_bytes() if path.is_file() else b"")
+        )
+        out[str(path.relative_to(root))] = (st.st_mode, data)
+    return out
+
+
+@pytest.mark.parametrize(
+    "script, args",
+    [("install-device", ("--board", "pi")), ("install-device", ("--board", "jetson")),
+     ("install-registry", ())],
+)  # fmt: skip
+def test_install_scripts_are_idempotent_and_dry_run_changes_nothing(tmp_path, script, args):
+    import subprocess
+
+    root = tmp_path / "root"
+    root.mkdir()
+
+    def install(*extra: str) -> str:
+        proc = subprocess.run(
+            ["bash", str(INSTALL / script), *args, "--root", str(root), *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    out = install("--dry-run")
+    assert "would" in out and "none made" in out
+    assert tree(root) == {}
+    out = install()
+    assert "change(s) made" in out and "skipped   system user" in out
+    unit = "flowfleet-agent" if script == "install-device" else "flowfleet-registry"
+    assert (root / f"etc/systemd/system/{unit}.service").is_file()
+    assert (root / "etc/flowfleet").stat().st_mode & 0o777 == 0o750
+    first = tree(root)
+    out = install()
+    assert out.strip().endswith("nothing changed") and "done" not in out
+    assert tree(root) == first
+    bad = subprocess.run(
+        ["bash", str(INSTALL / script), "--bogus"], capture_output=True, text=True, timeout=30
+    )
+    assert bad.returncode == 2 and "--bogus" in bad.stderr
