@@ -83,8 +83,9 @@ def _certificate(config) -> list[Check]:
         return [Check("certificate", "fail", f"{b.cert_file}: {exc}", "enroll again")]
     left = (cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)).total_seconds()
     renew = (
-        "renew it: flowfleet agent enroll --force --registry URL --token TOKEN (after "
-        "'flowfleet provision tokens allow-reenroll DEVICE'), or a new bundle"
+        "flowfleet agent renew --registry URL (while it is valid); once expired or "
+        "revoked: flowfleet agent enroll --force with a token, after 'flowfleet "
+        "provision tokens allow-reenroll DEVICE'"
     )
     if left <= 0:
         out.append(Check("certificate", "fail", f"{b.cert_file} expired", renew))

@@ -118,3 +118,56 @@ def enroll(
         serial=answer["serial"],
         not_after=answer["not_after"],
     )
+
+
+def _post(url: str, body: dict, registry_ca: str | None, timeout: float) -> dict:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    context = ssl.create_default_context(cafile=registry_ca) if registry_ca else None
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except Exception:
+            message = exc.reason
+        raise EnrollError(f"the registry refused ({exc.code}): {message}", exc.code) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise EnrollError(f"cannot reach the registry at {url}: {reason}") from None
+
+
+def renew(
+    registry_url: str,
+    cert_file: str | Path,
+    key_file: str | Path,
+    *,
+    days_before: float = 7.0,
+    registry_ca: str | None = None,
+    timeout: float = 30.0,
+) -> tuple[bool, float]:
+    """Renew the device certificate when it expires within ``days_before`` days: a
+    CSR signed by the device's own key (``POST /api/renew``), the new certificate
+    written in place. Returns (renewed, its expiry as epoch seconds)."""
+    import time
+
+    from cryptography.hazmat.primitives import serialization
+
+    from flowfleet.provisioning.authority import certificate_info, make_csr
+
+    info = certificate_info(cert_file)
+    if info["not_after"] - time.time() > days_before * 86400:
+        return False, info["not_after"]
+    key = serialization.load_pem_private_key(Path(key_file).read_bytes(), password=None)
+    body = {
+        "certificate": Path(cert_file).read_text(),
+        "csr": make_csr(key, info["cn"]).decode(),
+    }
+    answer = _post(registry_url.rstrip("/") + "/api/renew", body, registry_ca, timeout)
+    _write(Path(cert_file), answer["certificate"])
+    return True, answer["not_after"]

@@ -12,6 +12,8 @@ import json
 import os
 import socket
 import sys
+import time
+from pathlib import Path
 
 from flowfleet.cliutil import EXIT_FAILURE, EXIT_USAGE, CliError
 
@@ -35,6 +37,23 @@ def add_setup_actions(actions) -> None:
     e.add_argument("--force", action="store_true", help="replace an existing identity")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_enroll)
+
+    r = actions.add_parser(
+        "renew",
+        help="renew the device certificate before it expires (the key stays the same)",
+        description="Sends a CSR signed by the device's key with its current certificate to "
+        "the registry (POST /api/renew) and writes the new certificate in place; restart "
+        "the agent afterwards (systemctl restart flowfleet-agent). Exit 0 also when "
+        "nothing was due. Run it daily (a systemd timer or cron).",
+    )
+    r.add_argument("--config", default="/etc/flowfleet/agent.toml", help="agent TOML file")
+    r.add_argument("--registry", metavar="URL", help="default: the config's registry.url")
+    r.add_argument("--registry-ca", metavar="FILE", help="CA of the registry's HTTPS certificate")
+    r.add_argument(
+        "--days-before", type=float, default=7.0, help="renew when it expires sooner (default 7)"
+    )
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_renew)
 
     i = actions.add_parser(
         "install",
@@ -97,9 +116,63 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         print(f"enrolled {done.device}: {done.config} written ({done.registration})")
+        problem = _config_problem(done.config)
+        if problem:
+            print(
+                f"the config is not complete yet: {problem}; add it, then run "
+                f"flowfleet agent check-config --config {done.config}"
+            )
         if done.registration == "unregistered":
             print("an operator accepts it with: flowfleet registry devices accept " + done.device)
         print(f"start counting: flowfleet agent --config {done.config}")
+    return 0
+
+
+def _config_problem(path) -> str | None:
+    """Why the written agent.toml does not validate (a token without an agent
+    template leaves out the cameras), or None."""
+    from flowfleet.agent.config import ConfigError, load_agent_config
+
+    try:
+        load_agent_config(path)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def cmd_renew(args: argparse.Namespace) -> int:
+    from flowfleet.configfile import ConfigError, read_toml
+
+    from .enroll import EnrollError, renew
+
+    # Only the files and the URL are needed: a config still missing its cameras can
+    # renew (read leniently, paths relative to the file as the agent reads them).
+    try:
+        data = read_toml(Path(args.config))
+    except ConfigError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    broker = data.get("broker") or {}
+    base = Path(args.config).resolve().parent
+    cert, key = broker.get("cert_file"), broker.get("key_file")
+    url = args.registry or (data.get("registry") or {}).get("url")
+    if not url:
+        raise CliError("no registry URL: --registry URL or registry.url", EXIT_USAGE)
+    if not (isinstance(cert, str) and isinstance(key, str)):
+        raise CliError(f"{args.config}: no broker.cert_file/key_file to renew", EXIT_USAGE)
+    cert, key = base / cert, base / key
+    try:
+        renewed, not_after = renew(
+            url, cert, key, days_before=args.days_before, registry_ca=args.registry_ca
+        )
+    except EnrollError as exc:
+        raise CliError(str(exc), EXIT_USAGE if 400 <= exc.status < 500 else EXIT_FAILURE) from None
+    if args.json:
+        json.dump({"renewed": renewed, "not_after": not_after}, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        days = (not_after - time.time()) / 86400
+        state = "renewed" if renewed else "not due"
+        print(f"{cert}: {state}, valid for {days:.1f} more days")
     return 0
 
 

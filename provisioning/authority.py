@@ -234,6 +234,27 @@ class Authority:
         self._record(cert, device_id, "device")
         return cert.public_bytes(serialization.Encoding.PEM)
 
+    def check_current(self, cert_pem: bytes) -> str:
+        """The CN of ``cert_pem`` if this CA issued it and it is neither revoked nor
+        expired (a device renewing its certificate); AuthorityError otherwise."""
+        self.check()
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+        except ValueError:
+            raise AuthorityError("certificate is not a PEM certificate") from None
+        ca_cert = x509.load_pem_x509_certificate(self.ca.cert.read_bytes())
+        try:
+            cert.verify_directly_issued_by(ca_cert)
+        except Exception:
+            raise AuthorityError("certificate was not issued by this fleet CA") from None
+        if cert.not_valid_after_utc <= _now():
+            raise AuthorityError("certificate has expired: enroll again with a token")
+        serial = format(cert.serial_number, "x")
+        if any(r.serial == serial and r.revoked_at for r in self.records()):
+            raise AuthorityError("certificate is revoked")
+        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(cns[0].value) if cns else ""
+
     def _ca_key(self):
         if not self.ca.key.is_file():
             raise AuthorityError(

@@ -25,11 +25,11 @@ from pathlib import Path
 import cv2
 import pytest
 
-from flowfleet.agent.enroll import EnrollError, enroll
+from flowfleet.agent.enroll import EnrollError, enroll, renew
 from flowfleet.cli import main
 from flowfleet.contract import Topics
 from flowfleet.mqtt import BrokerAddress, MqttConnection
-from flowfleet.provisioning.authority import Authority
+from flowfleet.provisioning.authority import Authority, certificate_info
 from flowfleet.provisioning.broker_files import refresh_crl
 from flowfleet.provisioning.mosquitto import (
     Broker,
@@ -308,6 +308,29 @@ def test_expired_revoked_tokens_and_existing_ids_are_refused(fleet: Fleet):
     assert not (folder / "late").exists() or not any((folder / "late").iterdir())
 
 
+def test_a_device_renews_its_certificate_with_its_own_key(fleet: Fleet):
+    folder = fleet.root / "claims" / "c"
+    before = certificate_info(folder / "device.crt")
+    key = (folder / "device.key").read_bytes()
+    config = str(folder / "agent.toml")
+    ran = fleet.cli("agent", "renew", "--config", config, "--registry", fleet.url, "--json")
+    assert json.loads(ran.stdout)["renewed"] is False  # 10 days left: not due
+    ran = fleet.cli(
+        "agent", "renew", "--config", config, "--registry", fleet.url, "--days-before", "30"
+    )
+    assert "renewed" in ran.stdout
+    after = certificate_info(folder / "device.crt")
+    assert after["serial"] != before["serial"] and after["cn"] == "cam-c"
+    assert (folder / "device.key").read_bytes() == key  # the key never changed hands
+    assert not refused(fleet.device_address(folder))
+    # A certificate from another CA cannot renew itself here.
+    other = Authority.create(fleet.root / "other-ca")
+    forged, _ = other.issue("device", "cam-c", fleet.root / "forged")
+    with pytest.raises(EnrollError, match="not issued by this fleet CA") as err:
+        renew(fleet.url, forged.cert, forged.key, days_before=1000)
+    assert err.value.status == 401
+
+
 def test_a_device_cannot_speak_for_another_and_revocation_takes_effect(fleet: Fleet):
     folder = fleet.root / "cam-a"
     got: list[bytes] = []
@@ -357,6 +380,8 @@ def test_a_device_cannot_speak_for_another_and_revocation_takes_effect(fleet: Fl
     assert ("cam-a", "revoked") in states and ("cam-c", "valid") in states
     # The same certificate connected above; now the reloaded CRL refuses it.
     wait_for(lambda: refused(fleet.device_address(folder)), 10, "cam-a refused")
+    with pytest.raises(EnrollError, match="revoked"):  # nor renew itself
+        renew(fleet.url, folder / "device.crt", folder / "device.key", days_before=1000)
     ran = fleet.cli(*doctor, check=False)
     assert ran.returncode == 1
     assert "fail  broker" in ran.stdout and "fix:" in ran.stdout

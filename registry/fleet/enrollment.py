@@ -200,7 +200,8 @@ def list_tokens() -> list[dict]:
 
 def revoke_token(token_id: int, *, actor: str, reason: str = "") -> EnrollmentToken:
     """Revoke a bootstrap token (idempotent; 404 unknown)."""
-    row = EnrollmentToken.get_or_none(EnrollmentToken.id == token_id)
+    in_range = 1 <= token_id <= 2**31 - 1  # beyond any id (and SQLite's integers)
+    row = EnrollmentToken.get_or_none(EnrollmentToken.id == token_id) if in_range else None
     if row is None:
         raise RegistryError(404, "unknown_token", f"no enrollment token {token_id}", "id")
     if row.revoked_at is None:
@@ -397,3 +398,36 @@ def revoke_device(
     serials = [r.serial for r in revoked]
     audit(actor, "device.revoke", f"device:{device}", reason, serials=serials)
     return {"device": device, "revoked": serials, "broker_reloaded": reloaded}
+
+
+def renew(settings: EnrollmentSettings, *, certificate: str, csr: str) -> dict:
+    """A new certificate for a device that holds a current one: the CSR must be signed
+    by the same key (proof of possession) and name the same device. 401 for a foreign,
+    revoked or expired certificate (enroll again with a token then), 400 for a bad CSR."""
+    from cryptography import x509
+
+    from flowfleet.provisioning.authority import AuthorityError, certificate_info
+
+    if not isinstance(csr, str) or len(csr) > MAX_CSR_BYTES or len(certificate) > MAX_CSR_BYTES:
+        raise RegistryError(400, "invalid_field", "csr must be a PEM string (<16 KiB)", "csr")
+    authority = settings.authority()
+    try:
+        device = authority.check_current(certificate.encode())
+    except AuthorityError as exc:
+        raise RegistryError(401, "unauthorized", str(exc), "certificate") from None
+    try:
+        request = x509.load_pem_x509_csr(csr.encode())
+        current = x509.load_pem_x509_certificate(certificate.encode())
+    except ValueError:
+        raise RegistryError(400, "invalid_field", "csr is not a PEM request", "csr") from None
+    if request.public_key() != current.public_key():
+        raise RegistryError(
+            400, "invalid_field", "csr must be signed by the current certificate's key", "csr"
+        )
+    try:
+        pem = authority.sign_csr(csr.encode(), device, settings.cert_days)
+    except AuthorityError as exc:
+        raise RegistryError(400, "invalid_field", str(exc), "csr") from None
+    info = certificate_info(pem)
+    audit(f"device:{device}", "device.renew", f"device:{device}", "", serial=info["serial"])
+    return {"device": device, "certificate": pem.decode(), **info}

@@ -52,6 +52,8 @@ PUBLIC_ENDPOINTS = {
     "webauth.logout",
     # A device's claim authenticates by the bootstrap token in its body.
     "enrollment_api.enroll",
+    # A renewal authenticates by the device's current certificate and its key.
+    "enrollment_api.renew",
 }
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 CSRF_FIELD = "csrf_token"

@@ -55,6 +55,18 @@ def enroll():
     return resp
 
 
+@bp.post("/renew")
+def renew():
+    """A device's certificate renewal: {certificate, csr} signed by the same key."""
+    query_args(())
+    settings = _settings()
+    body = _json_body({"certificate": str, "csr": str}, ("certificate", "csr"))
+    db = current_app.extensions["flowfleet_db"]
+    with db.atomic():  # the audit entry
+        answer = enrollment.renew(settings, certificate=body["certificate"], csr=body["csr"])
+    return jsonify(answer)
+
+
 @bp.post("/enrollment-tokens")
 @requires("admin")
 def create_token():

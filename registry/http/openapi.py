@@ -721,6 +721,7 @@ def _merge(*parts: dict[str, Any]) -> dict[str, Any]:
 def openapi_document() -> dict[str, Any]:
     from .openapi_devices import device_paths, device_schemas
     from .openapi_drift import drift_paths
+    from .openapi_enrollment import enrollment_paths
     from .openapi_fleet import fleet_paths
     from .openapi_groups import group_paths
     from .openapi_rollouts import rollout_paths
@@ -769,5 +770,6 @@ def openapi_document() -> dict[str, Any]:
             drift_paths(),
             shadow_paths(),
             rollout_paths(),
+            enrollment_paths(),
         ),
     }
