@@ -8,7 +8,9 @@ device), sends its id, a CSR and the bootstrap token to the registry
     device.crt   its certificate from the fleet CA (CN = device id)
     ca.crt       the fleet CA: the broker's certificate is checked against it
     keys.json    the registry's public signing keys (model signatures)
-    agent.toml   the agent config: the token's template, the device id, the broker
+    registry.token  the device's API token for model downloads (0600)
+    agent.toml   the agent config: the token's template, the device id, the broker,
+                 the registry (model updates)
 
 The token is sent in the request body over the registry's HTTPS (``--registry-ca``
 for a private CA) and is never written or logged. Nothing is written until the
@@ -36,7 +38,7 @@ class EnrollError(RuntimeError):
         self.status = status
 
 
-FILES = ("device.key", "device.crt", "ca.crt", "keys.json", "agent.toml")
+FILES = ("device.key", "device.crt", "ca.crt", "keys.json", "registry.token", "agent.toml")
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,15 @@ def enroll(
     _write(folder / "ca.crt", answer["ca"])
     _write(folder / "keys.json", json.dumps(answer["keys"], indent=2) + "\n")
     os.replace(key_path, folder / "device.key")
-    _write(folder / "agent.toml", answer["agent_config"])
+    config = answer["agent_config"]
+    if answer.get("device_token"):
+        # Model updates: the registry as this device reached it, its device token.
+        _write(folder / "registry.token", answer["device_token"] + "\n", 0o600)
+        config += (
+            f"\n[registry]\nurl = {json.dumps(registry_url.rstrip('/'))}\n"
+            'token_file = "registry.token"\nkeys_file = "keys.json"\n'
+        )
+    _write(folder / "agent.toml", config)
     return Enrolled(
         device=device,
         config=folder / "agent.toml",

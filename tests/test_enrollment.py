@@ -210,6 +210,15 @@ def devices(fleet: Fleet) -> dict[str, dict]:
     return {d["device"]: d for d in get(fleet.url + "/api/devices")["devices"]}
 
 
+def as_device(fleet: Fleet, token: str, path: str) -> int:
+    req = urllib.request.Request(fleet.url + path, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def test_a_device_enrolls_with_a_token_and_counts_over_mtls(fleet: Fleet):
     token = fleet.token("--group", "lobby", "--agent-template", str(fleet.root / "template.toml"))
     folder = fleet.root / "cam-a"
@@ -225,6 +234,12 @@ def test_a_device_enrolls_with_a_token_and_counts_over_mtls(fleet: Fleet):
     cert = Authority(fleet.ca.folder).records()[-1]
     assert (cert.cn, cert.kind) == ("cam-a", "device")
     assert cert.not_after - time.time() == pytest.approx(10 * 86400, abs=600)
+    # Its device token downloads the models deployed to it, and nothing else.
+    assert (folder / "registry.token").stat().st_mode & 0o777 == 0o600
+    token_a = (folder / "registry.token").read_text().strip()
+    fleet.secrets.append(token_a)
+    assert as_device(fleet, token_a, "/api/devices/cam-a/deployments") == 200
+    assert as_device(fleet, token_a, "/api/devices/cam-b/deployments") == 403
     keys = json.loads((folder / "keys.json").read_text())
     assert keys["keys"] and keys["keys"][0]["public_key"]
     # The device arrives unregistered, in the token's group.
@@ -299,6 +314,8 @@ def test_expired_revoked_tokens_and_existing_ids_are_refused(fleet: Fleet):
     fleet.cli("provision", "tokens", "allow-reenroll", "cam-a", "--db", fleet.db)
     done = enroll(fleet.url, multi, "cam-a", folder / "again")
     assert done.registration == "unregistered"  # re-enrolling does not accept it
+    first = (fleet.root / "cam-a" / "registry.token").read_text().strip()
+    assert as_device(fleet, first, "/api/devices/cam-a/deployments") == 401  # replaced
     with pytest.raises(EnrollError, match="exists"):
         enroll(fleet.url, multi, "cam-a", folder / "third", force=True)
     # An auto-accepting token registers a new device at once.
@@ -373,6 +390,10 @@ def test_a_device_cannot_speak_for_another_and_revocation_takes_effect(fleet: Fl
         answer = json.loads(resp.read())
     assert len(answer["revoked"]) == 2  # the first enrollment's and the re-enrollment's
     assert answer["broker_reloaded"]
+    # The re-enrolled device's token replaced the first one; the revocation ended it.
+    token_a2 = (fleet.root / "claims" / "again" / "registry.token").read_text().strip()
+    fleet.secrets.append(token_a2)
+    assert as_device(fleet, token_a2, "/api/devices/cam-a/deployments") == 401
     listing = json.loads(
         fleet.cli("provision", "cert", "list", "--ca", str(fleet.ca.folder), "--json").stdout
     )

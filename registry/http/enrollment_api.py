@@ -13,9 +13,12 @@ from flask import Blueprint, current_app, jsonify, request
 
 from ..errors import RegistryError
 from ..fleet import enrollment
+from ..store.locks import exclusive
+from . import auth
 from .api import _actor, _json_body, query_args, requires
 
 bp = Blueprint("enrollment_api", __name__, url_prefix="/api")
+ENROLLMENT_USER = "enrollment"
 
 
 def _settings() -> enrollment.EnrollmentSettings:
@@ -32,21 +35,42 @@ def _keys() -> dict:
     return reg.keys.bundle() if reg is not None else {"keys": []}
 
 
+def _device_token(device: str) -> str:
+    """A device API token for ``device`` (it may download the models deployed to it),
+    owned by the ``enrollment`` user (a viewer, created on first use); earlier device
+    tokens of a re-enrolled device are revoked."""
+    from ..store.db import ApiToken, User
+
+    if User.get_or_none(User.name == ENROLLMENT_USER) is None:
+        auth.create_user(ENROLLMENT_USER, "viewer", actor="enrollment")
+    for old in ApiToken.select().where((ApiToken.device == device) & ApiToken.revoked_at.is_null()):
+        auth.revoke_token(old.id, actor="enrollment", reason="re-enrolled")
+    secret, _ = auth.create_token(
+        ENROLLMENT_USER, actor="enrollment", device=device, label=f"enrolled {device}"
+    )
+    return secret
+
+
 @bp.post("/enroll")
 def enroll():
     """A device's claim: {token, device, csr} -> certificate, CA, keys, agent config."""
     query_args(())
     settings = _settings()
     body = _json_body({"token": str, "device": str, "csr": str}, ("token", "device", "csr"))
-    answer = enrollment.enroll(
-        current_app.extensions["flowfleet_db"],
-        settings,
-        token=body["token"],
-        device=body["device"],
-        csr=body["csr"],
-        keys=_keys(),
-        remote_addr=request.remote_addr or "",
-    )
+    db = current_app.extensions["flowfleet_db"]
+    # One transaction: the identity and the device's API token (model downloads) are
+    # granted together or not at all.
+    with exclusive(db, "enrollment"):
+        answer = enrollment.enroll(
+            db,
+            settings,
+            token=body["token"],
+            device=body["device"],
+            csr=body["csr"],
+            keys=_keys(),
+            remote_addr=request.remote_addr or "",
+        )
+        answer["device_token"] = _device_token(answer["device"])
     after = current_app.extensions.get("flowfleet_enrollment_hook")
     if after is not None:
         after(answer["device"])
@@ -126,7 +150,13 @@ def allow_reenroll(device: str):
 @requires("admin")
 def revoke_device(device: str):
     """Revoke the device's certificates; the broker reloads the CRL and refuses it."""
+    from ..store.db import ApiToken
+
     args = query_args(("reason",))
-    return jsonify(
-        enrollment.revoke_device(_settings(), device, actor=_actor(), reason=args.get("reason", ""))
-    )
+    reason = args.get("reason", "")
+    answer = enrollment.revoke_device(_settings(), device, actor=_actor(), reason=reason)
+    # Its API tokens go too: a revoked device downloads nothing more.
+    tokens = ApiToken.select().where((ApiToken.device == device) & ApiToken.revoked_at.is_null())
+    for row in tokens:
+        auth.revoke_token(row.id, actor=_actor(), reason=reason or "device revoked")
+    return jsonify(answer)

@@ -52,6 +52,10 @@ ENROLLED = {
         "serial": {"type": "string"},
         "not_after": {"type": "number"},
         "group": {"type": ["string", "null"]},
+        "device_token": {
+            "type": "string",
+            "description": "the device's API token (model downloads), shown once",
+        },
     },
 }
 
