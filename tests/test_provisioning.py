@@ -318,3 +318,48 @@ def test_install_scripts_are_idempotent_and_dry_run_changes_nothing(tmp_path, sc
         ["bash", str(INSTALL / script), "--bogus"], capture_output=True, text=True, timeout=30
     )
     assert bad.returncode == 2 and "--bogus" in bad.stderr
+
+
+def test_every_state_changing_endpoint_refuses_a_missing_token_and_a_low_role(
+    tmp_path: Path, ca: Path
+):
+    """Walks the app's URL map: every POST, PUT, PATCH and DELETE outside the public
+    endpoints (login, logout, a device's enrollment claim and renewal) answers 401
+    without a token, 403 to a device token, and 403 to a viewer unless it needs no more."""
+    from flowfleet.registry.fleet.enrollment import EnrollmentSettings
+    from flowfleet.registry.http import auth
+    from flowfleet.registry.http.access import PUBLIC_ENDPOINTS
+    from flowfleet.registry.http.web import create_app
+    from flowfleet.registry.testing import fresh_registry, temporary_database
+
+    with temporary_database("sqlite", tmp_path) as url:
+        reg = fresh_registry(url, tmp_path)
+        app = create_app(reg.db, registry=reg, enrollment=EnrollmentSettings(ca, "127.0.0.1", 8883))
+        with reg.db.connection_context():
+            auth.create_user("v", "viewer", actor="test")
+            viewer, _ = auth.create_token("v", actor="test")
+            device, _ = auth.create_token("v", actor="test", device="cam-1")
+        client = app.test_client()
+        checked = []
+        for rule in app.url_map.iter_rules():
+            methods = (rule.methods or set()) & {"POST", "PUT", "PATCH", "DELETE"}
+            if not methods or rule.endpoint in PUBLIC_ENDPOINTS:
+                continue
+            args = {
+                a: 1 if type(rule._converters[a]).__name__ == "IntegerConverter" else "x1"
+                for a in rule.arguments
+            }
+            path = rule.build(args, append_unknown=False)[1]
+            needed = getattr(app.view_functions[rule.endpoint], "required_role", "admin")
+            for method in sorted(methods):
+                call = getattr(client, method.lower())
+                assert call(path, json={}).status_code == 401, (method, path)
+                h = {"Authorization": f"Bearer {device}"}
+                assert call(path, json={}, headers=h).status_code == 403, (method, path)
+                if needed != "viewer":
+                    h = {"Authorization": f"Bearer {viewer}"}
+                    assert call(path, json={}, headers=h).status_code == 403, (method, path)
+                checked.append(f"{method} {rule.rule}")
+        assert "POST /api/enrollment-tokens" in checked
+        assert "POST /api/devices/<device>/revoke" in checked
+        assert len(checked) >= 25  # the walk found the API (28 routes today)
