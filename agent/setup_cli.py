@@ -52,6 +52,11 @@ def add_setup_actions(actions) -> None:
     r.add_argument(
         "--days-before", type=float, default=7.0, help="renew when it expires sooner (default 7)"
     )
+    r.add_argument(
+        "--restart-unit",
+        metavar="UNIT",
+        help="after a renewal: systemctl try-restart UNIT (the agent's, to use it)",
+    )
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_renew)
 
@@ -166,6 +171,10 @@ def cmd_renew(args: argparse.Namespace) -> int:
         )
     except EnrollError as exc:
         raise CliError(str(exc), EXIT_USAGE if 400 <= exc.status < 500 else EXIT_FAILURE) from None
+    if renewed and args.restart_unit:
+        import subprocess
+
+        subprocess.run(["systemctl", "try-restart", args.restart_unit], check=False)
     if args.json:
         json.dump({"renewed": renewed, "not_after": not_after}, sys.stdout)
         sys.stdout.write("\n")
