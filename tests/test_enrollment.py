@@ -9,6 +9,7 @@ One module-scoped fleet; the tests run in order (the first enrolls cam-a).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -16,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,9 +27,12 @@ from pathlib import Path
 import cv2
 import pytest
 
+from flowfleet import signing
+from flowfleet.agent.config import load_agent_config
+from flowfleet.agent.download import Downloader, UpdateRefused, verify_manifest
 from flowfleet.agent.enroll import EnrollError, enroll, renew
 from flowfleet.cli import main
-from flowfleet.contract import Topics
+from flowfleet.contract import Topics, parse_payload
 from flowfleet.mqtt import BrokerAddress, MqttConnection
 from flowfleet.provisioning.authority import Authority, certificate_info
 from flowfleet.provisioning.broker_files import refresh_crl
@@ -104,6 +109,7 @@ class Fleet:
     registry_log: Path
     outputs: list[str] = field(default_factory=list)  # every CLI output, for the scan
     secrets: list[str] = field(default_factory=list)
+    admin_token: str = ""
 
     def cli(self, *args: str, check: bool = True) -> Ran:
         proc = flowfleet(*args, check=check)
@@ -117,6 +123,16 @@ class Fleet:
         secret = out.stdout.strip()
         self.secrets.append(secret)
         return secret
+
+    def admin(self) -> str:
+        """An admin API token (made once)."""
+        if not self.admin_token:
+            flowfleet("registry", "users", "add", "root", "--role", "admin", "--db", self.db)
+            made = flowfleet("registry", "tokens", "create", "root", "--db", self.db)
+            self.outputs.append(made.stderr)  # stdout is the token itself, shown once
+            self.admin_token = made.stdout.strip()
+            self.secrets.append(self.admin_token)
+        return self.admin_token
 
     def device_address(self, folder: Path) -> BrokerAddress:
         return BrokerAddress(
@@ -288,6 +304,68 @@ def test_a_device_enrolls_with_a_token_and_counts_over_mtls(fleet: Fleet):
     assert "cam-b" not in devices(fleet)
 
 
+def test_the_enrolled_identity_gets_only_signed_deployed_models(fleet: Fleet, int8_model):
+    """What enrollment wrote (certificate, keys.json, registry.token, [registry]) is
+    what model updates need: the desired state arrives over mTLS, the manifest
+    verifies against the registry's keys, the artifact downloads with the device
+    token; a flipped byte, another key's signature and a version not deployed to the
+    device are refused."""
+    folder = fleet.root / "cam-a"
+    fleet.cli("registry", "models", "add", str(int8_model), "--name", "people", "--db", fleet.db)
+    dynamic = str(int8_model.parent / "yolov8n_int8_dynamic.tflite")
+    fleet.cli("registry", "models", "add", dynamic, "--name", "people", "--db", fleet.db)  # v2
+    body = json.dumps({"camera": "table", "model": "people", "version": 1}).encode()
+    req = urllib.request.Request(
+        fleet.url + "/api/devices/cam-a/deployments",
+        data=body,
+        method="POST",
+        headers={"Authorization": f"Bearer {fleet.admin()}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 201
+
+    got: list[bytes] = []
+    conn = MqttConnection("ignored", fleet.device_address(folder))
+    conn.subscribe(T.desired("cam-a"), lambda topic, payload: got.append(payload))
+    conn.start()
+    try:
+        assert conn.wait_connected(10)
+        wait_for(lambda: got, 10, "cam-a's desired state")
+    finally:
+        conn.stop()
+    ref = parse_payload("desired", got[-1], device="cam-a").models["table"]
+    config = load_agent_config(folder / "agent.toml")
+    doc = verify_manifest(ref, config.registry.keys_file)
+    models = fleet.root / "cam-a-models"
+    models.mkdir()
+    path = Downloader(models, threading.Event()).download(ref, doc, config.registry)
+    assert path.read_bytes() == int8_model.read_bytes()
+
+    other_key = signing.Ed25519PrivateKey.generate()
+    forged = ref.model_copy(
+        update={"signature": signing.sign(other_key, base64.b64decode(ref.manifest))}
+    )
+    with pytest.raises(UpdateRefused) as err:
+        verify_manifest(forged, config.registry.keys_file)
+    assert err.value.reason == "signature"
+    # The stored artifact with a flipped byte: the download does not match the manifest.
+    path.unlink()
+    stored = next((fleet.root).glob(f"registry*-data/artifacts/sha256/*/{ref.sha256}"))
+    stored.chmod(0o644)
+    data = bytearray(stored.read_bytes())
+    data[1000] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    with pytest.raises(UpdateRefused) as err:
+        Downloader(models, threading.Event()).download(ref, doc, config.registry)
+    assert err.value.reason == "checksum"
+    data[1000] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    # A version not deployed to this device (v2: a sideways move or a downgrade): refused.
+    token = (folder / "registry.token").read_text().strip()
+    assert as_device(fleet, token, "/api/models/people/versions/2/artifact") == 403
+    assert as_device(fleet, token, ref.url) == 200
+
+
 def test_expired_revoked_tokens_and_existing_ids_are_refused(fleet: Fleet):
     folder = fleet.root / "claims"
     short = fleet.token("--ttl-hours", str(0.3 / 3600))
@@ -376,11 +454,7 @@ def test_a_device_cannot_speak_for_another_and_revocation_takes_effect(fleet: Fl
 
     # An admin revokes cam-a through the registry's API: the registry revokes its
     # certificates in the CA, copies the CRL to the broker and reloads it.
-    fleet.cli("registry", "users", "add", "root", "--role", "admin", "--db", fleet.db)
-    made = flowfleet("registry", "tokens", "create", "root", "--db", fleet.db)
-    fleet.outputs.append(made.stderr)  # stdout is the token itself, shown once
-    admin = made.stdout.strip()
-    fleet.secrets.append(admin)
+    admin = fleet.admin()
     req = urllib.request.Request(
         fleet.url + "/api/devices/cam-a/revoke?reason=stolen",
         method="POST",
