@@ -81,10 +81,12 @@ def write_broker_files(
     data_dir: str | Path = "/var/lib/mosquitto",
     topic_root: str = "flowfleet/v1",
     admins: tuple[str, ...] = ("registry",),
+    pid_file: str | Path | None = "/run/mosquitto/mosquitto.pid",
     pidfile: str | Path | None = None,
 ) -> BrokerFiles:
     """Write the files (see the module docstring); SIGHUP the broker in ``pidfile``
-    when something changed. ``password_port`` adds a TLS listener that takes the
+    when something changed; the config tells the broker to write its pid to
+    ``pid_file``. ``password_port`` adds a TLS listener that takes the
     passwords in ``password_file`` instead of client certificates."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -127,6 +129,8 @@ def write_broker_files(
         ]
         at = next(i for i, ln in enumerate(lines) if ln.startswith("allow_anonymous"))
         lines[at:at] = extra
+    if pid_file:
+        lines.insert(1, f"pid_file {pid_file}")  # what --reload-pidfile reads
     _put(folder / "flowfleet.conf", ("\n".join(lines) + "\n").encode(), 0o644, changed)
     pid = None
     if changed and pidfile is not None and Path(pidfile).is_file():

@@ -234,6 +234,11 @@ def _add_broker_config(actions) -> None:
     p.add_argument("--password-file", help="Mosquitto password file for --password-port")
     p.add_argument("--bind", default="0.0.0.0", help="listen address (default 0.0.0.0)")
     p.add_argument("--data-dir", default="/var/lib/mosquitto", help="persistence folder")
+    p.add_argument(
+        "--pid-file",
+        default="/run/mosquitto/mosquitto.pid",
+        help="where the broker writes its pid (default /run/mosquitto/mosquitto.pid)",
+    )
     p.add_argument("--reload-pidfile", help="SIGHUP this broker when a file changed")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_broker_config)
@@ -260,6 +265,7 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
             password_file=args.password_file,
             bind=args.bind,
             data_dir=args.data_dir,
+            pid_file=args.pid_file,
             pidfile=args.reload_pidfile,
         )
     except (AuthorityError, ContractError) as exc:
@@ -277,13 +283,9 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
         if files.changed
         else f"{files.folder}: up to date, nothing changed"
     )
-    _out(
-        args,
-        data,
-        text + f"\ninclude it from mosquitto.conf: include_dir {files.folder}"
-        if files.changed
-        else text,
-    )
+    if files.changed:
+        text += f"\nit is a complete broker config: mosquitto -c {files.folder / 'flowfleet.conf'}"
+    _out(args, data, text)
     return 0
 
 
