@@ -392,6 +392,12 @@ def check_files(settings: RegistrySettings, source: str) -> None:
     b = settings.broker
     problems = [unreadable(f"broker.{k}", getattr(b, k)) for k in _BROKER_FILES]
     problems.append(unset_env("broker.password_env", b.password_env))
+    ca_dir = settings.enrollment.ca_dir
+    if ca_dir:  # enrolling signs with the CA's key
+        problems += [
+            unreadable("enrollment.ca_dir", str(Path(ca_dir) / name))
+            for name in ("ca.crt", "ca.key", "index.json")
+        ]
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))

@@ -363,3 +363,19 @@ def test_every_state_changing_endpoint_refuses_a_missing_token_and_a_low_role(
         assert "POST /api/enrollment-tokens" in checked
         assert "POST /api/devices/<device>/revoke" in checked
         assert len(checked) >= 25  # the walk found the API (28 routes today)
+
+
+def test_registry_enrollment_config_is_checked(tmp_path: Path, ca: Path):
+    conf = tmp_path / "registry.toml"
+    conf.write_text('[enrollment]\nca_dir = "ca"\n')
+    code, _, err = run("registry", "check-config", "--config", str(conf))
+    assert code == 2 and "enrollment: ca_dir needs broker_host" in err
+    conf.write_text('[enrollment]\nca_dir = "no-ca"\nbroker_host = "b"\nbroker_prot = 1\n')
+    code, _, err = run("registry", "check-config", "--config", str(conf))
+    assert code == 2 and "broker_prot" in err
+    conf.write_text('[enrollment]\nca_dir = "no-ca"\nbroker_host = "b"\n')
+    code, _, err = run("registry", "check-config", "--config", str(conf))
+    assert code == 2 and f"enrollment.ca_dir: file not found: {tmp_path / 'no-ca'}/ca.key" in err
+    conf.write_text(f'[enrollment]\nca_dir = "{ca}"\nbroker_host = "b"\n')
+    code, _, err = run("registry", "check-config", "--config", str(conf))
+    assert code == 0, err
