@@ -60,6 +60,21 @@ def agent_toml(device: str, broker_host: str, broker_port: int, template: str | 
     )
 
 
+def check_template(template: str | None) -> None:
+    """BundleError unless ``template`` is TOML that leaves device_id and [broker] out."""
+    from flowfleet.configfile import tomllib
+
+    if template is None:
+        return
+    try:
+        data = tomllib.loads(template)
+    except tomllib.TOMLDecodeError as exc:
+        raise BundleError(f"--template is not TOML: {exc}") from None
+    for key in ("device_id", "broker"):
+        if key in data:
+            raise BundleError(f"--template must not set {key!r}: the bundle writes it")
+
+
 def make_bundle(
     authority,
     device: str,
@@ -76,13 +91,7 @@ def make_bundle(
     """Issue ``device``'s certificate and write the bundle archive ``out`` (0600)."""
     import tempfile
 
-    from flowfleet.configfile import tomllib
-
-    if template is not None:
-        data = tomllib.loads(template)
-        for key in ("device_id", "broker"):
-            if key in data:
-                raise BundleError(f"--template must not set {key!r}: the bundle writes it")
+    check_template(template)
     with tempfile.TemporaryDirectory() as tmp:
         issued, rec = authority.issue("device", device, tmp, days=days)
         files = {
@@ -346,6 +355,10 @@ def cmd_provision_device(args) -> int:
     except (OSError, ValueError) as exc:
         raise CliError(f"--template/--keys: {exc}", EXIT_USAGE) from None
     registering = bool(args.db or args.config or os.environ.get("FLOWFLEET_DATABASE_URL"))
+    try:  # before anything is registered or issued
+        check_template(template)
+    except BundleError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
     if registering:
         _register(args, location)
     auth = Authority(args.ca)
