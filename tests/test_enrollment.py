@@ -446,6 +446,7 @@ def test_a_device_cannot_speak_for_another_and_revocation_takes_effect(fleet: Fl
 
     # The doctor on the enrolled device: every check passes.
     doctor = ("doctor", "--config", str(folder / "agent.toml"), "--registry", fleet.url)
+    doctor += ("--timeout", "3")
     ran = fleet.cli(*doctor, "--json")
     checks = {c["name"]: c for c in json.loads(ran.stdout)["checks"]}
     assert [c for c in checks.values() if c["status"] != "ok"] == []
