@@ -165,13 +165,14 @@ def test_install_refuses_a_bundle_with_foreign_members(tmp_path: Path):
     assert not (tmp_path / "r").exists()
 
 
-def test_enrollment_endpoints_need_the_right_role(tmp_path: Path, ca: Path):
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_enrollment_endpoints_need_the_right_role(tmp_path: Path, ca: Path, kind: str):
     from flowfleet.registry.fleet.enrollment import EnrollmentSettings
     from flowfleet.registry.http import auth
     from flowfleet.registry.http.web import create_app
     from flowfleet.registry.testing import fresh_registry, temporary_database
 
-    with temporary_database("sqlite", tmp_path) as url:
+    with temporary_database(kind, tmp_path) as url:
         reg = fresh_registry(url, tmp_path)
         settings = EnrollmentSettings(ca, "127.0.0.1", 8883)
         app = create_app(reg.db, registry=reg, enrollment=settings)
@@ -212,6 +213,12 @@ def test_enrollment_endpoints_need_the_right_role(tmp_path: Path, ca: Path):
         assert revoked.json["state"] == "revoked"
         again = client.post("/api/enroll", json={**claim, "device": "cam-3"})
         assert again.status_code == 401
+        # The device token it was given is a device token for cam-1 only.
+        h = {"Authorization": f"Bearer {ok.json['device_token']}"}
+        assert client.get("/api/devices/cam-1/deployments", headers=h).status_code == 200
+        assert client.get("/api/devices/cam-2/deployments", headers=h).status_code == 403
+        listed = client.get("/api/enrollment-tokens", headers={"Authorization": f"Bearer {admin}"})
+        assert listed.json["tokens"][0]["devices"] == ["cam-1"]
 
 
 def test_broker_config_is_idempotent_and_a_revocation_changes_only_the_crl(
