@@ -282,6 +282,11 @@ def register(sub) -> None:
     )
     p.add_argument("--config", default="/etc/flowfleet/agent.toml", help="agent TOML file")
     p.add_argument("--registry", metavar="URL", help="registry to compare the clock with")
+    p.add_argument(
+        "--registry-config",
+        metavar="FILE",
+        help="check a registry host instead (its registry.toml)",
+    )
     p.add_argument("--timeout", type=float, default=5.0, help="per network check (default 5 s)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)
@@ -291,7 +296,12 @@ def cmd_doctor(args) -> int:
     import json
     import sys
 
-    checks = run_checks(args.config, registry_url=args.registry, timeout=args.timeout)
+    if args.registry_config:
+        from flowfleet.registry.doctor import run_registry_checks
+
+        checks = run_registry_checks(args.registry_config, timeout=args.timeout)
+    else:
+        checks = run_checks(args.config, registry_url=args.registry, timeout=args.timeout)
     failed = any(c.status == "fail" for c in checks)
     if args.json:
         json.dump({"ok": not failed, "checks": [c.to_dict() for c in checks]}, sys.stdout, indent=2)

@@ -118,6 +118,11 @@ def _add_cert(actions) -> None:
     revoke.add_argument("--json", action="store_true")
     revoke.set_defaults(func=cmd_cert_revoke)
 
+    crl = sub.add_parser("crl", help="re-sign the CRL (it is valid for 365 days)")
+    crl.add_argument("--ca", required=True, help="CA folder")
+    crl.add_argument("--json", action="store_true")
+    crl.set_defaults(func=cmd_cert_crl)
+
     lst = sub.add_parser("list", help="issued certificates with their expiry")
     lst.add_argument("--ca", required=True, help="CA folder")
     lst.add_argument(
@@ -180,6 +185,23 @@ def cmd_cert_revoke(args: argparse.Namespace) -> int:
         args,
         data,
         f"revoked {', '.join(r.serial for r in hit)}; CRL {auth.crl} rewritten; {after}",
+    )
+    return 0
+
+
+def cmd_cert_crl(args: argparse.Namespace) -> int:
+    from .authority import CRL_DAYS, AuthorityError
+
+    auth = _authority(args.ca)
+    try:
+        path = auth.write_crl()
+    except AuthorityError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    _out(
+        args,
+        {"crl": str(path), "valid_days": CRL_DAYS},
+        f"{path} re-signed, valid for {CRL_DAYS} days; copy it to the broker "
+        "(provision broker-config) and reload it",
     )
     return 0
 

@@ -386,3 +386,23 @@ def test_registry_enrollment_config_is_checked(tmp_path: Path, ca: Path):
     conf.write_text(f'[enrollment]\nca_dir = "{ca}"\nbroker_host = "b"\n')
     code, _, err = run("registry", "check-config", "--config", str(conf))
     assert code == 0, err
+
+
+def test_doctor_checks_a_registry_host(tmp_path: Path, ca: Path):
+    from flowfleet.provisioning.mosquitto import free_port
+
+    conf = tmp_path / "registry.toml"
+    conf.write_text(
+        f'[database]\nurl = "{tmp_path / "reg.sqlite"}"\n'
+        f'[broker]\nhost = "127.0.0.1"\nport = {free_port()}\n'
+        f'[enrollment]\nca_dir = "{ca}"\nbroker_host = "b"\n'
+    )
+    assert run("provision", "cert", "crl", "--ca", str(ca))[0] == 0
+    code, out, _ = run("doctor", "--registry-config", str(conf), "--timeout", "1", "--json")
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    assert code == 1 and checks["broker"]["status"] == "fail"  # nothing listens there
+    assert checks["fleet CA"]["status"] == "ok" and checks["CRL"]["status"] == "ok"
+    assert checks["database"]["status"] == "warn"  # created at the registry's first start
+    os.chmod(ca / "ca.key", 0o640)
+    code, out, _ = run("doctor", "--registry-config", str(conf), "--timeout", "1")
+    assert "fail  CA key: ca.key has mode 640" in out and "chmod 600" in out
