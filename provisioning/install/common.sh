@@ -11,10 +11,13 @@ SKIP_PACKAGES=0
 CHANGED=0
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 TEMPLATES="$HERE/../templates"
+# The checkout these scripts are in: what pip installs unless --package names
+# something else (a wheel, or a package index's flowfleet).
+CHECKOUT="$(cd "$HERE/../.." && pwd)"
 
 say() { printf '%-9s %s\n' "$1" "$2"; }
 
-system_root() { [ "$(cd "$ROOT" && pwd -P)" = "/" ]; }
+system_root() { [ -d "$ROOT" ] && [ "$(cd "$ROOT" && pwd -P)" = "/" ]; }
 
 # path under the root: p /etc/flowfleet -> $ROOT/etc/flowfleet
 p() { if system_root; then printf '%s' "$1"; else printf '%s%s' "${ROOT%/}" "$1"; fi; }
@@ -86,12 +89,11 @@ ensure_apt() {
     fi
 }
 
-# ensure_venv PATH SPEC: a virtual environment with SPEC installed (pip)
+# ensure_venv PATH SPEC: a virtual environment with SPEC (flowfleet) installed (pip)
 ensure_venv() {
     if [ "$SKIP_PACKAGES" = 1 ] || ! system_root; then say skipped "venv $1: $2"; return; fi
-    local name="${2%%[*}"
-    if [ -x "$1/bin/python" ] && "$1/bin/python" -m pip show -q "$name" >/dev/null 2>&1; then
-        say unchanged "venv $1 ($name installed)"
+    if [ -x "$1/bin/python" ] && "$1/bin/python" -m pip show -q flowfleet >/dev/null 2>&1; then
+        say unchanged "venv $1 (flowfleet installed)"
     elif [ "$DRY_RUN" = 1 ]; then
         say would "venv $1, pip install $2"; changed
     else
