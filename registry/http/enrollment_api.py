@@ -71,9 +71,6 @@ def enroll():
             remote_addr=request.remote_addr or "",
         )
         answer["device_token"] = _device_token(answer["device"])
-    after = current_app.extensions.get("flowfleet_enrollment_hook")
-    if after is not None:
-        after(answer["device"])
     resp = jsonify(answer)
     resp.status_code = 201
     return resp
