@@ -503,6 +503,21 @@ def refused(address: BrokerAddress) -> bool:
         conn.stop()
 
 
+def test_a_removed_password_is_refused_after_the_broker_reload(fleet: Fleet):
+    """Devices that cannot do client certificates use the password listener: taking a
+    device out of the password file and reloading the broker shuts it out."""
+    passwd = fleet.root / "passwd"
+    pw = "cam-p-pw-31f0"
+    address = BrokerAddress("127.0.0.1", fleet.broker.port, "cam-p", pw)
+    write_password_file(passwd, {"registry": REGISTRY_PW, "cam-p": pw})
+    fleet.broker.reload()
+    wait_for(lambda: not refused(address), 10, "cam-p's password to be accepted")
+    write_password_file(passwd, {"registry": REGISTRY_PW})
+    fleet.broker.reload()
+    wait_for(lambda: refused(address), 10, "cam-p's password to be refused")
+    fleet.secrets.append(pw)
+
+
 def test_secrets_never_reach_the_logs(fleet: Fleet):
     keys = [p.read_text() for p in fleet.root.glob("**/device.key")]
     assert keys and fleet.secrets
