@@ -58,6 +58,22 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
+def _hand_over(folder: Path, owner: str) -> None:
+    """Run as root for a service user: the files become that user's (the agent runs
+    as it and must read its key); nothing happens when the user does not exist."""
+    import pwd
+
+    try:
+        user = pwd.getpwnam(owner)
+    except KeyError:
+        return
+    if os.geteuid() != 0:
+        return
+    for name in FILES:
+        if (folder / name).exists():
+            os.chown(folder / name, user.pw_uid, user.pw_gid)
+
+
 def enroll(
     registry_url: str,
     token: str,
@@ -67,9 +83,11 @@ def enroll(
     registry_ca: str | None = None,
     force: bool = False,
     timeout: float = 30.0,
+    owner: str | None = None,
 ) -> Enrolled:
     """Enroll this device (see the module docstring). Raises EnrollError, or
-    ValueError for a bad device id or a folder that already holds an identity."""
+    ValueError for a bad device id or a folder that already holds an identity. Run
+    as root with ``owner`` (the agent's user), the files are handed to that user."""
     from flowfleet.identity import check_device_id
     from flowfleet.provisioning.authority import make_csr, make_device_key
 
@@ -121,6 +139,8 @@ def enroll(
             'token_file = "registry.token"\nkeys_file = "keys.json"\n'
         )
     _write(folder / "agent.toml", config)
+    if owner:
+        _hand_over(folder, owner)
     return Enrolled(
         device=device,
         config=folder / "agent.toml",

@@ -35,6 +35,11 @@ def add_setup_actions(actions) -> None:
     e.add_argument("--dir", default="/etc/flowfleet", help="config folder (default /etc/flowfleet)")
     e.add_argument("--registry-ca", metavar="FILE", help="CA of the registry's HTTPS certificate")
     e.add_argument("--force", action="store_true", help="replace an existing identity")
+    e.add_argument(
+        "--user",
+        default="flowfleet",
+        help="run as root: hand the files to this user, the agent's (default flowfleet)",
+    )
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_enroll)
 
@@ -104,6 +109,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             args.dir,
             registry_ca=args.registry_ca,
             force=args.force,
+            owner=args.user,
         )
     except (ContractError, ValueError) as exc:
         raise CliError(str(exc), EXIT_USAGE) from None

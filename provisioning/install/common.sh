@@ -24,15 +24,19 @@ p() { if system_root; then printf '%s' "$1"; else printf '%s%s' "${ROOT%/}" "$1"
 
 changed() { CHANGED=$((CHANGED + 1)); }
 
-# ensure_dir PATH MODE
+# ensure_dir PATH MODE [OWNER:GROUP]: the owner is applied on the system root only
 ensure_dir() {
-    local path; path="$(p "$1")"
-    if [ -d "$path" ] && [ "$(stat -c %a "$path")" = "$2" ]; then
+    local path owner=""; path="$(p "$1")"
+    if [ -n "${3:-}" ] && system_root; then owner="$3"; fi
+    if [ -d "$path" ] && [ "$(stat -c %a "$path")" = "$2" ] \
+        && { [ -z "$owner" ] || [ "$(stat -c %U:%G "$path")" = "$owner" ]; }; then
         say unchanged "folder $1"
     elif [ "$DRY_RUN" = 1 ]; then
-        say would "folder $1 (mode $2)"; changed
+        say would "folder $1 (mode $2${owner:+, $owner})"; changed
     else
-        mkdir -p "$path" && chmod "$2" "$path"; say done "folder $1 (mode $2)"; changed
+        mkdir -p "$path" && chmod "$2" "$path"
+        if [ -n "$owner" ]; then chown "$owner" "$path"; fi
+        say done "folder $1 (mode $2${owner:+, $owner})"; changed
     fi
 }
 
