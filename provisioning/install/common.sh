@@ -93,11 +93,13 @@ ensure_apt() {
     fi
 }
 
-# ensure_venv PATH SPEC: a virtual environment with SPEC (flowfleet) installed (pip)
+# ensure_venv PATH SPEC MODULES: a virtual environment with SPEC installed (pip);
+# it counts as installed when MODULES (comma-separated) import, so an extra missing
+# from an earlier install (a device's venv on the registry host) is still added.
 ensure_venv() {
     if [ "$SKIP_PACKAGES" = 1 ] || ! system_root; then say skipped "venv $1: $2"; return; fi
-    if [ -x "$1/bin/python" ] && "$1/bin/python" -m pip show -q flowfleet >/dev/null 2>&1; then
-        say unchanged "venv $1 (flowfleet installed)"
+    if [ -x "$1/bin/python" ] && "$1/bin/python" -c "import $3" >/dev/null 2>&1; then
+        say unchanged "venv $1 ($3 import)"
     elif [ "$DRY_RUN" = 1 ]; then
         say would "venv $1, pip install $2"; changed
     else
