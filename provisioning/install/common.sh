@@ -98,7 +98,8 @@ ensure_apt() {
 # from an earlier install (a device's venv on the registry host) is still added.
 ensure_venv() {
     if [ "$SKIP_PACKAGES" = 1 ] || ! system_root; then say skipped "venv $1: $2"; return; fi
-    if [ -x "$1/bin/python" ] && "$1/bin/python" -c "import $3" >/dev/null 2>&1; then
+    # -I: not the current folder's modules (a checkout has a flowfleet/ of its own)
+    if [ -x "$1/bin/python" ] && "$1/bin/python" -I -c "import $3" >/dev/null 2>&1; then
         say unchanged "venv $1 ($3 import)"
     elif [ "$DRY_RUN" = 1 ]; then
         say would "venv $1, pip install $2"; changed
