@@ -105,11 +105,29 @@ def register(sub) -> None:
     )
     p.set_defaults(func=cmd_count)
 
-    p = sub.add_parser("agent", help="run the device agent (or check its config)")
-    p.add_argument("action", nargs="?", default="run", choices=["run", "check-config"])
-    p.add_argument("--config", default="/etc/flowfleet/agent.toml", help="agent TOML file")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser("agent", help="run the device agent, check its config, enroll or install it")
+    _agent_options(p, suppress=False)
     p.set_defaults(func=cmd_agent)
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    for name, text in (("run", "run the agent (the default)"), ("check-config", "validate")):
+        a = actions.add_parser(name, help=text)
+        _agent_options(a, suppress=True)
+        a.set_defaults(func=cmd_agent)
+    from flowfleet.agent.setup_cli import add_setup_actions
+
+    add_setup_actions(actions)
+
+
+def _agent_options(p: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """--config and -v, on ``agent`` and again (SUPPRESS defaults) after its action."""
+    p.add_argument(
+        "--config",
+        default=argparse.SUPPRESS if suppress else "/etc/flowfleet/agent.toml",
+        help="agent TOML file",
+    )
+    p.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS if suppress else False
+    )
 
 
 def _default_model() -> str:
@@ -361,7 +379,7 @@ def _load_agent_config(path: str):
 
 def cmd_agent(args: argparse.Namespace) -> int:
     config = _load_agent_config(args.config)
-    if args.action == "check-config":
+    if (args.action or "run") == "check-config":
         print(f"{args.config}: ok ({len(config.cameras)} camera(s), device {config.device_id})")
         return 0
     from flowfleet.agent.config import ConfigError

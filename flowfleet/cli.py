@@ -18,7 +18,9 @@ from flowfleet.cliutil import EXIT_FAILURE, CliError
 def build_parser() -> argparse.ArgumentParser:
     from flowfleet import demo
     from flowfleet.agent import cli as agent_cli
+    from flowfleet.agent import doctor
     from flowfleet.models import cli as models_cli
+    from flowfleet.provisioning import cli as provision_cli
     from flowfleet.registry.cli import main as registry_cli
     from flowfleet.registry.relays import cli as relays_cli
 
@@ -32,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     registry_cli.register(sub)
     demo.register(sub)
     models_cli.register(sub)
-    relays_cli.register(sub)  # `relays` and `provision`
+    relays_cli.register(sub)
+    provision_cli.register(sub)
+    doctor.register(sub)
     return parser
 
 

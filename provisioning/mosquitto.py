@@ -19,6 +19,7 @@ import base64
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -128,6 +129,9 @@ class BrokerSecurity:
     use_identity_as_username: bool = False
     plain: bool = True
     bind_client_id: bool = True
+    # The fleet CA's revocation list (`provisioning.authority`): a revoked client
+    # certificate is refused at the handshake once the broker (re)loaded it (SIGHUP).
+    crlfile: Path | None = None
 
     def render(self, host: str, plain_port: int) -> list[str]:
         # use_username_as_clientid (a per-listener option): the broker replaces the
@@ -150,6 +154,8 @@ class BrokerSecurity:
             ]
             if self.use_identity_as_username:
                 lines.append("use_identity_as_username true")
+            if self.crlfile:
+                lines.append(f"crlfile {self.crlfile}")
         anonymous = self.password_file is None and not self.require_certificate
         lines.append(f"allow_anonymous {'true' if anonymous else 'false'}")
         if self.password_file:
@@ -278,6 +284,13 @@ class Broker:
                 time.sleep(0.05)
         self.stop()
         raise BrokerError(f"mosquitto did not listen on {self.host}:{self.port} in {timeout}s")
+
+    def reload(self) -> None:
+        """SIGHUP: the broker re-reads its password file, ACL and CRL (new connections
+        are checked against them; see docs/provisioning.md)."""
+        if self.proc is None or self.proc.poll() is not None:
+            raise BrokerError("the broker is not running")
+        self.proc.send_signal(signal.SIGHUP)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc and self.proc.poll() is None:

@@ -358,6 +358,27 @@ class RolloutsSection(Strict):
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
+class EnrollmentSection(Strict):
+    """Enrollment by claim (docs/provisioning.md): off unless ``ca_dir`` is set."""
+
+    ca_dir: str | None = Field(
+        None, description="fleet CA folder with its key (flowfleet provision ca create)"
+    )
+    broker_host: str | None = Field(None, description="the mTLS listener as devices reach it")
+    broker_port: int = Field(8883, ge=1, le=65535)
+    cert_days: int = Field(30, ge=1, le=825, description="validity of enrolled certificates")
+    broker_dir: str | None = Field(
+        None, description="the broker's folder (provision broker-config): revocations copy the CRL"
+    )
+    broker_pidfile: str | None = Field(None, description="SIGHUP this broker after a revocation")
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.ca_dir and not self.broker_host:
+            raise ValueError("ca_dir needs broker_host (where enrolled devices connect)")
+        return self
+
+
 class RegistrySettings(Strict):
     database: DatabaseSection = DatabaseSection()
     counts: CountsSection = CountsSection()
@@ -372,6 +393,7 @@ class RegistrySettings(Strict):
     rollouts: RolloutsSection = RolloutsSection()
     relays: RelaysSection = RelaysSection()
     map: MapSection = MapSection()
+    enrollment: EnrollmentSection = EnrollmentSection()
 
 
 _BROKER_FILES = ("password_file", "ca_file", "cert_file", "key_file")
@@ -425,6 +447,12 @@ def load_registry_config(path: str | Path, *, check: bool = True) -> RegistrySet
                     if (relay := getattr(s.relays, name)) is not None
                 }
             ),
+            "enrollment": s.enrollment.model_copy(
+                update={
+                    k: rel(getattr(s.enrollment, k))
+                    for k in ("ca_dir", "broker_dir", "broker_pidfile")
+                }
+            ),
         }
     )
     if check:
@@ -444,6 +472,12 @@ def check_files(settings: RegistrySettings, source: str) -> None:
         if hasattr(relay, "connection_string_env"):
             env = relay.connection_string_env
             problems.append(unset_env(f"relays.{name}.connection_string_env", env))
+    ca_dir = settings.enrollment.ca_dir
+    if ca_dir:  # enrolling signs with the CA's key
+        problems += [
+            unreadable("enrollment.ca_dir", str(Path(ca_dir) / name))
+            for name in ("ca.crt", "ca.key", "index.json")
+        ]
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))

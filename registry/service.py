@@ -29,7 +29,14 @@ from flowfleet.mqtt import AUTH_REFUSALS, BrokerAddress, MqttConnection
 
 from .catalog.modelreg import ModelRegistry, RegistryConfig
 from .catalog.watch import WatchFolder
-from .config import DriftSection, IngestSection, MapSection, RolloutsSection, WebhooksSection
+from .config import (
+    DriftSection,
+    EnrollmentSection,
+    IngestSection,
+    MapSection,
+    RolloutsSection,
+    WebhooksSection,
+)
 from .errors import BrokerRefused
 from .fleet.commands import CommandPublisher
 from .fleet.drift import DriftJudge
@@ -93,6 +100,22 @@ def _url(host: str, port: int) -> str:
     return f"http://{host}:{port}/"
 
 
+def _enrollment_settings(section: EnrollmentSection | None, topics_root: str):
+    if section is None or not section.ca_dir:
+        return None
+    from .fleet.enrollment import EnrollmentSettings
+
+    return EnrollmentSettings(
+        Path(section.ca_dir),
+        section.broker_host or "",
+        section.broker_port,
+        topics_root,
+        section.cert_days,
+        Path(section.broker_dir) if section.broker_dir else None,
+        Path(section.broker_pidfile) if section.broker_pidfile else None,
+    )
+
+
 def run_registry(
     db_path: str | Path,
     broker: BrokerAddress,
@@ -117,6 +140,7 @@ def run_registry(
     rollouts: RolloutsSection | None = None,
     relays: RelaysSection | None = None,
     map_section: MapSection | None = None,
+    enrollment: EnrollmentSection | None = None,
 ) -> None:
     """Ingest device messages from ``broker`` into ``db_path`` and serve the web UI.
 
@@ -158,6 +182,8 @@ def run_registry(
             time, through a lease).
         map_section: the web UI map's tile URL and attribution (`MapSection`); none:
             markers on a plain background.
+        enrollment: the ``[enrollment]`` section: with a ``ca_dir``, devices enroll
+            by claim at ``POST /api/enroll`` (`flowfleet.registry.fleet.enrollment`).
 
     Raises OSError if the HTTP port cannot be bound (before anything else starts), and
     BrokerRefused if the broker refuses the registry's credentials on the first
@@ -231,6 +257,7 @@ def run_registry(
         webhooks=hooks,
         map_tiles=map_section.tiles if map_section is not None else None,
         map_attribution=map_section.attribution if map_section is not None else "",
+        enrollment=_enrollment_settings(enrollment, topics_root),
     )
     rollouts = rollouts or RolloutsSection()
     # Staged rollouts: the job steps them (a lease keeps it to one registry process);

@@ -83,6 +83,7 @@ def reset_database(db: pw.Database) -> None:
     Tables a test dropped are re-created; every table is emptied.
     """
     from .store.drift_tables import DRIFT_MODELS
+    from .store.enrollment_tables import ENROLLMENT_MODELS
     from .store.migrations import migrate
     from .store.relay_tables import RELAY_MODELS
     from .store.rollout_tables import ROLLOUT_MODELS
@@ -93,6 +94,7 @@ def reset_database(db: pw.Database) -> None:
     # Tables of later migrations live beside their subsystem, not in store/db.py.
     models = regdb.MODELS + DRIFT_MODELS + ROLLOUT_MODELS + SHADOW_MODELS + WEBHOOK_MODELS
     models += RELAY_MODELS
+    models += ENROLLMENT_MODELS
     with db.connection_context():
         db.create_tables(models, safe=True)
         # DELETE, not TRUNCATE: for a few rows it is far cheaper on PostgreSQL (TRUNCATE

@@ -11,10 +11,12 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
+from flowfleet.provisioning.authority import Authority
 from flowfleet.registry.catalog.artifacts import LocalStore
 from flowfleet.registry.catalog.keys import KeyRing
 from flowfleet.registry.catalog.modelreg import MIB, ModelRegistry
 from flowfleet.registry.fleet.commands import CommandPublisher
+from flowfleet.registry.fleet.enrollment import EnrollmentSettings
 from flowfleet.registry.http import auth
 from flowfleet.registry.http.web import create_app
 from flowfleet.registry.store import db as regdb
@@ -36,7 +38,9 @@ def served(tmp_path_factory, data):
         token, _ = auth.create_token("admin", actor="test")
     # A queue-only command publisher: schemathesis may deploy a real model/version, and
     # "no publisher configured" (503) would otherwise count as a failure.
-    app = create_app(db, registry=reg, commands=CommandPublisher(db))
+    # Enrollment configured (a test CA), so its endpoints answer rather than 503.
+    enrollment = EnrollmentSettings(Authority.create(tmp / "ca").folder, "127.0.0.1", 8883)
+    app = create_app(db, registry=reg, commands=CommandPublisher(db), enrollment=enrollment)
     yield app, token
     release()
 

@@ -331,6 +331,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
             rollouts=s.rollouts,
             relays=s.relays,
             map_section=s.map,
+            enrollment=s.enrollment,
             proxy=ProxyTrust(
                 hops=h.proxy_hops,
                 headers=tuple(h.proxy_headers),

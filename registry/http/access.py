@@ -50,6 +50,10 @@ PUBLIC_ENDPOINTS = {
     # check their own CSRF tokens.
     "webauth.login",
     "webauth.logout",
+    # A device's claim authenticates by the bootstrap token in its body.
+    "enrollment_api.enroll",
+    # A renewal authenticates by the device's current certificate and its key.
+    "enrollment_api.renew",
 }
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 CSRF_FIELD = "csrf_token"

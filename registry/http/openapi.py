@@ -721,6 +721,7 @@ def _merge(*parts: dict[str, Any]) -> dict[str, Any]:
 def openapi_document() -> dict[str, Any]:
     from .openapi_devices import device_paths, device_schemas
     from .openapi_drift import drift_paths
+    from .openapi_enrollment import enrollment_paths
     from .openapi_fleet import fleet_paths
     from .openapi_groups import group_paths
     from .openapi_relays import relay_paths
@@ -771,5 +772,6 @@ def openapi_document() -> dict[str, Any]:
             shadow_paths(),
             rollout_paths(),
             relay_paths(),
+            enrollment_paths(),
         ),
     }

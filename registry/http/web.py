@@ -65,6 +65,7 @@ from .api import error_response as registry_error_response
 from .api import int_arg, query_args
 from .devices_api import bp as devices_bp
 from .drift_api import bp as drift_bp
+from .enrollment_api import bp as enrollment_bp
 from .groups_api import bp as groups_bp
 from .relays_api import bp as relays_bp
 from .rollouts_api import bp as rollouts_bp
@@ -495,6 +496,7 @@ def create_app(
     webhooks: WebhookJob | None = None,
     map_tiles: str | None = None,
     map_attribution: str = "",
+    enrollment: Any = None,
 ) -> Flask:
     """The registry web app on ``db`` (opened with `open_database`).
 
@@ -531,6 +533,8 @@ def create_app(
     app.extensions["flowfleet_stale_after_s"] = stale_after_s
     if webhooks is not None:
         app.extensions["flowfleet_webhooks"] = webhooks
+    if enrollment is not None:  # EnrollmentSettings (registry.fleet.enrollment)
+        app.extensions["flowfleet_enrollment"] = enrollment
     app.register_blueprint(api_bp)
     app.register_blueprint(series_bp)
     app.register_blueprint(webauth_bp)
@@ -543,6 +547,7 @@ def create_app(
     app.register_blueprint(relays_bp)
     app.register_blueprint(webui_bp)
     app.extensions["flowfleet_map"] = {"tiles": map_tiles, "attribution": map_attribution}
+    app.register_blueprint(enrollment_bp)
     install_metrics(app)  # first before_request hook: times everything after it
 
     @app.before_request

@@ -29,7 +29,7 @@ def _db_options(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub) -> None:
-    """Add the ``relays`` and ``provision`` commands to the top-level parser."""
+    """Add the ``relays`` command to the top-level parser."""
     relays = sub.add_parser("relays", help="cloud relays: report, status, parked messages")
     rsub = relays.add_subparsers(dest="relays_action", metavar="ACTION", required=True)
     rep = rsub.add_parser("report", help="per cloud: volume, quality, latency, monthly bill")
@@ -51,9 +51,10 @@ def register(sub) -> None:
     rq.add_argument("relay", choices=("aws", "azure", "gcp"))
     rq.set_defaults(func=cmd_requeue)
 
-    prov = sub.add_parser("provision", help="create cloud resources for the relays")
-    psub = prov.add_subparsers(dest="provision_action", metavar="CLOUD", required=True)
-    gcp = psub.add_parser("gcp", help="create the Pub/Sub topic and a subscription")
+
+def add_provision_gcp(actions) -> None:
+    """Add ``flowfleet provision gcp`` (listed in `flowfleet.provisioning.cli.ACTIONS`)."""
+    gcp = actions.add_parser("gcp", help="create the relay's Pub/Sub topic and a subscription")
     gcp.add_argument("--config", metavar="FILE", help="registry TOML file ([relays.gcp])")
     gcp.add_argument("--project", help="overrides [relays.gcp] project")
     gcp.add_argument("--topic", help="overrides [relays.gcp] topic")
@@ -62,7 +63,11 @@ def register(sub) -> None:
     gcp.add_argument("--no-ordering", action="store_true", help="without message ordering")
     gcp.add_argument("--json", action="store_true", help="print JSON")
     gcp.set_defaults(func=cmd_provision_gcp)
-    aws = psub.add_parser("aws", help="create the relay's IoT thing, certificate and policy")
+
+
+def add_provision_aws(actions) -> None:
+    """Add ``flowfleet provision aws`` (listed in `flowfleet.provisioning.cli.ACTIONS`)."""
+    aws = actions.add_parser("aws", help="create the relay's IoT thing, certificate and policy")
     aws.add_argument("--thing", default="flowfleet-relay", help="thing name = MQTT client id")
     aws.add_argument("--out", required=True, help="folder for <thing>.crt and <thing>.key")
     aws.add_argument("--region", required=True)

@@ -206,6 +206,12 @@ def _m17_relays(db: pw.Database) -> None:
     db.create_tables(RELAY_MODELS, safe=True)
 
 
+def _m18_enrollment(db: pw.Database) -> None:
+    from .enrollment_tables import ENROLLMENT_MODELS
+
+    db.create_tables(ENROLLMENT_MODELS, safe=True)
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
     (
         1,
@@ -301,6 +307,11 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         17,
         "cloud relays: relay_message (the relays' outbox), relay_usage (per relay and hour)",
         _m17_relays,
+    ),
+    (
+        18,
+        "enrollment by claim: enrollment_token (bootstrap tokens), enrollment, reenroll_allowance",
+        _m18_enrollment,
     ),
 )
 LATEST = MIGRATIONS[-1][0]
