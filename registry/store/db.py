@@ -781,7 +781,12 @@ def open_database(
         if isinstance(current, pw.SqliteDatabase) and current.database == str(path):
             return current
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = pw.SqliteDatabase(str(path), pragmas=SQLITE_PRAGMAS)
+        # Every transaction takes the write lock when it begins (BEGIN IMMEDIATE), so
+        # busy_timeout applies: a deferred one that reads and then writes while another
+        # connection committed fails at once with "database is locked" (SQLite cannot
+        # upgrade a stale read snapshot), which the web UI hit moving an alias while
+        # ingest was writing.
+        db = pw.SqliteDatabase(str(path), pragmas=SQLITE_PRAGMAS, lock_type="IMMEDIATE")
     database_proxy.initialize(db)
     if create:
         from .migrations import migrate
