@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -510,10 +511,15 @@ def test_openapi_document_covers_every_api_route(client):
     documented = {(path, method.upper()) for path, ops in doc["paths"].items() for method in ops}
     served = set()
     for rule in app.url_map.iter_rules():
-        # HTML pages for browsers (the dashboard, login, the models page) are not API.
-        if rule.endpoint == "static" or rule.rule == "/" or rule.endpoint.startswith("webauth."):
+        # HTML pages for browsers (the dashboard, login, the models page, the web UI's
+        # pages) are not API.
+        if (
+            rule.endpoint == "static"
+            or rule.rule == "/"
+            or rule.endpoint.startswith(("webauth.", "ui."))
+        ):
             continue
-        path = rule.rule.replace("<", "{").replace(">", "}")
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)  # <int:x> -> {x}
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             served.add((path, method))
     assert served == documented

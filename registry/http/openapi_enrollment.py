@@ -7,7 +7,7 @@ from typing import Any
 from .openapi import BAD, DEVICE_PATH, NAME, REASON, UNAUTH, _error, _json, _param, json_body
 
 TOKEN_PATH = _param(
-    "id", "path", {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}, "bootstrap token id"
+    "token_id", "path", {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}, "bootstrap token id"
 )
 OFF = {"503": _error("this registry does not enroll devices (no [enrollment])")}
 
@@ -164,7 +164,7 @@ def enrollment_paths() -> dict[str, Any]:
                 },
             },
         },
-        "/api/enrollment-tokens/{id}/revoke": {
+        "/api/enrollment-tokens/{token_id}/revoke": {
             "post": {
                 "summary": "Revoke a bootstrap token (admin)",
                 "security": bearer,
