@@ -82,3 +82,32 @@ def test_a_lost_person_is_taken_back_when_they_look_the_same():
             out = tracker.update(dets(boxes), torso_histograms(image, boxes))
             seen += [int(t) for t in out.tracker_id if t not in seen]
         assert seen == expected, (appearance, seen)
+
+
+def test_whoever_walked_out_of_the_picture_does_not_come_back_as_someone_else():
+    """A person in red walks out at the right edge; two frames later another person in
+    red comes in where they left, walking back. With the frame size known (the
+    pipeline sets it), the first track is dropped once its predicted centre is off
+    the image, so the newcomer gets a new id; without it, the lost track (kept for
+    three seconds) is taken back by the look-alike, with or without colours."""
+    for frame_size, appearance, expected in (
+        ((640, 480), True, [1, 2]),
+        ((640, 480), False, [1, 2]),
+        (None, True, [1]),
+        (None, False, [1]),
+    ):
+        tracker = ByteTracker(TrackerConfig.for_fps(10, appearance=appearance))
+        tracker.frame_size = frame_size
+        seen: list[int] = []
+        for i in range(30):
+            if i < 12:
+                people = [(420 + 18 * i, RED)]  # the box reaches the edge (x 640) at i 10
+            elif i < 14:
+                people = []
+            else:
+                people = [(600 - 12 * (i - 14), RED)]
+            image, boxes = scene(people)
+            boxes[:, 2] = np.minimum(boxes[:, 2], 640)  # what a detector sees of it
+            out = tracker.update(dets(boxes), torso_histograms(image, boxes))
+            seen += [int(t) for t in out.tracker_id if t not in seen]
+        assert seen == expected, (frame_size, appearance, seen)
