@@ -14,6 +14,10 @@ With ``appearance`` (default; people only, torso colour histograms computed by t
 pipeline, agent/appearance.py), association also weighs how alike a track and a
 detection look, and a lost track is taken back only by a detection that looks like
 it: without it, an id whose person left passes to whoever appears next nearby.
+When the frame size is known (`CameraPipeline` sets ``frame_size``), a lost track
+whose prediction has left the image is dropped at once, for the same reason. The
+association steps themselves (IoU, assignment, the appearance gates, re-linking)
+are functions on arrays in agent/association.py.
 
 Association ignores labels: a detector that flickers between car and truck still
 yields one track. Each track keeps a confidence-weighted vote over the classes it was
