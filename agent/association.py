@@ -11,7 +11,8 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 NONE = np.zeros(0, np.intp)
-RELINK_HEIGHT_RATIO = 1.43  # a re-linked box is 0.7-1.43x the height the track was last seen
+# A re-linked box is this many times the height the track was last seen with.
+RELINK_MIN_RATIO, RELINK_MAX_RATIO = 0.7, 1.43
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -123,8 +124,7 @@ def relink(
     dist = 0.5 * np.hypot(dx, dy)
     reach = seen_h * (radius + speed * unseen)
     sim = similarity(track_feat, feats, blank=0.0)  # colours needed here
-    ok = (dist <= reach[:, None]) & (ratio >= 1 / RELINK_HEIGHT_RATIO)
-    ok &= ratio <= RELINK_HEIGHT_RATIO
+    ok = (dist <= reach[:, None]) & (ratio >= RELINK_MIN_RATIO) & (ratio <= RELINK_MAX_RATIO)
     return match(np.where(ok, sim, 0.0), min_sim)
 
 

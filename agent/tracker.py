@@ -500,7 +500,9 @@ class ByteTracker:
         if self.frame_size is not None:
             # Whoever walked out of the picture is gone: kept for ``lost_buffer``, the
             # id would pass to the next person who comes in near where they left.
-            drop |= (table[:, _STATE] == LOST) & left_frame(table, self.frame_size)
+            lost = table[:, _STATE] == LOST
+            if lost.any():
+                drop |= lost & left_frame(table, self.frame_size)
         if drop.any():
             self._table = table[~drop]
             if self._feat is not None:
