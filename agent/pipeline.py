@@ -116,6 +116,8 @@ class CameraPipeline:
         self.stats.inference_s += infer
         self.stats.last_inference_s = infer
         self.stats.detections += len(dets)
+        if image is not None:
+            self.tracker.frame_size = (image.shape[1], image.shape[0])
         feats = None  # torso colours, for a tracker that uses appearance
         if self.tracker.config.appearance and image is not None and len(dets):
             # Only people have a torso; other objects get no colours and are

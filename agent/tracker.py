@@ -14,6 +14,10 @@ With ``appearance`` (default; people only, torso colour histograms computed by t
 pipeline, agent/appearance.py), association also weighs how alike a track and a
 detection look, and a lost track is taken back only by a detection that looks like
 it: without it, an id whose person left passes to whoever appears next nearby.
+When the frame size is known (`CameraPipeline` sets ``frame_size``), a lost track
+whose prediction has left the image is dropped at once, for the same reason. The
+association steps themselves (IoU, assignment, the appearance gates, re-linking)
+are functions on arrays in agent/association.py.
 
 Association ignores labels: a detector that flickers between car and truck still
 yields one track. Each track keeps a confidence-weighted vote over the classes it was
@@ -38,9 +42,12 @@ from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from scipy.optimize import linear_sum_assignment
 
 from . import kalman
+from .association import NONE as _NONE
+from .association import block_match as _block_match
+from .association import iou_matrix, left_frame, look_match, relink
+from .association import match as _match
 from .detections import UNTRACKED, Detections
 
 TENTATIVE, TRACKED, LOST = 0, 1, 2
@@ -54,7 +61,6 @@ _OBS = slice(_STATE + 4, _STATE + 8)  # the last matched detection box (xyxy)
 _ORIGIN = slice(_STATE + 8, _STATE + 12)  # the detection box that started the track
 _VOTES = _STATE + 12  # one column per class id, widened when a new class id appears
 
-_NONE = np.zeros(0, np.intp)
 LOST_SECONDS = 3.0  # how long ``TrackerConfig.for_fps`` keeps a lost track
 WEAK_BIRTH_SECONDS = 0.1  # ``for_fps``: the extra confirmation of a weakly started track
 RELINK_HEIGHTS_PER_S = 1.5  # ``for_fps``: how far (box heights per second) a re-link reaches
@@ -242,56 +248,11 @@ class TrackerSpec(BaseModel):
         )
 
 
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of xyxy boxes (N, 4) x (M, 4)."""
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)), np.float64)
-    wh = np.minimum(a[:, None, 2:], b[:, 2:])
-    wh -= np.maximum(a[:, None, :2], b[:, :2])
-    np.maximum(wh, 0, out=wh)
-    inter = wh[..., 0] * wh[..., 1]
-    size_a = a[:, 2:] - a[:, :2]
-    size_b = b[:, 2:] - b[:, :2]
-    union = (size_a[:, 0] * size_a[:, 1])[:, None] + size_b[:, 0] * size_b[:, 1]
-    union -= inter
-    return inter / np.maximum(union, 1e-9)
-
-
 def _voted(rows: np.ndarray) -> np.ndarray:
     """Each track row's class: the most score-weighted votes (a tie: the lower id)."""
     if rows.shape[1] == _VOTES + 1:  # only class 0 seen so far
         return np.zeros(len(rows), np.int32)
     return rows[:, _VOTES:].argmax(axis=1).astype(np.int32)
-
-
-def _match(iou: np.ndarray, min_iou: float) -> tuple[np.ndarray, np.ndarray]:
-    """Maximum-IoU assignment over the pairs with IoU >= min_iou: (rows, cols).
-
-    Pairs under the gate cannot be matched, so they take no part in the optimisation
-    either. When no row and no column has two candidates, the candidates are the
-    answer and the assignment solver is skipped.
-    """
-    ok = iou >= min_iou
-    rows, cols = ok.nonzero()
-    n = len(rows)
-    if n <= 1:
-        return rows, cols
-    # A handful of candidates: Python sets are cheaper than numpy reductions here.
-    if len(set(rows.tolist())) == n and len(set(cols.tolist())) == n:
-        return rows, cols
-    rows, cols = linear_sum_assignment(np.where(ok, iou, 0.0), maximize=True)
-    keep = ok[rows, cols]
-    return rows[keep], cols[keep]
-
-
-def _block_match(
-    iou: np.ndarray, rows: np.ndarray, cols: np.ndarray, min_iou: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """``_match`` on the block iou[rows][:, cols]; returns global (rows, cols)."""
-    if len(rows) == 0 or len(cols) == 0:
-        return _NONE, _NONE
-    r, c = _match(iou[rows][:, cols], min_iou)
-    return rows[r], cols[c]
 
 
 class ByteTracker:
@@ -310,6 +271,9 @@ class ByteTracker:
         self._origins: Detections | None = None
         # Appearance of each track row (unit vectors), kept once `update` got any.
         self._feat: np.ndarray | None = None
+        self.frame_size: tuple[int, int] | None = None
+        """(width, height) of the frames, when known (`CameraPipeline` sets it): a lost
+        track whose predicted centre has left the image is dropped at once."""
 
     @property
     def active_ids(self) -> set[int]:
@@ -481,29 +445,17 @@ class ByteTracker:
     # -- internals ---------------------------------------------------------------
 
     def _look_match(self, iou, rows, cols, feats, min_iou, block=False):
-        """``_block_match`` by IoU + ``appearance_weight`` x similarity over the pairs
-        with IoU >= min_iou and similarity >= ``appearance_veto`` (a track or a box
-        without colours passes the veto)."""
-        if len(rows) == 0 or len(cols) == 0:
-            return _NONE, _NONE
+        """`association.look_match` for track rows: a tracked track and a box less
+        alike than ``appearance_veto`` are never a pair, and taking back a lost track
+        is re-identification (``relink_sim``); a track or a box without colours
+        passes."""
         cfg = self.config
-        block = iou if block else iou[rows][:, cols]
-        sim = self._similarity(rows, feats[cols])
-        # Taking back a lost track is re-identification: it must look like it.
-        need = np.where(self._table[rows, _STATE] == LOST, cfg.relink_sim, cfg.appearance_veto)
-        ok = (block >= min_iou) & (sim >= need[:, None])
-        r, c = _match(np.where(ok, block + cfg.appearance_weight * sim, 0.0), 1e-9)
-        return rows[r], cols[c]
-
-    def _similarity(self, rows, feats, blank: float = 1.0):
-        """Appearance similarity of track rows x detection features; ``blank`` where
-        either has no colours (not a person, no torso pixels): by default 1, so it
-        neither helps nor blocks a match."""
         assert self._feat is not None
-        sim = self._feat[rows] @ feats.T
-        none = (self._feat[rows].sum(axis=1) == 0)[:, None] | (feats.sum(axis=1) == 0)[None, :]
-        sim[none] = blank
-        return sim
+        lost = self._table[rows, _STATE] == LOST
+        need = np.where(lost, cfg.relink_sim, cfg.appearance_veto)
+        return look_match(
+            iou, rows, cols, self._feat[rows], feats, need, min_iou, cfg.appearance_weight, block
+        )
 
     def _relink(self, free_track, confirmed, free_det, boxes, feats, m4_t, m4_d):
         """Stage 5: returns stage 4's pairs plus the re-linked ones (see
@@ -512,20 +464,18 @@ class ByteTracker:
         orphans = _flat(free_track & confirmed)
         if not len(orphans):
             return m4_t, m4_d
-        table = self._table
+        assert self._feat is not None
         left = _flat(free_det)
-        obs = table[orphans, _OBS]
-        seen_h = np.maximum(obs[:, 3] - obs[:, 1], 1.0)
-        cand = boxes[left].astype(np.float64)
-        ratio = (cand[:, 3] - cand[:, 1])[None, :] / seen_h[:, None]
-        dx = (obs[:, 0] + obs[:, 2])[:, None] - (cand[:, 0] + cand[:, 2])[None, :]
-        dy = (obs[:, 1] + obs[:, 3])[:, None] - (cand[:, 1] + cand[:, 3])[None, :]
-        dist = 0.5 * np.hypot(dx, dy)
-        unseen = self.frame - table[orphans, _LAST]
-        reach = seen_h * (cfg.relink_radius + cfg.relink_speed * unseen)
-        sim = self._similarity(orphans, feats[left], blank=0.0)  # colours needed here
-        ok = (dist <= reach[:, None]) & (ratio >= 0.7) & (ratio <= 1.43)
-        r, c = _match(np.where(ok, sim, 0.0), cfg.relink_sim)
+        r, c = relink(
+            self._table[orphans, _OBS],
+            self.frame - self._table[orphans, _LAST],
+            self._feat[orphans],
+            boxes[left],
+            feats[left],
+            radius=cfg.relink_radius,
+            speed=cfg.relink_speed,
+            min_sim=cfg.relink_sim,
+        )
         if not len(r):
             return m4_t, m4_d
         free_det[left[c]] = False
@@ -547,6 +497,12 @@ class ByteTracker:
         unmatched_for = self.frame - table[:, _LAST]
         drop = unmatched_for > self.config.lost_buffer
         drop |= (table[:, _STATE] == TENTATIVE) & (unmatched_for > self.config.tentative_misses)
+        if self.frame_size is not None:
+            # Whoever walked out of the picture is gone: kept for ``lost_buffer``, the
+            # id would pass to the next person who comes in near where they left.
+            lost = table[:, _STATE] == LOST
+            if lost.any():
+                drop |= lost & left_frame(table, self.frame_size)
         if drop.any():
             self._table = table[~drop]
             if self._feat is not None:
