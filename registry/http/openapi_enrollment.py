@@ -7,7 +7,10 @@ from typing import Any
 from .openapi import BAD, DEVICE_PATH, NAME, REASON, UNAUTH, _error, _json, _param, json_body
 
 TOKEN_PATH = _param(
-    "token_id", "path", {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}, "bootstrap token id"
+    "token_id",
+    "path",
+    {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
+    "bootstrap token id",
 )
 OFF = {"503": _error("this registry does not enroll devices (no [enrollment])")}
 
