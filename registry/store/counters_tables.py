@@ -33,4 +33,4 @@ class DeviceCounters(BaseModel):
         table_name = "device_counters"
 
 
-COUNTER_MODELS: list[type[pw.Model]] = [DeviceCounters]
+COUNTER_MODELS: tuple[type[pw.Model], ...] = (DeviceCounters,)
