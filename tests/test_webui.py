@@ -461,6 +461,7 @@ def test_relays_page_shows_the_report_and_requeues_parked_messages(site, operato
     page.wait_for_selector("#outboxes tr[data-relay=gcp]")
     cells = page.locator("#outboxes tr[data-relay=gcp] td").all_inner_texts()
     assert cells[3] == "1" and cells[4] == "2"
+    page.wait_for_selector("#parked td:text-is('sim-a/counts/2')")  # filled after outboxes
     assert page.locator("#parked tr").count() == 2
     shot(site, page, "relays")
     # A viewer sees the report but neither the parked list nor the button.
