@@ -8,7 +8,8 @@ of minute bins); not a test.
 Fills a SQLite registry database the way ingest leaves it: ``line_rollup`` for
 ``--devices`` devices over ``--days`` days (one camera, 2 lines, 1 class; minute, hour
 and day buckets, by `bench_series.fill`), and the raw ``count_bin`` rows of the last
-``--raw-days`` days (one per device and minute: what ``/api/devices`` counts). Then
+``--raw-days`` days (one per device and minute; ``/api/devices`` reads their per-device
+counters, which the fill back-fills as migration 20 does). Then
 times, through the Flask app with a viewer token, every request the open dashboard
 makes: the page itself, one 2-second poll of its counts (6 distinct ``/api/series``
 queries: today, the last hour (also the default range and the class mix), the flow
@@ -37,6 +38,7 @@ from urllib.parse import urlencode
 import peewee as pw
 from bench_series import DAY, fill, machine, stored
 
+from flowfleet.registry.fleet import counters
 from flowfleet.registry.http import auth
 from flowfleet.registry.http.web import create_app
 from flowfleet.registry.store import db as regdb
@@ -64,7 +66,35 @@ def fill_raw_bins(db: pw.Database, devices: int, days: int, end: float) -> float
         )
         db.execute_sql("DROP TABLE bench_rawd")
         db.execute_sql("DROP TABLE bench_rawm")
+        # Ingest keeps the per-device counters /api/devices reads; rows inserted here
+        # bypass it, so count them the way migration 20 does for an older database.
+        counters.backfill(db)
     return time.perf_counter() - t0
+
+
+def old_counts() -> tuple[dict, dict, dict]:
+    """The queries /api/devices ran on every request before migration 20 (copied from
+    registry/http/web.py as it was): every raw bin and beat counted per device."""
+    cb, hb, dl = regdb.CountBin, regdb.HealthBeat, regdb.DeadLetter
+    bins = {
+        d: (n, top)
+        for d, n, top in cb.select(cb.device, pw.fn.COUNT(cb.id), pw.fn.MAX(cb.seq))
+        .group_by(cb.device)
+        .tuples()
+    }
+    beats = {
+        d: (n, top)
+        for d, n, top in hb.select(hb.device, pw.fn.COUNT(hb.id), pw.fn.MAX(hb.seq))
+        .group_by(hb.device)
+        .tuples()
+    }
+    dead = dict(
+        dl.select(dl.device, pw.fn.COUNT(dl.id))
+        .where(dl.device.is_null(False))
+        .group_by(dl.device)
+        .tuples()
+    )
+    return bins, beats, dead
 
 
 def series_urls(now: float) -> list[str]:
@@ -191,6 +221,17 @@ def run(args, path: Path) -> int:
             key = u.split("?")[0] + ("?" + u.split("?")[1][:60] if "?" in u else "")
             per_url.setdefault(key, []).append(ms)
         per_url.setdefault("/ (page)", []).append(page)
+    # Side by side: what /api/devices computed per request before migration 20 (every
+    # raw bin and beat counted), against reading the counters ingest keeps.
+    raw_counting, kept = [], []
+    with db.connection_context():
+        for _ in range(args.rounds):
+            t = time.perf_counter()
+            old_counts()
+            raw_counting.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            counters.read()
+            kept.append((time.perf_counter() - t) * 1000)
     results = {
         "database": regdb.describe(db),
         "machine": machine(),
@@ -207,6 +248,10 @@ def run(args, path: Path) -> int:
             "page_plus_both_polls": summary([r["page"] + r["counts"] + r["fleet"] for r in rounds]),
         },
         "per_request": {k: summary(v) for k, v in per_url.items()},
+        "device_counters": {
+            "counted_from_raw_tables": summary(raw_counting),
+            "read_from_device_counters": summary(kept),
+        },
     }
     rows = size["rows"]
     print(
@@ -216,7 +261,9 @@ def run(args, path: Path) -> int:
     )
     print("cold first round:", cold)
     print(f"{'what (warm)':<70} {'n':>3} {'p50 ms':>8} {'max ms':>8}")
-    for name, s in list(results["warm"].items()) + list(results["per_request"].items()):
+    rows_out = list(results["warm"].items()) + list(results["per_request"].items())
+    rows_out += list(results["device_counters"].items())
+    for name, s in rows_out:
         print(f"{name:<70} {s['n']:>3} {s['p50_ms']:>8} {s['max_ms']:>8}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")

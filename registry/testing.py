@@ -82,6 +82,7 @@ def reset_database(db: pw.Database) -> None:
 
     Tables a test dropped are re-created; every table is emptied.
     """
+    from .store.counters_tables import COUNTER_MODELS
     from .store.drift_tables import DRIFT_MODELS
     from .store.enrollment_tables import ENROLLMENT_MODELS
     from .store.migrations import migrate
@@ -95,6 +96,7 @@ def reset_database(db: pw.Database) -> None:
     models = regdb.MODELS + DRIFT_MODELS + ROLLOUT_MODELS + SHADOW_MODELS + WEBHOOK_MODELS
     models += RELAY_MODELS
     models += ENROLLMENT_MODELS
+    models += COUNTER_MODELS
     with db.connection_context():
         db.create_tables(models, safe=True)
         # DELETE, not TRUNCATE: for a few rows it is far cheaper on PostgreSQL (TRUNCATE

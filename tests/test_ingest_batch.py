@@ -15,6 +15,7 @@ import random
 import pytest
 
 from flowfleet.contract import Topics
+from flowfleet.registry.fleet import counters
 from flowfleet.registry.fleet.ingest import DEFERRED, ERROR, Ingestor
 from flowfleet.registry.store import db as regdb
 from flowfleet.registry.testing import KINDS, temporary_database
@@ -96,7 +97,27 @@ def _snapshot() -> dict[str, list]:
         "beats": rows(regdb.HealthBeat, "device", "seq"),
         "events": rows(regdb.Event, "device", "seq", "type"),
         "gaps": rows(regdb.CountGap, "device", "first", "last"),
+        "counters": sorted(
+            (d, *(getattr(c, k) for k in COUNTER_FIELDS)) for d, c in counters.read().items()
+        ),
     }
+
+
+COUNTER_FIELDS = (
+    "bins",
+    "bin_seq_max",
+    "last_bin_at",
+    "beats",
+    "beat_seq_max",
+    "last_beat_at",
+    "dead_letters",
+)
+
+
+def _counters_equal_the_raw_tables() -> None:
+    """The counters ingest kept equal what /api/devices used to count per request."""
+    kept = {d: {k: getattr(c, k) for k in COUNTER_FIELDS} for d, c in counters.read().items()}
+    assert kept == counters.computed()
 
 
 def _run(url: str, stream, batches: list[int] | None) -> tuple[list[str], dict, dict]:
@@ -108,6 +129,7 @@ def _run(url: str, stream, batches: list[int] | None) -> tuple[list[str], dict, 
         for size in batches:
             outcomes += ingestor.handle_batch(stream[i : i + size])
             i += size
+    _counters_equal_the_raw_tables()
     return outcomes, _snapshot(), ingestor.take_acks()
 
 

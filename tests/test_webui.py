@@ -228,6 +228,7 @@ def test_sign_in_shows_the_shell_on_every_page_within_the_weight_budget(site, op
         ("/models", "models"),
         ("/rollouts", "rollouts"),
         ("/events", "events"),
+        ("/relays", "relays"),
     ):
         page.goto(site["url"] + path)
         assert page.locator("header.shell nav a[aria-current=page]").count() == 1, path
@@ -419,6 +420,71 @@ def test_pause_resume_and_abort_a_rollout_from_its_page(site, operator):
     wait_for(lambda: sim_c.running == (MODEL, 2), 15, "sim-c still on v2")
 
 
+def test_relays_page_shows_the_report_and_requeues_parked_messages(site, operator, browser):
+    from flowfleet.registry.relays import outbox, usage
+    from flowfleet.registry.relays.outbox import Route, Stored
+
+    db = regdb.Device._meta.database
+    t = time.time()
+    with db.atomic():
+        usage.record("aws", t, usage.Tally(messages=900, publishes=90, bytes=450_000, units=90))
+        tally = usage.Tally(messages=400, publishes=400, bytes=240_000, units=400, failures=3)
+        for ms in (12.0, 15.0, 40.0):
+            tally.observe_ms(ms)
+        usage.record("gcp", t, tally)
+        rows = [Stored("sim-a", "counts", s, "{}", t - 30) for s in (1, 2, 3)]
+        outbox.queue_stored(db, [Route("gcp", ("counts",))], rows)
+        for row in outbox.due("gcp", 2):
+            outbox.park(row.id, "refused by gcp: InvalidArgument")
+    page = operator
+    page.goto(site["url"] + "/relays")
+    page.wait_for_selector("#report tr[data-relay=gcp]")
+    source = page.get_attribute("#report", "data-source")
+    api = _get(site["url"] + source, {"Authorization": f"Bearer {site['token']}"})
+    assert [r["relay"] for r in api["relays"]] == ["aws", "gcp"]
+    for r in api["relays"]:
+        cells = page.locator(f"#report tr[data-relay={r['relay']}] td").all_inner_texts()
+        assert cells[1] == f"{r['messages']:,}" and cells[4] == f"{r['units']:,}"
+        assert cells[5] == str(r["failures"])
+        # The bill scales the period's volume to a month, and the period ends "now":
+        # the page's request and this one, moments apart, may differ by a few cents.
+        for cell, usd in (
+            (cells[11], r["monthly"]["usd"]),
+            (cells[12], r["monthly_doubled"]["usd"]),
+        ):
+            assert cell.startswith("$") and abs(float(cell[1:].replace(",", "")) - usd) <= max(
+                0.02, 0.05 * usd
+            ), (cell, usd)
+        assert page.locator(f"#advice li[data-relay={r['relay']}]").inner_text().count(r["advice"])
+    gcp = page.locator("#report tr[data-relay=gcp] td").all_inner_texts()
+    assert gcp[8] != "-" and gcp[10] != "-"  # latency percentiles shown
+    page.wait_for_selector("#outboxes tr[data-relay=gcp]")
+    cells = page.locator("#outboxes tr[data-relay=gcp] td").all_inner_texts()
+    assert cells[3] == "1" and cells[4] == "2"
+    page.wait_for_selector("#parked td:text-is('sim-a/counts/2')")  # filled after outboxes
+    assert page.locator("#parked tr").count() == 2
+    shot(site, page, "relays")
+    # A viewer sees the report but neither the parked list nor the button.
+    ctx, viewer = _login(browser, site, "vera")
+    try:
+        viewer.goto(site["url"] + "/relays")
+        viewer.wait_for_selector("#report tr[data-relay=gcp]")
+        assert viewer.locator("button[data-requeue]").count() == 0
+        assert viewer.locator("#parked").count() == 0
+    finally:
+        ctx.close()
+    page.once("dialog", lambda d: d.accept("topic fixed"))
+    page.click("button[data-requeue=gcp]")
+    page.wait_for_selector("#notice :text('gcp: 2 messages requeued')")
+    page.wait_for_selector("#parked td.empty")
+    with db.connection_context():
+        assert outbox.parked("gcp") == [] and len(outbox.due("gcp", 10)) == 3
+    audit = _get(site["url"] + "/api/audit?limit=5", {"Authorization": f"Bearer {site['token']}"})[
+        "entries"
+    ]
+    assert any(e["action"] == "relay.requeue" and e["reason"] == "topic fixed" for e in audit)
+
+
 def test_csrf_and_roles_refuse_bad_forms(browser, site, data):
     ctx, page = _login(browser, site, "vera")
     try:
@@ -440,6 +506,12 @@ def test_csrf_and_roles_refuse_bad_forms(browser, site, data):
             headers={"Content-Type": "application/json", "X-CSRF-Token": csrf},
         )
         assert r.status == 403
+        r = req.post(
+            f"{site['url']}/api/relays/gcp/requeue",
+            data=json.dumps({"reason": "a viewer may not"}),
+            headers={"Content-Type": "application/json", "X-CSRF-Token": csrf},
+        )
+        assert r.status == 403 and "operator" in r.json()["error"]["message"]
     finally:
         ctx.close()
     ctx, page = _login(browser, site, "olive")
@@ -454,6 +526,12 @@ def test_csrf_and_roles_refuse_bad_forms(browser, site, data):
         r = req.post(
             f"{site['url']}/api/devices/sim-a/deployments",
             data=json.dumps({"camera": CAMERA, "model": MODEL, "version": 1}),
+            headers={"Content-Type": "application/json"},
+        )
+        assert r.status == 403 and r.json()["error"]["code"] == "csrf_failed"
+        r = req.post(
+            f"{site['url']}/api/relays/gcp/requeue",
+            data=json.dumps({"reason": "no token"}),
             headers={"Content-Type": "application/json"},
         )
         assert r.status == 403 and r.json()["error"]["code"] == "csrf_failed"

@@ -7,7 +7,8 @@ most of the traffic. Per batch, whatever its size:
 - one SELECT each for the devices' acknowledgement state, their highest stored seq,
   and the (device, seq) pairs already stored (redeliveries);
 - one INSERT .. RETURNING of the new bins, one INSERT each of their line and zone
-  rows, one upsert per rollup table (`RollupBatch`);
+  rows, one upsert per rollup table (`RollupBatch`), one upsert of the devices'
+  counters (`flowfleet.registry.fleet.counters`: bins stored, highest seq);
 - one UPDATE per device whose bins arrived in order (its end-to-end ack), and the
   full walk of `flowfleet.registry.fleet.ack` only for a device with holes.
 
@@ -35,6 +36,7 @@ from flowfleet.contract import CountBin as CountBinPayload
 
 from ..store import bulk
 from ..store.db import CountBin, CountGap, Device, LineTotal, ZoneTotal
+from . import counters
 from .ack import advance_counts_ack
 from .bounds import seq_jump_reason
 from .series import RollupBatch
@@ -180,6 +182,7 @@ def store_bins(items: list[BinItem], rollups: RollupBatch) -> BinsResult:
         result.custody[d].append(m.seq)
     bulk.insert(db, LineTotal, _LINE_COLUMNS, lines)
     bulk.insert(db, ZoneTotal, _ZONE_COLUMNS, zones)
+    counters.add_bins(db, ((it.device, it.message.seq, it.received_at) for it, _ in new))
     return result
 
 

@@ -59,6 +59,7 @@ from ..store.db import (
     now,
     require_bound,
 )
+from . import counters
 from .ack import ack_state, note_count_seq, note_gap
 from .batch import BinItem, conflict_reason, settle_acks, store_bins, touch_devices
 from .bounds import check_seq_jump
@@ -487,16 +488,20 @@ class Ingestor:
                 ]
             ).execute()
         add_bin(device, message, self.buckets)
+        counters.add_bins(self.db, [(device, message.seq, received_at)])
         return STORED
 
     def _store_health(self, device: str, message: HealthPayload, received_at: float) -> str:
-        return self._store_once(
+        outcome = self._store_once(
             HealthBeat,
             "health beat",
             device,
             message,
             {"ts": message.ts, "received_at": received_at},
         )
+        if outcome == STORED:  # a duplicate inserted nothing: nothing to count
+            counters.add_beat(self.db, device, message.seq, received_at)
+        return outcome
 
     def _store_event(self, device: str, message: EventPayload, received_at: float) -> str:
         outcome = self._store_once(
@@ -644,6 +649,7 @@ class Ingestor:
             kind=kind,
             seq=seq,
         )
+        counters.add_dead_letter(self.db, device)
         whole = len(payload) <= DEAD_LETTER_MAX_BYTES
         if kind == "counts" and device is not None and seq is not None and whole:
             return device, seq

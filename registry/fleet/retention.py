@@ -35,6 +35,7 @@ from ..store.db import CountBin, Device, HealthBeat, now
 from ..store.locks import exclusive
 from ..store.shadow_tables import ShadowWindow
 from ..store.webhook_tables import WebhookAttempt, WebhookDelivery
+from . import counters
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def prune(db: pw.Database, keep_days: float, at: float | None = None) -> dict[st
         )
         if newest is not None:
             with exclusive(db, "retention"):
-                out["health_beats"] += (
+                gone = (
                     HealthBeat.delete()
                     .where(
                         (HealthBeat.device == device)
@@ -83,6 +84,8 @@ def prune(db: pw.Database, keep_days: float, at: float | None = None) -> dict[st
                     )
                     .execute()
                 )
+                counters.remove_beats(device, gone)  # /api/devices counts stored beats
+            out["health_beats"] += gone
     return out
 
 

@@ -380,6 +380,10 @@ SCHEMAS: dict[str, Any] = {
             "agent_version": {"type": ["string", "null"]},
             "bins": {"type": "integer", "minimum": 0},
             "highest_seq": {"type": ["integer", "null"]},
+            "last_bin_at": {
+                "type": ["number", "null"],
+                "description": "when the newest stored count bin arrived",
+            },
             "gaps": {"type": "integer", "minimum": 0},
             "health_beats": {"type": "integer", "minimum": 0},
             "last_health": {"type": ["object", "null"]},

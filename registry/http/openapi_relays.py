@@ -59,6 +59,61 @@ PARKED = {
         "reason": {"type": "string"},
     },
 }
+USD = {"type": ["number", "null"], "description": "US dollars per month"}
+ESTIMATE = {
+    "type": "object",
+    "required": ["usd", "unpacked_usd"],
+    "properties": {
+        "usd": USD,
+        "unpacked_usd": {**USD, "description": "the same messages sent one per cloud message"},
+        "tier": {
+            "type": ["object", "null"],
+            "description": "Azure: the cheapest tier that carries the volume",
+            "properties": {
+                "tier": {"type": "string"},
+                "units": {"type": "integer"},
+                "usd": {"type": "number"},
+            },
+        },
+        "tiers": {"type": "array", "items": {"type": "object"}, "description": "Azure"},
+    },
+}
+REPORT_ROW = {
+    "type": "object",
+    "required": [
+        "relay",
+        "service",
+        "price_source",
+        "price_as_of",
+        "span_s",
+        "messages",
+        "publishes",
+        "bytes",
+        "units",
+        "failures",
+        "retries",
+        "parked",
+        "latency_ms",
+        "monthly",
+        "monthly_doubled",
+        "advice",
+    ],
+    "properties": {
+        "relay": RELAY,
+        "service": {"type": "string"},
+        "price_source": {"type": "string"},
+        "price_as_of": {"type": "string"},
+        "span_s": {"type": "number", "description": "seconds of usage the estimate scales"},
+        **{
+            k: {"type": "integer"}
+            for k in ("messages", "publishes", "bytes", "units", "failures", "retries", "parked")
+        },
+        "latency_ms": USAGE["properties"]["latency_ms"],
+        "monthly": ESTIMATE,
+        "monthly_doubled": {**ESTIMATE, "description": "with twice the fleet's volume"},
+        "advice": {"type": "string", "description": "which tier or packing costs least"},
+    },
+}
 
 
 def relay_paths() -> dict[str, Any]:
@@ -87,6 +142,44 @@ def relay_paths() -> dict[str, Any]:
                             },
                         },
                         "relays that run here or have rows or usage",
+                    ),
+                    **BAD,
+                    **UNAUTH,
+                },
+            }
+        },
+        "/api/relays/report": {
+            "get": {
+                "summary": "The cloud comparison: volume, quality, latency, monthly bill (viewer)",
+                "security": bearer,
+                "parameters": [
+                    _param(
+                        "hours",
+                        "query",
+                        {"type": "integer", "minimum": 1, "maximum": 24 * 366},
+                        "the period: the last hours (default 168)",
+                    )
+                ],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": [
+                                "since",
+                                "until",
+                                "hours",
+                                "price_table_version",
+                                "relays",
+                            ],
+                            "properties": {
+                                "since": {"type": "number"},
+                                "until": {"type": "number"},
+                                "hours": {"type": "integer"},
+                                "price_table_version": {"type": ["integer", "string"]},
+                                "relays": {"type": "array", "items": REPORT_ROW},
+                            },
+                        },
+                        "relays that forwarded anything in the period",
                     ),
                     **BAD,
                     **UNAUTH,
@@ -122,7 +215,7 @@ def relay_paths() -> dict[str, Any]:
         },
         "/api/relays/{relay}/requeue": {
             "post": {
-                "summary": "Send a relay's parked messages again (admin; audited)",
+                "summary": "Send a relay's parked messages again (operator; audited)",
                 "security": bearer,
                 "parameters": [_param("relay", "path", RELAY, "the relay")],
                 "requestBody": json_body({"reason": {"type": "string"}}),

@@ -2,9 +2,13 @@
 
 ``GET /api/relays`` (viewer): per relay its outbox (queued, parked, oldest), its live
 state in this process (circuit breaker, last error) and what it forwarded over the
-last ``hours`` (default 24). ``GET /api/relays/parked`` (operator): the parked
-messages with their reasons. ``POST /api/relays/<relay>/requeue`` (admin): send a
-relay's parked messages again, once their cause is fixed.
+last ``hours`` (default 24). ``GET /api/relays/report`` (viewer): the comparison
+report (`flowfleet.registry.relays.report`) over the last ``hours``: per cloud the
+volume, failures, latency and the estimated monthly bill now, with twice the fleet and
+unpacked, and which tier or packing setting costs least. ``GET /api/relays/parked``
+(operator): the parked messages with their reasons. ``POST
+/api/relays/<relay>/requeue`` (operator, audited): send a relay's parked messages
+again, once their cause is fixed.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import time
 from flask import Blueprint, current_app, jsonify
 
 from ..errors import RegistryError
-from ..relays import outbox, usage
+from ..relays import outbox, report, usage
 from ..relays.clouds import CLOUDS
 from ..store.audit import audit
 from .api import _actor, _json_body, int_arg, query_args, requires
@@ -67,6 +71,17 @@ def _usage(u: dict | None) -> dict:
     return {**{k: u[k] for k in keys}, "latency_ms": u["latency_ms"]}
 
 
+@bp.get("/relays/report")
+@requires("viewer")
+def relay_report():
+    """The cloud comparison over the last ``hours`` (default 168, a week)."""
+    args = query_args(("hours",))
+    hours = int_arg(args, "hours", 168, 1, 24 * 366)
+    until = time.time()
+    body = report.build_report(until - hours * 3600, until)
+    return jsonify({**body, "hours": hours})
+
+
 @bp.get("/relays/parked")
 @requires("operator")
 def list_parked():
@@ -77,7 +92,7 @@ def list_parked():
 
 
 @bp.post("/relays/<relay>/requeue")
-@requires("admin")
+@requires("operator")
 def requeue(relay: str):
     query_args(())
     name = _relay(relay)

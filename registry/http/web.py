@@ -39,14 +39,13 @@ from flowfleet.contract import CameraModel, Topics, is_valid_name
 from flowfleet.contract import DriftSummary as DriftPayload
 
 from ..catalog.modelreg import ModelRegistry, RegistryError
-from ..fleet import series
+from ..fleet import counters, series
 from ..fleet.commands import CommandPublisher, pending_summary
 from ..fleet.devices import DEFAULT_STALE_AFTER_S, REGISTRATIONS, device_dict
 from ..fleet.webhooks import WebhookJob
 from ..metrics import install_metrics
 from ..store.db import (
     STEPS,
-    CountBin,
     DeadLetter,
     Device,
     DriftSummary,
@@ -192,28 +191,10 @@ def devices(
 ) -> list[dict[str, Any]]:
     """Every known device (or those of one ``registration``) with its state, ingest
     bookkeeping and record (`flowfleet.registry.fleet.devices`); see /api/devices."""
-    bins = {
-        d: (n, top)
-        for d, n, top in CountBin.select(
-            CountBin.device, pw.fn.COUNT(CountBin.id), pw.fn.MAX(CountBin.seq)
-        )
-        .group_by(CountBin.device)
-        .tuples()
-    }
-    beats = {
-        d: (n, top)
-        for d, n, top in HealthBeat.select(
-            HealthBeat.device, pw.fn.COUNT(HealthBeat.id), pw.fn.MAX(HealthBeat.seq)
-        )
-        .group_by(HealthBeat.device)
-        .tuples()
-    }
-    dead = dict(
-        DeadLetter.select(DeadLetter.device, pw.fn.COUNT(DeadLetter.id))
-        .where(DeadLetter.device.is_null(False))
-        .group_by(DeadLetter.device)
-        .tuples()
-    )
+    # Kept by ingest in the transaction that stores what they count
+    # (`flowfleet.registry.fleet.counters`): reading them costs one row per device,
+    # however long the fleet's history.
+    kept = counters.read()
     reported = {row.device_id: row for row in ReportedState.select()}
     result = []
     at = now()
@@ -221,21 +202,22 @@ def devices(
     if registration is not None:
         query = query.where(Device.accepted_at.is_null(registration == "unregistered"))
     for dev in query:
-        n_bins, top = bins.get(dev.id, (0, None))
-        n_bins += dev.bins_pruned or 0  # retention removed them; they were received
-        n_beats, top_beat = beats.get(dev.id, (0, None))
+        c = kept.get(dev.id)
+        n_bins, top = (c.bins, c.bin_seq_max) if c is not None else (0, None)
+        top_beat = c.beat_seq_max if c is not None else None
         result.append(
             {
                 **device_dict(dev, at, stale_after_s),
                 "bins": n_bins,
                 "highest_seq": top,
+                "last_bin_at": c.last_bin_at if c is not None else None,
                 # seq starts at 1 and (device, seq) is unique, so every missing number
                 # below the highest is exactly highest - received (retention keeps
                 # each device's newest bin, so the highest is still stored).
                 "gaps": (top - n_bins) if top is not None else 0,
-                "health_beats": n_beats,
+                "health_beats": c.beats if c is not None else 0,
                 "last_health": _last_health(dev.id, top_beat) if top_beat else None,
-                "dead_letters": dead.get(dev.id, 0),
+                "dead_letters": c.dead_letters if c is not None else 0,
                 "reported": _reported(reported.get(dev.id)),
             }
         )
@@ -245,8 +227,7 @@ def devices(
 def device_rows(stale_after_s: float = DEFAULT_STALE_AFTER_S) -> list[dict[str, Any]]:
     """Every device's record and reported state without the ingest bookkeeping of
     `devices` (bins, gaps, health, dead letters): what the dashboard page renders at
-    once. Counting a device's bins reads every raw bin's index entry, which grows with
-    the fleet's history; the page's script fills those columns from /api/devices."""
+    once; the page's script fills those columns from /api/devices."""
     reported = {row.device_id: row for row in ReportedState.select()}
     at = now()
     return [

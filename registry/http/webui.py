@@ -8,6 +8,8 @@ Routes:
                            history, drift and shadow comparison
     GET /rollouts          staged rollouts: waves, per-device states; pause/resume/abort
     GET /events            device events, the audit trail and dead letters, filterable
+    GET /relays            the cloud relays: cost/quality comparison, outboxes, parked
+                           messages (requeue for operators)
 
 The pages are server-rendered shells; their data comes from the same REST API that
 scripts use (``/api/...``), fetched by the page's script, so a page never shows
@@ -15,7 +17,7 @@ anything the API would not. Buttons that change something call that API with the
 session's CSRF token in the ``X-CSRF-Token`` header; the API checks the role. Page
 access follows `flowfleet.registry.http.access`: map, devices, device and events
 are dashboard pages (anonymous reads where the registry allows them), rollouts need
-a viewer.
+a viewer, and so do relays.
 
 `shell` (a context processor) gives every template the navigation, the signed-in
 principal and its CSRF token; `render_error` renders the styled error pages.
@@ -43,6 +45,7 @@ NAV = (
     ("webauth.models", "Models"),
     ("ui.rollouts", "Rollouts"),
     ("ui.events", "Events"),
+    ("ui.relays", "Relays"),
 )
 HEADINGS = {
     400: "Bad request",
@@ -146,3 +149,13 @@ def events():
     return render_template(
         "events.html", can_audit=can_audit, device=request.args.get("device", "")
     )
+
+
+@bp.get("/relays")
+@requires("viewer")
+def relays():
+    """The cloud comparison over a chosen period, the outboxes and (operators) the
+    parked messages with a requeue button."""
+    principal = g.get("principal")
+    can_operate = principal is not None and principal.allows("operator")
+    return render_template("relays.html", can_operate=can_operate)

@@ -212,6 +212,16 @@ def _m18_enrollment(db: pw.Database) -> None:
     db.create_tables(ENROLLMENT_MODELS, safe=True)
 
 
+def _m20_device_counters(db: pw.Database) -> None:
+    from ..fleet.counters import backfill
+    from .counters_tables import COUNTER_MODELS
+
+    db.create_tables(COUNTER_MODELS, safe=True)
+    # One pass over the raw tables, once: from now on ingest keeps the counts.
+    n = backfill(db)
+    log.info("device_counters: back-filled %d devices from the raw tables", n)
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
     (
         1,
@@ -312,6 +322,12 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         18,
         "enrollment by claim: enrollment_token (bootstrap tokens), enrollment, reenroll_allowance",
         _m18_enrollment,
+    ),
+    (
+        20,
+        "device_counters: per-device bins, beats and dead letters kept by ingest "
+        "(back-filled from the raw tables)",
+        _m20_device_counters,
     ),
 )
 LATEST = MIGRATIONS[-1][0]
