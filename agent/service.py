@@ -36,9 +36,10 @@ from flowfleet.contract import (
     Topics,
     TrackerThresholds,
 )
-from flowfleet.contract_device import CameraGeometry, LineGeometry, ZoneGeometry
+from flowfleet.contract_device import CameraGeometry
 from flowfleet.mqtt import BrokerAddress, MqttConnection, Will
 
+from .camsetup import geometry_of
 from .config import AgentConfig, CameraConfig, read_password
 from .delivery import Delivery
 from .drift import DriftWindow, RecordingDetector
@@ -57,15 +58,7 @@ def camera_geometry(config: AgentConfig) -> tuple[CameraGeometry, ...] | None:
     """Each camera's counting lines and zones, for the online status; None (left out,
     logged) when the config holds geometry outside the contract's bounds."""
     try:
-        return tuple(
-            CameraGeometry(
-                camera=c.name,
-                lines=tuple(LineGeometry(name=ln.name, points=ln.points) for ln in c.lines),
-                zones=tuple(ZoneGeometry(name=z.name, points=z.points) for z in c.zones),
-                speed=c.speed is not None,
-            )
-            for c in config.cameras
-        )
+        return tuple(geometry_of(c) for c in config.cameras)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         log.warning("camera geometry left out of the status: %s", exc)
         return None
@@ -148,6 +141,9 @@ class AgentService:
         from .shadow_control import ShadowManager
 
         self.shadows = ShadowManager(self)
+        from .camsetup import CameraSetup
+
+        self.setup = CameraSetup(self)  # pushed geometry replaces the config's here
         for cam in self.cameras.values():
             cam.model_path, cam.labels_path = self.updater.model_for(cam.config)
 
@@ -180,7 +176,11 @@ class AgentService:
             ts=time.time(),
             agent_version=__version__,
             hardware=self.hardware,
-            cameras=camera_geometry(self.config),
+            cameras=camera_geometry(
+                self.config.model_copy(
+                    update={"cameras": tuple(c.config for c in self.cameras.values())}
+                )
+            ),
         )
         self.connection.publish(self.topics.status(self.device), online.to_json(), retain=True)
         self.updater.publish_reported()

@@ -195,6 +195,7 @@ class ModelUpdater(PendingUpdates):
             ts=round(time.time(), 3),
             desired_version=self.applied_version,
             cameras=tuple(cams),
+            geometry=self.service.setup.reported(),
         )
 
     def publish_reported(self) -> None:
@@ -293,6 +294,7 @@ class ModelUpdater(PendingUpdates):
             )
             if desired.version == self.applied_version:  # the retained one, after a restart
                 self.service.shadows.apply(desired)
+                self.service.setup.apply(desired)
             return
         if desired.version < self._latest_seen:
             log.info(
@@ -333,6 +335,7 @@ class ModelUpdater(PendingUpdates):
                 )
         # Shadow comparisons after the models: a candidate compares with what is active.
         self.service.shadows.apply(desired)
+        self.service.setup.apply(desired)  # lines, zones and snapshot requests
         if retry:
             # The registry was unreachable: try the same desired state again later
             # (unless a newer one arrives first); cameras already updated are skipped.

@@ -47,7 +47,7 @@ from pydantic import (
     field_validator,
 )
 
-from flowfleet.contract_device import Cameras, Hardware
+from flowfleet.contract_device import Cameras, DesiredGeometry, Hardware, SnapshotRequest
 
 from . import speedhist
 
@@ -498,6 +498,15 @@ class Desired(_Payload):
     shadow: Annotated[dict[Name, ShadowRef], Field(max_length=64)] | None = Field(
         None, description="camera -> candidate model run in shadow"
     )
+    # Camera set-up (optional, absent unless an operator set one; docs/protocol.md#geometry).
+    geometry: Annotated[dict[Name, DesiredGeometry], Field(max_length=64)] | None = Field(
+        None, description="camera -> lines and zones it should count with"
+    )
+    snapshot: Annotated[dict[Name, SnapshotRequest], Field(max_length=64)] | None = Field(
+        None,
+        description="camera -> id of the latest calibration snapshot the registry asked "
+        "for; the device uploads one JPEG per new id, never unasked",
+    )
 
 
 UpdateState = Literal["downloading", "verified", "activated", "failed", "rolled_back"]
@@ -529,6 +538,9 @@ class Reported(_Payload):
     ts: Timestamp
     desired_version: Annotated[int, Field(ge=1, le=MAX_SAFE_INT)] | None = None
     cameras: tuple[CameraModel, ...] = ()
+    geometry: Cameras | None = Field(
+        None, description="each camera's lines and zones as it counts now"
+    )
 
 
 # Fixed histogram edges of a drift summary, so windows compare bin by bin.

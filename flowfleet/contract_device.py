@@ -76,6 +76,14 @@ class ZoneGeometry(_Model):
     points: Annotated[tuple[Point, ...], Field(min_length=3, max_length=MAX_POLYGON)]
 
 
+class Homography(_Model):
+    """A camera's speed calibration: four points as image pixels and as ground metres
+    (same order)."""
+
+    image: tuple[Point, Point, Point, Point] = Field(description="pixels in the image")
+    ground: tuple[Point, Point, Point, Point] = Field(description="metres on the ground")
+
+
 class CameraGeometry(_Model):
     """One camera's counting lines and zones, in image pixels."""
 
@@ -83,6 +91,25 @@ class CameraGeometry(_Model):
     lines: Annotated[tuple[LineGeometry, ...], Field(max_length=MAX_SHAPES)] = ()
     zones: Annotated[tuple[ZoneGeometry, ...], Field(max_length=MAX_SHAPES)] = ()
     speed: bool = Field(False, description="the camera measures ground speed")
+    homography: Homography | None = Field(
+        None, description="its speed calibration's four points (absent: none, or not told)"
+    )
 
 
 Cameras = Annotated[tuple[CameraGeometry, ...], Field(max_length=MAX_CAMERAS)]
+
+
+class DesiredGeometry(_Model):
+    """The lines and zones the registry wants one camera to count with (its desired
+    state's ``geometry``, set from the web UI's camera set-up). The agent validates
+    them with its own config models and replaces the running counters between two
+    frames; a line or zone whose name and points are unchanged keeps counting."""
+
+    lines: Annotated[tuple[LineGeometry, ...], Field(max_length=MAX_SHAPES)] = ()
+    zones: Annotated[tuple[ZoneGeometry, ...], Field(max_length=MAX_SHAPES)] = ()
+    homography: Homography | None = Field(
+        None, description="new speed calibration; absent: the camera keeps its own"
+    )
+
+
+SnapshotRequest = Annotated[int, Field(ge=1, le=2**53 - 1)]

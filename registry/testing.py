@@ -82,6 +82,7 @@ def reset_database(db: pw.Database) -> None:
 
     Tables a test dropped are re-created; every table is emptied.
     """
+    from .store.camsetup_tables import CAMSETUP_MODELS
     from .store.counters_tables import COUNTER_MODELS
     from .store.drift_tables import DRIFT_MODELS
     from .store.enrollment_tables import ENROLLMENT_MODELS
@@ -96,6 +97,7 @@ def reset_database(db: pw.Database) -> None:
     models = regdb.MODELS + DRIFT_MODELS + ROLLOUT_MODELS + SHADOW_MODELS + WEBHOOK_MODELS
     models += RELAY_MODELS
     models += ENROLLMENT_MODELS
+    models += CAMSETUP_MODELS
     models += COUNTER_MODELS
     with db.connection_context():
         db.create_tables(models, safe=True)

@@ -66,6 +66,10 @@ def browser_type():
         yield p.chromium
 
 
+# The suite runs four test files at once on two cores: a page step may take a while.
+STEP_TIMEOUT_MS = 60_000
+
+
 @pytest.fixture(scope="module")
 def browser(browser_type):
     b = browser_type.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
@@ -181,6 +185,7 @@ def _people(url: str) -> int:
 
 def _login(browser, site, name: str):
     ctx = browser.new_context(viewport={"width": 1280, "height": 860})
+    ctx.set_default_timeout(STEP_TIMEOUT_MS)
     page = ctx.new_page()
     page.goto(site["url"] + "/login?next=/")
     page.fill("input[name=username]", name)
@@ -249,6 +254,7 @@ def test_sign_in_shows_the_shell_on_every_page_within_the_weight_budget(site, op
 def test_error_pages_are_styled_and_anonymous_reads_are_read_only(browser, site):
     # Dark mode follows the system's preference.
     ctx = browser.new_context(color_scheme="dark", viewport={"width": 1280, "height": 860})
+    ctx.set_default_timeout(STEP_TIMEOUT_MS)
     page = ctx.new_page()
     resp = page.goto(site["url"] + "/no-such-page")
     assert resp.status == 404 and page.locator("header.shell").count() == 1
@@ -314,6 +320,7 @@ def test_dashboard_numbers_equal_the_api(site, operator):
 
 def test_the_map_draws_every_device_with_tiles_blocked(browser, site):
     ctx = browser.new_context(viewport={"width": 1280, "height": 860})
+    ctx.set_default_timeout(STEP_TIMEOUT_MS)
     tiles_asked: list[str] = []
 
     def block(route):

@@ -152,7 +152,9 @@ class DeploymentsMixin:
     ) -> Desired:
         """The device's whole desired state: every camera's current deployment (the
         ``given`` references as they are) and its shadow comparisons, if any
-        (`flowfleet.registry.fleet.shadow`; absent when none, as before them)."""
+        (`flowfleet.registry.fleet.shadow`; absent when none, as before them), and
+        the camera set-up (`flowfleet.registry.fleet.camsetup`: geometry pushed from
+        the web UI, the latest snapshot request per camera; absent when none)."""
         given = given or {}
         models = {}
         for d in Deployment.select().where(Deployment.device == device).order_by(Deployment.camera):
@@ -167,7 +169,17 @@ class DeploymentsMixin:
         ):
             ref = self.model_ref(self.version(r.model, r.version))
             shadow[r.camera] = ShadowRef(model=ref, share=r.share)
-        return Desired(device=device, version=version, models=models, shadow=shadow or None)
+        from .camsetup import desired_setup  # camera set-up: geometry, snapshot requests
+
+        geometry, snapshot = desired_setup(device)
+        return Desired(
+            device=device,
+            version=version,
+            models=models,
+            shadow=shadow or None,
+            geometry=geometry or None,
+            snapshot=snapshot or None,
+        )
 
     @staticmethod
     def deployment_dict(d: Deployment) -> dict:

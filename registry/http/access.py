@@ -21,7 +21,9 @@ Who is asking:
 * A *device token* (bound to one device) passes no role check. It may only download
   the artifact of a version currently deployed to its device (``deployment`` rows;
   an alias is resolved to its version first), read ``/api/keys`` and
-  ``/api/devices/<its own id>/deployments``; anything else is a 403 naming the device.
+  ``/api/devices/<its own id>/deployments``, and send a calibration snapshot asked
+  of it (``PUT /api/devices/<its own id>/cameras/<camera>/snapshot``); anything
+  else is a 403 naming the device.
 * Without an Authorization header, the web session cookie (`flowfleet.registry.
   websession`): the role is the user's. Every POST/PUT/PATCH/DELETE authenticated
   by the cookie must carry the session's CSRF token (form field ``csrf_token`` or
@@ -149,7 +151,7 @@ def _authorize_device(principal: Principal, endpoint: str) -> None:
     if endpoint == "models_api.download":
         return  # the view checks that the version is deployed to the device
     if (
-        endpoint == "models_api.list_deployments"
+        endpoint in ("models_api.list_deployments", "camsetup_api.upload_snapshot")
         and (request.view_args or {}).get("device") == device
     ):
         return
@@ -157,7 +159,8 @@ def _authorize_device(principal: Principal, endpoint: str) -> None:
         403,
         "forbidden",
         f"this is a device token for device {device!r}: it may only download the models "
-        f"deployed to {device!r} and read /api/keys and /api/devices/{device}/deployments",
+        f"deployed to {device!r}, read /api/keys and /api/devices/{device}/deployments, "
+        f"and send the snapshots asked of {device!r}",
     )
 
 

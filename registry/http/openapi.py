@@ -723,6 +723,7 @@ def _merge(*parts: dict[str, Any]) -> dict[str, Any]:
 
 
 def openapi_document() -> dict[str, Any]:
+    from .openapi_camsetup import camsetup_paths
     from .openapi_devices import device_paths, device_schemas
     from .openapi_drift import drift_paths
     from .openapi_enrollment import enrollment_paths
@@ -745,8 +746,9 @@ def openapi_document() -> dict[str, Any]:
                 'Errors are {"error": {"code", "message", "field"}}. Tokens: '
                 "Authorization: Bearer <token>; roles viewer < operator < admin. A device "
                 "token (tokens create --device) may only download the artifacts deployed to "
-                "its device, read /api/keys and its own /api/devices/{device}/deployments "
-                "(403 otherwise). A browser session (the ffr_session cookie from /login) "
+                "its device, read /api/keys and its own /api/devices/{device}/deployments, "
+                "and send the calibration snapshots asked of it (403 otherwise). "
+                "A browser session (the ffr_session cookie from /login) "
                 "carries its user's role; every POST, PUT, PATCH or DELETE it makes must send "
                 "the session's CSRF token in X-CSRF-Token (403 csrf_failed otherwise); "
                 "requests with a Bearer token need none."
@@ -777,5 +779,6 @@ def openapi_document() -> dict[str, Any]:
             rollout_paths(),
             relay_paths(),
             enrollment_paths(),
+            camsetup_paths(),
         ),
     }

@@ -62,6 +62,7 @@ from .access import install_auth
 from .api import bp as api_bp
 from .api import error_response as registry_error_response
 from .api import int_arg, query_args
+from .camsetup_api import bp as camsetup_bp
 from .devices_api import bp as devices_bp
 from .drift_api import bp as drift_bp
 from .enrollment_api import bp as enrollment_bp
@@ -527,6 +528,7 @@ def create_app(
     app.register_blueprint(rollouts_bp)
     app.register_blueprint(relays_bp)
     app.register_blueprint(webui_bp)
+    app.register_blueprint(camsetup_bp)
     app.extensions["flowfleet_map"] = {"tiles": map_tiles, "attribution": map_attribution}
     app.register_blueprint(enrollment_bp)
     install_metrics(app)  # first before_request hook: times everything after it

@@ -212,6 +212,12 @@ def _m18_enrollment(db: pw.Database) -> None:
     db.create_tables(ENROLLMENT_MODELS, safe=True)
 
 
+def _m19_camera_setup(db: pw.Database) -> None:
+    from .camsetup_tables import CAMSETUP_MODELS
+
+    db.create_tables(CAMSETUP_MODELS, safe=True)
+
+
 def _m20_device_counters(db: pw.Database) -> None:
     from ..fleet.counters import backfill
     from .counters_tables import COUNTER_MODELS
@@ -322,6 +328,12 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         18,
         "enrollment by claim: enrollment_token (bootstrap tokens), enrollment, reenroll_allowance",
         _m18_enrollment,
+    ),
+    (
+        19,
+        "camera set-up: camera_setup (desired lines and zones per device camera), "
+        "camera_snapshot (latest calibration snapshot request and image)",
+        _m19_camera_setup,
     ),
     (
         20,
