@@ -22,9 +22,7 @@ one it had applied) to `CameraSetup.apply`:
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
 import urllib.error
@@ -39,6 +37,7 @@ from flowfleet.contract_device import CameraGeometry, Homography, LineGeometry, 
 from .config import CameraConfig, LineSpec, ZoneSpec, read_token
 from .counting import LineCounter, ZoneCounter
 from .speed import GroundPlane, HomographySpec, SpeedEstimator, SpeedSpec
+from .state_file import load_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -90,26 +89,11 @@ class CameraSetup:
     # -- persistence -------------------------------------------------------------------
 
     def _load(self) -> dict:
-        try:
-            doc = json.loads(self._path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            log.error(
-                "%s unreadable (%s); cameras start with their configured geometry", self._path, exc
-            )
-            return {}
-        return doc if isinstance(doc, dict) else {}
+        return load_state(self._path, "cameras start with their configured geometry")
 
     def _save(self) -> None:
         with self._lock:
-            doc = {"cameras": self.pushed, "snapshots": self.served}
-            tmp = self._path.with_name(self._path.name + ".tmp")
-            with tmp.open("w", encoding="utf-8") as fh:
-                json.dump(doc, fh, indent=1, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self._path)
+            save_state(self._path, {"cameras": self.pushed, "snapshots": self.served})
 
     # -- reported ------------------------------------------------------------------------
 

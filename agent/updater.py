@@ -36,7 +36,6 @@ file stays on disk.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -69,6 +68,7 @@ from .probation import (
     load_and_gate,
     load_for,
 )
+from .state_file import load_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +113,7 @@ class ModelUpdater(PendingUpdates):
     # -- persistence -----------------------------------------------------------------
 
     def _load(self) -> dict[str, Any]:
-        try:
-            doc = json.loads(self._path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            log.error(
-                "%s unreadable (%s); cameras start with their configured models", self._path, exc
-            )
-            return {}
-        return doc if isinstance(doc, dict) else {}
+        return load_state(self._path, "cameras start with their configured models")
 
     def _save(self) -> None:
         with self._lock:
@@ -132,12 +123,7 @@ class ModelUpdater(PendingUpdates):
                 "states": self.states,
                 "pending": self.pending,
             }
-            tmp = self._path.with_name(self._path.name + ".tmp")
-            with tmp.open("w", encoding="utf-8") as fh:
-                json.dump(doc, fh, indent=1, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self._path)
+            save_state(self._path, doc)
             dir_fd = os.open(self.models_dir, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
