@@ -25,6 +25,7 @@ from flowfleet.contract import ContractError, Topics, parse_payload
 from flowfleet.registry.fleet.ingest import DEAD_LETTER, DUPLICATE, STORED, Ingestor
 from flowfleet.registry.http.web import create_app
 from flowfleet.registry.store import db as regdb
+from flowfleet.registry.store.counters_tables import COUNTER_MODELS
 from flowfleet.registry.testing import temporary_database
 from tests.factories import valid_payload
 
@@ -152,8 +153,10 @@ def registry_db(tmp_path_factory):
 
 
 def _empty(db) -> None:
+    # The per-device counters ingest keeps beside the raw tables go too, or the next
+    # example would read the last one's counts.
     with db.atomic():
-        for model in reversed(regdb.MODELS):
+        for model in (*reversed(regdb.MODELS), *COUNTER_MODELS):
             model.delete().execute()
 
 

@@ -177,7 +177,10 @@ def test_dashboard_with_a_viewer_token_from_anywhere(registry, seeded):
 
 # Routes that change state without a role: signing in and out, each protected by its
 # own CSRF check (tests/test_registry_websession.py).
-SELF_CHECKED = {"webauth.login", "webauth.logout"}
+# Routes that check who calls beyond a role: logging in and out, and a device
+# uploading the snapshot it was asked for (its own device token only; any other
+# token, whatever its role, gets 403: tests/test_camsetup.py).
+SELF_CHECKED = {"webauth.login", "webauth.logout", "camsetup_api.upload_snapshot"}
 
 
 def test_no_state_changing_route_is_reachable_without_a_token(app):
