@@ -13,6 +13,7 @@ they are just the defaults.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -82,11 +83,7 @@ def chroot_env() -> dict[str, str]:
 def in_chroot(root: Path, cache: Path, *cmd: str, timeout: float = 600) -> str:
     """Runs CMD as root inside ROOT, with /proc and the caches mounted in a private
     mount namespace (gone when the command ends, whatever happens); returns stdout."""
-    mounts = (
-        f"mount -t proc proc {root}/proc"
-        f" && mount --bind {cache}/pip {root}/root/.cache/pip"
-        f" && mount --bind {cache}/apt {root}/var/cache/apt/archives"
-    )
+    mounts = f"mount -t proc proc {root}/proc && mount --bind {cache}/pip {root}/root/.cache/pip"
     proc = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c",
          f'{mounts} && exec chroot "$0" "$@"', str(root), *cmd],
@@ -146,9 +143,26 @@ def cache(request) -> Path:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing: scripts/bootstrap installs debootstrap with apt")
     folder = Path(request.config.cache.mkdir("install-chroot"))
-    for sub in ("debs", "pip", "apt/partial"):
+    for sub in ("debs", "pip", "apt"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def build_base(cache: Path, root: Path, base: Path) -> None:
+    """debootstrap into ROOT, then keep ROOT as the BASE tarball for later runs."""
+    proc = subprocess.run(
+        # in a private mount namespace: the /proc and /sys debootstrap mounts in the
+        # target go away with it, even if it fails half-way
+        ["unshare", "--mount", "--propagation", "private",
+         "debootstrap", "--variant=minbase", f"--cache-dir={cache / 'debs'}",
+         SUITE, str(root), MIRROR],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"debootstrap failed:\n{proc.stdout[-3000:]}\n{proc.stderr}"
+    assert not mounted_under(root), "debootstrap left mounts behind"
+    partial = base.with_suffix(f".{os.getpid()}.partial")
+    subprocess.run(["tar", "-C", str(root), "-cf", str(partial), "."], check=True)
+    partial.rename(base)
 
 
 def make_chroot(cache: Path, root: Path) -> float:
@@ -157,22 +171,19 @@ def make_chroot(cache: Path, root: Path) -> float:
     started = time.monotonic()
     base = cache / f"{SUITE}-minbase.tar"
     root.mkdir()
-    if not base.is_file():
-        proc = subprocess.run(
-            # in a private mount namespace: the /proc and /sys debootstrap mounts in
-            # the target go away with it, even if it fails half-way
-            ["unshare", "--mount", "--propagation", "private",
-             "debootstrap", "--variant=minbase", f"--cache-dir={cache / 'debs'}",
-             SUITE, str(root), MIRROR],
-            capture_output=True, text=True, timeout=900,
-        )  # fmt: skip
-        assert proc.returncode == 0, f"debootstrap failed:\n{proc.stdout[-3000:]}\n{proc.stderr}"
-        assert not mounted_under(root), "debootstrap left mounts behind"
-        partial = base.with_suffix(f".{os.getpid()}.partial")  # xdist workers may race
-        subprocess.run(["tar", "-C", str(root), "-cf", str(partial), "."], check=True)
-        partial.rename(base)
-    else:
+    built = False
+    # One xdist worker builds the base system; another one waits for it.
+    with open(cache / "base.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not base.is_file():
+            build_base(cache, root, base)
+            built = True
+    if not built:
         subprocess.run(["tar", "-C", str(root), "-xf", str(base)], check=True)
+    # apt's .debs from earlier runs, copied rather than shared: two apt runs at once
+    # would fight over one archive folder's lock.
+    for deb in (cache / "apt").glob("*.deb"):
+        shutil.copy2(deb, root / "var/cache/apt/archives" / deb.name)
     # Network settings from the host: DNS and the CA bundle (proxy variables go in
     # the environment of each command, see chroot_env).
     shutil.copyfile(Path("/etc/resolv.conf").resolve(), root / "etc/resolv.conf")
@@ -192,6 +203,15 @@ def make_chroot(cache: Path, root: Path) -> float:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
     return time.monotonic() - started
+
+
+def keep_debs(cache: Path, root: Path) -> None:
+    """Copies the .debs apt downloaded in the chroot to the cache, for the next run."""
+    for deb in (root / "var/cache/apt/archives").glob("*.deb"):
+        if not (cache / "apt" / deb.name).is_file():
+            partial = cache / "apt" / f"{deb.name}.{os.getpid()}.partial"
+            shutil.copy2(deb, partial)
+            partial.rename(cache / "apt" / deb.name)
 
 
 def install_twice(cache: Path, root: Path, script: str, *args: str, verify) -> None:
@@ -227,6 +247,7 @@ def install_twice(cache: Path, root: Path, script: str, *args: str, verify) -> N
         assert out.strip() == f"flowfleet {version('flowfleet')}"
         verify(first)
     finally:
+        keep_debs(cache, root)
         left = mounted_under(root)
         if not left:  # never delete through a mount (it would reach the host's /proc)
             shutil.rmtree(root)  # ~700 MB; pytest keeps the last three tmp dirs
