@@ -4,7 +4,7 @@
 the finished base system, apt's .debs and pip's downloads are cached in pytest's own
 cache folder (`.pytest_cache/d/install-chroot`), never on this machine's root, so a
 second run skips the download. Every command runs in a private mount namespace
-(`unshare --mount`): /proc and the cache folders are mounted there only and vanish
+(`unshare --mount`): /proc and pip's cache folder are mounted there only and vanish
 with the command, even when it fails or is killed; the test also checks that none
 is left mounted. The network settings the chroot needs (DNS, the host's CA bundle
 with any extra CAs, proxy variables) are copied from the host; without a proxy
