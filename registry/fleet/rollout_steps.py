@@ -268,22 +268,12 @@ class RolloutStepper:
     def _start_shadow(self, r: Rollout, plan: Plan, rd: RolloutDevice, t: float) -> None:
         """Ask a canary to run the new model beside its current one (a desired state
         with a shadow entry); it is judged by `_judge_shadows`."""
-        try:
-            shadow.set_shadow(
-                self.registry,
-                rd.device,
-                r.camera,
-                r.model,
-                r.version,
-                share=plan.shadow_share,
-                actor=rollout_target(r.id),
-                reason=f"rollout {r.id} canary: shadow comparison",
-                topics=self.topics,
-            )
-        except RegistryError as exc:
-            self._device_done(r, rd, t, "failed", f"shadow comparison refused: {exc.message}")
+        refused = self._ask_shadow(
+            r, plan, rd, r.model, r.version, f"rollout {r.id} canary: shadow comparison"
+        )
+        if refused is not None:
+            self._device_done(r, rd, t, "failed", f"shadow comparison refused: {refused}")
             return
-        self._queued = True
         rd.state, rd.shadow_started_at = SHADOWING, t
         rd.reason = f"running {r.model} v{r.version} in shadow for {plan.shadow_s:g} s"
         rd.save()
@@ -418,23 +408,39 @@ class RolloutStepper:
         """A moved canary runs its previous model in shadow through the soak (plan
         ``soak_shadow``): the count-agreement gate's data. A refusal (the previous
         version unsigned since, say) leaves the gate not judged, and says so."""
+        refused = self._ask_shadow(
+            r,
+            plan,
+            rd,
+            rd.previous_model,
+            rd.previous_version,
+            f"rollout {r.id} canary: previous model in shadow during the soak",
+        )
+        if refused is not None:
+            rd.reason += f"; no shadow comparison during the soak: {refused}"
+            rd.save()
+
+    def _ask_shadow(
+        self, r: Rollout, plan: Plan, rd: RolloutDevice, model: str, version: int, reason: str
+    ) -> str | None:
+        """Queue a desired state running ``model`` v``version`` in shadow on the
+        device's rollout camera; returns the registry's refusal, or None."""
         try:
             shadow.set_shadow(
                 self.registry,
                 rd.device,
                 r.camera,
-                rd.previous_model,
-                rd.previous_version,
+                model,
+                version,
                 share=plan.shadow_share,
                 actor=rollout_target(r.id),
-                reason=f"rollout {r.id} canary: previous model in shadow during the soak",
+                reason=reason,
                 topics=self.topics,
             )
         except RegistryError as exc:
-            rd.reason += f"; no shadow comparison during the soak: {exc.message}"
-            rd.save()
-            return
+            return exc.message
         self._queued = True
+        return None
 
     def _revert(self, r: Rollout, rd: RolloutDevice, t: float, why: str) -> None:
         """Put the device's camera back on its previous model (a new desired state)."""
