@@ -12,6 +12,7 @@ Each can be stopped and started again on the same port (the fault tests).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -259,3 +260,35 @@ def drain(runner, passes: int = 1000) -> int:
         if result.error:
             raise AssertionError(f"relay {runner.name} failed: {result.error}")
     raise AssertionError(f"relay {runner.name} still has rows after {passes} passes")
+
+
+def queue_bins(database, relay: str, stream) -> None:
+    """Queue (topic, payload, received_at) count bins in ``relay``'s outbox, as ingest
+    does when it stores them."""
+    from flowfleet.registry.relays import outbox
+    from flowfleet.registry.relays.outbox import Route, Stored
+
+    rows = []
+    for _topic, payload, t in stream:
+        body = json.loads(payload)
+        rows.append(Stored(body["device"], "counts", body["seq"], payload.decode(), t))
+    with database.connection_context(), database.atomic():
+        outbox.queue_stored(database, [Route(relay, ("counts",))], rows)
+
+
+def ride_out_an_outage(runner, broker, collector, more, open_within_s: float) -> None:
+    """Forward what is queued, queue ``more`` and stop the endpoint's broker until the
+    relay's circuit opens (within ``open_within_s``), then restart it and forward the
+    rest once the breaker's cooldown (0.3 s in these tests) is over."""
+    drain(runner)
+    more()
+    broker.stop()
+    deadline = time.monotonic() + open_within_s
+    while runner.circuit != "open" and time.monotonic() < deadline:
+        runner.run_once()
+        time.sleep(0.02)
+    assert runner.circuit == "open"
+    broker.start()
+    collector.wait_ready()
+    time.sleep(0.3)  # the cooldown
+    drain(runner)

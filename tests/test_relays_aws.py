@@ -12,15 +12,21 @@ import time
 import pytest
 
 from flowfleet.provisioning.pki import issue, make_ca
-from flowfleet.registry.relays import outbox, usage
+from flowfleet.registry.relays import usage
 from flowfleet.registry.relays.aws import IotCoreRelay
 from flowfleet.registry.relays.job import RelayRunner
-from flowfleet.registry.relays.outbox import Route, Stored
 from flowfleet.registry.relays.settings import AwsRelay
 from flowfleet.registry.store import db as regdb
 from flowfleet.registry.store.relay_tables import RelayMessage
 from flowfleet.registry.testing import fresh_database, release
-from tests.relay_endpoints import Collector, TlsBroker, bin_messages, drain
+from tests.relay_endpoints import (
+    Collector,
+    TlsBroker,
+    bin_messages,
+    drain,
+    queue_bins,
+    ride_out_an_outage,
+)
 
 THING = "relay-aws"
 
@@ -59,12 +65,7 @@ def _settings(broker, cert, **changes) -> AwsRelay:
 
 
 def _queue(database, stream) -> None:
-    rows = []
-    for _topic, payload, t in stream:
-        body = json.loads(payload)
-        rows.append(Stored(body["device"], "counts", body["seq"], payload.decode(), t))
-    with database.connection_context(), database.atomic():
-        outbox.queue_stored(database, [Route("aws", ("counts",))], rows)
+    queue_bins(database, "aws", stream)
 
 
 def test_messages_arrive_per_device_topic_paced_under_the_limit(endpoint, db):
@@ -224,18 +225,8 @@ def test_endpoint_stopped_and_restarted_nothing_lost(endpoint, db):
     )
     runner = RelayRunner(db, IotCoreRelay(settings), settings, lease_s=5)
     try:
-        drain(runner)
-        _queue(db, bin_messages(2, 10, first_seq=11))
-        broker.stop()
-        deadline = time.monotonic() + 15
-        while runner.circuit != "open" and time.monotonic() < deadline:
-            runner.run_once()
-            time.sleep(0.02)
-        assert runner.circuit == "open"
-        broker.start()
-        collector.wait_ready()
-        time.sleep(0.3)  # the cooldown
-        drain(runner)
+        more = bin_messages(2, 10, first_seq=11)
+        ride_out_an_outage(runner, broker, collector, lambda: _queue(db, more), 15)
     finally:
         runner.stop()
     collector.wait_for(start + 40)

@@ -21,12 +21,18 @@ from flowfleet.registry.relays import outbox, usage
 from flowfleet.registry.relays.azure import API_VERSION, ConnectionString, IotHubRelay
 from flowfleet.registry.relays.base import ENVELOPE_SCHEMA
 from flowfleet.registry.relays.job import RelayRunner
-from flowfleet.registry.relays.outbox import Route, Stored
 from flowfleet.registry.relays.settings import AzureRelay
 from flowfleet.registry.store import db as regdb
 from flowfleet.registry.store.relay_tables import RelayMessage
 from flowfleet.registry.testing import fresh_database, release
-from tests.relay_endpoints import Collector, TlsBroker, bin_messages, drain
+from tests.relay_endpoints import (
+    Collector,
+    TlsBroker,
+    bin_messages,
+    drain,
+    queue_bins,
+    ride_out_an_outage,
+)
 
 DEVICE = "relay-1"
 KEY = base64.b64encode(b"flowfleet relay test key, 32 by").decode()
@@ -83,12 +89,7 @@ def _relay(broker, key: str = KEY, **changes) -> tuple[IotHubRelay, AzureRelay]:
 
 
 def _queue(database, stream) -> None:
-    rows = []
-    for _topic, payload, t in stream:
-        body = json.loads(payload)
-        rows.append(Stored(body["device"], "counts", body["seq"], payload.decode(), t))
-    with database.connection_context(), database.atomic():
-        outbox.queue_stored(database, [Route("azure", ("counts",))], rows)
+    queue_bins(database, "azure", stream)
 
 
 def _received(collector, since: int, ids: int) -> list[tuple[str, dict, dict]]:
@@ -183,18 +184,8 @@ def test_broker_stopped_and_restarted_nothing_lost(hub, db):
     relay, settings = _relay(broker, breaker_failures=2, breaker_cooldown_s=0.3, timeout_s=1.0)
     runner = RelayRunner(db, relay, settings, lease_s=5)
     try:
-        drain(runner)
-        _queue(db, bin_messages(2, 10, first_seq=11))
-        broker.stop()
-        deadline = time.monotonic() + 10
-        while runner.circuit != "open" and time.monotonic() < deadline:
-            runner.run_once()
-            time.sleep(0.02)
-        assert runner.circuit == "open"
-        broker.start()
-        collector.wait_ready()
-        time.sleep(0.3)  # the cooldown
-        drain(runner)
+        more = bin_messages(2, 10, first_seq=11)
+        ride_out_an_outage(runner, broker, collector, lambda: _queue(db, more), 10)
     finally:
         runner.stop()
     got = _received(collector, start, 40)
