@@ -21,7 +21,9 @@ import peewee as pw
 
 from flowfleet import speedhist
 
-database_proxy = pw.DatabaseProxy()
+from .access_tables import ApiToken, AuditEntry, LoginFailure, User, WebSession
+from .base import BaseModel, database_proxy
+from .catalog_tables import Alias, ModelVersion, RegistryModel, Signature, SigningKey
 
 # Applied by peewee to every new connection (each thread has its own). WAL lets the
 # web UI read while ingest writes; synchronous=normal is durable across process
@@ -38,12 +40,6 @@ SQLITE_PRAGMAS = {
 DEAD_LETTER_MAX_BYTES = 64 * 1024
 
 DEVICE_STATES = ("online", "offline", "unknown")
-
-
-class BaseModel(pw.Model):
-    class Meta:
-        database = database_proxy
-        legacy_table_names = False
 
 
 class Device(BaseModel):
@@ -263,171 +259,6 @@ class ReportedState(BaseModel):
 
     class Meta:
         table_name = "reported_state"
-
-
-# -- model registry (schema migration 2) ---------------------------------------------
-
-
-class RegistryModel(BaseModel):
-    """A model name; its versions are numbered 1, 2, ... and numbers are never reused."""
-
-    id = pw.AutoField()
-    name = pw.CharField(max_length=64, unique=True)
-    created_at = pw.DoubleField()
-    created_by = pw.CharField(max_length=128)
-    # Highest version number ever given (deleted versions keep their number).
-    last_version = pw.IntegerField(default=0)
-
-    class Meta:
-        table_name = "model"
-
-
-class ModelVersion(BaseModel):
-    """One uploaded artifact: immutable bytes (stored by sha256) plus what we read from them."""
-
-    id = pw.AutoField()
-    model = pw.ForeignKeyField(RegistryModel, backref="versions", on_delete="RESTRICT")
-    version = pw.IntegerField()
-    sha256 = pw.CharField(max_length=64, unique=True)
-    size = pw.BigIntegerField()
-    runtime = pw.CharField(max_length=16)
-    filename = pw.CharField(max_length=255)
-    metadata = pw.TextField(help_text="JSON read from the file itself")
-    manifest = pw.TextField(help_text="canonical JSON document the signatures cover")
-    notes = pw.TextField(default="")
-    tags = pw.TextField(default="[]", help_text="JSON list of strings")
-    created_at = pw.DoubleField()
-    created_by = pw.CharField(max_length=128)
-
-    class Meta:
-        table_name = "model_version"
-        indexes = ((("model", "version"), True),)
-
-
-class Alias(BaseModel):
-    """A movable name (``production``, ``staging``, ...) pointing at one version of a model."""
-
-    id = pw.AutoField()
-    model = pw.ForeignKeyField(RegistryModel, backref="aliases", on_delete="RESTRICT")
-    name = pw.CharField(max_length=64)
-    version = pw.ForeignKeyField(ModelVersion, backref="aliases", on_delete="RESTRICT")
-    updated_at = pw.DoubleField()
-    updated_by = pw.CharField(max_length=128)
-
-    class Meta:
-        table_name = "model_alias"
-        indexes = ((("model", "name"), True),)
-
-
-class SigningKey(BaseModel):
-    """A registry signing key; the private half lives in a 0600 file, never here."""
-
-    key_id = pw.CharField(max_length=32, primary_key=True)
-    public_key = pw.CharField(max_length=64, help_text="raw 32-byte ed25519 key, base64")
-    created_at = pw.DoubleField()
-    # Set when a newer key took over: still accepted for verification until expires_at.
-    retired_at = pw.DoubleField(null=True)
-    expires_at = pw.DoubleField(null=True)
-
-    class Meta:
-        table_name = "signing_key"
-
-
-class Signature(BaseModel):
-    """An ed25519 signature of one version's manifest by one key."""
-
-    id = pw.AutoField()
-    version = pw.ForeignKeyField(ModelVersion, backref="signatures", on_delete="CASCADE")
-    key = pw.ForeignKeyField(SigningKey, column_name="key_id", on_delete="RESTRICT")
-    signature = pw.CharField(max_length=128, help_text="base64")
-    created_at = pw.DoubleField()
-
-    class Meta:
-        table_name = "model_signature"
-        indexes = ((("version", "key"), True),)
-
-
-class AuditEntry(BaseModel):
-    """Who changed what, when and why. Rows are only ever inserted."""
-
-    id = pw.AutoField()
-    ts = pw.DoubleField(index=True)
-    actor = pw.CharField(max_length=128)
-    action = pw.CharField(max_length=64, index=True)
-    target = pw.CharField(max_length=256, index=True)
-    reason = pw.TextField(default="")
-    details = pw.TextField(default="{}", help_text="JSON object")
-
-    class Meta:
-        table_name = "audit_entry"
-
-
-class User(BaseModel):
-    """A person or service account that holds API tokens."""
-
-    id = pw.AutoField()
-    name = pw.CharField(max_length=64, unique=True)
-    role = pw.CharField(max_length=16)
-    created_at = pw.DoubleField()
-    disabled_at = pw.DoubleField(null=True)
-    # Schema migration 6: for web logins; hashlib.scrypt, see registry.websession.
-    password_hash = pw.CharField(max_length=255, null=True)
-
-    class Meta:
-        table_name = "api_user"
-
-
-class ApiToken(BaseModel):
-    """An API token; only the sha256 of the secret is stored."""
-
-    id = pw.AutoField()
-    user = pw.ForeignKeyField(User, backref="tokens", on_delete="CASCADE")
-    token_hash = pw.CharField(max_length=64, unique=True)
-    prefix = pw.CharField(max_length=16, help_text="first characters, to recognise a token")
-    label = pw.CharField(max_length=128, default="")
-    role = pw.CharField(max_length=16, help_text="at most the user's role")
-    created_at = pw.DoubleField()
-    expires_at = pw.DoubleField(null=True)
-    revoked_at = pw.DoubleField(null=True)
-    last_used_at = pw.DoubleField(null=True)
-    # Schema migration 6: a device token acts for this device only (it may download
-    # just the artifacts deployed to it); null for a person's or service's token.
-    device = pw.CharField(max_length=64, null=True, index=True)
-
-    class Meta:
-        table_name = "api_token"
-
-
-class WebSession(BaseModel):
-    """A browser session (schema migration 6): only the sha256 of the cookie is stored.
-
-    Server-side, so every registry worker sees it and logout or disabling the user
-    ends it at once. ``csrf_token`` must accompany every state-changing request the
-    session makes (a hidden form field or the ``X-CSRF-Token`` header).
-    """
-
-    id_hash = pw.CharField(max_length=64, primary_key=True)
-    user = pw.ForeignKeyField(User, backref="sessions", on_delete="CASCADE")
-    csrf_token = pw.CharField(max_length=64)
-    created_at = pw.DoubleField()
-    expires_at = pw.DoubleField(index=True)
-    last_seen_at = pw.DoubleField()
-    remote = pw.CharField(max_length=64, default="")
-
-    class Meta:
-        table_name = "web_session"
-
-
-class LoginFailure(BaseModel):
-    """A failed web login (schema migration 6), kept for rate limiting by user and address."""
-
-    id = pw.AutoField()
-    ts = pw.DoubleField(index=True)
-    username = pw.CharField(max_length=64, index=True)
-    remote = pw.CharField(max_length=64, index=True)
-
-    class Meta:
-        table_name = "login_failure"
 
 
 class DeviceGroup(BaseModel):
