@@ -72,6 +72,13 @@ def add_provision_aws(actions) -> None:
     aws.add_argument("--out", required=True, help="folder for <thing>.crt and <thing>.key")
     aws.add_argument("--region", required=True)
     aws.add_argument("--topic-prefix", default="flowfleet")
+    aws.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="connections the relay holds ([relays.aws] connections): the policy allows "
+        "each one's client id",
+    )
     aws.add_argument("--endpoint-url", help="another IoT API endpoint (moto in tests)")
     aws.add_argument("--json", action="store_true", help="print JSON")
     aws.set_defaults(func=cmd_provision_aws)
@@ -201,6 +208,8 @@ def cmd_provision_aws(args: argparse.Namespace) -> int:
         check_device_id(args.thing, "--thing")
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    if not 1 <= args.connections <= 32:
+        raise CliError(f"--connections must be 1 to 32, not {args.connections}", EXIT_USAGE)
     try:
         done = provision_aws(
             args.thing,
@@ -208,13 +217,17 @@ def cmd_provision_aws(args: argparse.Namespace) -> int:
             region=args.region,
             topic_prefix=args.topic_prefix,
             endpoint_url=args.endpoint_url,
+            connections=args.connections,
         )
     except Exception as exc:
         raise CliError(f"AWS IoT: {type(exc).__name__}: {exc}") from None
     text = "\n".join(
         [
             f"thing {done['thing']}: {'created' if done['thing_created'] else 'exists'}",
-            f"policy {done['policy']}: {'created' if done['policy_created'] else 'exists'}",
+            f"policy {done['policy']}: "
+            + ("created" if done["policy_created"] else "")
+            + ("updated" if done["policy_updated"] else "")
+            + ("" if done["policy_created"] or done["policy_updated"] else "exists"),
             f"certificate {done['cert_file']}: "
             f"{'created' if done['certificate_created'] else 'kept'}",
             f"endpoint {done['endpoint']} (put it in [relays.aws] endpoint)",

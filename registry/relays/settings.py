@@ -106,6 +106,22 @@ class AwsRelay(RelayCommon):
     publishes_per_s: float = Field(
         90.0, gt=0, le=100, description="pacing under IoT Core's 100 publishes/s per connection"
     )
+    connections: int = Field(
+        1,
+        ge=1,
+        le=32,
+        description="MQTT connections sharing the outbox, each its own client id "
+        "(<client_id>, <client_id>-2, ..) and under IoT Core's per-connection limits",
+    )
+
+    @model_validator(mode="after")
+    def _client_ids_fit(self):
+        if self.connections > 1 and len(f"{self.client_id}-{self.connections}") > 128:
+            raise ValueError(
+                f"client_id is too long for {self.connections} connections "
+                "(IoT Core allows 128 bytes, <client_id>-<n> included)"
+            )
+        return self
 
 
 class RelaysSection(Strict):
