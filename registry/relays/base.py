@@ -102,6 +102,9 @@ class Relay(ABC):
     max_payload: int = 1
     #: the smallest size the cloud bills for one message
     min_billed: int = 0
+    #: a daily message quota the job keeps under (`flowfleet.registry.relays.quota`),
+    #: or None
+    quota = None
 
     def units(self, size: int) -> int:
         """Billing units of one message of ``size`` bytes."""

@@ -112,9 +112,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     db = _open(args)
     until = time.time()
     with db.connection_context():
-        report = build_report(until - args.hours * 3600, until)
+        report = build_report(until - args.hours * 3600, until, quotas=_quotas(args, until))
     _print(args, report, render_text(report))
     return 0
+
+
+def _quotas(args: argparse.Namespace, t: float) -> dict:
+    """The configured daily quotas (Azure tier x units) as of ``t``, from --config
+    (inside a connection); held: messages are queued and none of today's quota is left."""
+    from flowfleet.registry.cli.common import settings
+
+    from .outbox import due
+    from .quota import DailyQuota
+
+    if not getattr(args, "config", None):
+        return {}
+    azure = settings(args).relays.azure
+    if azure is None or azure.tier is None:
+        return {}
+    status = DailyQuota.azure(azure.tier, azure.units).status("azure", t)
+    return {"azure": {**status, "held": not status["left_today"] and bool(due("azure", 1))}}
 
 
 def cmd_status(args: argparse.Namespace) -> int:

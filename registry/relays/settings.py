@@ -85,11 +85,28 @@ class AzureRelay(RelayCommon):
     port: int = Field(8883, ge=1, le=65535)
     ca_file: str | None = Field(None, description="default: the system's trust store")
     token_ttl_s: int = Field(3600, ge=60, le=365 * 86_400, description="SAS token lifetime")
+    tier: Literal["F1", "B1", "B2", "B3", "S1", "S2", "S3"] | None = Field(
+        None,
+        description="the hub's tier: its daily message quota (times `units`) is enforced, "
+        "messages past it wait in the outbox for the next UTC day; unset: not enforced",
+    )
+    units: int = Field(1, ge=1, le=200, description="the hub's units of `tier`")
 
     @model_validator(mode="after")
     def _one_secret(self):
         if bool(self.connection_string_file) == bool(self.connection_string_env):
             raise ValueError("give exactly one of connection_string_file and connection_string_env")
+        return self
+
+    @model_validator(mode="after")
+    def _quota(self):
+        if self.tier is None:
+            if "units" in self.model_fields_set:
+                raise ValueError("units needs tier (the hub's tier and units set its quota)")
+            return self
+        from .quota import DailyQuota
+
+        DailyQuota.azure(self.tier, self.units)  # F1 has 1 unit, B3 and S3 up to 10
         return self
 
 
