@@ -1,7 +1,8 @@
 """Cloud relays: what they cost ingest, and how fast each forwards; not a test.
 
     .venv/bin/python benchmarks/bench_relays.py [--bins 20000] [--devices 200]
-        [--rounds 3] [--relay-messages 20000] [--pg URL] [--json FILE]
+        [--rounds 3] [--relay-messages 20000] [--relays gcp,azure,aws]
+        [--aws-connections 4] [--pg URL] [--json FILE]
 
 Prints two tables and writes JSON (default benchmarks/results/relays.json).
 
@@ -139,7 +140,9 @@ def _drain(db, runner) -> tuple[float, int]:
     return time.perf_counter() - began, forwarded
 
 
-def bench_forwarding(bins, workdir: Path, aws_connections: int = 4) -> list[dict]:
+def bench_forwarding(
+    bins, workdir: Path, aws_connections: int = 4, relays: tuple[str, ...] = ("gcp", "azure", "aws")
+) -> list[dict]:
     from flowfleet.registry.relays import usage
     from flowfleet.registry.relays.aws import IotCoreRelay
     from flowfleet.registry.relays.azure import (
@@ -202,6 +205,8 @@ def bench_forwarding(bins, workdir: Path, aws_connections: int = 4) -> list[dict
             )
             cases.append(("aws", s, IotCoreRelay(s), "100 publishes/s and 512 KB/s per connection"))
         for name, s, relay, limit in cases:
+            if name not in relays:
+                continue
             _queue(url, name, bins)
             db = regdb.open_database(url)
             runner = RelayRunner(db, relay, s, lease_s=60)
@@ -266,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--relay-messages", type=int, default=20_000)
+    ap.add_argument("--relays", default="gcp,azure,aws", help="which relays' forwarding to measure")
     ap.add_argument(
         "--aws-connections", type=int, default=4, help="connections of the AWS multi-connection run"
     )
@@ -284,7 +290,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ingest = bench_ingest(urls, bins, args.rounds)
         forward = (
-            bench_forwarding(make_bins(args.relay_messages, 50, now), work, args.aws_connections)
+            bench_forwarding(
+                make_bins(args.relay_messages, 50, now),
+                work,
+                args.aws_connections,
+                tuple(args.relays.split(",")),
+            )
             if args.relay_messages
             else []
         )

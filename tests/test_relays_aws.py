@@ -22,6 +22,7 @@ from flowfleet.registry.testing import fresh_database, release
 from tests.relay_endpoints import (
     Collector,
     TlsBroker,
+    any_db_fixture,  # noqa: F401 (the any_db fixture)
     bin_messages,
     drain,
     queue_bins,
@@ -246,7 +247,8 @@ def test_registry_service_relays_what_devices_publish(endpoint, broker, tmp_path
         release()
 
 
-def test_endpoint_stopped_and_restarted_nothing_lost(endpoint, db):
+def test_endpoint_stopped_and_restarted_nothing_lost(endpoint, any_db):
+    db = any_db
     broker, collector = endpoint
     start = len(collector.messages)
     _queue(db, bin_messages(2, 10))

@@ -28,6 +28,7 @@ from flowfleet.registry.testing import fresh_database, release
 from tests.relay_endpoints import (
     Collector,
     TlsBroker,
+    any_db_fixture,  # noqa: F401 (the any_db fixture)
     bin_messages,
     drain,
     queue_bins,
@@ -177,7 +178,8 @@ def test_poison_message_is_parked_and_the_queue_moves(hub, db):
     assert "payload cap" in parked[0]["reason"]
 
 
-def test_broker_stopped_and_restarted_nothing_lost(hub, db):
+def test_broker_stopped_and_restarted_nothing_lost(hub, any_db):
+    db = any_db
     broker, collector = hub
     start = len(collector.messages)
     _queue(db, bin_messages(2, 10))
