@@ -248,6 +248,8 @@ def test_registry_service_relays_what_devices_publish(endpoint, broker, tmp_path
 
 
 def test_endpoint_stopped_and_restarted_nothing_lost(endpoint, any_db):
+    """The broker stops mid-stream under a relay with two connections (each fails on
+    its own and reconnects): once it is back every id has arrived."""
     db = any_db
     broker, collector = endpoint
     start = len(collector.messages)
@@ -260,6 +262,7 @@ def test_endpoint_stopped_and_restarted_nothing_lost(endpoint, any_db):
         breaker_failures=2,
         breaker_cooldown_s=0.3,
         publishes_per_s=100,
+        connections=2,
     )
     runner = RelayRunner(db, IotCoreRelay(settings), settings, lease_s=5)
     try:
