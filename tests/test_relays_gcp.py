@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 
@@ -259,46 +260,85 @@ def test_emulator_stopped_and_restarted_nothing_lost(emulator, db_and_url):
 
 
 KILLED_RELAY = """
-import sys
+import sys, time
 from flowfleet.registry.store import db as regdb
 from flowfleet.registry.relays.gcp import PubSubRelay
 from flowfleet.registry.relays.job import RelayRunner
 from flowfleet.registry.relays.settings import GcpRelay
 settings = GcpRelay.model_validate_json(sys.argv[2])
+stall_after = int(sys.argv[3])
+
+class Stalling(PubSubRelay):
+    # The real relay; after its stall_after-th acknowledged send it says so and stops
+    # there, before the job deletes the rows: the test kills it at that very point.
+    sends = 0
+
+    def send(self, packets):
+        answers = super().send(packets)
+        Stalling.sends += 1
+        if Stalling.sends == stall_after:
+            print("acked", flush=True)
+            time.sleep(600)
+        return answers
+
 database = regdb.open_database(sys.argv[1])
-runner = RelayRunner(database, PubSubRelay(settings), settings, lease_s=1.0, holder="doomed")
+runner = RelayRunner(database, Stalling(settings), settings, lease_s=1.0, holder="doomed")
 while True:
     runner.run_once()
 """
 
 
-def test_relay_sigkilled_mid_batch_sends_everything_again(emulator, db_and_url):
-    """A registry killed between sending and deleting: after the restart (another
-    process, once the lease lapsed) every id arrives, duplicates at most."""
+def _wait_line(proc, timeout: float) -> str:
+    import selectors
+
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            return ""
+    return proc.stdout.readline().decode().strip()
+
+
+@pytest.mark.parametrize("kill", ["after_ack", "anytime"])
+def test_relay_sigkilled_mid_batch_sends_everything_again(emulator, db_and_url, kill):
+    """A registry killed mid-stream: after the restart (another process, once the lease
+    lapsed) every id arrives, exactly once after deduplication. ``after_ack``: killed
+    when the cloud had acknowledged its 3rd batch and the rows were not yet deleted,
+    so exactly that batch arrives twice; ``anytime``: killed whenever the outbox has
+    shrunk (between passes, in a publish, in a deletion)."""
     database, url = db_and_url
-    name = f"killed-{_kind(url)}"
+    name = f"killed-{_kind(url)}-{kill}"
     settings = _settings(emulator, name, pack=False, batch_max=100)
     provision_gcp(settings, name)
     _ingest(database, settings, bin_messages(4, 300))
+    stall_after = 3 if kill == "after_ack" else 0
     proc = subprocess.Popen(
-        [sys.executable, "-c", KILLED_RELAY, url, settings.model_dump_json()],
+        [sys.executable, "-c", KILLED_RELAY, url, settings.model_dump_json(), str(stall_after)],
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            with database.connection_context():
-                left = RelayMessage.select().count()
-            if left < 900:
-                break
-            time.sleep(0.01)
+        if stall_after:
+            line = _wait_line(proc, 120)
+            assert line == "acked", (line, proc.poll())
+        else:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                with database.connection_context():
+                    left = RelayMessage.select().count()
+                if left < 900:
+                    break
+                time.sleep(0.01)
         assert proc.poll() is None, proc.stderr.read().decode()
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(10)
     with database.connection_context():
         left = RelayMessage.select().count()
-    assert 0 < left < 1200
+        stalled = [r.msg_id for r in RelayMessage.select().order_by(RelayMessage.id).limit(100)]
+    if stall_after:
+        assert left == 1000  # two batches deleted; the acknowledged third was not
+    else:
+        assert 0 < left < 1200
     runner = RelayRunner(database, PubSubRelay(settings), settings, lease_s=5)
     try:
         deadline = time.monotonic() + 10
@@ -310,7 +350,12 @@ def test_relay_sigkilled_mid_batch_sends_everything_again(emulator, db_and_url):
     expected = _expected(4, range(1, 301))
     ids = [i for i, _ in unpack(pull_all(emulator, name, expected))]
     assert set(ids) == expected
-    assert len(ids) >= 1200
+    counts = Counter(ids)
+    if stall_after:
+        assert {i for i, n in counts.items() if n > 1} == set(stalled)
+        assert max(counts.values()) == 2 and len(ids) == 1300
+    else:
+        assert len(ids) >= 1200
     with database.connection_context():
         assert outbox.due("gcp", 1) == []
 
