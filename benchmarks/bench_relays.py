@@ -1,7 +1,8 @@
 """Cloud relays: what they cost ingest, and how fast each forwards; not a test.
 
     .venv/bin/python benchmarks/bench_relays.py [--bins 20000] [--devices 200]
-        [--rounds 3] [--relay-messages 20000] [--pg URL] [--json FILE]
+        [--rounds 3] [--relay-messages 20000] [--relays gcp,azure,aws]
+        [--aws-connections 4] [--pg URL] [--json FILE]
 
 Prints two tables and writes JSON (default benchmarks/results/relays.json).
 
@@ -19,7 +20,9 @@ Prints two tables and writes JSON (default benchmarks/results/relays.json).
    `RelayRunner` until its outbox is empty (reading each payload back from the count
    bins, as in the registry), with packing as given; the latency therefore includes
    the time the backlog waited; beside it the rate one connection may reach
-   under the cloud's documented limit at that packing.
+   under the cloud's documented limit at that packing. AWS also runs with
+   ``--aws-connections`` connections (IoT Core's limits are per connection), and
+   reports each connection's measured publishes/s and KB/s beside the limit.
 """
 
 from __future__ import annotations
@@ -137,7 +140,9 @@ def _drain(db, runner) -> tuple[float, int]:
     return time.perf_counter() - began, forwarded
 
 
-def bench_forwarding(bins, workdir: Path) -> list[dict]:
+def bench_forwarding(
+    bins, workdir: Path, aws_connections: int = 4, relays: tuple[str, ...] = ("gcp", "azure", "aws")
+) -> list[dict]:
     from flowfleet.registry.relays import usage
     from flowfleet.registry.relays.aws import IotCoreRelay
     from flowfleet.registry.relays.azure import (
@@ -186,7 +191,7 @@ def bench_forwarding(bins, workdir: Path) -> list[dict]:
             relay = IotHubRelay(s, clock=lambda: now, connection=conn)
             cases.append(("azure", s, relay, "S1: 100 sends/s per hub"))
         cert = iot.client_cert("relay-aws")
-        for units in (1, 4):
+        for units, conns in ((1, 1), (4, 1), (1, aws_connections), (4, aws_connections)):
             s = AwsRelay(
                 endpoint="localhost",
                 port=iot.tls_port,
@@ -196,9 +201,12 @@ def bench_forwarding(bins, workdir: Path) -> list[dict]:
                 ca_file=str(iot.ca.cert),
                 pack_units=units,
                 batch_max=2000,
+                connections=conns,
             )
             cases.append(("aws", s, IotCoreRelay(s), "100 publishes/s and 512 KB/s per connection"))
         for name, s, relay, limit in cases:
+            if name not in relays:
+                continue
             _queue(url, name, bins)
             db = regdb.open_database(url)
             runner = RelayRunner(db, relay, s, lease_s=60)
@@ -211,10 +219,23 @@ def bench_forwarding(bins, workdir: Path) -> list[dict]:
             per_publish = used["messages"] / used["publishes"]
             publishes_per_s = {"aws": 100.0, "azure": 100.0}.get(name)
             limit_rate = round(publishes_per_s * per_publish) if publishes_per_s else None
+            conns = getattr(s, "connections", 1)
+            per_connection = None
             if name == "aws":  # and the SDK throttles to IoT Core's 512 KB/s per connection
                 limit_rate = min(limit_rate, round(512 * 1024 / (used["bytes"] / forwarded)))
+                per_connection = [
+                    {
+                        "client_id": c.client_id,
+                        "publishes": c.publishes,
+                        "publishes_per_s": round(c.publishes / took, 1),
+                        "kb_per_s": round(c.bytes / 1024 / took, 1),
+                    }
+                    for c in relay.stats
+                ]
             row = {
                 "relay": name,
+                "connections": conns,
+                "per_connection": per_connection,
                 "pack_units": s.pack_units,
                 "messages": forwarded,
                 "seconds": round(took, 2),
@@ -223,11 +244,19 @@ def bench_forwarding(bins, workdir: Path) -> list[dict]:
                 "messages_per_cloud_message": round(per_publish, 1),
                 "billing_units": used["units"],
                 "documented_limit": limit,
+                # one connection's documented limit at this packing (Azure: the hub's)
                 "limit_messages_per_s": limit_rate,
+                # what ``connections`` connections may use together (AWS: per connection)
+                "limit_all_connections_messages_per_s": (
+                    limit_rate * conns if limit_rate and name == "aws" else limit_rate
+                ),
                 "latency_ms": used["latency_ms"],
             }
             rows.append(row)
-            progress(f"forward {name} x{s.pack_units}: {row['messages_per_s']} msg/s")
+            progress(
+                f"forward {name} x{s.pack_units} on {conns} connection(s): "
+                f"{row['messages_per_s']} msg/s"
+            )
     finally:
         iot.stop()
         hub.stop()
@@ -242,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--relay-messages", type=int, default=20_000)
+    ap.add_argument("--relays", default="gcp,azure,aws", help="which relays' forwarding to measure")
+    ap.add_argument(
+        "--aws-connections", type=int, default=4, help="connections of the AWS multi-connection run"
+    )
     ap.add_argument("--pg", metavar="URL", help="also on PostgreSQL (a scratch database there)")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/relays.json"))
     args = ap.parse_args(argv)
@@ -257,7 +290,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ingest = bench_ingest(urls, bins, args.rounds)
         forward = (
-            bench_forwarding(make_bins(args.relay_messages, 50, now), work)
+            bench_forwarding(
+                make_bins(args.relay_messages, 50, now),
+                work,
+                args.aws_connections,
+                tuple(args.relays.split(",")),
+            )
             if args.relay_messages
             else []
         )
@@ -271,20 +309,27 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['relayed_bins_per_s']:>10} {r['slowdown_wall_median']:>8.1%} "
             f"{r['slowdown_cpu_median']:>8.1%}"
         )
-    print("\nForwarding to the local endpoints (one connection each)")
+    print("\nForwarding to the local endpoints")
     print(
-        f"{'relay':6} {'pack':>4} {'msgs':>6} {'msg/s':>7} {'cloud msgs':>10} {'per msg':>7} "
-        f"{'units':>6} {'p50 ms':>7}  limit"
+        f"{'relay':6} {'conns':>5} {'pack':>4} {'msgs':>6} {'msg/s':>7} {'cloud msgs':>10} "
+        f"{'per msg':>7} {'units':>6} {'p50 ms':>7}  limit"
     )
     for r in forward:
         lim = r["limit_messages_per_s"]
-        at = f" -> {lim} msg/s at this packing" if lim else ""
+        at = f" -> {lim} msg/s per connection at this packing" if lim else ""
+        if lim and r["connections"] > 1:
+            at += f", {r['limit_all_connections_messages_per_s']} on {r['connections']}"
         print(
-            f"{r['relay']:6} {r['pack_units']:>4} {r['messages']:>6} {r['messages_per_s']:>7} "
-            f"{r['cloud_messages']:>10} {r['messages_per_cloud_message']:>7} "
-            f"{r['billing_units']:>6} {r['latency_ms']['p50'] or 0:>7.0f}  "
-            f"{r['documented_limit']}{at}"
+            f"{r['relay']:6} {r['connections']:>5} {r['pack_units']:>4} {r['messages']:>6} "
+            f"{r['messages_per_s']:>7} {r['cloud_messages']:>10} "
+            f"{r['messages_per_cloud_message']:>7} {r['billing_units']:>6} "
+            f"{r['latency_ms']['p50'] or 0:>7.0f}  {r['documented_limit']}{at}"
         )
+        for c in r["per_connection"] or []:
+            print(
+                f"{'':14}{c['client_id']}: {c['publishes']} publishes, "
+                f"{c['publishes_per_s']}/s, {c['kb_per_s']} KB/s (limit 100/s, 512 KB/s)"
+            )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"ingest": ingest, "forward": forward}, indent=2) + "\n")
     return 0

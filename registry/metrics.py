@@ -130,6 +130,17 @@ RELAY_LATENCY = Histogram(
 RELAY_CIRCUIT = Gauge(
     f"{PREFIX}_relay_circuit_open", "1 while the relay's circuit breaker is open", ("relay",)
 )
+RELAY_QUOTA_HELD = Gauge(
+    f"{PREFIX}_relay_quota_held",
+    "1 while the relay holds messages in its outbox because the cloud's daily quota "
+    "(Azure IoT Hub tier x units) is used up; they go at the next UTC day",
+    ("relay",),
+)
+RELAY_QUOTA_LEFT = Gauge(
+    f"{PREFIX}_relay_quota_left",
+    "Quota blocks the relay may still send today (relays with a daily quota)",
+    ("relay",),
+)
 
 # Read from the database at scrape time (shared by every worker).
 _SCRAPE = CollectorRegistry(auto_describe=True)

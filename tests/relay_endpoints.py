@@ -19,8 +19,22 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from flowfleet.provisioning.mosquitto import find_mosquitto, free_port, hash_password
 from flowfleet.provisioning.pki import issue, make_ca
+
+
+@pytest.fixture(name="any_db")
+def any_db_fixture(db_url):
+    """The test module's registry database of each kind (SQLite, then PostgreSQL, from
+    conftest's ``db_url``), emptied: for the fault tests that must hold on both."""
+    from flowfleet.registry.store import db as regdb
+    from flowfleet.registry.testing import fresh_database, release
+
+    database = regdb.open_database(fresh_database(db_url))
+    yield database
+    release()
 
 
 class PubSubEmulator:

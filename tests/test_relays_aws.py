@@ -22,6 +22,7 @@ from flowfleet.registry.testing import fresh_database, release
 from tests.relay_endpoints import (
     Collector,
     TlsBroker,
+    any_db_fixture,  # noqa: F401 (the any_db fixture)
     bin_messages,
     drain,
     queue_bins,
@@ -121,6 +122,42 @@ def test_packed_messages_stay_under_the_payload_cap(endpoint, db):
     assert ids == [f"cam-0/counts/{s}" for s in range(1, 201)]
 
 
+def test_several_connections_share_the_outbox_each_under_the_limit(endpoint, db):
+    """connections = 3: three client ids under the relay's certificate, each device's
+    messages on one connection and in order, every id sent once, and each connection
+    paced under publishes_per_s on its own."""
+    broker, collector = endpoint
+    start = len(collector.messages)
+    _queue(db, bin_messages(6, 10))
+    rate = 30
+    settings = _settings(
+        broker, broker.client_cert(THING), pack=False, publishes_per_s=rate, connections=3
+    )
+    relay = IotCoreRelay(settings)
+    runner = RelayRunner(db, relay, settings, lease_s=5)
+    try:
+        assert drain(runner) == 60
+    finally:
+        runner.stop()
+    collector.wait_for(start + 60)
+    time.sleep(0.2)  # a duplicate would arrive by now
+    ids = [p["id"] for p in collector.properties[start:]]
+    assert sorted(ids) == sorted(f"cam-{d}/counts/{s}" for d in range(6) for s in range(1, 11))
+    for d in range(6):
+        seqs = [int(i.rsplit("/", 1)[1]) for i in ids if i.startswith(f"cam-{d}/")]
+        assert seqs == list(range(1, 11))
+    # Three connections, each its own client id, with the relay's certificate.
+    log = (broker.folder / "mosquitto.log").read_text()
+    for cid in (THING, f"{THING}-2", f"{THING}-3"):
+        assert f" as {cid} (" in log, cid
+    stats = relay.stats
+    assert [c.client_id for c in stats] == [THING, f"{THING}-2", f"{THING}-3"]
+    # 6 devices on 3 connections: 2 each, 20 publishes each, at most `rate` per second.
+    assert [c.publishes for c in stats] == [20, 20, 20]
+    for c in stats:
+        assert (c.last_at - c.first_at) >= (c.publishes - 1) / rate * 0.999
+
+
 def test_a_certificate_from_another_ca_is_refused(endpoint, db, tmp_path):
     broker, _ = endpoint
     _queue(db, bin_messages(1, 2))
@@ -210,7 +247,10 @@ def test_registry_service_relays_what_devices_publish(endpoint, broker, tmp_path
         release()
 
 
-def test_endpoint_stopped_and_restarted_nothing_lost(endpoint, db):
+def test_endpoint_stopped_and_restarted_nothing_lost(endpoint, any_db):
+    """The broker stops mid-stream under a relay with two connections (each fails on
+    its own and reconnects): once it is back every id has arrived."""
+    db = any_db
     broker, collector = endpoint
     start = len(collector.messages)
     _queue(db, bin_messages(2, 10))
@@ -222,6 +262,7 @@ def test_endpoint_stopped_and_restarted_nothing_lost(endpoint, db):
         breaker_failures=2,
         breaker_cooldown_s=0.3,
         publishes_per_s=100,
+        connections=2,
     )
     runner = RelayRunner(db, IotCoreRelay(settings), settings, lease_s=5)
     try:

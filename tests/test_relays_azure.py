@@ -28,6 +28,7 @@ from flowfleet.registry.testing import fresh_database, release
 from tests.relay_endpoints import (
     Collector,
     TlsBroker,
+    any_db_fixture,  # noqa: F401 (the any_db fixture)
     bin_messages,
     drain,
     queue_bins,
@@ -177,7 +178,8 @@ def test_poison_message_is_parked_and_the_queue_moves(hub, db):
     assert "payload cap" in parked[0]["reason"]
 
 
-def test_broker_stopped_and_restarted_nothing_lost(hub, db):
+def test_broker_stopped_and_restarted_nothing_lost(hub, any_db):
+    db = any_db
     broker, collector = hub
     start = len(collector.messages)
     _queue(db, bin_messages(2, 10))
@@ -227,3 +229,74 @@ def test_repeated_failures_park_only_while_the_circuit_is_closed(hub, db):
     with db.connection_context():
         assert outbox.parked("azure") == []
         assert [r.attempts for r in RelayMessage.select()] == [1, 1]
+
+
+def _mids(collector, since: int, n: int) -> list[str]:
+    """The message ids ($.mid) of unpacked messages after ``since``, once ``n`` came."""
+    prefix = f"devices/{DEVICE}/messages/events/"
+    got = collector.wait_for(since + n)[since:]
+    return [dict(urllib.parse.parse_qsl(t[len(prefix) :]))["$.mid"] for t, _ in got]
+
+
+def test_daily_quota_holds_messages_until_the_next_utc_day(hub, db):
+    """tier S1 x1: 400,000 blocks a day. With all but 3 used earlier today, a pass sends
+    3 messages and holds the other 7 in the outbox (not failed, not parked), reported
+    in the metrics, the state and the report; the next UTC day they go."""
+    from flowfleet.registry import metrics
+    from flowfleet.registry.relays import report
+    from flowfleet.registry.relays.quota import day_start
+
+    broker, collector = hub
+    start = len(collector.messages)
+    relay, settings = _relay(broker, pack=False, tier="S1", units=1)
+    noon = day_start(time.time()) + 12 * 3600
+    clock = [noon]
+    with db.connection_context(), db.atomic():
+        # The morning's traffic, as the relay recorded it (4 KB blocks).
+        usage.record("azure", noon - 3600, usage.Tally(messages=1, publishes=1, units=399_997))
+    _queue(db, bin_messages(1, 10))
+    runner = RelayRunner(db, relay, settings, lease_s=5, clock=lambda: clock[0])
+    try:
+        first = runner.run_once()
+        assert (first.forwarded, first.held, first.failed, first.parked) == (3, 7, 0, 0)
+        again = runner.run_once()  # still today: nothing goes, nothing fails
+        assert (again.taken, again.forwarded, again.held) == (0, 0, 7)
+        assert metrics.RELAY_QUOTA_HELD.labels("azure")._value.get() == 1
+        assert metrics.RELAY_QUOTA_LEFT.labels("azure")._value.get() == 0
+        state = runner.state()["quota"]
+        assert state["held"] and state["tier"] == "S1" and state["blocks_per_day"] == 400_000
+        assert state["resets_at"] == noon - 12 * 3600 + 86400
+        with db.connection_context():
+            rows = list(RelayMessage.select().order_by(RelayMessage.id))
+            body = report.build_report(noon - 7200, noon + 1, quotas={"azure": state})
+        assert [r.msg_id for r in rows] == [f"cam-0/counts/{s}" for s in range(4, 11)]
+        assert all(r.attempts == 0 and r.parked_at is None for r in rows)
+        (entry,) = body["relays"]
+        assert entry["quota"]["used_today"] == 400_000 and entry["quota"]["left_today"] == 0
+        assert "held in the outbox until 00:00 UTC" in report.render_text(body)
+        assert _mids(collector, start, 3) == [f"cam-0/counts/{s}" for s in (1, 2, 3)]
+        clock[0] = noon + 12 * 3600 + 1  # 00:00:01 UTC the next day
+        resumed = runner.run_once()
+        assert (resumed.forwarded, resumed.held) == (7, 0)
+        assert metrics.RELAY_QUOTA_HELD.labels("azure")._value.get() == 0
+        assert runner.state()["quota"]["left_today"] == 400_000 - 7
+    finally:
+        runner.stop()
+    assert _mids(collector, start, 10) == [f"cam-0/counts/{s}" for s in range(1, 11)]
+    with db.connection_context():
+        assert RelayMessage.select().count() == 0
+
+
+def test_quota_settings_are_checked_at_load():
+    from pydantic import ValidationError
+
+    base = dict(connection_string_env="AZ")
+    assert AzureRelay(**base, tier="B3", units=10).tier == "B3"
+    for bad, why in (
+        (dict(tier="F1", units=2), "tier F1 has 1 to 1 units"),
+        (dict(tier="S3", units=11), "tier S3 has 1 to 10 units"),
+        (dict(units=4), "units needs tier"),
+        (dict(tier="S4"), "tier"),
+    ):
+        with pytest.raises(ValidationError, match=why):
+            AzureRelay(**base, **bad)

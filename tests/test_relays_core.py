@@ -225,7 +225,16 @@ def test_provision_aws_against_moto(tmp_path, monkeypatch, capsys):
         assert main(args) == 0
         again = json.loads(capsys.readouterr().out)
         assert not (again["thing_created"] or again["policy_created"])
-        assert not again["certificate_created"]
+        assert not again["certificate_created"] and not again["policy_updated"]
+        # Four connections: the policy gets a version allowing each one's client id.
+        assert main([*args, "--connections", "4"]) == 0
+        assert json.loads(capsys.readouterr().out)["policy_updated"]
+        doc = json.loads(iot.get_policy(policyName="fleet-relay-policy")["policyDocument"])
+        base = "arn:aws:iot:eu-west-1:*:client/"
+        assert doc["Statement"][0]["Resource"] == [
+            base + c for c in ("fleet-relay", "fleet-relay-2", "fleet-relay-3", "fleet-relay-4")
+        ]
+        assert main([*args, "--connections", "0"]) == 2
         assert main([*args[:3], "registry", *args[4:]]) == 2  # a reserved identity
     finally:
         server.stop()

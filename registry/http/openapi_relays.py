@@ -24,6 +24,21 @@ USAGE = {
         },
     },
 }
+QUOTA = {
+    "type": ["object", "null"],
+    "description": "a daily quota the relay keeps under (Azure: [relays.azure] tier x "
+    "units); null: none. held: messages wait in the outbox for the next UTC day",
+    "properties": {
+        "tier": {"type": "string"},
+        "units": {"type": "integer"},
+        "blocks_per_day": {"type": "integer"},
+        "block_bytes": {"type": "integer"},
+        "used_today": {"type": "integer"},
+        "left_today": {"type": "integer"},
+        "resets_at": {"type": "number", "description": "next 00:00 UTC, epoch seconds"},
+        "held": {"type": "boolean"},
+    },
+}
 RELAY_STATE = {
     "type": "object",
     "required": ["relay", "running", "queued", "parked", "oldest_queued_s", "usage"],
@@ -41,6 +56,7 @@ RELAY_STATE = {
                 "retry_in_s": {"type": "number"},
                 "last_error": {"type": ["string", "null"]},
                 "last_ok_at": {"type": ["number", "null"]},
+                "quota": QUOTA,
             },
         },
         "usage": USAGE,
@@ -112,6 +128,7 @@ REPORT_ROW = {
         "monthly": ESTIMATE,
         "monthly_doubled": {**ESTIMATE, "description": "with twice the fleet's volume"},
         "advice": {"type": "string", "description": "which tier or packing costs least"},
+        "quota": {**QUOTA, "description": "the relay's daily quota, when it has one"},
     },
 }
 

@@ -78,7 +78,9 @@ def relay_report():
     args = query_args(("hours",))
     hours = int_arg(args, "hours", 168, 1, 24 * 366)
     until = time.time()
-    body = report.build_report(until - hours * 3600, until)
+    job = current_app.extensions.get("flowfleet_relays")
+    quotas = {n: st["quota"] for n, st in (job.state() if job is not None else {}).items()}
+    body = report.build_report(until - hours * 3600, until, quotas=quotas)
     return jsonify({**body, "hours": hours})
 
 

@@ -18,7 +18,9 @@ The relay is one IoT Hub device identity (``DeviceId`` of the connection string)
   ``device``, ``kind`` and ``count``; IoT Hub's PUBACK is the acknowledgement.
 
 IoT Hub meters device-to-cloud messages in 4 KB blocks against a daily quota per unit,
-and accepts messages up to 256 KB.
+and accepts messages up to 256 KB. With ``tier`` (and ``units``) configured the relay
+job keeps under the day's quota (`flowfleet.registry.relays.quota`): what would
+exceed it waits in the outbox for the next UTC day.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from flowfleet.configfile import ConfigError, read_secret
 
 from .base import Packet, Relay, Unavailable
+from .quota import DailyQuota
 from .settings import AzureRelay
 
 log = logging.getLogger(__name__)
@@ -118,6 +121,7 @@ class IotHubRelay(Relay):
         self.settings = settings
         self.clock = clock  # the SAS token's expiry is computed from it
         self.conn = connection or read_connection_string(settings)
+        self.quota = DailyQuota.azure(settings.tier, settings.units) if settings.tier else None
         self._client = None
         self._expires = 0.0
         self._connected = threading.Event()

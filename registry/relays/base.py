@@ -102,6 +102,9 @@ class Relay(ABC):
     max_payload: int = 1
     #: the smallest size the cloud bills for one message
     min_billed: int = 0
+    #: a daily message quota the job keeps under (`flowfleet.registry.relays.quota`),
+    #: or None
+    quota = None
 
     def units(self, size: int) -> int:
         """Billing units of one message of ``size`` bytes."""
@@ -133,15 +136,9 @@ def envelope(device: str, kind: str, items: Sequence[Item]) -> bytes:
     return (head[:-1] + ',"messages":[' + ",".join(i.payload for i in items) + "]}").encode()
 
 
-def _envelope_size(device: str, kind: str, items: Sequence[Item]) -> int:
-    # The envelope's fixed part plus each item's id and payload (ASCII ids; payload
-    # bytes counted exactly), so packing does not build every candidate envelope.
-    fixed = len(envelope(device, kind, []))
-    return (
-        fixed
-        + sum(len(i.msg_id) + 3 + len(i.payload.encode()) + 1 for i in items)
-        - (1 if items else 0) * 2
-    )
+def _cost(item: Item, size: int | None = None) -> int:
+    """What ``item`` adds to an envelope: its quoted id and payload, two commas."""
+    return len(item.msg_id) + 3 + (len(item.payload.encode()) if size is None else size) + 1
 
 
 def pack(items: Sequence[Item], relay: Relay, enabled: bool, pack_units: int) -> Packing:
@@ -155,10 +152,18 @@ def pack(items: Sequence[Item], relay: Relay, enabled: bool, pack_units: int) ->
     out = Packing()
     limit = min(relay.max_payload, relay.unit_bytes * pack_units)
     groups: dict[tuple[str, str], list[list[Item]]] = {}
+    # Per device and kind: the envelope's fixed size and the open chunk's item costs
+    # (kept as running sums: packing is linear in the items, not quadratic).
+    fixed: dict[tuple[str, str], int] = {}
+    filled: dict[tuple[str, str], int] = {}
     order: list[tuple[str, str]] = []
     for it in items:
         size = len(it.payload.encode())
-        single = len(envelope(it.device, it.kind, [it])) if enabled else size
+        key = (it.device, it.kind)
+        if enabled and key not in fixed:
+            fixed[key] = len(envelope(it.device, it.kind, []))
+        cost = _cost(it, size)
+        single = fixed[key] + cost - 2 if enabled else size
         if single > relay.max_payload:
             out.refused.append(
                 Refusal(
@@ -168,15 +173,17 @@ def pack(items: Sequence[Item], relay: Relay, enabled: bool, pack_units: int) ->
                 )
             )
             continue
-        key = (it.device, it.kind)
         if key not in groups:
             groups[key] = [[]]
+            filled[key] = 0
             order.append(key)
         current = groups[key][-1]
-        if current and (not enabled or _envelope_size(*key, [*current, it]) > limit):
+        if current and (not enabled or fixed[key] + filled[key] + cost - 2 > limit):
             groups[key].append([it])
+            filled[key] = cost
         else:
             current.append(it)
+            filled[key] += cost
     for key in order:
         for chunk in groups[key]:
             if enabled:

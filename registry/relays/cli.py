@@ -72,6 +72,13 @@ def add_provision_aws(actions) -> None:
     aws.add_argument("--out", required=True, help="folder for <thing>.crt and <thing>.key")
     aws.add_argument("--region", required=True)
     aws.add_argument("--topic-prefix", default="flowfleet")
+    aws.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="connections the relay holds ([relays.aws] connections): the policy allows "
+        "each one's client id",
+    )
     aws.add_argument("--endpoint-url", help="another IoT API endpoint (moto in tests)")
     aws.add_argument("--json", action="store_true", help="print JSON")
     aws.set_defaults(func=cmd_provision_aws)
@@ -105,9 +112,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     db = _open(args)
     until = time.time()
     with db.connection_context():
-        report = build_report(until - args.hours * 3600, until)
+        report = build_report(until - args.hours * 3600, until, quotas=_quotas(args, until))
     _print(args, report, render_text(report))
     return 0
+
+
+def _quotas(args: argparse.Namespace, t: float) -> dict:
+    """The configured daily quotas (Azure tier x units) as of ``t``, from --config
+    (inside a connection); held: messages are queued and none of today's quota is left."""
+    from flowfleet.registry.cli.common import settings
+
+    from .outbox import due
+    from .quota import DailyQuota
+
+    if not getattr(args, "config", None):
+        return {}
+    azure = settings(args).relays.azure
+    if azure is None or azure.tier is None:
+        return {}
+    status = DailyQuota.azure(azure.tier, azure.units).status("azure", t)
+    return {"azure": {**status, "held": not status["left_today"] and bool(due("azure", 1))}}
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -201,6 +225,8 @@ def cmd_provision_aws(args: argparse.Namespace) -> int:
         check_device_id(args.thing, "--thing")
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    if not 1 <= args.connections <= 32:
+        raise CliError(f"--connections must be 1 to 32, not {args.connections}", EXIT_USAGE)
     try:
         done = provision_aws(
             args.thing,
@@ -208,13 +234,17 @@ def cmd_provision_aws(args: argparse.Namespace) -> int:
             region=args.region,
             topic_prefix=args.topic_prefix,
             endpoint_url=args.endpoint_url,
+            connections=args.connections,
         )
     except Exception as exc:
         raise CliError(f"AWS IoT: {type(exc).__name__}: {exc}") from None
     text = "\n".join(
         [
             f"thing {done['thing']}: {'created' if done['thing_created'] else 'exists'}",
-            f"policy {done['policy']}: {'created' if done['policy_created'] else 'exists'}",
+            f"policy {done['policy']}: "
+            + ("created" if done["policy_created"] else "")
+            + ("updated" if done["policy_updated"] else "")
+            + ("" if done["policy_created"] or done["policy_updated"] else "exists"),
             f"certificate {done['cert_file']}: "
             f"{'created' if done['certificate_created'] else 'kept'}",
             f"endpoint {done['endpoint']} (put it in [relays.aws] endpoint)",

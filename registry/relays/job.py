@@ -8,6 +8,9 @@ cloud never holds up another). A pass of a runner:
 2. takes the oldest ``batch_max`` rows that are not parked and packs them
    (`flowfleet.registry.relays.base.pack`); a row no cloud message can carry is parked;
 3. sends the packets and waits for the cloud's acknowledgements;
+   with a daily quota (Azure IoT Hub's tier x units, `flowfleet.registry.relays.quota`)
+   only the packets that fit in what is left of the UTC day are sent, in queue order;
+   the rest stay queued untouched (held, not failed) until the next UTC day;
 4. in one transaction: deletes the acknowledged rows, counts a failed send on the
    others (parking those that failed ``max_attempts`` times), parks what the cloud
    refused, and adds the pass to the hour's usage (`flowfleet.registry.relays.usage`).
@@ -74,6 +77,7 @@ class PassResult:
     forwarded: int = 0
     failed: int = 0
     parked: int = 0
+    held: int = 0  # rows left queued for the next UTC day by the daily quota
     error: str | None = None
 
 
@@ -90,6 +94,7 @@ class RelayRunner:
         lease_s: float = 30.0,
         holder: str | None = None,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = now,
     ) -> None:
         self.db = db
         self.relay = relay
@@ -99,6 +104,11 @@ class RelayRunner:
         self.lease_s = lease_s
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.rng = rng or random.Random()
+        # Epoch seconds for usage hours, latency and the quota's UTC day (tests move it).
+        self.clock = clock
+        self.quota = relay.quota
+        self.quota_status: dict | None = None  # the quota as of the last pass
+        self.quota_held = False
         self.failures = 0  # consecutive sends with an unknown outcome
         self.open_until = 0.0  # circuit open until (monotonic); 0: closed
         self.next_try = 0.0  # backoff: no send before (monotonic)
@@ -110,6 +120,8 @@ class RelayRunner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         metrics.RELAY_CIRCUIT.labels(self.name).set(0)
+        if self.quota is not None:
+            metrics.RELAY_QUOTA_HELD.labels(self.name).set(0)
 
     # -- state ----------------------------------------------------------------------
 
@@ -127,6 +139,11 @@ class RelayRunner:
             "retry_in_s": round(max(0.0, self.next_try - time.monotonic()), 3),
             "last_error": self.last_error,
             "last_ok_at": self.last_ok_at,
+            "quota": (
+                None
+                if self.quota is None
+                else {**(self.quota_status or {}), "held": self.quota_held}
+            ),
         }
 
     def backoff(self, failures: int) -> float:
@@ -153,14 +170,22 @@ class RelayRunner:
         """One pass (the lease held or taken first). Never raises for a cloud failure."""
         if time.monotonic() < self.next_try:
             return PassResult()
+        left: int | None = None
         with _connection(self.db):
             if not self._hold_lease():
                 return PassResult()
+            if self.quota is not None:
+                left = self._check_quota()
+                if left == 0:
+                    queued = outbox.queued(self.name)
+                    self._hold(bool(queued))
+                    return PassResult(held=queued)
             rows = outbox.due(self.name, self.settings.batch_max)
             if time.monotonic() - self._pruned_at > 3600:
                 self._pruned_at = time.monotonic()
-                usage.delete_before(now() - USAGE_KEEP_S, relay=self.name)
+                usage.delete_before(self.clock() - USAGE_KEEP_S, relay=self.name)
         if not rows:
+            self._hold(False)
             return PassResult()
         keys = {r.id: outbox.split_id(r.msg_id) for r in rows}
         stored: dict = {}
@@ -183,8 +208,11 @@ class RelayRunner:
         refused += [(it, "the stored message is gone (removed by retention)") for it in gone]
         unknown: list[Packet] = []
         error: str | None = None
+        held = 0
+        if left is not None:
+            packing.packets, held, left = self._fit(packing.packets, left)
         try:
-            answers = self.relay.send(packing.packets)
+            answers = self.relay.send(packing.packets) if packing.packets else []
         except Unavailable as exc:
             error = str(exc) or type(exc).__name__
             acked = [packing.packets[i] for i in exc.acked]
@@ -198,6 +226,9 @@ class RelayRunner:
                     retry_alone.extend(pack(packet.items, self.relay, False, 1).packets)
                 else:
                     refused.append((packet.items[0], answer))
+            if retry_alone and left is not None:
+                retry_alone, more, left = self._fit(retry_alone, left)
+                held += more
             if retry_alone:
                 # A packed message was refused: find the poison one by sending alone.
                 try:
@@ -212,7 +243,7 @@ class RelayRunner:
                             acked.append(packet)
                         else:
                             refused.append((packet.items[0], answer))
-        t = now()
+        t = self.clock()
         for packet in acked:
             tally.publishes += 1
             tally.bytes += packet.size
@@ -244,8 +275,51 @@ class RelayRunner:
         result.forwarded = tally.messages
         result.failed = len(failed_ids)
         result.parked = tally.parked
+        result.held = held
         result.error = error
+        if self.quota is not None:
+            self.quota_status = {**(self.quota_status or {}), "left_today": left}
+            self._hold(held > 0)
         return result
+
+    # -- daily quota ----------------------------------------------------------------
+
+    def _check_quota(self) -> int:
+        """Blocks left today (inside a connection); refreshes the status and gauge."""
+        self.quota_status = self.quota.status(self.name, self.clock())
+        left = self.quota_status["left_today"]
+        metrics.RELAY_QUOTA_LEFT.labels(self.name).set(left)
+        return left
+
+    def _fit(self, packets: list[Packet], left: int) -> tuple[list[Packet], int, int]:
+        """The leading ``packets`` that fit in ``left`` quota blocks (queue order: the
+        first that does not fit holds back everything after it), the rows held, and
+        the blocks left after them."""
+        for k, p in enumerate(packets):
+            need = self.quota.blocks(p.size)
+            if need > left:
+                return packets[:k], sum(len(q.items) for q in packets[k:]), left
+            left -= need
+        return packets, 0, left
+
+    def _hold(self, held: bool) -> None:
+        if self.quota is None:
+            return
+        if held and not self.quota_held:
+            log.warning(
+                "relay %s: the daily quota (%s x%d, %d blocks) is used up: messages wait in "
+                "the outbox until 00:00 UTC",
+                self.name,
+                self.quota.tier,
+                self.quota.units,
+                self.quota.limit,
+            )
+        elif self.quota_held and not held:
+            log.info("relay %s: quota available again, sending", self.name)
+        self.quota_held = held
+        metrics.RELAY_QUOTA_HELD.labels(self.name).set(1 if held else 0)
+        if self.quota_status is not None:
+            metrics.RELAY_QUOTA_LEFT.labels(self.name).set(self.quota_status["left_today"])
 
     def _account(self, tally, acked, refused, exhausted, failed_ids, error, t) -> None:
         m = metrics
@@ -325,13 +399,18 @@ class RelayRunner:
         while not self._stop.is_set():
             try:
                 result = self.run_once()
-                if result.taken >= self.settings.batch_max and not result.error:
+                if result.taken >= self.settings.batch_max and not (result.error or result.held):
                     continue  # more are waiting
             except Exception:
                 log.warning("relay %s: a pass failed; retrying", self.name, exc_info=True)
             wait = self.tick_s
             if self.next_try:
                 wait = max(0.0, min(self.next_try - time.monotonic(), 60.0)) or self.tick_s
+            elif self.quota_held:
+                # Until the next UTC day, looking again each minute (the clock, or the
+                # quota's usage, may change meanwhile).
+                resets = self.quota.resets_at(self.clock()) - self.clock()
+                wait = max(self.tick_s, min(resets, 60.0))
             self._wake.wait(wait)
             self._wake.clear()
 

@@ -151,6 +151,12 @@ def due(relay: str, limit: int) -> list[RelayMessage]:
     )
 
 
+def queued(relay: str) -> int:
+    """Rows of ``relay`` waiting to be sent (not parked)."""
+    m = RelayMessage
+    return m.select().where((m.relay == relay) & m.parked_at.is_null()).count()
+
+
 def acknowledge(ids: Sequence[int]) -> int:
     """The cloud acknowledged these rows: they leave the outbox."""
     done = 0

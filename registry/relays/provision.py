@@ -63,14 +63,24 @@ def provision_gcp(settings: GcpRelay, subscription: str, *, ordering: bool = Tru
     return out
 
 
-def aws_policy(thing: str, topic_prefix: str, region: str, account: str = "*") -> dict:
-    """The IoT policy of the relay identity: connect as ``thing`` and publish under
-    ``<topic_prefix>/`` only."""
+def aws_policy(
+    thing: str, topic_prefix: str, region: str, account: str = "*", connections: int = 1
+) -> dict:
+    """The IoT policy of the relay identity: connect with the client ids of its
+    ``connections`` connections (``thing``, ``thing-2`` ..; `aws.client_ids`) and
+    publish under ``<topic_prefix>/`` only."""
+    from .aws import client_ids
+
     base = f"arn:aws:iot:{region}:{account}"
+    clients = [f"{base}:client/{c}" for c in client_ids(thing, connections)]
     return {
         "Version": "2012-10-17",
         "Statement": [
-            {"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{base}:client/{thing}"},
+            {
+                "Effect": "Allow",
+                "Action": "iot:Connect",
+                "Resource": clients[0] if len(clients) == 1 else clients,
+            },
             {
                 "Effect": "Allow",
                 "Action": "iot:Publish",
@@ -87,12 +97,15 @@ def provision_aws(
     region: str,
     topic_prefix: str = "flowfleet",
     endpoint_url: str | None = None,
+    connections: int = 1,
 ) -> dict:
     """Create the relay's IoT thing, an active certificate with its key (written to
     ``out_dir``: ``<thing>.crt``, ``<thing>.key`` mode 0600) and a policy allowing
-    exactly what the relay does, attached to both. Idempotent: an existing thing and
-    policy are kept, and so is a certificate already in ``out_dir``. Returns what was
-    done and the account's ATS data endpoint (``[relays.aws] endpoint``)."""
+    exactly what the relay does with ``connections`` connections, attached to both.
+    Idempotent: an existing thing is kept, and so is a certificate already in
+    ``out_dir``; an existing policy that allows something else (another number of
+    connections) gets a new default version. Returns what was done and the account's
+    ATS data endpoint (``[relays.aws] endpoint``)."""
     import json
 
     import boto3
@@ -111,13 +124,20 @@ def provision_aws(
         done["thing_created"] = True
     policy = f"{thing}-policy"
     done["policy"] = policy
+    document = aws_policy(thing, topic_prefix, region, connections=connections)
+    done["policy_updated"] = False
     try:
-        iot.create_policy(
-            policyName=policy, policyDocument=json.dumps(aws_policy(thing, topic_prefix, region))
-        )
+        iot.create_policy(policyName=policy, policyDocument=json.dumps(document))
         done["policy_created"] = True
     except errors.ResourceAlreadyExistsException:
         done["policy_created"] = False
+        current = json.loads(iot.get_policy(policyName=policy)["policyDocument"])
+        if current != document:
+            # IoT keeps at most 5 versions of a policy: delete old ones if this fails.
+            iot.create_policy_version(
+                policyName=policy, policyDocument=json.dumps(document), setAsDefault=True
+            )
+            done["policy_updated"] = True
     if cert_path.exists() and key_path.exists():
         done["certificate_created"] = False
     else:

@@ -98,9 +98,15 @@ def _estimate(cloud: str, s: dict, scale: float, prices: dict) -> dict:
     return {"usd": round(gcp_bill(billed, p), 2), "unpacked_usd": round(gcp_bill(unpacked, p), 2)}
 
 
-def build_report(since: float, until: float, prices: dict | None = None) -> dict[str, Any]:
+def build_report(
+    since: float,
+    until: float,
+    prices: dict | None = None,
+    quotas: dict[str, dict | None] | None = None,
+) -> dict[str, Any]:
     """The report over [since, until) (epoch seconds): per relay the usage, latency
-    percentiles and the monthly estimates (now and with twice the fleet)."""
+    percentiles and the monthly estimates (now and with twice the fleet); with
+    ``quotas`` (relay -> `DailyQuota.status` plus ``held``) each relay's daily quota."""
     prices = prices or load_prices()
     used = usage.summary(since, until)
     relays = []
@@ -133,6 +139,8 @@ def build_report(since: float, until: float, prices: dict | None = None) -> dict
             "monthly": _estimate(cloud, s, scale, prices),
             "monthly_doubled": _estimate(cloud, s, 2 * scale, prices),
         }
+        if (quotas or {}).get(cloud):
+            entry["quota"] = quotas[cloud]
         entry["advice"] = _advice(cloud, entry)
         relays.append(entry)
     return {
@@ -215,6 +223,15 @@ def render_text(report: dict) -> str:
             f"{r['relay']}: {r['advice']} (prices: {r['service']}, {r['price_source']}, "
             f"as of {r['price_as_of']})"
         )
+    for r in report["relays"]:
+        q = r.get("quota")
+        if q:
+            held = q.get("held")
+            lines.append(
+                f"{r['relay']}: daily quota {q['tier']} x{q['units']} = {q['blocks_per_day']:,} "
+                f"blocks, {q['used_today']:,} used today"
+                + (", messages held in the outbox until 00:00 UTC" if held else "")
+            )
     if not report["relays"]:
         lines.append("no relay forwarded anything in this period")
     return "\n".join(lines)

@@ -85,11 +85,28 @@ class AzureRelay(RelayCommon):
     port: int = Field(8883, ge=1, le=65535)
     ca_file: str | None = Field(None, description="default: the system's trust store")
     token_ttl_s: int = Field(3600, ge=60, le=365 * 86_400, description="SAS token lifetime")
+    tier: Literal["F1", "B1", "B2", "B3", "S1", "S2", "S3"] | None = Field(
+        None,
+        description="the hub's tier: its daily message quota (times `units`) is enforced, "
+        "messages past it wait in the outbox for the next UTC day; unset: not enforced",
+    )
+    units: int = Field(1, ge=1, le=200, description="the hub's units of `tier`")
 
     @model_validator(mode="after")
     def _one_secret(self):
         if bool(self.connection_string_file) == bool(self.connection_string_env):
             raise ValueError("give exactly one of connection_string_file and connection_string_env")
+        return self
+
+    @model_validator(mode="after")
+    def _quota(self):
+        if self.tier is None:
+            if "units" in self.model_fields_set:
+                raise ValueError("units needs tier (the hub's tier and units set its quota)")
+            return self
+        from .quota import DailyQuota
+
+        DailyQuota.azure(self.tier, self.units)  # F1 has 1 unit, B3 and S3 up to 10
         return self
 
 
@@ -106,6 +123,22 @@ class AwsRelay(RelayCommon):
     publishes_per_s: float = Field(
         90.0, gt=0, le=100, description="pacing under IoT Core's 100 publishes/s per connection"
     )
+    connections: int = Field(
+        1,
+        ge=1,
+        le=32,
+        description="MQTT connections sharing the outbox, each its own client id "
+        "(<client_id>, <client_id>-2, ..) and under IoT Core's per-connection limits",
+    )
+
+    @model_validator(mode="after")
+    def _client_ids_fit(self):
+        if self.connections > 1 and len(f"{self.client_id}-{self.connections}") > 128:
+            raise ValueError(
+                f"client_id is too long for {self.connections} connections "
+                "(IoT Core allows 128 bytes, <client_id>-<n> included)"
+            )
+        return self
 
 
 class RelaysSection(Strict):
