@@ -371,11 +371,36 @@ class EnrollmentSection(Strict):
         None, description="the broker's folder (provision broker-config): revocations copy the CRL"
     )
     broker_pidfile: str | None = Field(None, description="SIGHUP this broker after a revocation")
+    broker_auth: bool = Field(
+        False,
+        description="generate broker_dir/devices.passwd and devices.acl from the device records",
+    )
+    broker_acl: Literal["known", "accepted"] = Field(
+        "known", description="which devices the generated ACL grants"
+    )
+    broker_admins: list[str] = Field(
+        ["registry"], min_length=1, description="the registry's broker identities (ACL admins)"
+    )
+    broker_password_base: str | None = Field(
+        None, description="password-file lines for the registry's own identities"
+    )
+    broker_reload_command: str | None = Field(
+        None, description="reloads the broker instead of broker_pidfile (systemctl reload ...)"
+    )
+    broker_password_port: int | None = Field(
+        None, ge=1, le=65535, description="the password listener, for devices without mTLS"
+    )
 
     @model_validator(mode="after")
     def _complete(self):
         if self.ca_dir and not self.broker_host:
             raise ValueError("ca_dir needs broker_host (where enrolled devices connect)")
+        if self.broker_auth and not self.broker_dir:
+            raise ValueError("broker_auth needs broker_dir (where the generated files go)")
+        if self.broker_password_port and not self.broker_auth:
+            raise ValueError("broker_password_port needs broker_auth (the registry's passwords)")
+        for name in self.broker_admins:
+            check_registry_identity(name, "enrollment.broker_admins")
         return self
 
 
@@ -450,7 +475,7 @@ def load_registry_config(path: str | Path, *, check: bool = True) -> RegistrySet
             "enrollment": s.enrollment.model_copy(
                 update={
                     k: rel(getattr(s.enrollment, k))
-                    for k in ("ca_dir", "broker_dir", "broker_pidfile")
+                    for k in ("ca_dir", "broker_dir", "broker_pidfile", "broker_password_base")
                 }
             ),
         }
@@ -478,6 +503,8 @@ def check_files(settings: RegistrySettings, source: str) -> None:
             unreadable("enrollment.ca_dir", str(Path(ca_dir) / name))
             for name in ("ca.crt", "ca.key", "index.json")
         ]
+    base = settings.enrollment.broker_password_base
+    problems.append(unreadable("enrollment.broker_password_base", base) if base else None)
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))

@@ -40,7 +40,7 @@ from flowfleet.provisioning.mosquitto import (
     Broker,
     BrokerSecurity,
     free_port,
-    render_acl,
+    render_device_acl,
     write_password_file,
 )
 
@@ -149,21 +149,26 @@ def fleet(tmp_path_factory, videos: Path, int8_model: Path):
     root = tmp_path_factory.mktemp("enroll")
     ca = Authority.create(root / "ca")
     server, _ = ca.issue("broker", "broker", root / "server", hosts=("127.0.0.1",))
-    acl = root / "acl"
-    acl.write_text(render_acl())
+    # The registry generates the password file and the ACL from its device records
+    # ([enrollment] broker_auth); the operator keeps only the registry's own line.
+    files = root / "broker-files"
+    files.mkdir()
+    base = write_password_file(root / "registry.passwd", {"registry": REGISTRY_PW})
+    (files / "devices.passwd").write_bytes(base.read_bytes())
+    (files / "devices.acl").write_text(render_device_acl([]))
     security = BrokerSecurity(
-        password_file=write_password_file(root / "passwd", {"registry": REGISTRY_PW}),
-        acl_file=acl,
+        password_file=files / "devices.passwd",
+        acl_file=files / "devices.acl",
         tls_port=free_port(),
         cafile=ca.ca.cert,
         certfile=server.cert,
         keyfile=server.key,
         require_certificate=True,
         use_identity_as_username=True,
-        crlfile=root / "broker-files" / "crl.pem",  # the copy the registry refreshes
+        crlfile=files / "crl.pem",  # the copy the registry refreshes
+        password_tls_port=free_port(),  # devices that cannot do client certificates
     )
-    (root / "broker-files").mkdir()
-    refresh_crl(ca, root / "broker-files", None)
+    refresh_crl(ca, files, None)
     clip = root / "clip"
     clip.mkdir()
     cap = cv2.VideoCapture(str(videos / "one-by-one-person-detection.mp4"))
@@ -193,7 +198,9 @@ def fleet(tmp_path_factory, videos: Path, int8_model: Path):
             f'password_file = "{pw}"\n'
             f'[enrollment]\nca_dir = "{ca.folder}"\nbroker_host = "127.0.0.1"\n'
             f"broker_port = {broker.tls_port}\ncert_days = 10\n"
-            f'broker_dir = "{root / "broker-files"}"\nbroker_pidfile = "{root / "broker.pid"}"\n'
+            f'broker_dir = "{files}"\nbroker_pidfile = "{root / "broker.pid"}"\n'
+            f'broker_auth = true\nbroker_password_base = "{base}"\n'
+            f"broker_password_port = {security.password_tls_port}\n"
         )
         log = root / "registry.log"
         conf = root / "registry.toml"
@@ -503,19 +510,77 @@ def refused(address: BrokerAddress) -> bool:
         conn.stop()
 
 
-def test_a_removed_password_is_refused_after_the_broker_reload(fleet: Fleet):
-    """Devices that cannot do client certificates use the password listener: taking a
-    device out of the password file and reloading the broker shuts it out."""
-    passwd = fleet.root / "passwd"
-    pw = "cam-p-pw-31f0"
-    address = BrokerAddress("127.0.0.1", fleet.broker.port, "cam-p", pw)
-    write_password_file(passwd, {"registry": REGISTRY_PW, "cam-p": pw})
-    fleet.broker.reload()
+def test_a_password_device_gets_its_password_from_the_registry_until_revoked(fleet: Fleet):
+    """A device that cannot do client certificates enrolls for the password listener:
+    the registry issues its password (handed over once, stored hashed), writes it into
+    the broker's password file and the device into the ACL, and reloads the broker;
+    revoking it takes both out again, and the broker refuses it."""
+    files = fleet.root / "broker-files"
+    token = fleet.token("--auto-accept", "--agent-template", str(fleet.root / "template.toml"))
+    folder = fleet.root / "cam-p"
+    done = enroll(fleet.url, token, "cam-p", folder, auth="password")
+    assert done.registration == "registered"
+    secret = (folder / "broker.password").read_text().strip()
+    fleet.secrets.append(secret)
+    assert (folder / "broker.password").stat().st_mode & 0o777 == 0o600
+    config = load_agent_config(folder / "agent.toml")
+    assert config.broker.username == "cam-p"
+    assert config.broker.port == fleet.broker.config.security.password_tls_port
+    assert config.broker.cert_file is None  # the password is its identity here
+    # Only the hash reached the broker's file and the database.
+    passwd = (files / "devices.passwd").read_text()
+    assert "cam-p:$7$" in passwd and secret not in passwd
+    assert passwd.startswith((fleet.root / "registry.passwd").read_text())
+    assert secret not in Path(fleet.db).read_bytes().decode("latin-1")
+    acl = (files / "devices.acl").read_text()
+    assert "user cam-p\ntopic write flowfleet/v1/devices/cam-p/#" in acl
+
+    # The written config connects (TLS, password) and its counts reach the registry.
+    address = BrokerAddress(
+        "127.0.0.1", config.broker.port, "cam-p", secret, ca_file=str(folder / "ca.crt")
+    )
     wait_for(lambda: not refused(address), 10, "cam-p's password to be accepted")
-    write_password_file(passwd, {"registry": REGISTRY_PW})
-    fleet.broker.reload()
+    conn = MqttConnection("ignored", address)
+    conn.start()
+    try:
+        assert conn.wait_connected(10)
+        conn.publish(T.counts("cam-p"), count_bin("cam-p", 1).to_json())
+        wait_for(lambda: devices(fleet)["cam-p"]["bins"] == 1, 15, "cam-p's bin")
+        # The doctor on the device agrees.
+        doctor = ("doctor", "--config", str(folder / "agent.toml"), "--timeout", "3", "--json")
+        checks = {c["name"]: c for c in json.loads(fleet.cli(*doctor).stdout)["checks"]}
+        assert checks["broker"]["status"] == "ok"
+
+        req = urllib.request.Request(
+            fleet.url + "/api/devices/cam-p/revoke?reason=lost",
+            method="POST",
+            headers={"Authorization": f"Bearer {fleet.admin()}"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            answer = json.loads(resp.read())
+        assert answer["password_revoked"] and answer["broker_reloaded"]
+        assert "cam-p:" not in (files / "devices.passwd").read_text()
+        assert "user cam-p" not in (files / "devices.acl").read_text()
+        # Mosquitto re-checks open connections on reload: this one is cut off too.
+        wait_for(lambda: not conn.connected.is_set(), 10, "cam-p's open connection to end")
+    finally:
+        conn.stop()
     wait_for(lambda: refused(address), 10, "cam-p's password to be refused")
-    fleet.secrets.append(pw)
+    ran = fleet.cli(*doctor[:-1], check=False)
+    assert ran.returncode == 1 and "fail  broker" in ran.stdout
+    # The revoked device gets no new password, until it is enrolled again.
+    req = urllib.request.Request(
+        fleet.url + "/api/devices/cam-p/broker-password",
+        method="POST",
+        headers={"Authorization": f"Bearer {fleet.admin()}"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 409
+    # The operator's command regenerates the same files: nothing to change.
+    conf = str(fleet.root / "registry.toml")
+    done = json.loads(fleet.cli("provision", "broker-sync", "--config", conf, "--json").stdout)
+    assert done == {"changed": [], "reloaded": False}
 
 
 def test_secrets_never_reach_the_logs(fleet: Fleet):

@@ -240,7 +240,26 @@ def test_broker_config_is_idempotent_and_a_revocation_changes_only_the_crl(
     code, out, _ = run(*args, "--tls-port", "18883")
     assert json.loads(out)["changed"] == ["crl.pem"]
     code, _, err = run(*args, "--password-port", "1")
-    assert code == 2 and "go together" in err
+    assert code == 2 and "--password-port needs --password-file or --registry-auth" in err
+
+    # --registry-auth: the registry's generated password file and ACL, made empty once
+    # and never overwritten by broker-config (the registry rewrites them).
+    reg_dir = tmp_path / "mosq-registry"
+    reg = ("provision", "broker-config", "--ca", str(ca), "--out", str(reg_dir), "--json")
+    reg += ("--host", "127.0.0.1", "--password-port", "18884", "--registry-auth")
+    code, out, err = run(*reg)
+    assert code == 0, err
+    conf = (reg_dir / "flowfleet.conf").read_text()
+    assert f"password_file {reg_dir.resolve() / 'devices.passwd'}" in conf
+    assert f"acl_file {reg_dir.resolve() / 'devices.acl'}" in conf
+    assert "listener 18884" in conf and not (reg_dir / "acl").exists()
+    acl = (reg_dir / "devices.acl").read_text()
+    assert "user registry" in acl and "pattern" not in acl  # no device until listed
+    assert (reg_dir / "devices.passwd").read_text() == ""
+    (reg_dir / "devices.acl").write_text(acl + "user cam-1\n")  # as the registry would
+    code, out, _ = run(*reg)
+    assert json.loads(out)["changed"] == []
+    assert (reg_dir / "devices.acl").read_text().endswith("user cam-1\n")
 
 
 def test_doctor_names_each_problem_with_its_fix(ca: Path, tmp_path: Path):
