@@ -15,6 +15,7 @@ import io
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -48,6 +49,9 @@ from .factories import count_bin
 
 T = Topics()
 REGISTRY_PW = "enroll-registry-pw-4c1d"
+# A second registry identity (an ACL admin): publishes desired states in the update
+# test as a compromised registry worker would, without taking the registry's session.
+ADMIN_PW = "enroll-registry-1-pw-77e2"
 CLIP_FRAMES = 40
 
 
@@ -153,9 +157,11 @@ def fleet(tmp_path_factory, videos: Path, int8_model: Path):
     # ([enrollment] broker_auth); the operator keeps only the registry's own line.
     files = root / "broker-files"
     files.mkdir()
-    base = write_password_file(root / "registry.passwd", {"registry": REGISTRY_PW})
+    base = write_password_file(
+        root / "registry.passwd", {"registry": REGISTRY_PW, "registry-1": ADMIN_PW}
+    )
     (files / "devices.passwd").write_bytes(base.read_bytes())
-    (files / "devices.acl").write_text(render_device_acl([]))
+    (files / "devices.acl").write_text(render_device_acl([], admins=("registry", "registry-1")))
     security = BrokerSecurity(
         password_file=files / "devices.passwd",
         acl_file=files / "devices.acl",
@@ -200,6 +206,7 @@ def fleet(tmp_path_factory, videos: Path, int8_model: Path):
             f"broker_port = {broker.tls_port}\ncert_days = 10\n"
             f'broker_dir = "{files}"\nbroker_pidfile = "{root / "broker.pid"}"\n'
             f'broker_auth = true\nbroker_password_base = "{base}"\n'
+            'broker_admins = ["registry", "registry-1"]\n'
             f"broker_password_port = {security.password_tls_port}\n"
         )
         log = root / "registry.log"
@@ -583,6 +590,152 @@ def test_a_password_device_gets_its_password_from_the_registry_until_revoked(fle
     assert done == {"changed": [], "reloaded": False}
 
 
+def api(fleet: Fleet, method: str, path: str, body: dict | None = None) -> dict:
+    """An admin's call to the registry's API."""
+    headers = {"Authorization": f"Bearer {fleet.admin()}", "Content-Type": "application/json"}
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(fleet.url + path, data=data, method=method, headers=headers)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def test_an_enrolled_agent_refuses_tampered_updates_and_applies_a_good_one(
+    fleet: Fleet, int8_model: Path
+):
+    """The enrolled agent, as its own process on its mTLS identity, receives desired
+    states for an artifact with a flipped byte, one signed by another key and a
+    downgrade to a version not deployed to it: it refuses each, keeps counting with
+    its current model and reports why; then a good deployment is applied."""
+    from flowfleet.contract import Desired
+    from tests.test_agent_update import ref_of
+
+    template = fleet.root / "template-u.toml"
+    template.write_text(
+        (fleet.root / "template.toml")
+        .read_text()
+        .replace("agent-state", "agent-u-state")
+        .replace("loop = false", "loop = true")
+        .replace("realtime = false", "realtime = true\nfps = 4")
+    )
+    folder = fleet.root / "cam-u"
+    enroll(
+        fleet.url, fleet.token("--auto-accept", "--agent-template", str(template)), "cam-u", folder
+    )
+    # The update gate's latency budget: generous on a shared, busy test machine.
+    with (folder / "agent.toml").open("a") as fh:
+        fh.write("gate_latency_factor = 20.0\n")
+    people = {v["version"]: v for v in api(fleet, "GET", "/api/models/people/versions")["versions"]}
+    assert {1, 2} <= set(people), "the models test before this one adds people v1 and v2"
+    v2 = people[2]
+    stored = next(fleet.root.glob(f"registry*-data/artifacts/sha256/*/{v2['sha256']}"))
+    stored.chmod(0o644)
+    original = stored.read_bytes()
+
+    def events(after: int) -> list[dict]:
+        items = api(fleet, "GET", "/api/events?device=cam-u&limit=200")["events"]
+        return [e for e in items if e["seq"] > after]
+
+    def refused_as(version: int, after: int) -> dict:
+        def seen():
+            failed = [e for e in events(after) if e["type"] == "model_failed"]
+            return next((e for e in failed if e["data"].get("desired_version") == version), None)
+
+        return wait_for(seen, 60, f"the refusal of desired state {version}")
+
+    def running() -> dict:
+        return devices(fleet)["cam-u"]["reported"]["cameras"][0]
+
+    log = fleet.root / "agent-u.log"
+    admin = MqttConnection(
+        "ignored", BrokerAddress("127.0.0.1", fleet.broker.port, "registry-1", ADMIN_PW)
+    )
+    with open(log, "wb") as fh:
+        agent = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "flowfleet.cli",
+                "agent",
+                "--config",
+                str(folder / "agent.toml"),
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    admin.start()
+    try:
+        assert admin.wait_connected(10)
+        wait_for(lambda: (devices(fleet)["cam-u"]["reported"] or {}).get("cameras"), 60, "cam-u")
+        before = running()
+        assert (before["file"], before["model"]) == (int8_model.name, None)  # the config's
+
+        # (a) A flipped byte in the stored artifact of the deployed version.
+        data = bytearray(original)
+        data[1000] ^= 0xFF
+        stored.write_bytes(bytes(data))
+        deployed = api(
+            fleet, "POST", "/api/devices/cam-u/deployments",
+            {"camera": "table", "model": "people", "version": 2},
+        )  # fmt: skip
+        first = deployed["desired"]["version"]
+        ev = refused_as(first, 0)
+        assert ev["data"]["reason"] == "checksum", ev
+        stored.write_bytes(original)
+
+        # (b) The same model signed by another key; (c) a downgrade to v1, which is
+        # signed by the registry but not deployed to this device (its token may not
+        # download it). Published as another registry identity would.
+        good = Desired.model_validate(deployed["desired"]).models["table"]
+        forged = good.model_copy(
+            update={
+                "signature": signing.sign(
+                    signing.Ed25519PrivateKey.generate(), base64.b64decode(good.manifest)
+                )
+            }
+        )
+        older = ref_of(api(fleet, "GET", "/api/models/people/versions/1"))
+        for n, (ref, reason) in enumerate(((forged, "signature"), (older, "download")), 1):
+            bins = devices(fleet)["cam-u"]["bins"]
+            payload = Desired(device="cam-u", version=first + n, models={"table": ref})
+            admin.publish(T.desired("cam-u"), payload.to_json(), retain=True)
+            ev = refused_as(first + n, 0)
+            assert ev["data"]["reason"] == reason, ev
+            # It keeps its current model and keeps counting.
+            now_ = running()
+            assert (now_["file"], now_["model"]) == (before["file"], None)
+            wait_for(lambda b=bins: devices(fleet)["cam-u"]["bins"] > b, 30, "cam-u counting")
+        assert "HTTP 403" in ev["message"], ev  # the device token may not download v1
+
+        # The registry's next desired state counts past the forged ones (as if it had
+        # published them); the good deployment is applied.
+        with sqlite3.connect(fleet.db) as con:
+            con.execute(
+                "UPDATE desired_counter SET last_version = ? WHERE device = ?",
+                (first + 2, "cam-u"),
+            )
+        again = api(
+            fleet, "POST", "/api/devices/cam-u/deployments",
+            {"camera": "table", "model": "people", "version": 2},
+        )  # fmt: skip
+        assert again["desired"]["version"] == first + 3
+
+        def applied():
+            cam = running()
+            return cam if cam.get("version") == 2 and cam.get("update") == "activated" else None
+
+        cam = wait_for(applied, 90, "people v2 activated on cam-u")
+        assert cam["sha256"] == v2["sha256"]
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(30) == 0, log.read_text()[-3000:]
+    finally:
+        admin.stop()
+        stored.write_bytes(original)
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(10)
+    fleet.outputs.append(log.read_text())
+
+
 def test_secrets_never_reach_the_logs(fleet: Fleet):
     keys = [p.read_text() for p in fleet.root.glob("**/device.key")]
     assert keys and fleet.secrets
@@ -593,5 +746,5 @@ def test_secrets_never_reach_the_logs(fleet: Fleet):
         *fleet.outputs,
     ]
     for text in logs:
-        for secret in [*fleet.secrets, REGISTRY_PW, *body]:
+        for secret in [*fleet.secrets, REGISTRY_PW, ADMIN_PW, *body]:
             assert secret not in text
