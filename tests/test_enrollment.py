@@ -736,6 +736,103 @@ def test_an_enrolled_agent_refuses_tampered_updates_and_applies_a_good_one(
     fleet.outputs.append(log.read_text())
 
 
+def short_lived(fleet: Fleet, cert_file: Path, seconds: float) -> dict:
+    """Replace ``cert_file`` with a certificate of the fleet CA for the same key and
+    name, valid from now for ``seconds`` (as a registry with very short certificates
+    would issue); returns its info."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    current = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    ca_cert = x509.load_pem_x509_certificate(fleet.ca.ca.cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(fleet.ca.ca.key.read_bytes(), password=None)
+    t = dt.datetime.now(dt.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(current.subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(current.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(t - dt.timedelta(seconds=1))
+        .not_valid_after(t + dt.timedelta(seconds=seconds))
+    )
+    for ext in current.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    pem = builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+    cert_file.write_bytes(pem)
+    return certificate_info(pem)
+
+
+def test_the_agent_renews_its_certificate_in_process_and_keeps_counting(fleet: Fleet):
+    """A short-lived certificate: the running agent renews it at 2/3 of its lifetime,
+    reconnects with the new one and counts on past the old one's expiry; no count bin
+    is missing in the registry."""
+    template = fleet.root / "template-r.toml"
+    template.write_text(
+        (fleet.root / "template.toml")
+        .read_text()
+        .replace("agent-state", "agent-r-state")
+        .replace("loop = false", "loop = true")
+        .replace("realtime = false", "realtime = true\nfps = 4")
+    )
+    folder = fleet.root / "cam-r"
+    token = fleet.token("--auto-accept", "--agent-template", str(template))
+    enroll(fleet.url, token, "cam-r", folder)
+    old = short_lived(fleet, folder / "device.crt", 45)
+    log = fleet.root / "agent-r.log"
+    with open(log, "wb") as fh:
+        agent = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "flowfleet.cli",
+                "agent",
+                "--config",
+                str(folder / "agent.toml"),
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: devices(fleet)["cam-r"]["bins"] >= 1, 40, "cam-r's first bin")
+        assert certificate_info(folder / "device.crt")["serial"] == old["serial"]
+        renewed = wait_for(
+            lambda: (
+                (info := certificate_info(folder / "device.crt"))["serial"] != old["serial"]
+                and info
+            ),
+            60,
+            "the agent to renew its certificate",
+        )
+        # Renewed before expiry, with the registry's lifetime (10 days here).
+        assert renewed["not_after"] - time.time() > 9 * 86400
+        assert time.time() < old["not_after"]
+        wait_for(lambda: time.time() > old["not_after"] + 1, 60, "the old certificate to expire")
+        # Make it reconnect now (another connection under its identity takes over its
+        # session): with the expired certificate the handshake would fail.
+        takeover = MqttConnection("ignored", fleet.device_address(folder))
+        takeover.start()
+        try:
+            assert takeover.wait_connected(10)
+        finally:
+            takeover.stop()
+        bins = devices(fleet)["cam-r"]["bins"]
+        wait_for(lambda: devices(fleet)["cam-r"]["bins"] >= bins + 3, 60, "cam-r counting on")
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(30) == 0, log.read_text()[-3000:]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(10)
+    text = log.read_text()
+    fleet.outputs.append(text)
+    assert text.count("device certificate renewed") == 1, text[-3000:]
+    dev = devices(fleet)["cam-r"]
+    assert dev["gaps"] == 0 and dev["bins"] == dev["highest_seq"]
+
+
 def test_secrets_never_reach_the_logs(fleet: Fleet):
     keys = [p.read_text() for p in fleet.root.glob("**/device.key")]
     assert keys and fleet.secrets
