@@ -390,6 +390,15 @@ class EnrollmentSection(Strict):
     broker_password_port: int | None = Field(
         None, ge=1, le=65535, description="the password listener, for devices without mTLS"
     )
+    rate_limit_window_s: float = Field(
+        60.0, gt=0, le=86400, description="window of the enroll/renew rate limits"
+    )
+    rate_limit_per_address: int = Field(
+        30, ge=0, description="enroll/renew attempts per source address per window; 0: off"
+    )
+    rate_limit_per_token: int = Field(
+        10, ge=0, description="attempts per bootstrap token (or certificate) per window; 0: off"
+    )
 
     @model_validator(mode="after")
     def _complete(self):

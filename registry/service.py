@@ -121,6 +121,9 @@ def _enrollment_settings(section: EnrollmentSection | None, topics_root: str):
         ),
         broker_reload_command=section.broker_reload_command,
         broker_password_port=section.broker_password_port,
+        rate_limit_window_s=section.rate_limit_window_s,
+        rate_limit_per_address=section.rate_limit_per_address,
+        rate_limit_per_token=section.rate_limit_per_token,
     )
 
 

@@ -221,6 +221,71 @@ def test_enrollment_endpoints_need_the_right_role(tmp_path: Path, ca: Path, kind
         assert listed.json["tokens"][0]["devices"] == ["cam-1"]
 
 
+def test_enroll_and_renew_are_rate_limited_per_address_and_per_token(tmp_path: Path, ca: Path):
+    from flowfleet.registry.fleet.enrollment import EnrollmentSettings
+    from flowfleet.registry.http import auth
+    from flowfleet.registry.http.web import create_app
+    from flowfleet.registry.store.db import AuditEntry
+    from flowfleet.registry.testing import fresh_registry, temporary_database
+
+    with temporary_database("sqlite", tmp_path) as url:
+        reg = fresh_registry(url, tmp_path)
+        settings = EnrollmentSettings(
+            ca,
+            "127.0.0.1",
+            8883,
+            rate_limit_window_s=60,
+            rate_limit_per_address=3,
+            rate_limit_per_token=2,
+        )
+        app = create_app(reg.db, registry=reg, enrollment=settings)
+        with reg.db.connection_context():
+            auth.create_user("root", "admin", actor="test")
+            admin, _ = auth.create_token("root", actor="test")
+        client = app.test_client()
+        h = {"Authorization": f"Bearer {admin}"}
+        secret = client.post("/api/enrollment-tokens", json={"max_uses": 5}, headers=h).json[
+            "token"
+        ]
+        key = make_device_key(tmp_path / "dev.key")
+        bad = {"token": secret, "device": "cam-1", "csr": make_csr(key, "cam-2").decode()}
+
+        def post(path: str, body: dict, addr: str):
+            return client.post(path, json=body, environ_base={"REMOTE_ADDR": addr})
+
+        # Per token: two attempts (both refused for their CSR), then 429 from any address.
+        assert [post("/api/enroll", bad, "10.0.0.1").status_code for _ in range(2)] == [400] * 2
+        limited = post("/api/enroll", bad, "10.0.0.9")
+        assert limited.status_code == 429 and limited.json["error"]["code"] == "rate_limited"
+        assert "from this token" in limited.json["error"]["message"]
+        assert 1 <= int(limited.headers["Retry-After"]) <= 60
+        # Refused before the token was looked at: even a good claim changes nothing.
+        good = {**bad, "csr": make_csr(key, "cam-1").decode()}
+        assert post("/api/enroll", good, "10.0.0.9").status_code == 429
+        listed = client.get("/api/enrollment-tokens", headers=h).json["tokens"]
+        assert listed[0]["uses"] == 0 and listed[0]["devices"] == []
+
+        # Per source address: three attempts with different (unknown) tokens, then 429,
+        # for renewals from that address too; another address is not affected.
+        for i in range(3):
+            body = {**good, "token": f"ffe_unknown-{i}"}
+            assert post("/api/enroll", body, "10.0.0.2").status_code == 401
+        over = post("/api/enroll", {**good, "token": "ffe_unknown-9"}, "10.0.0.2")
+        assert over.status_code == 429 and "source address" in over.json["error"]["message"]
+        renewal = {"certificate": "x", "csr": "y"}
+        assert post("/api/renew", renewal, "10.0.0.2").status_code == 429
+        assert post("/api/renew", renewal, "10.0.0.3").status_code == 401
+
+        # Audited once per key and window, never with the secret.
+        with reg.db.connection_context():
+            entries = list(
+                AuditEntry.select().where(AuditEntry.action == "enrollment.rate_limited")
+            )
+            dump = json.dumps([(e.actor, e.target, e.details) for e in entries])
+        assert sorted(e.target.split(":")[0] for e in entries) == ["address", "credential"]
+        assert secret not in dump and "ffe_unknown" not in dump
+
+
 def test_broker_config_is_idempotent_and_a_revocation_changes_only_the_crl(
     ca: Path, tmp_path: Path
 ):

@@ -80,6 +80,11 @@ class EnrollmentSettings:
     broker_password_base: Path | None = None
     broker_reload_command: str | None = None
     broker_password_port: int | None = None
+    # POST /api/enroll and /api/renew: attempts per source address and per token (or
+    # certificate) within the window; 0 turns one off (flowfleet.registry.http.ratelimit).
+    rate_limit_window_s: float = 60.0
+    rate_limit_per_address: int = 30
+    rate_limit_per_token: int = 10
 
     def authority(self):
         from flowfleet.provisioning.authority import Authority

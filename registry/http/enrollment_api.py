@@ -10,6 +10,7 @@ Without an ``[enrollment]`` configuration every endpoint answers 503.
 from __future__ import annotations
 
 import logging
+import threading
 
 from flask import Blueprint, current_app, jsonify, request
 
@@ -22,6 +23,25 @@ from .api import _actor, _json_body, query_args, requires
 bp = Blueprint("enrollment_api", __name__, url_prefix="/api")
 ENROLLMENT_USER = "enrollment"
 log = logging.getLogger(__name__)
+_limiter_lock = threading.Lock()
+
+
+def _rate_limit(settings: enrollment.EnrollmentSettings, endpoint: str, credential: str) -> None:
+    """Count this attempt; 429 with Retry-After over a limit (`ratelimit`)."""
+    from .ratelimit import EnrollmentLimiter, Limits
+
+    with _limiter_lock:
+        limiter = current_app.extensions.get("flowfleet_enroll_limiter")
+        if limiter is None:
+            limiter = EnrollmentLimiter(
+                Limits(
+                    settings.rate_limit_window_s,
+                    settings.rate_limit_per_address,
+                    settings.rate_limit_per_token,
+                )
+            )
+            current_app.extensions["flowfleet_enroll_limiter"] = limiter
+    limiter.check(endpoint, request.remote_addr or "", credential)
 
 
 def sync_broker() -> dict | None:
@@ -77,6 +97,7 @@ def enroll():
     body = _json_body(
         {"token": str, "device": str, "csr": str, "auth": str}, ("token", "device", "csr")
     )
+    _rate_limit(settings, "enroll", body["token"])
     db = current_app.extensions["flowfleet_db"]
     # One transaction: the identity and the device's API token (model downloads) are
     # granted together or not at all.
@@ -106,6 +127,7 @@ def renew():
     query_args(())
     settings = _settings()
     body = _json_body({"certificate": str, "csr": str}, ("certificate", "csr"))
+    _rate_limit(settings, "renew", body["certificate"])
     db = current_app.extensions["flowfleet_db"]
     with db.atomic():  # the audit entry
         answer = enrollment.renew(settings, certificate=body["certificate"], csr=body["csr"])

@@ -13,6 +13,17 @@ TOKEN_PATH = _param(
     "bootstrap token id",
 )
 OFF = {"503": _error("this registry does not enroll devices (no [enrollment])")}
+LIMITED = {
+    "429": {
+        **_error("too many attempts from this source address or with this token"),
+        "headers": {
+            "Retry-After": {
+                "schema": {"type": "integer", "minimum": 1},
+                "description": "seconds until an attempt is counted again",
+            }
+        },
+    }
+}
 
 TOKEN = {
     "type": "object",
@@ -102,6 +113,7 @@ def enrollment_paths() -> dict[str, Any]:
                     "401": _error("the bootstrap token is unknown, revoked, expired or used up"),
                     "409": _error("the device exists and may not enroll again"),
                     "415": _error("not JSON"),
+                    **LIMITED,
                     **OFF,
                 },
             }
@@ -138,6 +150,7 @@ def enrollment_paths() -> dict[str, Any]:
                     **BAD,
                     "401": _error("a foreign, revoked or expired certificate"),
                     "415": _error("not JSON"),
+                    **LIMITED,
                     **OFF,
                 },
             }
