@@ -14,6 +14,7 @@ docs/registry.md ("Config file") has the reference and an example.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -512,8 +513,11 @@ def check_files(settings: RegistrySettings, source: str) -> None:
             unreadable("enrollment.ca_dir", str(Path(ca_dir) / name))
             for name in ("ca.crt", "ca.key", "index.json")
         ]
-    base = settings.enrollment.broker_password_base
-    problems.append(unreadable("enrollment.broker_password_base", base) if base else None)
+    e = settings.enrollment
+    problems.append(unreadable("enrollment.broker_password_base", e.broker_password_base))
+    if e.broker_auth and e.broker_dir and not os.access(e.broker_dir, os.W_OK | os.X_OK):
+        # The registry rewrites devices.passwd and devices.acl there.
+        problems.append(f"enrollment.broker_dir: folder not writable: {e.broker_dir}")
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))

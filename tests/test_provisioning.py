@@ -470,6 +470,25 @@ def test_registry_enrollment_config_is_checked(tmp_path: Path, ca: Path):
     conf.write_text(f'[enrollment]\nca_dir = "{ca}"\nbroker_host = "b"\n')
     code, _, err = run("registry", "check-config", "--config", str(conf))
     assert code == 0, err
+    # The broker's generated files: each setting is checked at load, naming the key.
+    section = f'[enrollment]\nca_dir = "{ca}"\nbroker_host = "b"\n'
+    for extra, problem in (
+        ("broker_auth = true\n", "broker_auth needs broker_dir"),
+        ("broker_password_port = 8884\n", "broker_password_port needs broker_auth"),
+        ('broker_auth = true\nbroker_dir = "."\nbroker_admins = ["cam-1"]\n', "broker_admins"),
+        ('broker_auth = true\nbroker_dir = "."\nbroker_acl = "all"\n', "broker_acl"),
+        ("rate_limit_per_token = -1\n", "rate_limit_per_token"),
+        (
+            'broker_auth = true\nbroker_dir = "."\nbroker_password_base = "none.passwd"\n',
+            f"enrollment.broker_password_base: file not found: {tmp_path / 'none.passwd'}",
+        ),
+    ):
+        conf.write_text(section + extra)
+        code, _, err = run("registry", "check-config", "--config", str(conf))
+        assert code == 2 and problem in err, (extra, err)
+    conf.write_text(section + 'broker_auth = true\nbroker_dir = "."\nbroker_acl = "accepted"\n')
+    code, _, err = run("registry", "check-config", "--config", str(conf))
+    assert code == 0, err
 
 
 def test_doctor_checks_a_registry_host(tmp_path: Path, ca: Path):
