@@ -285,28 +285,20 @@ def _add_broker_sync(actions) -> None:
 
 
 def cmd_broker_sync(args: argparse.Namespace) -> int:
-    """What the registry does after each change to its devices, on demand (after
-    `flowfleet registry devices ...` on the command line, or a restore)."""
-    from flowfleet.registry.cli.common import run_in_db
-    from flowfleet.registry.config import load_registry_config
-    from flowfleet.registry.fleet import broker_auth
-    from flowfleet.registry.service import _enrollment_settings
+    """What the registry does after each change to its devices, on demand (after a
+    restore, or to check that the files match the records)."""
+    from flowfleet.registry.cli.devices import sync_broker
 
     if not args.config:
         raise CliError("broker-sync needs --config (the registry's [enrollment])", EXIT_USAGE)
-    section = load_registry_config(args.config, check=False)
-    settings = _enrollment_settings(section.enrollment, section.broker.topic_root)
-    if settings is None or not settings.broker_auth:
+    done = sync_broker(args)
+    if done is None:
         raise CliError(f"{args.config}: [enrollment] broker_auth is not set", EXIT_USAGE)
-    try:
-        done = run_in_db(args, lambda db: broker_auth.sync(settings))
-    except OSError as exc:
-        raise CliError(f"{settings.broker_dir}: {exc}") from None
     text = (
-        f"{settings.broker_dir}: {', '.join(done['changed'])} written; broker reloaded: "
+        f"{', '.join(done['changed'])} written; broker reloaded: "
         f"{'yes' if done['reloaded'] else 'no'}"
         if done["changed"]
-        else f"{settings.broker_dir}: up to date, nothing changed"
+        else "up to date, nothing changed"
     )
     _out(args, done, text)
     return 0

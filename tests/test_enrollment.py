@@ -375,8 +375,12 @@ def test_a_password_device_gets_its_password_from_the_registry_until_revoked(fle
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=10)
     assert err.value.code == 409
-    # The operator's command regenerates the same files: nothing to change.
+    # A device added on the command line gets its ACL entry there too (same config).
     conf = str(fleet.root / "registry.toml")
+    added = fleet.cli("registry", "devices", "add", "cam-q", "--config", conf)
+    assert "broker files devices.acl regenerated; broker reloaded: yes" in added.stderr
+    assert "user cam-q\n" in (files / "devices.acl").read_text()
+    # The operator's command regenerates the same files: nothing to change.
     done = json.loads(fleet.cli("provision", "broker-sync", "--config", conf, "--json").stdout)
     assert done == {"changed": [], "reloaded": False}
 
