@@ -286,6 +286,59 @@ def test_enroll_and_renew_are_rate_limited_per_address_and_per_token(tmp_path: P
         assert secret not in dump and "ffe_unknown" not in dump
 
 
+def test_broker_files_follow_the_device_records_under_each_policy(tmp_path: Path, ca: Path):
+    """What `broker_auth` writes: registered, unregistered, revoked and password
+    devices under broker_acl "known" and "accepted"; rewritten only on a change."""
+    from dataclasses import replace
+
+    from flowfleet.provisioning.mosquitto import hash_password
+    from flowfleet.registry.fleet import broker_auth
+    from flowfleet.registry.fleet.devices import accept_device, create_device
+    from flowfleet.registry.fleet.enrollment import EnrollmentSettings
+    from flowfleet.registry.store.db import Device
+    from flowfleet.registry.testing import fresh_registry, temporary_database
+
+    base = tmp_path / "base.passwd"
+    base.write_text(f"registry:{hash_password('pw')}")  # no newline: one is added
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    known = EnrollmentSettings(
+        ca, "b", 8883, broker_dir=folder, broker_auth=True, broker_password_base=base
+    )
+    with temporary_database("sqlite", tmp_path) as url:
+        reg = fresh_registry(url, tmp_path)
+        with reg.db.connection_context():
+            create_device(reg.db, "cam-1", {}, actor="test")  # registered
+            Device.insert(id="cam-2", first_seen=0, state="unknown").execute()  # not yet
+            create_device(reg.db, "cam-3", {}, actor="test")
+            secret = broker_auth.issue_password("cam-3", actor="test")
+            create_device(reg.db, "cam-4", {}, actor="test")
+            broker_auth.revoke_access("cam-4", actor="test")
+            first = broker_auth.sync(known)
+            assert first == {"changed": ["devices.passwd", "devices.acl"], "reloaded": False}
+            acl = (folder / "devices.acl").read_text()
+            users = [ln.split()[1] for ln in acl.splitlines() if ln.startswith("user ")]
+            assert users == ["registry", "cam-1", "cam-2", "cam-3"]  # not the revoked cam-4
+            assert "pattern" not in acl
+            passwd = (folder / "devices.passwd").read_text().splitlines()
+            assert [ln.split(":")[0] for ln in passwd] == ["registry", "cam-3"]
+            assert secret not in "".join(passwd) and passwd[1].startswith("cam-3:$7$")
+            assert broker_auth.sync(known) == {"changed": [], "reloaded": False}
+            # "accepted": only registered devices; accepting one grants it.
+            accepted = replace(known, broker_acl="accepted")
+            assert broker_auth.sync(accepted)["changed"] == ["devices.acl"]
+            assert "user cam-2" not in (folder / "devices.acl").read_text()
+            accept_device(reg.db, "cam-2", actor="test")
+            assert broker_auth.sync(accepted)["changed"] == ["devices.acl"]
+            assert "user cam-2" in (folder / "devices.acl").read_text()
+            # Revoking a password device takes it out of both files.
+            assert broker_auth.revoke_access("cam-3", actor="test") is True
+            assert broker_auth.sync(accepted)["changed"] == ["devices.passwd", "devices.acl"]
+            assert "cam-3" not in (folder / "devices.passwd").read_text()
+            with pytest.raises(ValueError, match="broker_acl"):
+                broker_auth.granted("everyone")
+
+
 def test_broker_config_is_idempotent_and_a_revocation_changes_only_the_crl(
     ca: Path, tmp_path: Path
 ):
