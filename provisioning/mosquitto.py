@@ -116,7 +116,7 @@ def render_device_acl(
     """ACL from a device list: the admins as in `render_acl`, then one ``user`` block
     per listed device (its own subtree and command topics) and no pattern, so an
     identity the list leaves out (unknown, or revoked) may publish and read nothing.
-    Mosquitto re-reads the file on SIGHUP and applies it to open connections too."""
+    Mosquitto re-reads the file on SIGHUP."""
     if isinstance(admins, str):
         raise TypeError("admins is a tuple of usernames, not one string")
     for user in admins:

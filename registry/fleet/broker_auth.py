@@ -14,8 +14,10 @@ folder (``broker_dir``, made by `flowfleet provision broker-config --registry-au
 `sync` rewrites them when a device is added, enrolled, accepted or revoked (and when
 the registry starts), and reloads the broker (SIGHUP to the pid in
 ``broker_pidfile``, or ``broker_reload_command``) only when their content changed.
-Mosquitto re-reads both on SIGHUP and applies them to open connections as well: a
-revoked device's password stops working and its publishes are refused at once.
+Mosquitto re-reads both on SIGHUP and re-checks open password connections against
+the new password file: a revoked password device is disconnected by the reload
+(tested with Mosquitto 2.0.11). A certificate device is refused at its next handshake
+(the CRL); whether 2.0 applies the new ACL to its open connection is not tested here.
 
 Which devices are granted (``broker_acl``): ``known`` (default) every device the
 registry has a record of and has not revoked, registered or not (an enrolled device's
