@@ -186,6 +186,13 @@ class RegistryConfig(_Strict):
         description="a camera without a frame this recent is down: its update waits "
         "(pending) and is gated on the camera's next frame",
     )
+    cert_renew_at: float = Field(
+        2 / 3,
+        ge=0,
+        lt=1,
+        description="renew the broker certificate in the running agent once this share "
+        "of its lifetime has passed (agent/renewal.py); 0: never (the daily timer only)",
+    )
     probation_frames: int = Field(100, ge=1, description="frames watched after a swap")
     max_errors: int = Field(3, ge=1, description="detector errors in probation -> roll back")
     probation_latency_frames: int = Field(

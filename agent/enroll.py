@@ -9,6 +9,8 @@ device), sends its id, a CSR and the bootstrap token to the registry
     ca.crt       the fleet CA: the broker's certificate is checked against it
     keys.json    the registry's public signing keys (model signatures)
     registry.token  the device's API token for model downloads (0600)
+    broker.password the device's broker password (0600; only with ``auth="password"``,
+                 for the broker's password listener)
     agent.toml   the agent config: the token's template, the device id, the broker,
                  the registry (model updates)
 
@@ -38,7 +40,15 @@ class EnrollError(RuntimeError):
         self.status = status
 
 
-FILES = ("device.key", "device.crt", "ca.crt", "keys.json", "registry.token", "agent.toml")
+FILES = (
+    "device.key",
+    "device.crt",
+    "ca.crt",
+    "keys.json",
+    "registry.token",
+    "broker.password",
+    "agent.toml",
+)
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,7 @@ def enroll(
     force: bool = False,
     timeout: float = 30.0,
     owner: str | None = None,
+    auth: str = "mtls",
 ) -> Enrolled:
     """Enroll this device (see the module docstring). Raises EnrollError, or
     ValueError for a bad device id or a folder that already holds an identity. Run
@@ -102,7 +113,10 @@ def enroll(
     folder.mkdir(parents=True, exist_ok=True)
     key_path = folder / "device.key.new"
     key = make_device_key(key_path)
-    body = json.dumps({"token": token, "device": device, "csr": make_csr(key, device).decode()})
+    claim = {"token": token, "device": device, "csr": make_csr(key, device).decode()}
+    if auth != "mtls":
+        claim["auth"] = auth
+    body = json.dumps(claim)
     request = urllib.request.Request(
         registry_url.rstrip("/") + "/api/enroll",
         data=body.encode(),
@@ -130,6 +144,9 @@ def enroll(
     _write(folder / "ca.crt", answer["ca"])
     _write(folder / "keys.json", json.dumps(answer["keys"], indent=2) + "\n")
     os.replace(key_path, folder / "device.key")
+    if answer.get("broker_password"):
+        # Trailing newline: the agent strips it (read_password), like an operator's file.
+        _write(folder / "broker.password", answer["broker_password"] + "\n", 0o600)
     config = answer["agent_config"]
     if answer.get("device_token"):
         # Model updates: the registry as this device reached it, its device token.

@@ -144,6 +144,9 @@ class AgentService:
         from .camsetup import CameraSetup
 
         self.setup = CameraSetup(self)  # pushed geometry replaces the config's here
+        from .renewal import CertificateRenewer
+
+        self.renewer = CertificateRenewer(self)
         for cam in self.cameras.values():
             cam.model_path, cam.labels_path = self.updater.model_for(cam.config)
 
@@ -226,6 +229,7 @@ class AgentService:
         if self.config.drift_seconds:
             self._spawn(self._drift_loop, name="drift")
         self._spawn(self._housekeeping_loop, name="housekeeping")
+        self.renewer.start(self._stop)
         self.notifier.ready(f"counting with {len(self.cameras)} camera(s)")
 
     def _spawn(self, target, *args, name: str) -> None:

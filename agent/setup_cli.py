@@ -36,6 +36,11 @@ def add_setup_actions(actions) -> None:
     e.add_argument("--registry-ca", metavar="FILE", help="CA of the registry's HTTPS certificate")
     e.add_argument("--force", action="store_true", help="replace an existing identity")
     e.add_argument(
+        "--password-auth",
+        action="store_true",
+        help="use the broker's password listener (a device that cannot do client certificates)",
+    )
+    e.add_argument(
         "--user",
         default="flowfleet",
         help="run as root: hand the files to this user, the agent's (default flowfleet)",
@@ -110,6 +115,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             registry_ca=args.registry_ca,
             force=args.force,
             owner=args.user,
+            auth="password" if args.password_auth else "mtls",
         )
     except (ContractError, ValueError) as exc:
         raise CliError(str(exc), EXIT_USAGE) from None

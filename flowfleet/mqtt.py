@@ -259,6 +259,16 @@ class MqttConnection:
         with contextlib.suppress(OSError):  # already gone: paho reconnects anyway
             sock.shutdown(socket.SHUT_RDWR)
 
+    def reload_client_certificate(self) -> None:
+        """Read the client certificate and key again (a renewal rewrote them) and
+        reconnect, so the next TLS handshake presents the new certificate. Messages
+        not yet acknowledged are resent on the new connection (QoS 1)."""
+        context = self._client._ssl_context  # paho keeps the context it made in tls_set
+        if context is None or not self.address.cert_file:
+            raise ValueError("this connection has no client certificate")
+        context.load_cert_chain(self.address.cert_file, self.address.key_file)
+        self.resync()
+
     # -- publish / subscribe -----------------------------------------------------
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:

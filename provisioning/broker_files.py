@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .authority import Authority
-from .mosquitto import BrokerConfig, BrokerSecurity, render_acl
+from .mosquitto import BrokerConfig, BrokerSecurity, render_acl, render_device_acl
 
 
 @dataclass(frozen=True)
@@ -83,24 +83,42 @@ def write_broker_files(
     admins: tuple[str, ...] = ("registry",),
     pid_file: str | Path | None = "/run/mosquitto/mosquitto.pid",
     pidfile: str | Path | None = None,
+    registry_auth: bool = False,
 ) -> BrokerFiles:
     """Write the files (see the module docstring); SIGHUP the broker in ``pidfile``
     when something changed; the config tells the broker to write its pid to
     ``pid_file``. ``password_port`` adds a TLS listener that takes the
-    passwords in ``password_file`` instead of client certificates."""
+    passwords in ``password_file`` instead of client certificates.
+
+    ``registry_auth``: the registry generates the password file and the ACL from its
+    device records (``[enrollment] broker_auth``; `flowfleet.registry.fleet.broker_auth`):
+    the config names ``devices.passwd`` and ``devices.acl`` in ``folder`` (made here,
+    admins only and no password, when missing; never overwritten here) instead of
+    the pattern ACL, and ``password_file`` defaults to ``devices.passwd``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     folder = folder.resolve()  # the config names absolute paths
     changed: list[str] = []
+    acl_file = folder / "acl"
+    if registry_auth:
+        acl_file = folder / "devices.acl"
+        password_file = password_file or folder / "devices.passwd"
+        for path, text, mode in (
+            (acl_file, render_device_acl((), topic_root, admins), 0o644),
+            (folder / "devices.passwd", "", 0o640),
+        ):
+            if not path.exists():  # the registry's from now on
+                _put(path, text.encode(), mode, changed)
     if not (folder / "broker.crt").is_file():
         authority.issue("broker", hosts[0] if hosts else "broker", folder, hosts=hosts)
         changed += ["broker.crt", "broker.key"]
         _hand_key_to_broker(folder / "broker.key")
     _put(folder / "ca.crt", authority.ca.cert.read_bytes(), 0o644, changed)
     _put(folder / "crl.pem", authority.crl.read_bytes(), 0o644, changed)
-    _put(folder / "acl", render_acl(topic_root, admins).encode(), 0o644, changed)
+    if not registry_auth:
+        _put(acl_file, render_acl(topic_root, admins).encode(), 0o644, changed)
     mtls = BrokerSecurity(
-        acl_file=folder / "acl",
+        acl_file=acl_file,
         tls_port=tls_port,
         cafile=folder / "ca.crt",
         certfile=folder / "broker.crt",

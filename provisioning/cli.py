@@ -262,8 +262,46 @@ def _add_broker_config(actions) -> None:
         help="where the broker writes its pid (default /run/mosquitto/mosquitto.pid)",
     )
     p.add_argument("--reload-pidfile", help="SIGHUP this broker when a file changed")
+    p.add_argument(
+        "--registry-auth",
+        action="store_true",
+        help="the registry generates devices.passwd and devices.acl from its device "
+        "records ([enrollment] broker_auth)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_broker_config)
+
+
+def _add_broker_sync(actions) -> None:
+    from flowfleet.registry.cli.main import _shared_options
+
+    p = actions.add_parser(
+        "broker-sync",
+        help="regenerate the broker's password file and ACL from the registry's devices",
+    )
+    p.add_argument("--json", action="store_true")
+    _shared_options(p, suppress=False)
+    p.set_defaults(func=cmd_broker_sync)
+
+
+def cmd_broker_sync(args: argparse.Namespace) -> int:
+    """What the registry does after each change to its devices, on demand (after a
+    restore, or to check that the files match the records)."""
+    from flowfleet.registry.cli.devices import sync_broker
+
+    if not args.config:
+        raise CliError("broker-sync needs --config (the registry's [enrollment])", EXIT_USAGE)
+    done = sync_broker(args)
+    if done is None:
+        raise CliError(f"{args.config}: [enrollment] broker_auth is not set", EXIT_USAGE)
+    text = (
+        f"{', '.join(done['changed'])} written; broker reloaded: "
+        f"{'yes' if done['reloaded'] else 'no'}"
+        if done["changed"]
+        else "up to date, nothing changed"
+    )
+    _out(args, done, text)
+    return 0
 
 
 def cmd_broker_config(args: argparse.Namespace) -> int:
@@ -273,8 +311,10 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
     from .broker_files import write_broker_files
 
     auth = _authority(args.ca)
-    if bool(args.password_port) != bool(args.password_file):
-        raise CliError("--password-port and --password-file go together", EXIT_USAGE)
+    if args.password_file and not args.password_port:
+        raise CliError("--password-file needs --password-port", EXIT_USAGE)
+    if args.password_port and not (args.password_file or args.registry_auth):
+        raise CliError("--password-port needs --password-file or --registry-auth", EXIT_USAGE)
     if not args.host and not (Path(args.out) / "broker.crt").is_file():
         raise CliError("--host is needed to issue the broker's certificate", EXIT_USAGE)
     try:
@@ -289,6 +329,7 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             pid_file=args.pid_file,
             pidfile=args.reload_pidfile,
+            registry_auth=args.registry_auth,
         )
     except (AuthorityError, ContractError) as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
@@ -330,6 +371,7 @@ ACTIONS = (
     ("tokens", _add_tokens),
     ("device", _add_device),
     ("broker-config", _add_broker_config),
+    ("broker-sync", _add_broker_sync),
     ("gcp", _add_gcp),  # the cloud relays' resources (docs/relays.md)
     ("aws", _add_aws),
 )

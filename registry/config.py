@@ -14,6 +14,7 @@ docs/registry.md ("Config file") has the reference and an example.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -371,11 +372,45 @@ class EnrollmentSection(Strict):
         None, description="the broker's folder (provision broker-config): revocations copy the CRL"
     )
     broker_pidfile: str | None = Field(None, description="SIGHUP this broker after a revocation")
+    broker_auth: bool = Field(
+        False,
+        description="generate broker_dir/devices.passwd and devices.acl from the device records",
+    )
+    broker_acl: Literal["known", "accepted"] = Field(
+        "known", description="which devices the generated ACL grants"
+    )
+    broker_admins: list[str] = Field(
+        ["registry"], min_length=1, description="the registry's broker identities (ACL admins)"
+    )
+    broker_password_base: str | None = Field(
+        None, description="password-file lines for the registry's own identities"
+    )
+    broker_reload_command: str | None = Field(
+        None, description="reloads the broker instead of broker_pidfile (systemctl reload ...)"
+    )
+    broker_password_port: int | None = Field(
+        None, ge=1, le=65535, description="the password listener, for devices without mTLS"
+    )
+    rate_limit_window_s: float = Field(
+        60.0, gt=0, le=86400, description="window of the enroll/renew rate limits"
+    )
+    rate_limit_per_address: int = Field(
+        30, ge=0, description="enroll/renew attempts per source address per window; 0: off"
+    )
+    rate_limit_per_token: int = Field(
+        10, ge=0, description="attempts per bootstrap token (or certificate) per window; 0: off"
+    )
 
     @model_validator(mode="after")
     def _complete(self):
         if self.ca_dir and not self.broker_host:
             raise ValueError("ca_dir needs broker_host (where enrolled devices connect)")
+        if self.broker_auth and not self.broker_dir:
+            raise ValueError("broker_auth needs broker_dir (where the generated files go)")
+        if self.broker_password_port and not self.broker_auth:
+            raise ValueError("broker_password_port needs broker_auth (the registry's passwords)")
+        for name in self.broker_admins:
+            check_registry_identity(name, "enrollment.broker_admins")
         return self
 
 
@@ -450,7 +485,7 @@ def load_registry_config(path: str | Path, *, check: bool = True) -> RegistrySet
             "enrollment": s.enrollment.model_copy(
                 update={
                     k: rel(getattr(s.enrollment, k))
-                    for k in ("ca_dir", "broker_dir", "broker_pidfile")
+                    for k in ("ca_dir", "broker_dir", "broker_pidfile", "broker_password_base")
                 }
             ),
         }
@@ -478,6 +513,11 @@ def check_files(settings: RegistrySettings, source: str) -> None:
             unreadable("enrollment.ca_dir", str(Path(ca_dir) / name))
             for name in ("ca.crt", "ca.key", "index.json")
         ]
+    e = settings.enrollment
+    problems.append(unreadable("enrollment.broker_password_base", e.broker_password_base))
+    if e.broker_auth and e.broker_dir and not os.access(e.broker_dir, os.W_OK | os.X_OK):
+        # The registry rewrites devices.passwd and devices.acl there.
+        problems.append(f"enrollment.broker_dir: folder not writable: {e.broker_dir}")
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))

@@ -24,6 +24,7 @@ class RegistryError(Exception):
         self.code = code
         self.message = message
         self.field = field
+        self.retry_after: int | None = None  # seconds, sent as Retry-After (429)
 
 
 def comma_list(value: str) -> list[str]:

@@ -113,6 +113,17 @@ def _enrollment_settings(section: EnrollmentSection | None, topics_root: str):
         section.cert_days,
         Path(section.broker_dir) if section.broker_dir else None,
         Path(section.broker_pidfile) if section.broker_pidfile else None,
+        broker_auth=section.broker_auth,
+        broker_acl=section.broker_acl,
+        broker_admins=tuple(section.broker_admins),
+        broker_password_base=(
+            Path(section.broker_password_base) if section.broker_password_base else None
+        ),
+        broker_reload_command=section.broker_reload_command,
+        broker_password_port=section.broker_password_port,
+        rate_limit_window_s=section.rate_limit_window_s,
+        rate_limit_per_address=section.rate_limit_per_address,
+        rate_limit_per_token=section.rate_limit_per_token,
     )
 
 
@@ -245,6 +256,14 @@ def run_registry(
     from .relays.job import build_job
 
     relay_job = build_job(worker.db, relays)
+    enroll_settings = _enrollment_settings(enrollment, topics_root)
+    if enroll_settings is not None and enroll_settings.broker_auth:
+        # The broker's password file and ACL match the records from the start (the
+        # registry's own password line included, before ingest connects).
+        from .fleet import broker_auth
+
+        with worker.db.connection_context():
+            broker_auth.sync(enroll_settings)
     app = create_app(
         worker.db,
         ingest_stats=ingest_stats,
@@ -257,7 +276,7 @@ def run_registry(
         webhooks=hooks,
         map_tiles=map_section.tiles if map_section is not None else None,
         map_attribution=map_section.attribution if map_section is not None else "",
-        enrollment=_enrollment_settings(enrollment, topics_root),
+        enrollment=enroll_settings,
     )
     rollouts = rollouts or RolloutsSection()
     # Staged rollouts: the job steps them (a lease keeps it to one registry process);

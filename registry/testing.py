@@ -82,6 +82,7 @@ def reset_database(db: pw.Database) -> None:
 
     Tables a test dropped are re-created; every table is emptied.
     """
+    from .store.broker_tables import BROKER_MODELS
     from .store.camsetup_tables import CAMSETUP_MODELS
     from .store.counters_tables import COUNTER_MODELS
     from .store.drift_tables import DRIFT_MODELS
@@ -99,6 +100,7 @@ def reset_database(db: pw.Database) -> None:
     models += ENROLLMENT_MODELS
     models += CAMSETUP_MODELS
     models += COUNTER_MODELS
+    models += BROKER_MODELS
     with db.connection_context():
         db.create_tables(models, safe=True)
         # DELETE, not TRUNCATE: for a few rows it is far cheaper on PostgreSQL (TRUNCATE

@@ -1,8 +1,6 @@
-"""Enrollment by claim, end to end: a real Mosquitto with the generated config (mTLS
-listener with the fleet CA's CRL, password listener for the registry, generated ACL),
-the real registry process (`flowfleet registry --config`) with an ``[enrollment]``
-section, the real `flowfleet agent enroll` and `flowfleet agent` commands, and the
-`flowfleet provision` commands an operator runs.
+"""Enrollment by claim, end to end, on the fleet of `tests.enrollment_fleet`: the
+real `flowfleet agent enroll` and `flowfleet agent` commands against the real
+registry and Mosquitto, and the `flowfleet provision` commands an operator runs.
 
 One module-scoped fleet; the tests run in order (the first enrolls cam-a).
 """
@@ -10,10 +8,7 @@ One module-scoped fleet; the tests run in order (the first enrolls cam-a).
 from __future__ import annotations
 
 import base64
-import contextlib
-import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,218 +16,37 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import pytest
 
 from flowfleet import signing
 from flowfleet.agent.config import load_agent_config
 from flowfleet.agent.download import Downloader, UpdateRefused, verify_manifest
 from flowfleet.agent.enroll import EnrollError, enroll, renew
-from flowfleet.cli import main
-from flowfleet.contract import Topics, parse_payload
+from flowfleet.contract import parse_payload
 from flowfleet.mqtt import BrokerAddress, MqttConnection
 from flowfleet.provisioning.authority import Authority, certificate_info
 from flowfleet.provisioning.broker_files import refresh_crl
-from flowfleet.provisioning.mosquitto import (
-    Broker,
-    BrokerSecurity,
-    free_port,
-    render_acl,
-    write_password_file,
+
+from .enrollment_fleet import (
+    Fleet,
+    T,
+    as_device,
+    assert_no_secrets_in_logs,
+    devices,
+    flowfleet_process,
+    refused,
+    running_fleet,
+    wait_for,
 )
-
 from .factories import count_bin
-
-T = Topics()
-REGISTRY_PW = "enroll-registry-pw-4c1d"
-CLIP_FRAMES = 40
-
-
-@dataclass
-class Ran:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def flowfleet(*args: str, check: bool = True) -> Ran:
-    """The `flowfleet` command line in this process (a Python start-up per operator
-    command would cost a second or two each on a busy machine)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as exc:  # argparse
-            code = int(exc.code or 0)
-    ran = Ran(code, out.getvalue(), err.getvalue())
-    if check:
-        assert ran.returncode == 0, ran.stderr
-    return ran
-
-
-def flowfleet_process(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "FLOWFLEET_DATABASE_URL"}
-    return subprocess.run(
-        [sys.executable, "-m", "flowfleet.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def get(url: str):
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return json.loads(resp.read())
-
-
-@dataclass
-class Fleet:
-    root: Path
-    ca: Authority
-    broker: Broker
-    db: str
-    url: str
-    registry_log: Path
-    outputs: list[str] = field(default_factory=list)  # every CLI output, for the scan
-    secrets: list[str] = field(default_factory=list)
-    admin_token: str = ""
-
-    def cli(self, *args: str, check: bool = True) -> Ran:
-        proc = flowfleet(*args, check=check)
-        self.outputs += [proc.stdout, proc.stderr]
-        return proc
-
-    def token(self, *extra: str) -> str:
-        # stdout is the token itself (shown once, by design); stderr is scanned.
-        out = flowfleet("provision", "tokens", "create", "--db", self.db, *extra)
-        self.outputs.append(out.stderr)
-        secret = out.stdout.strip()
-        self.secrets.append(secret)
-        return secret
-
-    def admin(self) -> str:
-        """An admin API token (made once)."""
-        if not self.admin_token:
-            flowfleet("registry", "users", "add", "root", "--role", "admin", "--db", self.db)
-            made = flowfleet("registry", "tokens", "create", "root", "--db", self.db)
-            self.outputs.append(made.stderr)  # stdout is the token itself, shown once
-            self.admin_token = made.stdout.strip()
-            self.secrets.append(self.admin_token)
-        return self.admin_token
-
-    def device_address(self, folder: Path) -> BrokerAddress:
-        return BrokerAddress(
-            "127.0.0.1",
-            self.broker.tls_port,
-            ca_file=str(folder / "ca.crt"),
-            cert_file=str(folder / "device.crt"),
-            key_file=str(folder / "device.key"),
-        )
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, videos: Path, int8_model: Path):
-    root = tmp_path_factory.mktemp("enroll")
-    ca = Authority.create(root / "ca")
-    server, _ = ca.issue("broker", "broker", root / "server", hosts=("127.0.0.1",))
-    acl = root / "acl"
-    acl.write_text(render_acl())
-    security = BrokerSecurity(
-        password_file=write_password_file(root / "passwd", {"registry": REGISTRY_PW}),
-        acl_file=acl,
-        tls_port=free_port(),
-        cafile=ca.ca.cert,
-        certfile=server.cert,
-        keyfile=server.key,
-        require_certificate=True,
-        use_identity_as_username=True,
-        crlfile=root / "broker-files" / "crl.pem",  # the copy the registry refreshes
-    )
-    (root / "broker-files").mkdir()
-    refresh_crl(ca, root / "broker-files", None)
-    clip = root / "clip"
-    clip.mkdir()
-    cap = cv2.VideoCapture(str(videos / "one-by-one-person-detection.mp4"))
-    try:
-        for i in range(CLIP_FRAMES):
-            ok, image = cap.read()
-            assert ok, f"the person video ended at frame {i}"
-            cv2.imwrite(str(clip / f"{i:05d}.jpg"), image)
-    finally:
-        cap.release()
-    (root / "template.toml").write_text(
-        f'state_dir = "{root / "agent-state"}"\nbin_seconds = 1\nhealth_seconds = 1\n\n'
-        f'[[cameras]]\nname = "table"\nsource = "{clip}"\nmodel = "{int8_model}"\n'
-        'realtime = false\nloop = false\nclasses = ["person"]\n'
-        '[[cameras.lines]]\nname = "approach"\npoints = [[768, 415], [0, 415]]\n'
-    )
-    pw = root / "registry.pw"
-    pw.write_text(REGISTRY_PW + "\n")
-    pw.chmod(0o600)
-    db = str(root / "registry.sqlite")
-    port = free_port()
-    with Broker(root / "broker", security=security) as broker:
-        (root / "broker.pid").write_text(f"{broker.proc.pid}\n")
-        (root / "registry.toml").write_text(
-            f'[database]\nurl = "{db}"\n[http]\nport = {port}\nthreads = 4\n'
-            f'[broker]\nhost = "127.0.0.1"\nport = {broker.port}\nusername = "registry"\n'
-            f'password_file = "{pw}"\n'
-            f'[enrollment]\nca_dir = "{ca.folder}"\nbroker_host = "127.0.0.1"\n'
-            f"broker_port = {broker.tls_port}\ncert_days = 10\n"
-            f'broker_dir = "{root / "broker-files"}"\nbroker_pidfile = "{root / "broker.pid"}"\n'
-        )
-        log = root / "registry.log"
-        conf = root / "registry.toml"
-        env = {k: v for k, v in os.environ.items() if k != "FLOWFLEET_DATABASE_URL"}
-        with open(log, "wb") as fh:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "flowfleet.cli", "registry", "--config", str(conf)],
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        url = f"http://127.0.0.1:{port}"
-        try:
-
-            def ready():
-                assert proc.poll() is None, log.read_text()[-3000:]
-                try:
-                    return get(url + "/healthz")["ingest"]["connected"]
-                except OSError:
-                    return False
-
-            wait_for(ready, 30, "the registry")
-            yield Fleet(root, ca, broker, db, url, log)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
-
-
-def devices(fleet: Fleet) -> dict[str, dict]:
-    return {d["device"]: d for d in get(fleet.url + "/api/devices")["devices"]}
-
-
-def as_device(fleet: Fleet, token: str, path: str) -> int:
-    req = urllib.request.Request(fleet.url + path, headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
+    with running_fleet(tmp_path_factory.mktemp("enroll"), videos, int8_model) as f:
+        yield f
 
 
 def test_a_device_enrolls_with_a_token_and_counts_over_mtls(fleet: Fleet):
@@ -494,39 +308,82 @@ def test_a_device_cannot_speak_for_another_and_revocation_takes_effect(fleet: Fl
     wait_for(lambda: refused(fleet.device_address(fleet.root / "claims" / "c")), 10, "cam-c")
 
 
-def refused(address: BrokerAddress) -> bool:
+def test_a_password_device_gets_its_password_from_the_registry_until_revoked(fleet: Fleet):
+    """A device that cannot do client certificates enrolls for the password listener:
+    the registry issues its password (handed over once, stored hashed), writes it into
+    the broker's password file and the device into the ACL, and reloads the broker;
+    revoking it takes both out again, and the broker refuses it."""
+    files = fleet.root / "broker-files"
+    token = fleet.token("--auto-accept", "--agent-template", str(fleet.root / "template.toml"))
+    folder = fleet.root / "cam-p"
+    done = enroll(fleet.url, token, "cam-p", folder, auth="password")
+    assert done.registration == "registered"
+    secret = (folder / "broker.password").read_text().strip()
+    fleet.secrets.append(secret)
+    assert (folder / "broker.password").stat().st_mode & 0o777 == 0o600
+    config = load_agent_config(folder / "agent.toml")
+    assert config.broker.username == "cam-p"
+    assert config.broker.port == fleet.broker.config.security.password_tls_port
+    assert config.broker.cert_file is None  # the password is its identity here
+    # Only the hash reached the broker's file and the database.
+    passwd = (files / "devices.passwd").read_text()
+    assert "cam-p:$7$" in passwd and secret not in passwd
+    assert passwd.startswith((fleet.root / "registry.passwd").read_text())
+    assert secret not in Path(fleet.db).read_bytes().decode("latin-1")
+    acl = (files / "devices.acl").read_text()
+    assert "user cam-p\ntopic write flowfleet/v1/devices/cam-p/#" in acl
+
+    # The written config connects (TLS, password) and its counts reach the registry.
+    address = BrokerAddress(
+        "127.0.0.1", config.broker.port, "cam-p", secret, ca_file=str(folder / "ca.crt")
+    )
+    wait_for(lambda: not refused(address), 10, "cam-p's password to be accepted")
     conn = MqttConnection("ignored", address)
     conn.start()
     try:
-        return not conn.wait_connected(2)
+        assert conn.wait_connected(10)
+        conn.publish(T.counts("cam-p"), count_bin("cam-p", 1).to_json())
+        wait_for(lambda: devices(fleet)["cam-p"]["bins"] == 1, 15, "cam-p's bin")
+        # The doctor on the device agrees.
+        doctor = ("doctor", "--config", str(folder / "agent.toml"), "--timeout", "3", "--json")
+        checks = {c["name"]: c for c in json.loads(fleet.cli(*doctor).stdout)["checks"]}
+        assert checks["broker"]["status"] == "ok"
+
+        req = urllib.request.Request(
+            fleet.url + "/api/devices/cam-p/revoke?reason=lost",
+            method="POST",
+            headers={"Authorization": f"Bearer {fleet.admin()}"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            answer = json.loads(resp.read())
+        assert answer["password_revoked"] and answer["broker_reloaded"]
+        assert "cam-p:" not in (files / "devices.passwd").read_text()
+        assert "user cam-p" not in (files / "devices.acl").read_text()
+        # Mosquitto re-checks open connections on reload: this one is cut off too.
+        wait_for(lambda: not conn.connected.is_set(), 10, "cam-p's open connection to end")
     finally:
         conn.stop()
-
-
-def test_a_removed_password_is_refused_after_the_broker_reload(fleet: Fleet):
-    """Devices that cannot do client certificates use the password listener: taking a
-    device out of the password file and reloading the broker shuts it out."""
-    passwd = fleet.root / "passwd"
-    pw = "cam-p-pw-31f0"
-    address = BrokerAddress("127.0.0.1", fleet.broker.port, "cam-p", pw)
-    write_password_file(passwd, {"registry": REGISTRY_PW, "cam-p": pw})
-    fleet.broker.reload()
-    wait_for(lambda: not refused(address), 10, "cam-p's password to be accepted")
-    write_password_file(passwd, {"registry": REGISTRY_PW})
-    fleet.broker.reload()
     wait_for(lambda: refused(address), 10, "cam-p's password to be refused")
-    fleet.secrets.append(pw)
+    ran = fleet.cli(*doctor[:-1], check=False)
+    assert ran.returncode == 1 and "fail  broker" in ran.stdout
+    # The revoked device gets no new password, until it is enrolled again.
+    req = urllib.request.Request(
+        fleet.url + "/api/devices/cam-p/broker-password",
+        method="POST",
+        headers={"Authorization": f"Bearer {fleet.admin()}"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 409
+    # A device added on the command line gets its ACL entry there too (same config).
+    conf = str(fleet.root / "registry.toml")
+    added = fleet.cli("registry", "devices", "add", "cam-q", "--config", conf)
+    assert "broker files devices.acl regenerated; broker reloaded: yes" in added.stderr
+    assert "user cam-q\n" in (files / "devices.acl").read_text()
+    # The operator's command regenerates the same files: nothing to change.
+    done = json.loads(fleet.cli("provision", "broker-sync", "--config", conf, "--json").stdout)
+    assert done == {"changed": [], "reloaded": False}
 
 
 def test_secrets_never_reach_the_logs(fleet: Fleet):
-    keys = [p.read_text() for p in fleet.root.glob("**/device.key")]
-    assert keys and fleet.secrets
-    body = [k.split("-----")[2].strip() for k in keys]
-    logs = [
-        fleet.registry_log.read_text(),
-        (fleet.root / "broker" / "mosquitto.log").read_text(),
-        *fleet.outputs,
-    ]
-    for text in logs:
-        for secret in [*fleet.secrets, REGISTRY_PW, *body]:
-            assert secret not in text
+    assert_no_secrets_in_logs(fleet)

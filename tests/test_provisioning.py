@@ -221,6 +221,124 @@ def test_enrollment_endpoints_need_the_right_role(tmp_path: Path, ca: Path, kind
         assert listed.json["tokens"][0]["devices"] == ["cam-1"]
 
 
+def test_enroll_and_renew_are_rate_limited_per_address_and_per_token(tmp_path: Path, ca: Path):
+    from flowfleet.registry.fleet.enrollment import EnrollmentSettings
+    from flowfleet.registry.http import auth
+    from flowfleet.registry.http.web import create_app
+    from flowfleet.registry.store.db import AuditEntry
+    from flowfleet.registry.testing import fresh_registry, temporary_database
+
+    with temporary_database("sqlite", tmp_path) as url:
+        reg = fresh_registry(url, tmp_path)
+        settings = EnrollmentSettings(
+            ca,
+            "127.0.0.1",
+            8883,
+            rate_limit_window_s=60,
+            rate_limit_per_address=3,
+            rate_limit_per_token=2,
+        )
+        app = create_app(reg.db, registry=reg, enrollment=settings)
+        with reg.db.connection_context():
+            auth.create_user("root", "admin", actor="test")
+            admin, _ = auth.create_token("root", actor="test")
+        client = app.test_client()
+        h = {"Authorization": f"Bearer {admin}"}
+        secret = client.post("/api/enrollment-tokens", json={"max_uses": 5}, headers=h).json[
+            "token"
+        ]
+        key = make_device_key(tmp_path / "dev.key")
+        bad = {"token": secret, "device": "cam-1", "csr": make_csr(key, "cam-2").decode()}
+
+        def post(path: str, body: dict, addr: str):
+            return client.post(path, json=body, environ_base={"REMOTE_ADDR": addr})
+
+        # Per token: two attempts (both refused for their CSR), then 429 from any address.
+        assert [post("/api/enroll", bad, "10.0.0.1").status_code for _ in range(2)] == [400] * 2
+        limited = post("/api/enroll", bad, "10.0.0.9")
+        assert limited.status_code == 429 and limited.json["error"]["code"] == "rate_limited"
+        assert "from this token" in limited.json["error"]["message"]
+        assert 1 <= int(limited.headers["Retry-After"]) <= 60
+        # Refused before the token was looked at: even a good claim changes nothing.
+        good = {**bad, "csr": make_csr(key, "cam-1").decode()}
+        assert post("/api/enroll", good, "10.0.0.9").status_code == 429
+        listed = client.get("/api/enrollment-tokens", headers=h).json["tokens"]
+        assert listed[0]["uses"] == 0 and listed[0]["devices"] == []
+
+        # Per source address: three attempts with different (unknown) tokens, then 429,
+        # for renewals from that address too; another address is not affected.
+        for i in range(3):
+            body = {**good, "token": f"ffe_unknown-{i}"}
+            assert post("/api/enroll", body, "10.0.0.2").status_code == 401
+        over = post("/api/enroll", {**good, "token": "ffe_unknown-9"}, "10.0.0.2")
+        assert over.status_code == 429 and "source address" in over.json["error"]["message"]
+        renewal = {"certificate": "x", "csr": "y"}
+        assert post("/api/renew", renewal, "10.0.0.2").status_code == 429
+        assert post("/api/renew", renewal, "10.0.0.3").status_code == 401
+
+        # Audited once per key and window, never with the secret.
+        with reg.db.connection_context():
+            entries = list(
+                AuditEntry.select().where(AuditEntry.action == "enrollment.rate_limited")
+            )
+            dump = json.dumps([(e.actor, e.target, e.details) for e in entries])
+        assert sorted(e.target.split(":")[0] for e in entries) == ["address", "credential"]
+        assert secret not in dump and "ffe_unknown" not in dump
+
+
+def test_broker_files_follow_the_device_records_under_each_policy(tmp_path: Path, ca: Path):
+    """What `broker_auth` writes: registered, unregistered, revoked and password
+    devices under broker_acl "known" and "accepted"; rewritten only on a change."""
+    from dataclasses import replace
+
+    from flowfleet.provisioning.mosquitto import hash_password
+    from flowfleet.registry.fleet import broker_auth
+    from flowfleet.registry.fleet.devices import accept_device, create_device
+    from flowfleet.registry.fleet.enrollment import EnrollmentSettings
+    from flowfleet.registry.store.db import Device
+    from flowfleet.registry.testing import fresh_registry, temporary_database
+
+    base = tmp_path / "base.passwd"
+    base.write_text(f"registry:{hash_password('pw')}")  # no newline: one is added
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    known = EnrollmentSettings(
+        ca, "b", 8883, broker_dir=folder, broker_auth=True, broker_password_base=base
+    )
+    with temporary_database("sqlite", tmp_path) as url:
+        reg = fresh_registry(url, tmp_path)
+        with reg.db.connection_context():
+            create_device(reg.db, "cam-1", {}, actor="test")  # registered
+            Device.insert(id="cam-2", first_seen=0, state="unknown").execute()  # not yet
+            create_device(reg.db, "cam-3", {}, actor="test")
+            secret = broker_auth.issue_password("cam-3", actor="test")
+            create_device(reg.db, "cam-4", {}, actor="test")
+            broker_auth.revoke_access("cam-4", actor="test")
+            first = broker_auth.sync(known)
+            assert first == {"changed": ["devices.passwd", "devices.acl"], "reloaded": False}
+            acl = (folder / "devices.acl").read_text()
+            users = [ln.split()[1] for ln in acl.splitlines() if ln.startswith("user ")]
+            assert users == ["registry", "cam-1", "cam-2", "cam-3"]  # not the revoked cam-4
+            assert "pattern" not in acl
+            passwd = (folder / "devices.passwd").read_text().splitlines()
+            assert [ln.split(":")[0] for ln in passwd] == ["registry", "cam-3"]
+            assert secret not in "".join(passwd) and passwd[1].startswith("cam-3:$7$")
+            assert broker_auth.sync(known) == {"changed": [], "reloaded": False}
+            # "accepted": only registered devices; accepting one grants it.
+            accepted = replace(known, broker_acl="accepted")
+            assert broker_auth.sync(accepted)["changed"] == ["devices.acl"]
+            assert "user cam-2" not in (folder / "devices.acl").read_text()
+            accept_device(reg.db, "cam-2", actor="test")
+            assert broker_auth.sync(accepted)["changed"] == ["devices.acl"]
+            assert "user cam-2" in (folder / "devices.acl").read_text()
+            # Revoking a password device takes it out of both files.
+            assert broker_auth.revoke_access("cam-3", actor="test") is True
+            assert broker_auth.sync(accepted)["changed"] == ["devices.passwd", "devices.acl"]
+            assert "cam-3" not in (folder / "devices.passwd").read_text()
+            with pytest.raises(ValueError, match="broker_acl"):
+                broker_auth.granted("everyone")
+
+
 def test_broker_config_is_idempotent_and_a_revocation_changes_only_the_crl(
     ca: Path, tmp_path: Path
 ):
@@ -240,7 +358,26 @@ def test_broker_config_is_idempotent_and_a_revocation_changes_only_the_crl(
     code, out, _ = run(*args, "--tls-port", "18883")
     assert json.loads(out)["changed"] == ["crl.pem"]
     code, _, err = run(*args, "--password-port", "1")
-    assert code == 2 and "go together" in err
+    assert code == 2 and "--password-port needs --password-file or --registry-auth" in err
+
+    # --registry-auth: the registry's generated password file and ACL, made empty once
+    # and never overwritten by broker-config (the registry rewrites them).
+    reg_dir = tmp_path / "mosq-registry"
+    reg = ("provision", "broker-config", "--ca", str(ca), "--out", str(reg_dir), "--json")
+    reg += ("--host", "127.0.0.1", "--password-port", "18884", "--registry-auth")
+    code, out, err = run(*reg)
+    assert code == 0, err
+    conf = (reg_dir / "flowfleet.conf").read_text()
+    assert f"password_file {reg_dir.resolve() / 'devices.passwd'}" in conf
+    assert f"acl_file {reg_dir.resolve() / 'devices.acl'}" in conf
+    assert "listener 18884" in conf and not (reg_dir / "acl").exists()
+    acl = (reg_dir / "devices.acl").read_text()
+    assert "user registry" in acl and "pattern" not in acl  # no device until listed
+    assert (reg_dir / "devices.passwd").read_text() == ""
+    (reg_dir / "devices.acl").write_text(acl + "user cam-1\n")  # as the registry would
+    code, out, _ = run(*reg)
+    assert json.loads(out)["changed"] == []
+    assert (reg_dir / "devices.acl").read_text().endswith("user cam-1\n")
 
 
 def test_doctor_names_each_problem_with_its_fix(ca: Path, tmp_path: Path):
@@ -384,6 +521,25 @@ def test_registry_enrollment_config_is_checked(tmp_path: Path, ca: Path):
     code, _, err = run("registry", "check-config", "--config", str(conf))
     assert code == 2 and f"enrollment.ca_dir: file not found: {tmp_path / 'no-ca'}/ca.key" in err
     conf.write_text(f'[enrollment]\nca_dir = "{ca}"\nbroker_host = "b"\n')
+    code, _, err = run("registry", "check-config", "--config", str(conf))
+    assert code == 0, err
+    # The broker's generated files: each setting is checked at load, naming the key.
+    section = f'[enrollment]\nca_dir = "{ca}"\nbroker_host = "b"\n'
+    for extra, problem in (
+        ("broker_auth = true\n", "broker_auth needs broker_dir"),
+        ("broker_password_port = 8884\n", "broker_password_port needs broker_auth"),
+        ('broker_auth = true\nbroker_dir = "."\nbroker_admins = ["cam-1"]\n', "broker_admins"),
+        ('broker_auth = true\nbroker_dir = "."\nbroker_acl = "all"\n', "broker_acl"),
+        ("rate_limit_per_token = -1\n", "rate_limit_per_token"),
+        (
+            'broker_auth = true\nbroker_dir = "."\nbroker_password_base = "none.passwd"\n',
+            f"enrollment.broker_password_base: file not found: {tmp_path / 'none.passwd'}",
+        ),
+    ):
+        conf.write_text(section + extra)
+        code, _, err = run("registry", "check-config", "--config", str(conf))
+        assert code == 2 and problem in err, (extra, err)
+    conf.write_text(section + 'broker_auth = true\nbroker_dir = "."\nbroker_acl = "accepted"\n')
     code, _, err = run("registry", "check-config", "--config", str(conf))
     assert code == 0, err
 

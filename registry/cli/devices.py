@@ -146,6 +146,32 @@ def cmd_devices_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def sync_broker(args: argparse.Namespace) -> dict | None:
+    """With ``[enrollment] broker_auth`` in the config, regenerate the broker's password
+    file and ACL from the records and reload it, as the registry's API does after the
+    same change (`flowfleet.registry.fleet.broker_auth`); None without it."""
+    import sys
+
+    from ..fleet import broker_auth
+    from ..service import _enrollment_settings
+
+    s = settings(args)
+    enrollment = _enrollment_settings(s.enrollment, s.broker.topic_root)
+    if enrollment is None or not enrollment.broker_auth:
+        return None
+    try:
+        done = run_in_db(args, lambda db: broker_auth.sync(enrollment))
+    except OSError as exc:
+        raise CliError(f"{enrollment.broker_dir}: {exc}") from None
+    if done["changed"]:
+        print(
+            f"broker files {', '.join(done['changed'])} regenerated; broker reloaded: "
+            f"{'yes' if done['reloaded'] else 'no'}",
+            file=sys.stderr,
+        )
+    return done
+
+
 def _done(args: argparse.Namespace, record: dict, what: str) -> int:
     if args.json:
         _print_json(record)
@@ -164,6 +190,7 @@ def cmd_devices_add(args: argparse.Namespace) -> int:
             db, args.device, fields, actor=_actor(), reason=args.reason
         ),
     )
+    sync_broker(args)  # a new device gets its ACL entry
     return _done(args, record, "registered")
 
 
@@ -189,4 +216,5 @@ def cmd_devices_accept(args: argparse.Namespace) -> int:
         args,
         lambda db: devices.accept_device(db, args.device, actor=_actor(), reason=args.reason),
     )
+    sync_broker(args)  # with broker_acl = "accepted", this grants it
     return _done(args, record, f"accepted ({record['registration']})")

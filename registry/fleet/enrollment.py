@@ -32,9 +32,11 @@ from flowfleet.identity import check_device_id
 
 from ..errors import RegistryError, check_name
 from ..store.audit import audit
+from ..store.broker_tables import BrokerCredential
 from ..store.db import Device, DeviceGroup, DeviceGroupMember, now
 from ..store.enrollment_tables import Enrollment, EnrollmentToken, ReenrollAllowance
 from ..store.locks import exclusive
+from . import broker_auth
 
 TOKEN_PREFIX = "ffe_"
 MAX_USES = 10_000
@@ -68,6 +70,21 @@ class EnrollmentSettings:
     # a revocation copies the CRL there and reloads the broker (SIGHUP).
     broker_dir: Path | None = None
     broker_pidfile: Path | None = None
+    # The broker's password file and ACL generated from the device records
+    # (`broker_auth`): which devices the ACL grants, the registry's own identities,
+    # the file with their password lines, how to reload the broker, and the password
+    # listener that devices without client certificates connect to.
+    broker_auth: bool = False
+    broker_acl: str = "known"
+    broker_admins: tuple[str, ...] = ("registry",)
+    broker_password_base: Path | None = None
+    broker_reload_command: str | None = None
+    broker_password_port: int | None = None
+    # POST /api/enroll and /api/renew: attempts per source address and per token (or
+    # certificate) within the window; 0 turns one off (flowfleet.registry.http.ratelimit).
+    rate_limit_window_s: float = 60.0
+    rate_limit_per_address: int = 30
+    rate_limit_per_token: int = 10
 
     def authority(self):
         from flowfleet.provisioning.authority import Authority
@@ -241,9 +258,21 @@ def _refuse_token(row: EnrollmentToken | None, at: float) -> None:
         raise RegistryError(401, "unauthorized", f"the bootstrap token {why}", "token")
 
 
-def _agent_toml(template: str | None, device: str, s: EnrollmentSettings) -> str:
+def _agent_toml(
+    template: str | None, device: str, s: EnrollmentSettings, auth: str = "mtls"
+) -> str:
     """agent.toml for an enrolled device: the template, then the registry's sections.
-    Paths are relative to the file (the agent resolves them against its folder)."""
+    Paths are relative to the file (the agent resolves them against its folder). With
+    ``auth="password"`` the broker section names the password listener and the
+    password file `agent enroll` writes (``broker.password``), over TLS still."""
+    if auth == "password":
+        identity = [
+            f"port = {int(s.broker_password_port or 0)}",
+            f"username = {json.dumps(device)}",
+            'password_file = "broker.password"',
+        ]
+    else:
+        identity = [f"port = {int(s.broker_port)}"]
     lines = [
         "# written by flowfleet agent enroll from the registry's answer",
         f"device_id = {json.dumps(device)}",
@@ -252,14 +281,13 @@ def _agent_toml(template: str | None, device: str, s: EnrollmentSettings) -> str
         "",
         "[broker]",
         f"host = {json.dumps(s.broker_host)}",
-        f"port = {int(s.broker_port)}",
+        *identity,
         f"topic_root = {json.dumps(s.topic_root)}",
         'ca_file = "ca.crt"',
-        'cert_file = "device.crt"',
-        'key_file = "device.key"',
-        "",
     ]
-    return "\n".join(lines)
+    if auth != "password":
+        lines += ['cert_file = "device.crt"', 'key_file = "device.key"']
+    return "\n".join([*lines, ""])
 
 
 def _add_to_group(name: str, device: str, actor: str) -> None:
@@ -282,10 +310,13 @@ def enroll(
     csr: str,
     keys: dict,
     remote_addr: str = "",
+    auth: str = "mtls",
 ) -> dict:
     """Enroll ``device`` with a bootstrap ``token`` and its ``csr`` (PEM); returns the
-    answer (certificate, CA, keys, agent config, registration). Nothing changes on a
-    refusal (RegistryError)."""
+    answer (certificate, CA, keys, agent config, registration). With ``auth="password"``
+    the device connects to the broker's password listener instead of presenting its
+    certificate: the answer carries its broker password (once; only the hash is kept).
+    Nothing changes on a refusal (RegistryError)."""
     from flowfleet.contract import ContractError
     from flowfleet.provisioning.authority import AuthorityError, certificate_info
 
@@ -297,6 +328,15 @@ def enroll(
         raise RegistryError(400, "invalid_field", str(exc), "device") from None
     if not isinstance(csr, str) or len(csr) > MAX_CSR_BYTES:
         raise RegistryError(400, "invalid_field", "csr must be a PEM string (<16 KiB)", "csr")
+    if auth not in ("mtls", "password"):
+        raise RegistryError(400, "invalid_field", "auth must be 'mtls' or 'password'", "auth")
+    if auth == "password" and not (settings.broker_auth and settings.broker_password_port):
+        raise RegistryError(
+            400,
+            "invalid_field",
+            "this registry has no broker password listener (enrollment.broker_password_port)",
+            "auth",
+        )
     authority = settings.authority()
     # The write lock up front (SQLite: BEGIN IMMEDIATE): the token check and its use
     # are one decision, and a read upgraded to a write would fail beside ingest.
@@ -328,6 +368,7 @@ def enroll(
                     "device",
                 )
             allowance.delete_instance()
+            broker_auth.restore_access(device)  # an allowed re-enrollment lifts a revocation
         try:
             cert_pem = authority.sign_csr(csr.encode(), device, settings.cert_days)
         except AuthorityError as exc:
@@ -344,6 +385,11 @@ def enroll(
             ).execute()
         if row.group:
             _add_to_group(row.group, device, actor)
+        password = None
+        if auth == "password":
+            password = broker_auth.issue_password(device, actor=actor)
+        else:  # a device re-enrolled with a certificate keeps no password
+            BrokerCredential.delete().where(BrokerCredential.device == device).execute()
         info = certificate_info(cert_pem)
         Enrollment.create(
             token=row,
@@ -363,18 +409,23 @@ def enroll(
             serial=info["serial"],
             reenroll=existing is not None,
             group=row.group,
+            auth=auth,
         )
-    return {
+    answer = {
         "device": device,
         "certificate": cert_pem.decode(),
         "ca": authority.ca.cert.read_text(),
         "keys": keys,
-        "agent_config": _agent_toml(row.agent_template, device, settings),
+        "agent_config": _agent_toml(row.agent_template, device, settings, auth),
         "registration": "registered" if registered else "unregistered",
         "not_after": info["not_after"],
         "serial": info["serial"],
         "group": row.group,
+        "auth": auth,
     }
+    if password is not None:
+        answer["broker_password"] = password
+    return answer
 
 
 def revoke_device(
@@ -391,13 +442,24 @@ def revoke_device(
     try:
         revoked = authority.revoke(cn=device, reason=reason)
     except AuthorityError as exc:
-        raise RegistryError(404, "unknown_certificate", str(exc), "device") from None
+        # A device that only ever had a broker password has no certificate to revoke.
+        if not (settings.broker_auth and Device.get_or_none(Device.id == device)):
+            raise RegistryError(404, "unknown_certificate", str(exc), "device") from None
+        revoked = []
+    password = False
+    if settings.broker_auth:
+        password = broker_auth.revoke_access(device, actor=actor, reason=reason)
     reloaded = False
     if settings.broker_dir is not None:
         reloaded = refresh_crl(authority, settings.broker_dir, settings.broker_pidfile)
     serials = [r.serial for r in revoked]
-    audit(actor, "device.revoke", f"device:{device}", reason, serials=serials)
-    return {"device": device, "revoked": serials, "broker_reloaded": reloaded}
+    audit(actor, "device.revoke", f"device:{device}", reason, serials=serials, password=password)
+    return {
+        "device": device,
+        "revoked": serials,
+        "password_revoked": password,
+        "broker_reloaded": reloaded,
+    }
 
 
 def renew(settings: EnrollmentSettings, *, certificate: str, csr: str) -> dict:

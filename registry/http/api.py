@@ -51,6 +51,8 @@ def error_response(exc: RegistryError):
     resp.status_code = exc.status
     if exc.status == 401:
         resp.headers["WWW-Authenticate"] = 'Bearer realm="flowfleet-registry"'
+    if exc.retry_after is not None:
+        resp.headers["Retry-After"] = str(exc.retry_after)
     return resp
 
 

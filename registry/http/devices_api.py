@@ -15,6 +15,7 @@ from ..errors import RegistryError, check_name
 from ..fleet import devices
 from ..store.db import now
 from .api import _actor, _json_body, query_args, requires
+from .enrollment_api import sync_broker
 
 bp = Blueprint("devices_api", __name__, url_prefix="/api/devices")
 
@@ -60,6 +61,7 @@ def create_device():
     dev = devices.create_device(
         current_app.extensions["flowfleet_db"], device, body, actor=_actor(), reason=reason
     )
+    sync_broker()  # a new device gets its ACL entry
     resp = jsonify(_record(dev))
     resp.status_code = 201
     return resp
@@ -95,4 +97,5 @@ def accept_device(device: str):
         actor=_actor(),
         reason=args.get("reason", ""),
     )
+    sync_broker()  # with broker_acl = "accepted", this grants it
     return jsonify(_record(dev))

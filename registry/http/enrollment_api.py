@@ -9,16 +9,54 @@ Without an ``[enrollment]`` configuration every endpoint answers 503.
 
 from __future__ import annotations
 
+import logging
+import threading
+
 from flask import Blueprint, current_app, jsonify, request
 
 from ..errors import RegistryError
-from ..fleet import enrollment
+from ..fleet import broker_auth, enrollment
 from ..store.locks import exclusive
 from . import auth
 from .api import _actor, _json_body, query_args, requires
 
 bp = Blueprint("enrollment_api", __name__, url_prefix="/api")
 ENROLLMENT_USER = "enrollment"
+log = logging.getLogger(__name__)
+_limiter_lock = threading.Lock()
+
+
+def _rate_limit(settings: enrollment.EnrollmentSettings, endpoint: str, credential: str) -> None:
+    """Count this attempt; 429 with Retry-After over a limit (`ratelimit`)."""
+    from .ratelimit import EnrollmentLimiter, Limits
+
+    with _limiter_lock:
+        limiter = current_app.extensions.get("flowfleet_enroll_limiter")
+        if limiter is None:
+            limiter = EnrollmentLimiter(
+                Limits(
+                    settings.rate_limit_window_s,
+                    settings.rate_limit_per_address,
+                    settings.rate_limit_per_token,
+                )
+            )
+            current_app.extensions["flowfleet_enroll_limiter"] = limiter
+    limiter.check(endpoint, request.remote_addr or "", credential)
+
+
+def sync_broker() -> dict | None:
+    """After a committed change to the device records: regenerate the broker's
+    password file and ACL and reload it (``[enrollment] broker_auth``). A failure is
+    logged, not raised: the change stands, and the next change or
+    `flowfleet provision broker-sync` writes the files."""
+    s = current_app.extensions.get("flowfleet_enrollment")
+    if s is None or not s.broker_auth:
+        return None
+    try:
+        return broker_auth.sync(s)
+    except Exception as exc:
+        log.error("could not regenerate the broker's files in %s: %s", s.broker_dir, exc)
+        return {"changed": [], "reloaded": False, "error": str(exc)}
 
 
 def _settings() -> enrollment.EnrollmentSettings:
@@ -56,7 +94,10 @@ def enroll():
     """A device's claim: {token, device, csr} -> certificate, CA, keys, agent config."""
     query_args(())
     settings = _settings()
-    body = _json_body({"token": str, "device": str, "csr": str}, ("token", "device", "csr"))
+    body = _json_body(
+        {"token": str, "device": str, "csr": str, "auth": str}, ("token", "device", "csr")
+    )
+    _rate_limit(settings, "enroll", body["token"])
     db = current_app.extensions["flowfleet_db"]
     # One transaction: the identity and the device's API token (model downloads) are
     # granted together or not at all.
@@ -69,8 +110,12 @@ def enroll():
             csr=body["csr"],
             keys=_keys(),
             remote_addr=request.remote_addr or "",
+            auth=body.get("auth", "mtls"),
         )
         answer["device_token"] = _device_token(answer["device"])
+    synced = sync_broker()  # a new device in the ACL (and its password)
+    if synced is not None:
+        answer["broker_reloaded"] = synced["reloaded"]
     resp = jsonify(answer)
     resp.status_code = 201
     return resp
@@ -82,6 +127,7 @@ def renew():
     query_args(())
     settings = _settings()
     body = _json_body({"certificate": str, "csr": str}, ("certificate", "csr"))
+    _rate_limit(settings, "renew", body["certificate"])
     db = current_app.extensions["flowfleet_db"]
     with db.atomic():  # the audit entry
         answer = enrollment.renew(settings, certificate=body["certificate"], csr=body["csr"])
@@ -156,4 +202,44 @@ def revoke_device(device: str):
     tokens = ApiToken.select().where((ApiToken.device == device) & ApiToken.revoked_at.is_null())
     for row in tokens:
         auth.revoke_token(row.id, actor=_actor(), reason=reason or "device revoked")
+    synced = sync_broker()  # out of the ACL and the password file
+    if synced is not None:
+        answer["broker_reloaded"] = answer["broker_reloaded"] or synced["reloaded"]
     return jsonify(answer)
+
+
+@bp.post("/devices/<device>/broker-password")
+@requires("admin")
+def broker_password(device: str):
+    """A new broker password for a known device (for the password listener); the
+    answer carries it once, the registry keeps only its hash."""
+    from ..store.db import Device
+
+    args = query_args(("reason",))
+    settings = _settings()
+    if not settings.broker_auth:
+        raise RegistryError(
+            409, "not_configured", "this registry does not manage broker passwords (broker_auth)"
+        )
+    db = current_app.extensions["flowfleet_db"]
+    with db.atomic():
+        if Device.get_or_none(Device.id == device) is None:
+            raise RegistryError(404, "unknown_device", f"no device {device!r}", "device")
+        revoked = broker_auth.DeviceRevocation.get_or_none(
+            broker_auth.DeviceRevocation.device == device
+        )
+        if revoked is not None:
+            raise RegistryError(
+                409, "device_revoked", f"device {device!r} was revoked; enroll it again", "device"
+            )
+        secret = broker_auth.issue_password(device, actor=_actor(), reason=args.get("reason", ""))
+    synced = sync_broker()
+    return jsonify(
+        {
+            "device": device,
+            "username": device,
+            "password": secret,
+            "port": settings.broker_password_port,
+            "broker_reloaded": bool(synced and synced["reloaded"]),
+        }
+    )

@@ -13,6 +13,17 @@ TOKEN_PATH = _param(
     "bootstrap token id",
 )
 OFF = {"503": _error("this registry does not enroll devices (no [enrollment])")}
+LIMITED = {
+    "429": {
+        **_error("too many attempts from this source address or with this token"),
+        "headers": {
+            "Retry-After": {
+                "schema": {"type": "integer", "minimum": 1},
+                "description": "seconds until an attempt is counted again",
+            }
+        },
+    }
+}
 
 TOKEN = {
     "type": "object",
@@ -59,6 +70,15 @@ ENROLLED = {
             "type": "string",
             "description": "the device's API token (model downloads), shown once",
         },
+        "auth": {"enum": ["mtls", "password"]},
+        "broker_password": {
+            "type": "string",
+            "description": "with auth=password: the device's broker password, shown once",
+        },
+        "broker_reloaded": {
+            "type": "boolean",
+            "description": "with broker_auth: the broker's files changed and it was reloaded",
+        },
     },
 }
 
@@ -79,6 +99,11 @@ def enrollment_paths() -> dict[str, Any]:
                         "token": {"type": "string"},
                         "device": {"type": "string", "pattern": NAME},
                         "csr": {"type": "string", "description": "PEM"},
+                        "auth": {
+                            "enum": ["mtls", "password"],
+                            "description": "password: the broker's password listener "
+                            "(enrollment.broker_password_port); default mtls",
+                        },
                     },
                     required=("token", "device", "csr"),
                 ),
@@ -88,6 +113,7 @@ def enrollment_paths() -> dict[str, Any]:
                     "401": _error("the bootstrap token is unknown, revoked, expired or used up"),
                     "409": _error("the device exists and may not enroll again"),
                     "415": _error("not JSON"),
+                    **LIMITED,
                     **OFF,
                 },
             }
@@ -124,6 +150,7 @@ def enrollment_paths() -> dict[str, Any]:
                     **BAD,
                     "401": _error("a foreign, revoked or expired certificate"),
                     "415": _error("not JSON"),
+                    **LIMITED,
                     **OFF,
                 },
             }
@@ -215,6 +242,7 @@ def enrollment_paths() -> dict[str, Any]:
                             "properties": {
                                 "device": {"type": "string"},
                                 "revoked": {"type": "array", "items": {"type": "string"}},
+                                "password_revoked": {"type": "boolean"},
                                 "broker_reloaded": {"type": "boolean"},
                             },
                         },
@@ -223,6 +251,40 @@ def enrollment_paths() -> dict[str, Any]:
                     **BAD,
                     **UNAUTH,
                     "404": _error("the device has no live certificate"),
+                    **OFF,
+                },
+            }
+        },
+        "/api/devices/{device}/broker-password": {
+            "post": {
+                "summary": "A new broker password for a known device (admin); shown once",
+                "description": "For the broker's password listener; the registry keeps "
+                "only its hash, rewrites the password file and reloads the broker "
+                "(enrollment.broker_auth).",
+                "security": bearer,
+                "parameters": [DEVICE_PATH, REASON],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["device", "username", "password"],
+                            "properties": {
+                                "device": {"type": "string"},
+                                "username": {"type": "string"},
+                                "password": {"type": "string"},
+                                "port": {"type": ["integer", "null"]},
+                                "broker_reloaded": {"type": "boolean"},
+                            },
+                        },
+                        "the password, once",
+                    ),
+                    **BAD,
+                    **UNAUTH,
+                    "404": _error("unknown device"),
+                    "409": _error(
+                        "the device was revoked, or this registry does not manage broker "
+                        "passwords (no enrollment.broker_auth)"
+                    ),
                     **OFF,
                 },
             }

@@ -228,6 +228,12 @@ def _m20_device_counters(db: pw.Database) -> None:
     log.info("device_counters: back-filled %d devices from the raw tables", n)
 
 
+def _m22_broker_access(db: pw.Database) -> None:
+    from .broker_tables import BROKER_MODELS
+
+    db.create_tables(BROKER_MODELS, safe=True)
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
     (
         1,
@@ -340,6 +346,12 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         "device_counters: per-device bins, beats and dead letters kept by ingest "
         "(back-filled from the raw tables)",
         _m20_device_counters,
+    ),
+    (
+        22,
+        "broker access from the device records: broker_credential (device passwords, "
+        "hashed), device_revocation",
+        _m22_broker_access,
     ),
 )
 LATEST = MIGRATIONS[-1][0]
