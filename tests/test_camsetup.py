@@ -319,9 +319,12 @@ def test_a_line_dragged_in_the_browser_is_applied_by_the_agent(stack, browser, t
         page.wait_for_url(base + "/")
         page.goto(f"{base}/devices/{DEVICE}")
         page.wait_for_selector("#setup-svg line.line[data-name=corner]", state="attached")
+        # An earlier test's snapshot may be shown already: wait for the one asked here.
+        before = (_setup(client, op)["snapshot"] or {}).get("request_id") or 0
         page.click("#setup-snapshot-request")
         page.wait_for_function(
-            "document.getElementById('setup-image').getAttribute('href')?.startsWith('blob:')",
+            "Number(document.getElementById('setup-image').getAttribute('data-request')) > "
+            + str(before),
             timeout=40_000,
         )
         page.click("#setup-add-line")
