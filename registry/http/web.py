@@ -67,6 +67,7 @@ from .devices_api import bp as devices_bp
 from .drift_api import bp as drift_bp
 from .enrollment_api import bp as enrollment_bp
 from .groups_api import bp as groups_bp
+from .health_api import bp as health_bp
 from .relays_api import bp as relays_bp
 from .rollouts_api import bp as rollouts_bp
 from .series_api import bp as series_bp
@@ -522,6 +523,7 @@ def create_app(
     app.register_blueprint(webauth_bp)
     app.register_blueprint(groups_bp)
     app.register_blueprint(devices_bp)
+    app.register_blueprint(health_bp)
     app.register_blueprint(webhooks_bp)
     app.register_blueprint(drift_bp)
     app.register_blueprint(shadow_bp)

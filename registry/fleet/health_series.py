@@ -1,0 +1,147 @@
+"""A device's health over time: its stored health beats, bucketed and downsampled.
+
+Health beats (`flowfleet.contract.Health`, stored as `HealthBeat` rows) arrive every
+``health_seconds`` (a minute by default), so a month of one device is about 44,000
+beats: far more points than a chart has pixels. `health_series` reads the beats of a
+bounded range and folds them into at most ``points`` equal buckets, columnar (one
+list per figure, aligned with ``t``) as a chart library takes them:
+
+* ``fps``, ``inference_ms``, ``inference_p95_ms``: per camera, the mean over the
+  bucket's beats;
+* ``temperature_c`` (the SoC's), ``load_1m``, ``cpu_percent``: the mean;
+* ``outbox_depth``: the largest in the bucket (a backlog that came and went within a
+  bucket must still show), ``outbox_dropped``: the last (a lifetime counter).
+
+A figure a beat left out (a platform without a temperature sensor) does not count
+towards the mean; a bucket where no beat had it is null. Buckets without any beat
+are left out (a gap in ``t``), so an offline device draws as a gap, not as zeros.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from ..errors import RegistryError
+from ..store.db import HealthBeat
+
+MAX_RANGE_S = 31 * 86400  # a month: about 44,640 beats at the default minute
+MAX_POINTS = 1000
+DEFAULT_POINTS = 300
+MIN_POINTS = 2
+SYSTEM_FIGURES = (
+    ("temperature_c", "soc_temp_c"),
+    ("load_1m", "load_1m"),
+    ("cpu_percent", "cpu_percent"),
+)
+CAMERA_FIGURES = ("fps", "inference_ms", "inference_p95_ms")
+
+
+class _Mean:
+    __slots__ = ("n", "total")
+
+    def __init__(self) -> None:
+        self.n, self.total = 0, 0.0
+
+    def add(self, value: Any) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            self.n += 1
+            self.total += float(value)
+
+    def value(self) -> float | None:
+        return round(self.total / self.n, 4) if self.n else None
+
+
+def check_range(start: float, end: float, points: int) -> None:
+    """Refuse a range the series will not serve (400 naming the parameter)."""
+    if not (math.isfinite(start) and math.isfinite(end)):
+        raise RegistryError(400, "invalid_parameter", "from and to must be finite", "from")
+    if end <= start:
+        raise RegistryError(400, "invalid_parameter", "to must be after from", "to")
+    if end - start > MAX_RANGE_S:
+        raise RegistryError(
+            400,
+            "invalid_parameter",
+            f"the range is {end - start:.0f} s; at most {MAX_RANGE_S} s (31 days)",
+            "from",
+        )
+    if not MIN_POINTS <= points <= MAX_POINTS:
+        raise RegistryError(
+            400,
+            "invalid_parameter",
+            f"points must be an integer from {MIN_POINTS} to {MAX_POINTS}, got {points}",
+            "points",
+        )
+
+
+def health_series(device: str, start: float, end: float, points: int = DEFAULT_POINTS) -> dict:
+    """The health of ``device`` between ``start`` and ``end`` (epoch seconds, by the
+    beat's own ``ts``) in at most ``points`` buckets; see the module docstring.
+
+    The database connection must be open (the HTTP layer opens one per request).
+    """
+    check_range(start, end, points)
+    step = max(1.0, math.ceil((end - start) / points))
+    rows = (
+        HealthBeat.select(HealthBeat.ts, HealthBeat.payload)
+        .where(HealthBeat.device == device, HealthBeat.ts >= start, HealthBeat.ts < end)
+        .order_by(HealthBeat.ts)
+        .tuples()
+    )
+    buckets: dict[int, dict] = {}
+    cameras: set[str] = set()
+    for ts, payload in rows.iterator():
+        k = int((ts - start) // step)
+        b = buckets.get(k)
+        if b is None:
+            b = buckets[k] = {
+                "beats": 0,
+                "depth": None,
+                "dropped": None,
+                "system": {name: _Mean() for name, _ in SYSTEM_FIGURES},
+                "cameras": {},
+            }
+        body = json.loads(payload)
+        b["beats"] += 1
+        depth = body.get("outbox_depth")
+        if isinstance(depth, int):
+            b["depth"] = depth if b["depth"] is None else max(b["depth"], depth)
+        if isinstance(body.get("outbox_dropped"), int):
+            b["dropped"] = body["outbox_dropped"]
+        system = body.get("system") or {}
+        for name, key in SYSTEM_FIGURES:
+            b["system"][name].add(system.get(key))
+        for cam in body.get("cameras") or ():
+            name = cam.get("camera")
+            if not isinstance(name, str):
+                continue
+            cameras.add(name)
+            means = b["cameras"].setdefault(name, {f: _Mean() for f in CAMERA_FIGURES})
+            for f in CAMERA_FIGURES:
+                means[f].add(cam.get(f))
+    keys = sorted(buckets)
+    names = sorted(cameras)
+    out: dict[str, Any] = {
+        "device": device,
+        "from": start,
+        "to": end,
+        "step_s": step,
+        "t": [start + k * step for k in keys],
+        "beats": [buckets[k]["beats"] for k in keys],
+        "outbox_depth": [buckets[k]["depth"] for k in keys],
+        "outbox_dropped": [buckets[k]["dropped"] for k in keys],
+    }
+    for name, _ in SYSTEM_FIGURES:
+        out[name] = [buckets[k]["system"][name].value() for k in keys]
+    out["cameras"] = {
+        cam: {
+            f: [
+                buckets[k]["cameras"][cam][f].value() if cam in buckets[k]["cameras"] else None
+                for k in keys
+            ]
+            for f in CAMERA_FIGURES
+        }
+        for cam in names
+    }
+    return out
