@@ -299,7 +299,10 @@ def test_dashboard_numbers_equal_the_api(site, operator):
     assert int(page.get_attribute("#flow", "data-total")) == sent["person"] + sent["car"]
     page.wait_for_selector("#busiest-lines tr:has-text('road')")
     assert page.locator("#classes tr").count() == 2
-    # A new bin reaches the open dashboard within the 2 s poll (issue 17's goal).
+    # A new bin reaches the open dashboard within 2 s of ingest (issue 17's goal),
+    # through the live stream: while it is open the page re-reads only every 30 s.
+    page.wait_for_selector("body[data-live=sse]")
+    events = int(page.get_attribute("body", "data-live-events") or 0)
     before = int(page.get_attribute("#people-hour", "data-value"))
     pub = mqtt.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
@@ -320,8 +323,10 @@ def test_dashboard_numbers_equal_the_api(site, operator):
         pub.disconnect()
         pub.loop_stop()
     print(f"a bin reached the open dashboard {shown_s:.2f} s after it was published")
-    # The goal is 2 s (one poll); the bound leaves room for a loaded test machine.
-    assert shown_s < 5.0, "the dashboard polls every 2 s: ingest and one poll must fit"
+    assert int(page.get_attribute("body", "data-live-events")) > events, "not by the stream"
+    # The goal is 2 s; the bound leaves room for a loaded test machine (and is far
+    # below the 30 s re-read, so the stream brought it).
+    assert shown_s < 5.0, "ingest, one stream tick and one re-read must fit"
     fleet = _get(site["url"] + "/api/devices")["devices"]
     for presence in ("online", "unknown"):
         want = sum(d["presence"] == presence for d in fleet)

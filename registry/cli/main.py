@@ -322,6 +322,8 @@ def cmd_registry(args: argparse.Namespace) -> int:
             anonymous_read=h.anonymous_read,
             watch_dir=s.watch.dir,
             http_threads=h.threads,
+            live_streams=h.live_streams,
+            live_stream_s=h.live_stream_s,
             site_timezone=s.counts.timezone,
             raw_retention_days=s.counts.raw_retention_days or None,
             ingest=s.ingest,

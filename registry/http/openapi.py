@@ -730,6 +730,7 @@ def openapi_document() -> dict[str, Any]:
     from .openapi_fleet import fleet_paths
     from .openapi_groups import group_paths
     from .openapi_health import health_paths
+    from .openapi_live import live_paths
     from .openapi_relays import relay_paths
     from .openapi_rollouts import rollout_paths
     from .openapi_series import series_paths
@@ -782,5 +783,6 @@ def openapi_document() -> dict[str, Any]:
             enrollment_paths(),
             camsetup_paths(),
             health_paths(),
+            live_paths(),
         ),
     }

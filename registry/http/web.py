@@ -68,6 +68,8 @@ from .drift_api import bp as drift_bp
 from .enrollment_api import bp as enrollment_bp
 from .groups_api import bp as groups_bp
 from .health_api import bp as health_bp
+from .live_api import LiveStreams
+from .live_api import bp as live_bp
 from .relays_api import bp as relays_bp
 from .rollouts_api import bp as rollouts_bp
 from .series_api import bp as series_bp
@@ -480,6 +482,8 @@ def create_app(
     map_tiles: str | None = None,
     map_attribution: str = "",
     enrollment: Any = None,
+    live_streams: int = 4,
+    live_stream_s: float = 60.0,
 ) -> Flask:
     """The registry web app on ``db`` (opened with `open_database`).
 
@@ -497,6 +501,8 @@ def create_app(
     one they wait for a registry process that runs it). ``map_tiles`` is the map's
     tile URL template (``https://host/{z}/{x}/{y}.png``; None: no tiles, markers on
     a plain background) and ``map_attribution`` the text the tiles' licence asks for.
+    ``live_streams`` Server-Sent Events streams (``/api/live``) may be open at once,
+    each for at most ``live_stream_s`` seconds (0 streams: pages poll).
     """
     require_bound(db)
     app = Flask(__name__)
@@ -524,6 +530,8 @@ def create_app(
     app.register_blueprint(groups_bp)
     app.register_blueprint(devices_bp)
     app.register_blueprint(health_bp)
+    app.register_blueprint(live_bp)
+    app.extensions["flowfleet_live"] = LiveStreams(live_streams, live_stream_s)
     app.register_blueprint(webhooks_bp)
     app.register_blueprint(drift_bp)
     app.register_blueprint(shadow_bp)
