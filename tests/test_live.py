@@ -134,9 +134,11 @@ def test_at_most_live_streams_are_open_and_a_gone_client_frees_its_slot(served):
         assert conn.getresponse().status == 200
         conn.close()
         # A client that goes away: its slot is free by the end of the stream's lifetime
-        # at the latest (the server notices at its next write).
+        # at the latest (waitress does not read a connection while it serves it, so
+        # the server notices only by writing). The other stream, opened at the same
+        # time, may end in the same tick.
         first.close()
-        _wait(lambda: streams.open == 1, LIFETIME_S + 5, "the gone client's slot")
+        _wait(lambda: streams.open <= 1, LIFETIME_S + 5, "the gone client's slot")
         again = Stream(port)
         assert again.event()[0] == "hello"
         again.close()
