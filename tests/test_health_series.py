@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 
 from flowfleet.contract import CameraHealth, Health, SystemHealth, Topics
-from flowfleet.registry.fleet.health_series import MAX_RANGE_S
+from flowfleet.registry.fleet.health_series import MAX_RANGE_S, health_series
 from flowfleet.registry.fleet.ingest import Ingestor
 from flowfleet.registry.http import auth
 from flowfleet.registry.http.openapi import openapi_document
@@ -112,3 +112,25 @@ def test_bad_ranges_are_refused_naming_the_parameter(client, query, field):
 def test_unknown_device_is_404(client):
     resp = client.get("/api/devices/nobody/health")
     assert resp.status_code == 404 and resp.get_json()["error"]["field"] == "device"
+
+
+def test_long_ranges_sample_the_means_but_keep_every_outbox_peak(registry):
+    """240 beats in two buckets: the means come from every 10th beat, the largest
+    outbox depth from all of them (the peak is on a beat that is not parsed)."""
+    ingest = Ingestor(registry.db, TOPICS)
+    items = [
+        (
+            TOPICS.health("pi-1"),
+            beat(i + 1, T0 + 10 * i, 99 if i == 5 else 1, 50.0, 10.0, 20.0).to_json(),
+            time.time(),
+        )
+        for i in range(240)
+    ]
+    assert set(ingest.handle_batch(items)) == {"stored"}
+    with registry.db.connection_context():
+        h = health_series("pi-1", T0, T0 + 2400, 2)
+    assert h["beats"] == [120, 120]
+    assert h["outbox_depth"] == [99, 1]
+    assert h["outbox_dropped"] == [120, 240]
+    assert h["cameras"]["door"]["fps"] == [10.0, 10.0]
+    assert h["temperature_c"] == [50.0, 50.0]

@@ -228,6 +228,12 @@ def _m20_device_counters(db: pw.Database) -> None:
     log.info("device_counters: back-filled %d devices from the raw tables", n)
 
 
+def _m24_health_beat_by_time(db: pw.Database) -> None:
+    # The name peewee gives the model's index, so a new database (which gets it from
+    # the model in migration 1) and an upgraded one end up alike.
+    db.execute_sql("CREATE INDEX IF NOT EXISTS health_beat_device_ts ON health_beat (device, ts)")
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
     (
         1,
@@ -340,6 +346,11 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         "device_counters: per-device bins, beats and dead letters kept by ingest "
         "(back-filled from the raw tables)",
         _m20_device_counters,
+    ),
+    (
+        24,
+        "health_beat (device, ts) index: a device's health over a range of time",
+        _m24_health_beat_by_time,
     ),
 )
 LATEST = MIGRATIONS[-1][0]
