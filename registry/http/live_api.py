@@ -16,9 +16,10 @@ Why bounded: the production server (waitress, `flowfleet.registry.http.server`) 
 each request on one of a fixed pool of threads, and a stream holds its thread while
 open. So a stream ends after ``lifetime_s`` (the browser reconnects), and at most
 ``max_streams`` are open at once: one more is refused with 503 and ``Retry-After``,
-and the page falls back to short polling (`static/dashboard.js`). A closed
-connection is noticed at the next write (an event or the keep-alive comment).
-Readable wherever the dashboard is.
+and the page falls back to short polling (`static/dashboard.js`). Waitress does not
+read a connection while it answers it, so a closed tab is noticed only by writing
+(an event, the keep-alive comment every 15 s): its slot is free by the end of the
+stream's lifetime at the latest. Readable wherever the dashboard is.
 """
 
 from __future__ import annotations
