@@ -123,6 +123,25 @@ class HttpSection(Strict):
         "proto",
     )
     trusted_proxies: tuple[IPvAnyNetwork, ...] = Field(("127.0.0.1/32", "::1/128"), min_length=1)
+    live_streams: int | None = Field(
+        None,
+        ge=0,
+        le=63,
+        description="Server-Sent Events streams open at once (each holds a thread); 0: pages "
+        "poll; default: half the threads, at most 4",
+    )
+    live_stream_s: float = Field(
+        60.0, ge=5, le=3600, description="a live stream ends after this; the browser reconnects"
+    )
+
+    @model_validator(mode="after")
+    def _streams_leave_threads(self):
+        if self.live_streams is not None and self.live_streams >= self.threads:
+            raise ValueError(
+                f"live_streams ({self.live_streams}) must be below threads ({self.threads}): "
+                "each open stream holds a thread"
+            )
+        return self
 
 
 class MapSection(Strict):

@@ -141,6 +141,8 @@ def run_registry(
     anonymous_read: str = "local",
     watch_dir: str | Path | None = None,
     http_threads: int = 8,
+    live_streams: int | None = None,
+    live_stream_s: float = 60.0,
     proxy: ProxyTrust | None = None,
     site_timezone: str = "UTC",
     raw_retention_days: float | None = 90.0,
@@ -172,6 +174,9 @@ def run_registry(
         watch_dir: a folder whose dropped model files are registered (see
             `flowfleet.registry.catalog.watch`); none by default.
         http_threads: requests the web server handles at once.
+        live_streams, live_stream_s: Server-Sent Events streams (``/api/live``) open
+            at once (None: half of ``http_threads``, at most 4; always fewer than the
+            threads) and how long each lasts (`flowfleet.registry.http.live_api`).
         proxy: which reverse-proxy headers to believe; none by default.
         site_timezone: IANA name of the site's timezone: day rollups (and the day
             buckets of /api/series) run from its midnight to midnight.
@@ -277,6 +282,11 @@ def run_registry(
         map_tiles=map_section.tiles if map_section is not None else None,
         map_attribution=map_section.attribution if map_section is not None else "",
         enrollment=enroll_settings,
+        live_streams=min(
+            min(4, http_threads // 2) if live_streams is None else live_streams,
+            max(0, http_threads - 1),
+        ),
+        live_stream_s=live_stream_s,
     )
     rollouts = rollouts or RolloutsSection()
     # Staged rollouts: the job steps them (a lease keeps it to one registry process);
@@ -393,6 +403,7 @@ def run_registry(
             rollout_job.stop()  # gives the lease up: another registry may take over now
         if relay_job is not None:
             relay_job.stop()  # what the clouds did not acknowledge is sent after a restart
+        app.extensions["flowfleet_live"].close()  # live streams end before the server stops
         if http_thread.is_alive():
             server.shutdown()
         server.close()

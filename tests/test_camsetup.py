@@ -5,11 +5,13 @@ of this module (one stack, about 10 s to start).
 Checked: a pushed line reaches the agent without restarting its camera, changes what
 it counts (the unchanged line keeps its counter) and comes back as reported state
 (``applied``); bad geometry is refused naming the field and changes nothing; a
-snapshot leaves the device only when asked, and only signed-in users can see it.
+snapshot leaves the device only when asked, and only signed-in users can see it; the
+CLI's `cameras geometry get|set` does what the editor does.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -22,6 +24,7 @@ from werkzeug.serving import make_server
 
 from flowfleet.agent.config import AgentConfig
 from flowfleet.agent.service import AgentService
+from flowfleet.cli import main as cli_main
 from flowfleet.contract import Topics
 from flowfleet.mqtt import BrokerAddress
 from flowfleet.provisioning.mosquitto import Broker
@@ -55,12 +58,17 @@ def wait_for(cond, timeout: float, what: str):
         time.sleep(0.05)
 
 
+# The stack's database URL and state folder (the CLI's --db and --state-dir).
+STACK_PATHS: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, videos, int8_model):
     """(base URL, test client, operator token, device token, agent service)."""
     tmp = tmp_path_factory.mktemp("camsetup")
     with Broker(tmp / "broker") as broker, temporary_database("sqlite", tmp / "db") as url:
         reg = fresh_registry(url, tmp)
+        STACK_PATHS.update(db=url, state=str(tmp))
         worker = IngestWorker(url, BrokerAddress(broker.host, broker.port), Topics())
         assert worker.start(wait=10), "the registry did not connect to the broker"
         commands = CommandPublisher(worker.db, worker.connection, tick_s=0.2)
@@ -282,6 +290,55 @@ def test_snapshots_only_when_asked_and_only_for_signed_in_users(stack):
     assert service.setup.served[CAMERA] == snap["request_id"]
 
 
+def _cli(*argv: str) -> int:
+    return cli_main(
+        ["registry", *argv, "--db", STACK_PATHS["db"], "--state-dir", STACK_PATHS["state"]]
+    )
+
+
+def test_the_cli_gets_and_sets_a_geometry_like_the_editor(stack, tmp_path, capsys):
+    _, client, op, _, service = stack
+    geo = tmp_path / "geometry.json"
+    assert _cli("cameras", "geometry", "get", DEVICE, CAMERA, "--file", str(geo)) == 0
+    body = json.loads(geo.read_text())
+    assert [ln["name"] for ln in body["lines"]] == [
+        ln.name for ln in service.cameras[CAMERA].config.lines
+    ]
+    # Bad geometry: exit 2, the error names the field, nothing changes.
+    before = _setup(client, op)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"lines": [{"name": "x", "points": [[1, 1], [1, 1]]}]}))
+    capsys.readouterr()
+    assert _cli("cameras", "geometry", "set", DEVICE, CAMERA, "--file", str(bad)) == 2
+    assert "lines.0.points" in capsys.readouterr().err
+    assert _cli("cameras", "geometry", "set", DEVICE, "nocam", "--file", str(geo)) == 1
+    after = _setup(client, op)
+    assert (after["desired"], after["desired_version"]) == (
+        before["desired"],
+        before["desired_version"],
+    )
+    # A good one: queued like the editor's; the running registry publishes it and the
+    # agent applies it.
+    body["lines"].append({"name": "cli-line", "points": [[100.0, 100.0], [100.0, 400.0]]})
+    geo.write_text(json.dumps(body))
+    assert _cli("cameras", "geometry", "set", DEVICE, CAMERA, "--file", str(geo)) == 0
+    assert "queued as desired state version" in capsys.readouterr().out
+    wait_for(
+        lambda: "cli-line" in [ln.name for ln in service.cameras[CAMERA].config.lines],
+        30,
+        "the agent to apply the CLI's geometry",
+    )
+    setup = wait_for(
+        lambda: (s := _setup(client, op))["state"] == "applied" and s, 20, "applied geometry"
+    )
+    assert setup["reported"]["lines"][-1]["name"] == "cli-line"
+    entries = client.get(
+        f"/api/audit?target=device:{DEVICE}/camera:{CAMERA}",
+        headers={"Authorization": f"Bearer {op}"},
+    ).get_json()["entries"]
+    assert entries[0]["action"] == "geometry.set" and entries[0]["actor"].startswith("cli:")
+
+
 @pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).exists():
@@ -319,9 +376,12 @@ def test_a_line_dragged_in_the_browser_is_applied_by_the_agent(stack, browser, t
         page.wait_for_url(base + "/")
         page.goto(f"{base}/devices/{DEVICE}")
         page.wait_for_selector("#setup-svg line.line[data-name=corner]", state="attached")
+        # An earlier test's snapshot may be shown already: wait for the one asked here.
+        before = (_setup(client, op)["snapshot"] or {}).get("request_id") or 0
         page.click("#setup-snapshot-request")
         page.wait_for_function(
-            "document.getElementById('setup-image').getAttribute('href')?.startsWith('blob:')",
+            "Number(document.getElementById('setup-image').getAttribute('data-request')) > "
+            + str(before),
             timeout=40_000,
         )
         page.click("#setup-add-line")

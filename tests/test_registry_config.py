@@ -31,6 +31,11 @@ def check(path: Path, capsys) -> tuple[int, str, str]:
         ("[http]\nthreads = 0\n", "http.threads: Input should be greater than or equal to 1"),
         ('[http]\nanonymous_read = "some"\n', "http.anonymous_read: Input should be 'local'"),
         ('[http]\ntrusted_proxies = ["a proxy"]\n', "http.trusted_proxies.0: "),
+        (
+            "[http]\nthreads = 4\nlive_streams = 4\n",
+            "http: live_streams (4) must be below threads (4)",
+        ),
+        ("[http]\nlive_stream_s = 1\n", "http.live_stream_s: Input should be greater than"),
         ('[storage]\nmax_upload_mib = "big"\n', "storage.max_upload_mib: Input should be"),
         (
             '[broker]\nusername = "registry"\npassword_file = "missing.pw"\n',

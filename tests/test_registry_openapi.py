@@ -40,7 +40,10 @@ def served(tmp_path_factory, data):
     # "no publisher configured" (503) would otherwise count as a failure.
     # Enrollment configured (a test CA), so its endpoints answer rather than 503.
     enrollment = EnrollmentSettings(Authority.create(tmp / "ca").folder, "127.0.0.1", 8883)
-    app = create_app(db, registry=reg, commands=CommandPublisher(db), enrollment=enrollment)
+    # Live streams last a second here: each call reads a stream to its end.
+    app = create_app(
+        db, registry=reg, commands=CommandPublisher(db), enrollment=enrollment, live_stream_s=1
+    )
     yield app, token
     release()
 

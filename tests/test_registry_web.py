@@ -434,7 +434,9 @@ def test_dashboard_renders_devices_offline_and_serves_its_own_scripts(client):
     for text in ("cam-1", "cam-2", "online"):
         assert text in page
     scripts = _scripts(client, page)
-    assert "/api/series" in scripts and "FF.poll(counts, 2000)" in scripts
+    # It reads the series API, re-reads when its live stream says so, else polls.
+    assert "/api/series" in scripts and 'new EventSource("/api/live")' in scripts
+    assert 'loop("counts", counts, 2000, "refresh")' in scripts
 
 
 def test_dashboard_shows_each_devices_camera_models_as_text(client):

@@ -19,6 +19,7 @@ from pathlib import Path
 from flowfleet.cliutil import EXIT_USAGE, CliError, setup_logging, stop_on_signals
 
 from .access import add_access_actions
+from .cameras import add_camera_actions
 from .common import (
     DEFAULT_DB,
     _actor,
@@ -261,6 +262,7 @@ def register(sub) -> None:
     add_group_actions(actions, shared)
     add_rollout_actions(actions, shared)
     add_device_actions(actions, shared)
+    add_camera_actions(actions, shared)
     add_dead_letter_actions(actions, shared)
     add_series_actions(actions, shared)
     add_webhook_actions(actions, shared)
@@ -322,6 +324,8 @@ def cmd_registry(args: argparse.Namespace) -> int:
             anonymous_read=h.anonymous_read,
             watch_dir=s.watch.dir,
             http_threads=h.threads,
+            live_streams=h.live_streams,
+            live_stream_s=h.live_stream_s,
             site_timezone=s.counts.timezone,
             raw_retention_days=s.counts.raw_retention_days or None,
             ingest=s.ingest,

@@ -6,7 +6,7 @@ Every request is authorised in `install_auth`'s ``before_request`` hook, by endp
   and the web login and logout (``/login``, ``/logout``: they check their own CSRF
   tokens, see `flowfleet.registry.http.webauth`);
 * the dashboard (``/``, ``/api/totals``, ``/api/devices``, ``/api/dead-letters``,
-  ``/api/events``, ``/api/drift``):
+  ``/api/events``, ``/api/drift``, ``/api/devices/<id>/health``, ``/api/live``):
   a viewer token, or no token at all when the ``anonymous_read`` policy allows it
   (``"local"``, the default: requests from a loopback address that did not come
   through a proxy; ``"none"``: never; ``"all"``: anyone);
@@ -68,6 +68,8 @@ DASHBOARD_ENDPOINTS = {
     "api_dead_letters",
     "api_events",
     "api_drift",
+    "health_api.api_device_health",
+    "live.api_live",
     # The web pages whose data is the dashboard's (their scripts read the API above).
     "ui.map",
     "ui.devices",

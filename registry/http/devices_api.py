@@ -1,6 +1,6 @@
 """REST API for device records (a Flask blueprint under ``/api/devices``).
 
-``GET /api/devices`` (the list, also the dashboard's) is in `flowfleet.registry.http.web`;
+``GET /api/devices`` (the list, also the dashboard's) is in `flowfleet.registry.http.fleet_routes`;
 a device's deployments are in `flowfleet.registry.http.api`. Here: one device's record,
 registering a device before it connects, editing its record and accepting a device
 first seen through telemetry (`flowfleet.registry.fleet.devices`). Reading needs a

@@ -729,6 +729,8 @@ def openapi_document() -> dict[str, Any]:
     from .openapi_enrollment import enrollment_paths
     from .openapi_fleet import fleet_paths
     from .openapi_groups import group_paths
+    from .openapi_health import health_paths
+    from .openapi_live import live_paths
     from .openapi_relays import relay_paths
     from .openapi_rollouts import rollout_paths
     from .openapi_series import series_paths
@@ -780,5 +782,7 @@ def openapi_document() -> dict[str, Any]:
             relay_paths(),
             enrollment_paths(),
             camsetup_paths(),
+            health_paths(),
+            live_paths(),
         ),
     }

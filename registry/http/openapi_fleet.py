@@ -1,6 +1,6 @@
 """OpenAPI paths of the fleet side: health and metrics, the dashboard's reads (totals,
 devices, dead letters, events, drift) and a device's deployments
-(`flowfleet.registry.http.web`, `flowfleet.registry.http.api`)."""
+(`flowfleet.registry.http.fleet_routes`, `flowfleet.registry.http.api`)."""
 
 from __future__ import annotations
 

@@ -142,7 +142,9 @@ class HealthBeat(BaseModel):
     payload = pw.TextField(help_text="canonical JSON of the validated payload")
 
     class Meta:
-        indexes = ((("device", "seq"), True),)
+        # (device, ts), migration 24: a device's health over a range of time
+        # (`flowfleet.registry.fleet.health_series`) reads only that range.
+        indexes = ((("device", "seq"), True), (("device", "ts"), False))
 
 
 class DeadLetter(BaseModel):

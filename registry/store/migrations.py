@@ -234,6 +234,12 @@ def _m22_broker_access(db: pw.Database) -> None:
     db.create_tables(BROKER_MODELS, safe=True)
 
 
+def _m24_health_beat_by_time(db: pw.Database) -> None:
+    # The name peewee gives the model's index, so a new database (which gets it from
+    # the model in migration 1) and an upgraded one end up alike.
+    db.execute_sql("CREATE INDEX IF NOT EXISTS health_beat_device_ts ON health_beat (device, ts)")
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
     (
         1,
@@ -352,6 +358,11 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[pw.Database], None]], ...] = (
         "broker access from the device records: broker_credential (device passwords, "
         "hashed), device_revocation",
         _m22_broker_access,
+    ),
+    (
+        24,
+        "health_beat (device, ts) index: a device's health over a range of time",
+        _m24_health_beat_by_time,
     ),
 )
 LATEST = MIGRATIONS[-1][0]

@@ -10,7 +10,7 @@
   const svg = $("setup-svg");
   if (!svg) return;
   let camera = null, setup = null, geo = { lines: [], zones: [] }, dirty = false, selected = null;
-  let shownSnapshot = null, size = [960, 540], objectUrl = null;
+  let shownSnapshot = null, size = [960, 540], objectUrl = null, nameFor = null;
   const base = () => `/api/devices/${enc}/cameras/${encodeURIComponent(camera)}`;
   const say = (text, ok) => $("setup-notice").replaceChildren(FF.el("p", { className: ok ? "message" : "error", role: ok ? "status" : "alert" }, text));
   const node = (tag, attrs) => {
@@ -70,7 +70,13 @@
     defs.appendChild(marker);
     svg.appendChild(defs);
     const shape = selected ? geo[selected.kind][selected.i] : null;
-    $("setup-name").value = shape ? shape.name : "";
+    // A redraw (a snapshot arriving, a poll) must not overwrite a name being typed:
+    // the field is refilled only when the selection changed or it is not in use.
+    const key = selected ? `${selected.kind}/${selected.i}` : "";
+    if (key !== nameFor || document.activeElement !== $("setup-name")) {
+      $("setup-name").value = shape ? shape.name : "";
+      nameFor = key;
+    }
     $("setup-name").disabled = $("setup-remove").disabled = !shape || !DEVICE.can_operate;
   }
   function label(text, p, r) {
@@ -128,6 +134,7 @@
       img.setAttribute("href", objectUrl);
       img.setAttribute("width", snap.width);
       img.setAttribute("height", snap.height);
+      img.setAttribute("data-request", snap.request_id);
       draw();
     } catch (e) { shownSnapshot = null; info.textContent = e.message; }
   }

@@ -1,6 +1,7 @@
 // Dashboard: counts today / last hour / a chosen range, flow over time, class mix,
 // speeds, busiest lines and zones (GET /api/series), and fleet health (GET
-// /api/devices, /api/rollouts, /api/drift/verdicts); polled every 2 s and 5 s.
+// /api/devices, /api/rollouts, /api/drift/verdicts); re-read when the live stream
+// (/api/live, Server-Sent Events) says something changed, else polled every 2 s and 5 s.
 // Each number's element carries the API URL it came from (data-source).
 "use strict";
 (() => {
@@ -137,6 +138,66 @@
   });
   $("range-reset").addEventListener("click", () => { range = null; counts().catch(() => {}); });
   const s = span(); $("range-from").value = toInput(s.from); $("range-to").value = toInput(s.to);
-  FF.poll(counts, 2000);
-  FF.poll(fleet, 5000, "fleet-refresh");
+
+  // -- live updates ----------------------------------------------------------------
+  // Server-Sent Events (GET /api/live) say when bins arrive or the fleet changes, and
+  // the page re-reads the API at once; while the stream is open it also re-reads
+  // every 30 s (presence turning stale is the clock's doing, not an event). Without
+  // a stream (the registry refused it: too many open; a proxy that buffers; no
+  // EventSource) the page polls every 2 s and 5 s and tries a stream again in 30 s.
+  // The registry ends each stream after a while; EventSource reconnects by itself.
+  const SLOW = 30000, RETRY_STREAM = 30000;
+  const live = { open: false, events: 0 };
+  const loops = {};
+  function loop(name, fn, fastMs, statusId) {
+    const status = $(statusId);
+    let timer = null, running = false, again = false;
+    async function tick() {
+      clearTimeout(timer);
+      if (running) { again = true; return; }  // one refresh at a time; one more after it
+      running = true;
+      try {
+        await fn();
+        if (status) { status.className = "status"; status.textContent = "updated " + new Date().toLocaleTimeString() + (live.open ? " (live)" : ""); }
+      } catch (e) {
+        if (status) { status.className = "status failed"; status.textContent = "refresh failed: " + e.message; }
+      } finally {
+        running = false;
+        if (again) { again = false; tick(); } else timer = setTimeout(tick, live.open ? SLOW : fastMs);
+      }
+    }
+    loops[name] = tick;
+    tick();
+  }
+  function mode(open) {
+    if (live.open === open) return;
+    live.open = open;
+    document.body.dataset.live = open ? "sse" : "polling";
+    if (!open) { loops.counts(); loops.fleet(); }  // back to the short polls now
+  }
+  function connect() {
+    if (!window.EventSource) { mode(false); return; }
+    const es = new EventSource("/api/live");
+    // After a reconnect, what changed while it was down has no event: re-read once.
+    es.addEventListener("hello", () => { mode(true); loops.counts(); loops.fleet(); });
+    const on = (name, what) => es.addEventListener(name, () => {
+      live.events += 1;
+      document.body.dataset.liveEvents = live.events;
+      loops[what]();
+    });
+    on("bins", "counts");
+    on("fleet", "fleet");
+    es.onerror = () => {
+      if (es.readyState === EventSource.CLOSED) {  // refused or not a stream: poll, retry later
+        mode(false);
+        setTimeout(connect, RETRY_STREAM);
+      }
+      // CONNECTING: the stream ended (its lifetime) or dropped; EventSource reconnects
+      // after the retry the registry announced, and "hello" says when it is back.
+    };
+  }
+  document.body.dataset.live = "polling";
+  loop("counts", counts, 2000, "refresh");
+  loop("fleet", fleet, 5000, "fleet-refresh");
+  connect();
 })();

@@ -86,9 +86,10 @@
   }
 
   async function drift() {
-    const v = await FF.getJson("/api/drift/verdicts?" + FF.q({ device: id, limit: 20 }));
-    FF.fill("verdicts", v.verdicts, [(x) => FF.time(x.start), (x) => x.camera, (x) => x.model, (x) => FF.chip(x.verdict), [(x) => x.reason, "wrap"]], "no verdicts yet");
+    const v = await FF.getJson("/api/drift/verdicts?" + FF.q({ device: id, limit: 200 }));
+    FF.fill("verdicts", v.verdicts.slice(0, 20), [(x) => FF.time(x.start), (x) => x.camera, (x) => x.model, (x) => FF.chip(x.verdict), [(x) => x.reason, "wrap"]], "no verdicts yet");
     const w = await FF.getJson("/api/drift?" + FF.q({ device: id, limit: 200 }));
+    dpfCharts(w.drift, v.verdicts);
     const box = $("drift-hist");
     if (!w.drift.length) { box.replaceChildren(FF.el("p", { className: "empty" }, "no drift windows yet")); return; }
     const current = w.drift[0].model;
@@ -105,6 +106,69 @@
     box.replaceChildren(FF.el("table", {}, FF.el("thead", {}, FF.el("tr", {}, FF.el("th", {}, "confidence"), FF.el("th", {}, `now (${current || "model"})`), FF.el("th", {}, `baseline (${baseModel || (base ? "earlier windows" : "none yet")})`))), FF.el("tbody", {}, ...rows)));
   }
 
+  // -- charts over time (uPlot) ------------------------------------------------------
+  const COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"];
+  const plots = {};
+  // One chart in box (replacing what it showed); a box whose series have no value
+  // says so in words instead. data-points: the values drawn (the tests read it).
+  function plot(key, box, series, data, extra) {
+    if (plots[key]) { plots[key].destroy(); delete plots[key]; }
+    const values = data.slice(1).reduce((n, col) => n + col.filter((v) => v != null).length, 0);
+    box.dataset.points = values;
+    if (!values) { box.replaceChildren(FF.el("p", { className: "empty" }, "nothing reported in this range")); return; }
+    box.replaceChildren();
+    plots[key] = new uPlot({ width: Math.max(260, box.clientWidth), height: 160, legend: { show: series.length > 2 }, series, ...(extra || {}) }, data, box);
+  }
+
+  async function health() {
+    const span = Number($("health-range").value), now = Math.floor(Date.now() / 1000);
+    const url = `/api/devices/${enc}/health?` + FF.q({ from: now - span, to: now, points: 300 });
+    const h = await FF.getJson(url);
+    const cams = Object.keys(h.cameras);
+    const perCamera = (f) => [h.t, ...cams.map((c) => h.cameras[c][f])];
+    const camSeries = [{}, ...cams.map((c, i) => ({ label: c, stroke: COLOURS[i % COLOURS.length], width: 1.5 }))];
+    plot("fps", $("health-fps"), camSeries, perCamera("fps"));
+    plot("latency", $("health-latency"), camSeries, perCamera("inference_ms"));
+    plot("temperature", $("health-temperature"), [{}, { label: "°C", stroke: COLOURS[3] }], [h.t, h.temperature_c]);
+    plot("outbox", $("health-outbox"), [{}, { label: "messages", stroke: COLOURS[4] }], [h.t, h.outbox_depth]);
+    const src = $("health-source");
+    src.dataset.source = url;
+    src.textContent = `${h.beats.reduce((a, b) => a + b, 0)} health beats in ${h.t.length} buckets of ${Math.round(h.step_s)} s`;
+  }
+
+  // Detections per frame of each drift window, and the band the judge allowed: it
+  // compares log((n + 0.5) / (expected + 0.5)) with its threshold, so the bounds on
+  // a window's detections are (expected + 0.5) * e^±threshold - 0.5, where the
+  // expected count comes back from the verdict's own statistics.
+  function dpfCharts(windows, verdicts) {
+    const box = $("drift-dpf");
+    for (const k of Object.keys(plots)) if (k.startsWith("dpf:")) { plots[k].destroy(); delete plots[k]; }
+    const cams = [...new Set(windows.map((w) => w.camera))].sort();
+    if (!cams.length) { box.replaceChildren(FF.el("p", { className: "empty" }, "no drift windows yet")); return; }
+    box.replaceChildren();
+    for (const cam of cams) {
+      const ws = windows.filter((w) => w.camera === cam && w.frames > 0).sort((a, b) => a.start - b.start);
+      const judged = new Map(verdicts.filter((v) => v.camera === cam).map((v) => [v.start, v]));
+      const band = ws.map((w) => {
+        const v = judged.get(w.start);
+        const st = v && v.statistics, thr = v && v.thresholds && v.thresholds.dpf_log_ratio;
+        if (thr == null || st.dpf_log_ratio == null || !st.frames) return null;
+        const expected = (st.detections + 0.5) * Math.exp(-st.dpf_log_ratio);  // expected + 0.5
+        return [(expected - 0.5) / st.frames, (expected * Math.exp(thr) - 0.5) / st.frames, Math.max(0, expected * Math.exp(-thr) - 0.5) / st.frames];
+      });
+      const col = (i) => band.map((b) => b ? b[i] : null);
+      const el = FF.el("div", { className: "chart small", role: "img", "aria-label": `Detections per frame of camera ${cam}'s drift windows with the judge's thresholds`,
+        dataset: { camera: cam, windows: ws.length, thresholds: band.filter((b) => b).length } });
+      box.append(FF.el("p", { className: "muted" }, `camera ${cam}`), el);
+      plots["dpf:" + cam] = new uPlot({ width: Math.max(260, box.clientWidth), height: 180,
+        series: [{}, { label: "detections/frame", stroke: COLOURS[0], width: 1.5, points: { show: true, size: 5 } },
+          { label: "expected", stroke: COLOURS[2], dash: [6, 4], spanGaps: false },
+          { label: "threshold above", stroke: COLOURS[3], dash: [3, 3] },
+          { label: "threshold below", stroke: COLOURS[3], dash: [3, 3] }] },
+      [ws.map((w) => w.start), ws.map((w) => w.detections / w.frames), col(0), col(1), col(2)], el);
+    }
+  }
+
   async function shadow() {
     const s = await FF.getJson("/api/shadow?" + FF.q({ device: id, limit: 20 }));
     const name = (m) => m ? (m.model || m.file || "") + (m.version != null ? " v" + m.version : "") : "-";
@@ -118,7 +182,9 @@
     await Promise.all([
       soft(() => cameras(mine), "cameras", 7), soft(counts, "line-totals", 5),
       soft(drift, "verdicts", 5), soft(shadow, "shadow", 6),
+      health().catch((e) => { $("health-source").textContent = "health: " + e.message; }),
     ]);
   }
+  $("health-range").addEventListener("change", () => health().catch((e) => notice("health: " + e.message)));
   FF.poll(refresh, 10000);
 })();
