@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_ingest.py [--bins 20000] [--devices 200]
         [--rounds 3] [--pg URL] [--fleet 1000 --fleet-seconds 60] [--json FILE]
+    .venv/bin/python benchmarks/bench_ingest.py --store-cpu [--bins 10000] [--batch-max 1000]
 
 Prints a table and writes JSON (default benchmarks/results/ingest.json).
 
@@ -246,6 +247,28 @@ def run_ingest(
     return len(msgs) / elapsed
 
 
+def store_cpu(msgs, url: str, batch_max: int) -> dict:
+    """CPU time `Ingestor.handle_batch` spends per bin storing ``msgs`` in batches of
+    ``batch_max`` on a fresh database, no broker involved: the writer thread's share of
+    one worker's cost (the rest is paho receiving). Median over the batches after the
+    first, which also warms the caches."""
+    from flowfleet.registry.fleet.ingest import Ingestor
+
+    db = regdb.open_database(url)
+    ingestor = Ingestor(db, TOPICS)
+    now = time.time()
+    items = [(t, p, now) for t, p in msgs]
+    per_bin = []
+    for i in range(0, len(items), batch_max):
+        part = items[i : i + batch_max]
+        c0 = time.thread_time()
+        outcomes = ingestor.handle_batch(part)
+        per_bin.append((time.thread_time() - c0) * 1e6 / len(part))
+        if set(outcomes) != {"stored"}:
+            raise RuntimeError(f"store-cpu: outcomes {sorted(set(outcomes))}, want stored")
+    return {"batches": len(per_bin), "cpu_us_per_bin": round(statistics.median(per_bin[1:]))}
+
+
 def fresh_pg(base: str, name: str) -> str:
     import psycopg2
 
@@ -337,8 +360,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fleet", type=int, default=0, help="simulated devices for the CPU check")
     ap.add_argument("--fleet-seconds", type=float, default=60.0)
     ap.add_argument("--batch-max", type=int, default=1000, help="messages per transaction")
+    ap.add_argument(
+        "--store-cpu",
+        action="store_true",
+        help="only time Ingestor.handle_batch's CPU per bin on SQLite (no broker)",
+    )
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/ingest.json"))
     args = ap.parse_args(argv)
+    if args.store_cpu:
+        with tempfile.TemporaryDirectory() as tmp:
+            msgs = make_bins(args.bins, args.devices, time.time())
+            out = store_cpu(msgs, str(Path(tmp) / "store.db"), args.batch_max)
+        print(
+            f"handle_batch, SQLite, {args.bins:,} bins in {out['batches']} batches: "
+            f"{out['cpu_us_per_bin']} us CPU per bin (median over batches)"
+        )
+        return 0
     global BATCH_MAX
     BATCH_MAX = args.batch_max
     results: dict = {
