@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_ingest.py [--bins 20000] [--devices 200]
         [--rounds 3] [--pg URL] [--fleet 1000 --fleet-seconds 60] [--json FILE]
+    .venv/bin/python benchmarks/bench_ingest.py --store-cpu [--bins 10000] [--batch-max 1000]
 
 Prints a table and writes JSON (default benchmarks/results/ingest.json).
 
@@ -20,7 +21,12 @@ round so that the machine's load hits them alike:
   processes on a shared subscription, on a fresh PostgreSQL database.
 
 The ratio of each ingest rate to the bare rate of the same round is reported, and the
-median over rounds.
+median over rounds. For the bare subscriber and one worker storing on a thread, the
+table also gives the CPU time the consumer's process spent per message while draining
+(median over rounds), which moves much less with the machine's load than the rates;
+the JSON keeps the 1-minute load average after each round. One worker is timed by its
+own count of committed bins (a COUNT polled from this process would take CPU and the
+GIL from the worker it times); two workers by polling the database.
 
 ``--fleet N`` adds the steady-state cost: the whole registry (`run_registry`, web
 server included) in a child process while N simulated devices each send a count bin
@@ -148,16 +154,22 @@ def run_bare(broker: Broker, msgs, tag: str) -> float:
 
     sub = _client(client_id, False)
     sub.on_message = on_message
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     _connect(sub, broker, False)
     sub.loop_start()
     if not done.wait(300):
         raise RuntimeError(f"bare subscriber got {got} of {len(msgs)}")
     elapsed = time.perf_counter() - t0
+    LAST_CPU_US[0] = (time.process_time() - c0) * 1e6 / len(msgs)
     sub.disconnect()
     sub.loop_stop()
     return len(msgs) / elapsed
 
+
+# CPU seconds per message the last run_bare / run_ingest spent in this process, in
+# microseconds (None where the consumer runs in other processes): unlike the rates,
+# hardly moved by what else the machine runs.
+LAST_CPU_US: list[float | None] = [None]
 
 # Messages per ingest transaction (the worker's batch_max; --batch-max).
 BATCH_MAX = 1000
@@ -202,7 +214,7 @@ def run_ingest(
         )
         for cid in ids[1:]
     ]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for p in procs:
         p.start()
     worker = IngestWorker(
@@ -210,9 +222,19 @@ def run_ingest(
     )
     worker.start()
     deadline = time.monotonic() + 600
-    while _stored(url) < len(msgs) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    if workers == 1:
+        # The worker's own count of committed bins: polling the database from this
+        # process (COUNT every 20 ms) took CPU and the GIL from the worker it timed.
+        while worker.outcomes["stored"] < len(msgs) and time.monotonic() < deadline:
+            time.sleep(0.005)
+    else:  # the other workers are processes of their own: ask the database
+        while _stored(url) < len(msgs) and time.monotonic() < deadline:
+            time.sleep(0.02)
     elapsed = time.perf_counter() - t0
+    # This process's CPU only: the whole consumer when it is one worker storing on a
+    # thread; not for worker or store processes of their own.
+    alone = workers == 1 and store == "thread"
+    LAST_CPU_US[0] = (time.process_time() - c0) * 1e6 / len(msgs) if alone else None
     stop.set()
     worker.stop()
     for p in procs:
@@ -223,6 +245,28 @@ def run_ingest(
     if stored != len(msgs):
         raise RuntimeError(f"ingest stored {stored} of {len(msgs)} bins")
     return len(msgs) / elapsed
+
+
+def store_cpu(msgs, url: str, batch_max: int) -> dict:
+    """CPU time `Ingestor.handle_batch` spends per bin storing ``msgs`` in batches of
+    ``batch_max`` on a fresh database, no broker involved: the writer thread's share of
+    one worker's cost (the rest is paho receiving). Median over the batches after the
+    first, which also warms the caches."""
+    from flowfleet.registry.fleet.ingest import Ingestor
+
+    db = regdb.open_database(url)
+    ingestor = Ingestor(db, TOPICS)
+    now = time.time()
+    items = [(t, p, now) for t, p in msgs]
+    per_bin = []
+    for i in range(0, len(items), batch_max):
+        part = items[i : i + batch_max]
+        c0 = time.thread_time()
+        outcomes = ingestor.handle_batch(part)
+        per_bin.append((time.thread_time() - c0) * 1e6 / len(part))
+        if set(outcomes) != {"stored"}:
+            raise RuntimeError(f"store-cpu: outcomes {sorted(set(outcomes))}, want stored")
+    return {"batches": len(per_bin), "cpu_us_per_bin": round(statistics.median(per_bin[1:]))}
 
 
 def fresh_pg(base: str, name: str) -> str:
@@ -316,11 +360,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fleet", type=int, default=0, help="simulated devices for the CPU check")
     ap.add_argument("--fleet-seconds", type=float, default=60.0)
     ap.add_argument("--batch-max", type=int, default=1000, help="messages per transaction")
+    ap.add_argument(
+        "--store-cpu",
+        action="store_true",
+        help="only time Ingestor.handle_batch's CPU per bin on SQLite (no broker)",
+    )
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/ingest.json"))
     args = ap.parse_args(argv)
+    if args.store_cpu:
+        with tempfile.TemporaryDirectory() as tmp:
+            msgs = make_bins(args.bins, args.devices, time.time())
+            out = store_cpu(msgs, str(Path(tmp) / "store.db"), args.batch_max)
+        print(
+            f"handle_batch, SQLite, {args.bins:,} bins in {out['batches']} batches: "
+            f"{out['cpu_us_per_bin']} us CPU per bin (median over batches)"
+        )
+        return 0
     global BATCH_MAX
     BATCH_MAX = args.batch_max
-    results: dict = {"bins": args.bins, "devices": args.devices, "rounds": []}
+    results: dict = {
+        "bins": args.bins,
+        "devices": args.devices,
+        "rounds": [],
+        "cpu_us_per_msg": [],
+        "load": [],  # 1-minute load average after each round
+    }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         with Broker(work / "broker") as broker:
@@ -328,19 +392,25 @@ def main(argv: list[str] | None = None) -> int:
                 msgs = make_bins(args.bins, args.devices, time.time())
                 row: dict[str, float] = {}
                 progress(f"round {r + 1}/{args.rounds}: bare subscriber")
+                cpu: dict[str, float | None] = {}
                 row["bare"] = run_bare(broker, msgs, f"r{r}")
+                cpu["bare"] = LAST_CPU_US[0]
                 for store in ("thread", "process"):
                     progress(f"round {r + 1}/{args.rounds}: ingest, SQLite, one worker, {store}")
                     row[f"ingest sqlite x1 {store}"] = run_ingest(
                         broker, msgs, str(work / f"r{r}{store}.db"), 1, f"s{r}{store}", store
                     )
+                    cpu[f"ingest sqlite x1 {store}"] = LAST_CPU_US[0]
                 if args.pg:
                     for n in (1, 2):
                         progress(f"round {r + 1}/{args.rounds}: ingest, PostgreSQL, {n} worker(s)")
                         url = fresh_pg(args.pg, f"flowfleet_bench_ingest_{r}_{n}")
                         row[f"ingest pg x{n}"] = run_ingest(broker, msgs, url, n, f"p{r}{n}")
+                        cpu[f"ingest pg x{n}"] = LAST_CPU_US[0]
                 progress("  " + ", ".join(f"{k} {v:,.0f}/s" for k, v in row.items()))
                 results["rounds"].append(row)
+                results["cpu_us_per_msg"].append(cpu)
+                results["load"].append(round(os.getloadavg()[0], 1))
             if args.fleet:
                 progress(f"fleet: {args.fleet} devices for {args.fleet_seconds:.0f} s")
                 results["fleet"] = run_fleet(broker, args.fleet, args.fleet_seconds, work)
@@ -351,15 +421,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(results: dict) -> None:
-    rounds = results["rounds"]
+    rounds, cpus = results["rounds"], results.get("cpu_us_per_msg") or [{}] * len(results["rounds"])
     print(f"\n{results['bins']:,} count bins from {results['devices']} devices, QoS 1 backlog")
-    print(f"{'consumer':<28} {'msg/s (median)':>15} {'x bare (median)':>16}")
+    if results.get("load"):
+        print(f"load average after each round: {', '.join(map(str, results['load']))}")
+    print(f"{'consumer':<28} {'msg/s (median)':>15} {'x bare (median)':>16} {'CPU us/msg':>11}")
     summary = {}
     for name in rounds[0]:
         rate = statistics.median(r[name] for r in rounds)
         ratio = statistics.median(r[name] / r["bare"] for r in rounds)
         summary[name] = {"rate": round(rate), "ratio_to_bare": round(ratio, 3)}
-        print(f"{name:<28} {rate:>15,.0f} {ratio:>16.2f}")
+        spent = [c[name] for c in cpus if c.get(name) is not None]
+        shown = "-"
+        if spent:
+            summary[name]["cpu_us_per_msg"] = round(statistics.median(spent))
+            shown = f"{statistics.median(spent):,.0f}"
+        print(f"{name:<28} {rate:>15,.0f} {ratio:>16.2f} {shown:>11}")
     results["summary"] = summary
     if "fleet" in results:
         f = results["fleet"]

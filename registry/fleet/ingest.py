@@ -24,6 +24,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 import peewee as pw
@@ -173,9 +174,11 @@ class Ingestor:
             return [self.handle(*items[0])]
         parsed: list[tuple[int, str, object]] = []
         refused: dict[int, str] = {}
+        kinds = ["invalid"] * len(items)  # metric labels, as `_count` gives them
         for i, (topic, payload, received_at) in enumerate(items):
             try:
                 device, kind = self.topics.parse_device_topic(topic)
+                kinds[i] = kind
                 parsed.append(
                     (i, device, parse_payload(kind, payload, device=device, now=received_at))
                 )
@@ -200,8 +203,9 @@ class Ingestor:
                 self.acks.update(self._staged_acks)
             self._staged_acks = {}
             metrics.DEAD_LETTERS.inc(outcomes.count(DEAD_LETTER))
-        for (topic, _, _), outcome in zip(items, outcomes, strict=True):
-            self._count(topic, outcome)
+        # One increment per (kind, outcome) of the batch, not one per message.
+        for (kind, outcome), n in Counter(zip(kinds, outcomes, strict=True)).items():
+            metrics.INGEST.labels(kind=kind, outcome=outcome).inc(n)
         return outcomes
 
     def _store_batch(

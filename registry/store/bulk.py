@@ -11,6 +11,7 @@ names come from the peewee models, so the schema stays defined in one place
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import chain
 
 import peewee as pw
 
@@ -50,7 +51,7 @@ def insert(
     out: list[tuple] = []
     for part in _chunks(rows, max(1, MAX_VALUES // len(names))):
         sql = f"INSERT INTO {table(model)} ({cols}) VALUES {', '.join([one] * len(part))} {suffix}"
-        cursor = db.execute_sql(sql, [v for row in part for v in row])
+        cursor = db.execute_sql(sql, list(chain.from_iterable(part)))
         if "RETURNING" in suffix:
             out.extend(cursor.fetchall())
     return out
