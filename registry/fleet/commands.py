@@ -30,13 +30,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import peewee as pw
 
 from .. import metrics
+from ..background import BackgroundLoop, thread_connection
 from ..store.db import Command, now
 
 if TYPE_CHECKING:
@@ -109,7 +108,7 @@ def pending_summary() -> dict[str, Any]:
     return {"pending": int(count or 0), "oldest_pending_s": age}
 
 
-class CommandPublisher:
+class CommandPublisher(BackgroundLoop):
     """Publishes the commands outbox on ``connection`` after commit (see the module).
 
     Args:
@@ -134,6 +133,7 @@ class CommandPublisher:
         backoff_max_s: float = 300.0,
         batch: int = 100,
     ) -> None:
+        super().__init__()
         self.db = db
         self.connection = connection
         self.tick_s = tick_s
@@ -147,9 +147,6 @@ class CommandPublisher:
         self._acked: list[int] = []  # row ids acknowledged, not yet marked
         self._refused: list[tuple[int, str]] = []
         self._pass_lock = threading.Lock()  # one pass at a time
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.sent = 0  # publishes handed to the broker since start
         self.acked = 0  # of which acknowledged
         if connection is not None:
@@ -159,21 +156,14 @@ class CommandPublisher:
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.connection is None or self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="registry-commands", daemon=True)
-        self._thread.start()
+        if self.connection is not None:
+            super().start()
 
     def stop(self) -> None:
         """Stop the loop and mark what was acknowledged meanwhile."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(10)
-            self._thread = None
+        self.stop_thread()
         try:
-            with self._pass_lock, self._connection():
+            with self._pass_lock, thread_connection(self.db):
                 self._flush_outcomes()
         except Exception:
             log.exception("commands: could not mark the last acknowledgements")
@@ -199,33 +189,12 @@ class CommandPublisher:
                 return rows
             time.sleep(0.01)
 
-    @contextmanager
-    def _connection(self) -> Iterator[None]:
-        """This thread's database connection, opened (and closed) only if it has none
-        (``connection_context`` would close a caller's open connection)."""
-        opened = self.db.connect(reuse_if_open=True)
-        try:
-            yield
-        finally:
-            if opened:
-                self.db.close()
+    def wait_s(self) -> float:
+        return self.tick_s
 
-    def _run(self) -> None:
-        failing = False
-        while not self._stop.is_set():
-            try:
-                self.publish_pending()
-                failing = False
-            except Exception:
-                # Once per failure spell (a database outage), not once per tick.
-                log.log(
-                    logging.DEBUG if failing else logging.WARNING,
-                    "commands: publishing failed; retrying",
-                    exc_info=True,
-                )
-                failing = True
-            self._wake.wait(self.tick_s)
-            self._wake.clear()
+    def run_pass(self) -> bool:
+        self.publish_pending()
+        return False
 
     # -- acknowledgements (paho's network thread) ------------------------------------
 
@@ -254,7 +223,7 @@ class CommandPublisher:
     def publish_pending(self) -> int:
         """Mark what the broker acknowledged, then send the due rows; returns how many
         were handed to the broker."""
-        with self._pass_lock, self._connection():
+        with self._pass_lock, thread_connection(self.db):
             self._flush_outcomes()
             conn = self.connection
             if conn is None or not conn.connected.is_set():

@@ -12,11 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 
+from ..background import BackgroundLoop, thread_connection
 from ..store import leases
 from .rollout_steps import RolloutStepper
 
@@ -38,8 +36,11 @@ def holder_pid(holder: str) -> int | None:
     return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
 
 
-class RolloutJob:
+class RolloutJob(BackgroundLoop):
     """Runs ``stepper`` every ``tick_s`` while holding the lease (see the module)."""
+
+    thread_name = "registry-rollouts"
+    what = "rollouts: a step"
 
     def __init__(
         self,
@@ -49,71 +50,39 @@ class RolloutJob:
         lease_s: float | None = None,
         holder: str | None = None,
     ) -> None:
+        super().__init__()
         self.stepper = stepper
         self.db = stepper.db
         self.tick_s = tick_s
         self.lease_s = lease_s if lease_s is not None else max(3 * tick_s, 1.0)
         self.holder = holder or default_holder()
         self.ticks = 0  # ticks that held the lease
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="registry-rollouts", daemon=True)
-        self._thread.start()
 
     def stop(self, *, release: bool = True) -> None:
         """Stop the loop; ``release`` gives the lease up (False: as if it had died)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(30)
-            self._thread = None
+        self.stop_thread()
         if release:
             try:
-                with self._connection():
+                with thread_connection(self.db):
                     leases.release(self.db, LEASE, self.holder)
             except Exception:
                 log.exception("rollouts: could not give the lease up")
 
-    def wake(self) -> None:
-        """Step now rather than at the next tick (a rollout was created or changed)."""
-        self._wake.set()
+    def join_s(self) -> float:
+        return 30.0
+
+    def wait_s(self) -> float:
+        return self.tick_s
 
     def tick(self) -> int:
         """One pass: take the lease, then step every active rollout; returns how many
         changed (0 without the lease)."""
-        with self._connection():
+        with thread_connection(self.db):
             if not leases.acquire(self.db, LEASE, self.holder, self.lease_s):
                 return 0
             self.ticks += 1
             return self.stepper.step_all()
 
-    @contextmanager
-    def _connection(self) -> Iterator[None]:
-        opened = self.db.connect(reuse_if_open=True)
-        try:
-            yield
-        finally:
-            if opened:
-                self.db.close()
-
-    def _run(self) -> None:
-        failing = False
-        while not self._stop.is_set():
-            try:
-                self.tick()
-                failing = False
-            except Exception:
-                log.log(
-                    logging.DEBUG if failing else logging.WARNING,
-                    "rollouts: a step failed; retrying",
-                    exc_info=True,
-                )
-                failing = True
-            self._wake.wait(self.tick_s)
-            self._wake.clear()
+    def run_pass(self) -> bool:
+        self.tick()
+        return False

@@ -36,13 +36,10 @@ import hmac
 import json
 import logging
 import random
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
@@ -52,6 +49,7 @@ import peewee as pw
 from flowfleet import __version__
 
 from .. import metrics
+from ..background import BackgroundLoop, thread_connection
 from ..store.audit import audit
 from ..store.db import AuditEntry, now
 from ..store.locks import exclusive
@@ -335,7 +333,7 @@ class WebhookSender:
         return bool(done)
 
     def _attempt(self, row: WebhookDelivery) -> None:
-        with _connection(self.db):
+        with thread_connection(self.db):
             try:
                 self._send(row)
             except Exception:
@@ -404,67 +402,35 @@ class WebhookSender:
             audit("webhooks", "webhook.disable", f"webhook:{webhook.name}", reason, url=webhook.url)
 
 
-@contextmanager
-def _connection(db: pw.Database) -> Iterator[None]:
-    """This thread's database connection, opened (and closed) only if it has none."""
-    opened = db.connect(reuse_if_open=True)
-    try:
-        yield
-    finally:
-        if opened:
-            db.close()
-
-
-class WebhookJob:
+class WebhookJob(BackgroundLoop):
     """Dispatches and sends every ``interval_s`` on a thread of the registry service;
     `wake` (a ping, a redelivery) runs a pass now."""
 
+    thread_name = "registry-webhooks"
+    what = "webhooks: a pass"
+
     def __init__(self, db: pw.Database, settings: WebhookSettings | None = None) -> None:
+        super().__init__()
         self.db = db
         self.settings = settings or WebhookSettings()
         self.sender = WebhookSender(db, self.settings)
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="registry-webhooks", daemon=True)
-        self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(self.settings.timeout_s + 10)
-            self._thread = None
+        self.stop_thread()
         self.sender.close()
 
-    def wake(self) -> None:
-        self._wake.set()
+    def join_s(self) -> float:
+        return self.settings.timeout_s + 10
+
+    def wait_s(self) -> float:
+        return self.settings.interval_s
 
     def run_once(self) -> tuple[int, int]:
         """One pass: (deliveries queued, deliveries attempted)."""
-        with _connection(self.db):
+        with thread_connection(self.db):
             queued = dispatch(self.db, self.settings)
             return queued, self.sender.send_due()
 
-    def _run(self) -> None:
-        failing = False
-        while not self._stop.is_set():
-            try:
-                queued, sent = self.run_once()
-                failing = False
-                if queued >= self.settings.batch or sent >= self.settings.batch:
-                    continue  # more are waiting
-            except Exception:
-                log.log(
-                    logging.DEBUG if failing else logging.WARNING,
-                    "webhooks: a pass failed; retrying",
-                    exc_info=True,
-                )
-                failing = True
-            self._wake.wait(self.settings.interval_s)
-            self._wake.clear()
+    def run_pass(self) -> bool:
+        queued, sent = self.run_once()
+        return queued >= self.settings.batch or sent >= self.settings.batch

@@ -33,15 +33,14 @@ import logging
 import os
 import random
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import peewee as pw
 
 from .. import metrics
+from ..background import BackgroundLoop, thread_connection
 from ..store import leases
 from ..store.db import now
 from . import outbox, usage
@@ -53,16 +52,6 @@ log = logging.getLogger(__name__)
 # Hourly usage rows older than this are removed (a pass checks once an hour): the
 # report compares at most a year.
 USAGE_KEEP_S = 400 * 86400
-
-
-@contextmanager
-def _connection(db: pw.Database) -> Iterator[None]:
-    opened = db.connect(reuse_if_open=True)
-    try:
-        yield
-    finally:
-        if opened:
-            db.close()
 
 
 def lease_name(relay: str) -> str:
@@ -81,7 +70,7 @@ class PassResult:
     error: str | None = None
 
 
-class RelayRunner:
+class RelayRunner(BackgroundLoop):
     """Forwards one relay's outbox (see the module docstring)."""
 
     def __init__(
@@ -96,9 +85,12 @@ class RelayRunner:
         rng: random.Random | None = None,
         clock: Callable[[], float] = now,
     ) -> None:
+        super().__init__()
         self.db = db
         self.relay = relay
         self.name = relay.name
+        self.thread_name = f"relay-{self.name}"
+        self.what = f"relay {self.name}: a pass"
         self.settings = settings
         self.tick_s = tick_s
         self.lease_s = lease_s
@@ -116,9 +108,6 @@ class RelayRunner:
         self.last_ok_at: float | None = None
         self._pruned_at = 0.0
         self._held_until = 0.0  # monotonic: the lease is ours at least until then
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         metrics.RELAY_CIRCUIT.labels(self.name).set(0)
         if self.quota is not None:
             metrics.RELAY_QUOTA_HELD.labels(self.name).set(0)
@@ -171,7 +160,7 @@ class RelayRunner:
         if time.monotonic() < self.next_try:
             return PassResult()
         left: int | None = None
-        with _connection(self.db):
+        with thread_connection(self.db):
             if not self._hold_lease():
                 return PassResult()
             if self.quota is not None:
@@ -190,7 +179,7 @@ class RelayRunner:
         keys = {r.id: outbox.split_id(r.msg_id) for r in rows}
         stored: dict = {}
         if any(r.payload is None for r in rows):
-            with _connection(self.db):
+            with thread_connection(self.db):
                 stored = outbox.load_payloads(
                     self.db, [keys[r.id] for r in rows if r.payload is None]
                 )
@@ -262,7 +251,7 @@ class RelayRunner:
         ]
         tally.failures = len(failed_ids)
         tally.parked = len(refused) + len(exhausted)
-        with _connection(self.db), self.db.atomic():
+        with thread_connection(self.db), self.db.atomic():
             outbox.acknowledge([it.row_id for p in acked for it in p.items])
             if failed_ids:
                 outbox.failed(failed_ids, error or "unavailable", count=counting)
@@ -371,48 +360,32 @@ class RelayRunner:
 
     # -- thread ---------------------------------------------------------------------
 
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"relay-{self.name}", daemon=True)
-        self._thread.start()
-
-    def wake(self) -> None:
-        self._wake.set()
+    def join_s(self) -> float:
+        return self.settings.timeout_s + 10
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(self.settings.timeout_s + 10)
-            self._thread = None
+        self.stop_thread()
         self.relay.close()
         self._held_until = 0.0
         try:
-            with _connection(self.db):
+            with thread_connection(self.db):
                 leases.release(self.db, lease_name(self.name), self.holder)
         except Exception:
             log.debug("relay %s: could not release the lease", self.name, exc_info=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                result = self.run_once()
-                if result.taken >= self.settings.batch_max and not (result.error or result.held):
-                    continue  # more are waiting
-            except Exception:
-                log.warning("relay %s: a pass failed; retrying", self.name, exc_info=True)
-            wait = self.tick_s
-            if self.next_try:
-                wait = max(0.0, min(self.next_try - time.monotonic(), 60.0)) or self.tick_s
-            elif self.quota_held:
-                # Until the next UTC day, looking again each minute (the clock, or the
-                # quota's usage, may change meanwhile).
-                resets = self.quota.resets_at(self.clock()) - self.clock()
-                wait = max(self.tick_s, min(resets, 60.0))
-            self._wake.wait(wait)
-            self._wake.clear()
+    def run_pass(self) -> bool:
+        result = self.run_once()
+        return result.taken >= self.settings.batch_max and not (result.error or result.held)
+
+    def wait_s(self) -> float:
+        if self.next_try:
+            return max(0.0, min(self.next_try - time.monotonic(), 60.0)) or self.tick_s
+        if self.quota_held:
+            # Until the next UTC day, looking again each minute (the clock, or the
+            # quota's usage, may change meanwhile).
+            resets = self.quota.resets_at(self.clock()) - self.clock()
+            return max(self.tick_s, min(resets, 60.0))
+        return self.tick_s
 
 
 class RelayJob:
