@@ -131,6 +131,14 @@ def audits(action: str) -> list[AuditEntry]:
     return list(AuditEntry.select().where(AuditEntry.action == action).order_by(AuditEntry.id))
 
 
+def activation_states(device: str) -> list[str]:
+    """The device's activations' states, oldest first, its environment watches apart."""
+    q = DriftActivation.select().where(
+        (DriftActivation.device == device) & (DriftActivation.state != "watching")
+    )
+    return [a.state for a in q.order_by(DriftActivation.id)]
+
+
 def verdict_counts(device: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for v in DriftVerdict.select().where(DriftVerdict.device == device):
@@ -191,7 +199,9 @@ def test_worse_model_rolled_back_on_that_device_only(fleet, real_frames):
     (dep,) = Deployment.select()
     assert (dep.device, dep.camera, dep.model, dep.version) == ("cam-bad", "cam", "people", 1)
     assert Command.select().where(Command.device == "cam-bad").count() == 1
-    act = DriftActivation.get(DriftActivation.device == "cam-bad")
+    act = DriftActivation.get(
+        (DriftActivation.device == "cam-bad") & (DriftActivation.state != "watching")
+    )
     assert act.state == "rolled_back"
 
     # More bad windows before the device switches back: no second rollback; then
@@ -200,9 +210,9 @@ def test_worse_model_rolled_back_on_that_device_only(fleet, real_frames):
     bad.send(windows(good, files[1], 6, first=22))
     judge(registry).run_once()
     assert len(audits("drift.rollback")) == 1
-    assert DriftActivation.select().where(DriftActivation.device == "cam-bad").count() == 2
-    last = DriftActivation.select().order_by(DriftActivation.id.desc()).first()
-    assert last.state == "restored"
+    assert activation_states("cam-bad") == ["rolled_back", "restored"]
+    # Back on v1, the camera's own windows start its environment watch.
+    assert DriftActivation.select().order_by(DriftActivation.id.desc()).first().state == "watching"
     assert sum(verdict_counts("cam-bad").values()) == sum(counts.values())
 
 
@@ -216,13 +226,7 @@ def test_back_on_the_previous_model_is_not_judged(fleet, real_frames):
     dev.send(windows(worse, files[2], 2, first=10))
     dev.send(windows(good, files[1], 6, first=12))
     judge(registry).run_once()
-    states = [
-        a.state
-        for a in DriftActivation.select()
-        .where(DriftActivation.device == "cam-probation")
-        .order_by(DriftActivation.id)
-    ]
-    assert states == ["judging", "restored"]
+    assert activation_states("cam-probation") == ["judging", "restored"]
     assert sum(verdict_counts("cam-probation").values()) == 2  # v2's two windows only
     assert not audits("drift.rollback")
 
@@ -243,6 +247,40 @@ def test_darkened_frames_environment_not_rollback(fleet, real_frames):
     assert entry.target == "device:cam-night/camera:cam"
     assert "brightness" in json.loads(entry.details)["environment"]
     assert not audits("drift.rollback") and not Deployment.select().count()
+
+
+def test_unchanged_model_watched_for_the_scene(fleet, real_frames):
+    """No activation at all: the camera's own first windows are its watch's baseline.
+    30 more windows of the same model and scene raise nothing; then the frames darken
+    (night, a dirty lens): an environment alert, never a rollback; the scene comes
+    back: the alert is cleared."""
+    registry, files = fleet
+    good, dark = real_frames[("good", "none")], real_frames[("good", "dark")]
+    dev = Device(registry, "cam-watch")
+    dev.send(windows(good, files[1], 40))
+    assert judge(registry).run_once() == {"watch_ok": 30}  # after 10 baseline windows
+    (watch,) = DriftActivation.select().where(DriftActivation.device == "cam-watch")
+    assert (watch.state, watch.judged, watch.recent) == ("watching", 30, "oooo")
+    assert len(json.loads(watch.baseline_ids)) == 10
+    assert not DriftVerdict.select().where(DriftVerdict.device == "cam-watch").count()
+
+    dev.send(windows(dark, files[1], 5, first=40))
+    done = judge(registry).run_once()
+    assert done == {"watch_environment": 5}
+    assert verdict_counts("cam-watch") == {"environment": 5}
+    (entry,) = audits("drift.environment")
+    assert entry.target == "device:cam-watch/camera:cam"
+    details = json.loads(entry.details)
+    assert details["watch"] is True and "brightness" in details["environment"]
+    assert details["statistics"]["brightness_shift"] < -0.25
+    assert len(details["windows"]) == 4 and len(details["baseline_windows"]) == 10
+    assert not audits("drift.rollback") and not Deployment.select().count()
+
+    dev.send(windows(good, files[1], 4, first=45))
+    assert judge(registry).run_once() == {"watch_ok": 4}
+    (cleared,) = audits("drift.environment_cleared")
+    assert cleared.target == "device:cam-watch/camera:cam"
+    assert DriftActivation.get_by_id(watch.id).environment_at is None
 
 
 def test_small_windows_not_judged(fleet, real_frames):

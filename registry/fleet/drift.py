@@ -46,10 +46,25 @@ from ..store.audit import audit
 from ..store.db import DriftSummary, ModelVersion, now
 from ..store.drift_tables import DriftActivation, DriftCamera, DriftCursor, DriftVerdict
 from ..store.locks import exclusive
-from . import drift_baselines
+from . import drift_baselines, drift_watch
 from .drift_stats import Settings, WindowStats, compare, confirmed
 
 log = logging.getLogger(__name__)
+
+_WATCH_FIELDS = (
+    "device",
+    "camera",
+    "model",
+    "previous_model",
+    "started_at",
+    "baseline",
+    "baseline_ids",
+    "state",
+    "recent",
+    "recent_ids",
+    "judged",
+    "created_at",
+)
 
 ACTOR = "drift-judge"
 BULK = 200  # rows per bulk statement
@@ -80,6 +95,8 @@ class JudgeOptions:
     # Read the baselines and create the activations of a pass in bulk
     # (`drift_baselines`); False: one camera at a time (the benchmark's comparison).
     bulk_activations: bool = True
+    # Watch cameras whose model did not change for scene changes (`drift_watch`).
+    watch: bool = True
 
 
 def model_version(model_file: str | None) -> tuple[str, int] | None:
@@ -175,6 +192,7 @@ class DriftJudge:
         new_cams: list[DriftCamera] = []
         changed: dict[tuple[str, str], DriftCamera] = {}
         judged_acts: dict[int, DriftActivation] = {}
+        watched: dict[tuple[str, str], DriftActivation] = {}  # by camera: the watch now
         self._verdict_rows: list[dict] = []
         rolled = False
         rows.sort(key=lambda r: (r.device_id, r.camera, r.start, r.id))
@@ -192,11 +210,15 @@ class DriftJudge:
                     updated_at=at,
                 )
                 new_cams.append(cam)
+                if self.options.watch:  # and the first window of its watch's baseline
+                    cam.activation = watched[key] = drift_watch.new_watch(*key, row, None, at)
                 continue
             act = cam.activation
             if row.start < cam.last_start or (act is not None and row.start < act.started_at):
                 continue  # a late window from before what we know: its model is history
             if row.model != cam.model:
+                if key in watched and watched[key].id is None:
+                    del watched[key]  # a watch made in this pass, never written: moot
                 # The camera row changes only here (an activation), not per window.
                 made = premade.pop(key, None)
                 act = made[1] if made is not None and made[0] == row.id else None
@@ -210,10 +232,21 @@ class DriftJudge:
                 judged_acts[act.id] = act
                 out[verdict] = out.get(verdict, 0) + 1
                 rolled = rolled or verdict == "model_drift"
+            elif self.options.watch and (act is None or act.state in drift_watch.WATCH_AFTER):
+                # The model is settled: its own windows become a watch's baseline.
+                cam.activation = watched[key] = drift_watch.new_watch(*key, row, act, at)
+                if cam.id is not None:
+                    changed[key] = cam
+            elif act is not None and act.state == drift_watch.WATCHING:
+                watched[key] = act
+                verdict = self._watch(act, row, at)
+                if verdict is not None:
+                    out[f"watch_{verdict}"] = out.get(f"watch_{verdict}", 0) + 1
         if premade:  # never met (the scan mirrors the loop, so this is a safety net)
             DriftActivation.delete().where(
                 DriftActivation.id.in_([a.id for _, a in premade.values()])
             ).execute()
+        self._save_watches(watched, cams, changed)
         # Written in bulk: a pass over a fleet's windows is a handful of statements.
         for i in range(0, len(self._verdict_rows), BULK):
             DriftVerdict.insert_many(self._verdict_rows[i : i + BULK]).execute()
@@ -442,6 +475,98 @@ class DriftJudge:
         else:
             audit(ACTOR, "drift.rollback_failed", target, f"{reason}; {problem}", **details)
             log.error("drift: %s needs a rollback but %s", target, problem)
+
+    # -- the environment watch (a camera whose model did not change) -------------------
+
+    def _watch(self, act: DriftActivation, row: DriftSummary, at: float) -> str | None:
+        """One window of a watched camera (`drift_watch`); its verdict when judged."""
+        r = drift_watch.watch_window(act, row, self.settings, self.options.baseline_windows, at)
+        j = r.judgement
+        if j is None:
+            return None
+        target = f"device:{row.device_id}/camera:{row.camera}"
+        if r.flagged:
+            if act.id is None:  # a watch made in this pass: its row first
+                act.save()
+            self._verdict_rows.append(
+                {
+                    "summary": row.id,
+                    "activation": act.id,
+                    "device": row.device_id,
+                    "camera": row.camera,
+                    "model": row.model,
+                    "baseline_model": row.model,
+                    "start": row.start,
+                    "end": row.end,
+                    "verdict": j.verdict,
+                    "statistics": json.dumps(j.statistics),
+                    "thresholds": json.dumps(j.thresholds),
+                    "breaches": json.dumps(j.breaches),
+                    "reason": j.reason,
+                    "created_at": at,
+                }
+            )
+        if r.alert or r.cleared:
+            if act.id is None:
+                act.save()
+            act.save(only=[DriftActivation.environment_at])
+        if r.alert:
+            audit(
+                ACTOR,
+                "drift.environment",
+                target,
+                j.reason,
+                model=row.model,
+                previous_model=row.model,
+                watch=True,
+                environment=j.environment,
+                windows=json.loads(act.recent_ids),
+                baseline_windows=json.loads(act.baseline_ids),
+                activation=act.id,
+                statistics=j.statistics,
+                thresholds=j.thresholds,
+                breaches=j.breaches,
+            )
+            log.warning("drift: %s %s", target, j.reason)
+        elif r.cleared:
+            audit(
+                ACTOR,
+                "drift.environment_cleared",
+                target,
+                f"{self.settings.n} windows in a row like the camera's baseline again",
+                model=row.model,
+                watch=True,
+                windows=json.loads(act.recent_ids),
+                activation=act.id,
+            )
+        return j.verdict
+
+    def _save_watches(self, watched, cams, changed) -> None:
+        """Write the pass's watches: new ones in bulk (and point their cameras at
+        them), the others' baseline and recent flags as one CASE statement per batch."""
+        fresh = [a for a in watched.values() if a.id is None]
+        old = [a for a in watched.values() if a.id is not None]
+        made = drift_baselines.insert_activations(
+            self.db, [{k: a.__data__[k] for k in _WATCH_FIELDS} for a in fresh]
+        )
+        for key, act in {**watched, **made}.items():
+            cam = cams[key]
+            if cam.activation_id != act.id:  # a new watch (its id known only now)
+                cam.activation = act
+                if cam.id is not None:
+                    changed[key] = cam
+        if old:
+            DriftActivation.bulk_update(
+                old,
+                fields=[
+                    DriftActivation.baseline,
+                    DriftActivation.baseline_ids,
+                    DriftActivation.recent,
+                    DriftActivation.recent_ids,
+                    DriftActivation.judged,
+                ],
+                batch_size=BULK,
+            )
 
     # -- periodic job ----------------------------------------------------------------
 
