@@ -23,6 +23,7 @@ import numpy as np
 
 from flowfleet.contract_shadow import (
     IOU_THRESHOLD,
+    ShadowDrift,
     ShadowLineCount,
     ShadowModel,
     ShadowWindow,
@@ -31,6 +32,7 @@ from flowfleet.contract_shadow import (
 
 from .counting import LineCounter, StationaryFilter
 from .detections import Detections
+from .drift import DriftWindow, RecordingDetector
 from .labels import ClassFilter
 from .pipeline import CameraPipeline, FrameResult, calibrator_for
 
@@ -125,6 +127,11 @@ class ShadowRunner:
         self.stride = stride_for(share)
         self.active = active
         self.candidate = candidate
+        # The candidate's raw output (before class filtering) is binned as the agent's
+        # drift summaries are, so the registry can judge it against the candidate's
+        # own drift baseline: "the previous model shows the same change".
+        if not isinstance(pipeline.detector, RecordingDetector):
+            pipeline.detector = RecordingDetector(pipeline.detector)
         self._lock = threading.Lock()
         self._seen = 0  # frames since the runner started (picks the compared ones)
         self._reset(time.time() if start is None else start)
@@ -139,6 +146,7 @@ class ShadowRunner:
         self.lines: dict[tuple[str, str], list[int]] = {}
         self.ms_active: list[float] = []
         self.ms_candidate: list[float] = []
+        self.drift = DriftWindow(self.camera, None, start)
 
     def _tally(self, crossings, offset: int) -> None:
         for c in crossings:
@@ -161,6 +169,7 @@ class ShadowRunner:
             self._tally(result.crossings, 2)
             self.boxes_active += len(active.detections)
             self.boxes_candidate += len(result.detections)
+            self.drift.add(self.pipeline.detector.last, image, result.inference_s)
             self.matched += match_boxes(active.detections, result.detections)
             if len(self.ms_active) < MAX_LATENCIES:
                 self.ms_active.append(1000.0 * active.inference_s)
@@ -182,6 +191,7 @@ class ShadowRunner:
                 self.start = end
                 return None
             n = max(1, self.compared)
+            raw = self.drift.take("shadow", end)
             window = ShadowWindow(
                 device=device,
                 seq=1,
@@ -212,6 +222,14 @@ class ShadowRunner:
                 agreement=agreement_of(self.matched, self.boxes_active, self.boxes_candidate),
                 latency_ms_active=_median(self.ms_active),
                 latency_ms_candidate=_median(self.ms_candidate),
+                candidate_drift=None
+                if raw is None
+                else ShadowDrift(
+                    frames=raw.frames,
+                    detections=raw.detections,
+                    confidence_hist=raw.confidence_hist,
+                    class_mix=raw.class_mix,
+                ),
             )
             self._reset(end)
             return window

@@ -51,6 +51,19 @@ class ShadowLineCount(_c._Row):
     candidate_out: _c.Count
 
 
+class ShadowDrift(_c._Model):
+    """One model's raw output on the compared frames, binned as in a drift summary
+    (`flowfleet.contract.DriftSummary`: before class filtering, the same confidence
+    bins), so the registry can judge it against that model's own drift baseline."""
+
+    frames: _c.Frames
+    detections: _c.Detections
+    confidence_hist: tuple[_c.Detections, ...] = Field(min_length=10, max_length=10)
+    class_mix: Annotated[dict[_c.ClassName, _c.Detections], Field(max_length=_c.MAX_CLASS_MIX)] = (
+        Field(default_factory=dict)
+    )
+
+
 class ShadowWindow(_c._Payload):
     """One camera's shadow comparison over the window [start, end).
 
@@ -79,6 +92,9 @@ class ShadowWindow(_c._Payload):
     agreement: Ratio | None = None
     latency_ms_active: _c.Millis | None = Field(None, description="median, compared frames")
     latency_ms_candidate: _c.Millis | None = Field(None, description="median, compared frames")
+    candidate_drift: ShadowDrift | None = Field(
+        None, description="the candidate's raw output on the compared frames (drift bins)"
+    )
 
     _end = field_validator("end")(_c._window)
 
@@ -107,6 +123,11 @@ class ShadowWindow(_c._Payload):
             raise ValueError(f"matched {self.matched} is more than the boxes of a model {boxes}")
         if (self.agreement is None) != (sum(boxes) == 0):
             raise ValueError("agreement is given exactly when either model found a box")
+        d = self.candidate_drift
+        if d is not None and d.frames != self.frames_compared:
+            raise ValueError(
+                f"candidate_drift.frames {d.frames} is not frames_compared {self.frames_compared}"
+            )
         return self
 
 

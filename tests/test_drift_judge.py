@@ -23,13 +23,16 @@ from pathlib import Path
 
 import pytest
 
+from flowfleet.agent.shadow import match_boxes
 from flowfleet.cli import main as cli_main
 from flowfleet.configfile import ConfigError
 from flowfleet.contract import Topics
+from flowfleet.contract_shadow import ShadowDrift, ShadowModel, ShadowWindow, agreement_of
 from flowfleet.registry.config import load_registry_config
 from flowfleet.registry.fleet.drift import DriftJudge, JudgeOptions, model_version, verdicts
 from flowfleet.registry.fleet.drift_stats import Settings
 from flowfleet.registry.fleet.ingest import Ingestor
+from flowfleet.registry.fleet.shadow import drift_shadow_source
 from flowfleet.registry.http import auth
 from flowfleet.registry.http.web import create_app
 from flowfleet.registry.store.db import AuditEntry, Command, Deployment
@@ -64,7 +67,12 @@ def real_frames(data):
             limit=FRAMES,
             cache=Path(cache) if cache else None,
         )
-        for variant, transform in (("good", "none"), (WORSE, "none"), ("good", "dark"))
+        for variant, transform in (
+            ("good", "none"),
+            (WORSE, "none"),
+            ("good", "dark"),
+            ("good", "night"),
+        )
     }
 
 
@@ -117,13 +125,14 @@ class Device:
 POLICIES = ("distribution", "confidence_variance", "agreement")
 
 
-def judge(registry, **settings) -> DriftJudge:
+def judge(registry, shadow=None, **settings) -> DriftJudge:
     return DriftJudge(
         registry.db,
         registry,
         Settings(**{"policies": POLICIES, **settings}),
         JudgeOptions(baseline_windows=10, judge_windows=60),
         topics=Topics(),
+        shadow=shadow,
     )
 
 
@@ -281,6 +290,97 @@ def test_unchanged_model_watched_for_the_scene(fleet, real_frames):
     (cleared,) = audits("drift.environment_cleared")
     assert cleared.target == "device:cam-watch/camera:cam"
     assert DriftActivation.get_by_id(watch.id).environment_at is None
+
+
+def window_frames(frames, i):
+    """The frames of window ``i`` as `windows` (make_windows, stride 7) chose them."""
+    return [frames[(i * STRIDE + j) % len(frames)] for j in range(WINDOW)]
+
+
+def send_with_shadow(dev, files, active, previous, count, first, *, with_shadow=True):
+    """``count`` windows of v2 on ``active`` frames; with each, the shadow window of the
+    same frames with v1 (the previous model) as the candidate on ``previous`` frames:
+    boxes matched by the agent's own `match_boxes`, v1's raw output binned by the
+    agent's `DriftWindow` (`make_windows`)."""
+    ws = windows(active, files[2], count, first=first)
+    cand = windows(previous, files[1], count, first=first)
+    start = dev.t
+    dev.send(ws)
+    if not with_shadow:
+        return
+    items = []
+    for k, (w, c) in enumerate(zip(ws, cand, strict=True)):
+        a_frames, c_frames = window_frames(active, first + k), window_frames(previous, first + k)
+        boxes_a = sum(len(f.dets) for f in a_frames)
+        boxes_c = sum(len(f.dets) for f in c_frames)
+        matched = sum(match_boxes(x.dets, y.dets) for x, y in zip(a_frames, c_frames, strict=True))
+        span = w.end - w.start
+        body = ShadowWindow(
+            device=dev.name,
+            seq=k + 1 + first,
+            camera="cam",
+            start=start + k * span,
+            end=start + (k + 1) * span,
+            active=ShadowModel(file=files[2], model="people", version=2),
+            candidate=ShadowModel(file=files[1], model="people", version=1),
+            share=1.0,
+            frames=WINDOW,
+            frames_compared=WINDOW,
+            detections_per_frame_active=round(boxes_a / WINDOW, 4),
+            detections_per_frame_candidate=round(boxes_c / WINDOW, 4),
+            boxes_active=boxes_a,
+            boxes_candidate=boxes_c,
+            matched=matched,
+            agreement=agreement_of(matched, boxes_a, boxes_c),
+            candidate_drift=ShadowDrift(
+                frames=c.frames,
+                detections=c.detections,
+                confidence_hist=c.confidence_hist,
+                class_mix=c.class_mix,
+            ),
+        )
+        items.append((Topics().shadow(dev.name), body.to_json(), time.time() - 60))
+    assert set(dev.ingest.handle_batch(items)) == {"stored"}
+
+
+# Brightness and blur left wide: the scene change shows in the models' output only
+# (a fogged lens, say), so only the shadow comparison can tell it from a model drift.
+FIGURES_SILENT = {"brightness_shift_max": 10.0, "blur_ratio_max": 100.0}
+
+
+def test_previous_model_in_shadow_shows_the_same_change(fleet, real_frames):
+    """Night frames (x0.12) for both models as v2 arrives: v2's confidences move
+    (psi, ks breached). With the shadow comparison, v1 on the same frames moves the
+    same way against its own baseline: an environment alert, no rollback. The same
+    windows without shadow data are a model drift (rolled back), and a really worse
+    v2 beside an unchanged v1 is rolled back with the shadow data too."""
+    registry, files = fleet
+    good, night = real_frames[("good", "none")], real_frames[("good", "night")]
+    worse = real_frames[(WORSE, "none")]
+    lit, unlit, bad = (Device(registry, n) for n in ("cam-shadow", "cam-no-shadow", "cam-worse"))
+    for dev in (lit, unlit, bad):
+        dev.send(windows(good, files[1], 10))
+    send_with_shadow(lit, files, night, night, 8, 10)
+    send_with_shadow(unlit, files, night, night, 8, 10, with_shadow=False)
+    send_with_shadow(bad, files, worse, good, 8, 10)
+    judge(registry, shadow=drift_shadow_source(), **FIGURES_SILENT).run_once()
+
+    counts = verdict_counts("cam-shadow")
+    assert "model_drift" not in counts and "breach" not in counts, counts
+    assert counts.get("environment", 0) >= 3, counts
+    (env,) = audits("drift.environment")
+    details = json.loads(env.details)
+    assert env.target == "device:cam-shadow/camera:cam"
+    assert details["environment"] == ["previous_model_same_change"]
+    assert {"psi", "ks"} & set(details["breaches"])
+    assert details["statistics"]["agreement"] == 1.0  # the same network's boxes
+
+    assert verdict_counts("cam-no-shadow").get("model_drift") == 1
+    assert verdict_counts("cam-worse").get("model_drift") == 1
+    rolled = {e.target for e in audits("drift.rollback")}
+    assert rolled == {"device:cam-no-shadow/camera:cam", "device:cam-worse/camera:cam"}
+    worse_entry = next(e for e in audits("drift.rollback") if "cam-worse" in e.target)
+    assert json.loads(worse_entry.details)["statistics"]["agreement"] < 0.7
 
 
 def test_small_windows_not_judged(fleet, real_frames):

@@ -128,6 +128,20 @@ def test_a_share_of_frames_runs_the_candidate_on_every_kth_frame(comparisons):
     assert car.active_in == 2, "the active model counts every frame"
 
 
+def test_the_candidates_raw_output_is_binned_like_a_drift_summary(comparisons):
+    """The registry judges the candidate (normally the previous model) against its
+    own drift baseline with this: its raw detections on the compared frames."""
+    for key, compared in (((FULL, 1.0), 20), ((DYN, 0.25), 5)):
+        w = comparisons[key]
+        d = w.candidate_drift
+        assert d is not None and d.frames == w.frames_compared == compared
+        assert sum(d.confidence_hist) == d.detections == sum(d.class_mix.values())
+        # Raw output, before the camera's class filter: at least the counted boxes.
+        assert d.detections >= w.boxes_candidate > 0
+    same = comparisons[(FULL, 1.0)].candidate_drift
+    assert same.class_mix.get("car", 0) > 0
+
+
 class Listener:
     """Everything the device publishes, from the real broker."""
 

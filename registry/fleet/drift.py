@@ -25,9 +25,9 @@ judge one window twice. Per device and camera:
 A camera that goes back to the model it ran before (after our rollback, or the
 agent's own probation rollback) is not judged against the model it replaced.
 
-Shadow comparison hook: ``shadow(summary_row)`` may return the previous model's
-window over the same frames (and the agreement share); it is None until the agent
-reports shadow windows.
+Shadow comparison hook: ``shadow(summary_row, previous_model)`` may return the
+previous model's output over the same frames (pooled from the agent's shadow windows
+that ran it as the candidate) and the agreement share.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ class Shadow:
     agreement: float | None = None
 
 
-ShadowSource = Callable[[DriftSummary], Shadow | None]
+# (the new model's window, the previous model's file) -> the shadow data, or None
+ShadowSource = Callable[[DriftSummary, str | None], Shadow | None]
 
 
 @dataclass(frozen=True)
@@ -362,7 +363,7 @@ class DriftJudge:
         if base is None:  # parsed once per pass, not per window
             base = act._base = WindowStats(**json.loads(act.baseline))
         new = WindowStats.from_summary(json.loads(row.payload))
-        shadow = self.shadow(row) if self.shadow is not None else None
+        shadow = self.shadow(row, act.previous_model) if self.shadow is not None else None
         j = compare(
             base,
             new,
