@@ -51,6 +51,19 @@ class ShadowLineCount(_c._Row):
     candidate_out: _c.Count
 
 
+class ShadowZoneCount(_c._Row):
+    """One zone and class in the window: entries by each model (the active model's
+    over every frame, the candidate's over its frames) and the mean occupancy of
+    each over the compared frames."""
+
+    zone: _c.Name
+    class_: _c.ClassName = Field(alias="class")
+    active_entries: _c.Count
+    candidate_entries: _c.Count
+    active_occupancy: Annotated[float, Field(ge=0, le=_c.MAX_DETECTIONS_PER_FRAME)]
+    candidate_occupancy: Annotated[float, Field(ge=0, le=_c.MAX_DETECTIONS_PER_FRAME)]
+
+
 class ShadowDrift(_c._Model):
     """One model's raw output on the compared frames, binned as in a drift summary
     (`flowfleet.contract.DriftSummary`: before class filtering, the same confidence
@@ -84,6 +97,7 @@ class ShadowWindow(_c._Payload):
     frames: _c.Frames
     frames_compared: _c.Frames
     lines: Annotated[tuple[ShadowLineCount, ...], Field(max_length=MAX_SHADOW_ROWS)] = ()
+    zones: Annotated[tuple[ShadowZoneCount, ...], Field(max_length=MAX_SHADOW_ROWS)] = ()
     detections_per_frame_active: PerFrame
     detections_per_frame_candidate: PerFrame
     boxes_active: _c.Detections
@@ -106,14 +120,15 @@ class ShadowWindow(_c._Payload):
             raise ValueError(f"frames_compared {n} is more than frames {frames}")
         return n
 
-    @field_validator("lines")
+    @field_validator("lines", "zones")
     @classmethod
-    def _one_row_per_key(cls, rows: tuple) -> tuple:
+    def _one_row_per_key(cls, rows: tuple, info: ValidationInfo) -> tuple:
         seen = set()
         for row in rows:
-            if (row.line, row.class_) in seen:
-                raise ValueError(f"lines has {(row.line, row.class_)} more than once")
-            seen.add((row.line, row.class_))
+            key = (getattr(row, "line", None) or row.zone, row.class_)
+            if key in seen:
+                raise ValueError(f"{info.field_name} has {key} more than once")
+            seen.add(key)
         return rows
 
     @model_validator(mode="after")
