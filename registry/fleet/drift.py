@@ -556,18 +556,17 @@ class DriftJudge:
                 cam.activation = act
                 if cam.id is not None:
                     changed[key] = cam
-        if old:
+        recent = [DriftActivation.recent, DriftActivation.recent_ids, DriftActivation.judged]
+        grown = [a for a in old if getattr(a, "_grew", False)]
+        if grown:  # baselines still filling: their (larger) baseline columns too
             DriftActivation.bulk_update(
-                old,
-                fields=[
-                    DriftActivation.baseline,
-                    DriftActivation.baseline_ids,
-                    DriftActivation.recent,
-                    DriftActivation.recent_ids,
-                    DriftActivation.judged,
-                ],
+                grown,
+                fields=[DriftActivation.baseline, DriftActivation.baseline_ids, *recent],
                 batch_size=BULK,
             )
+        judged = [a for a in old if not getattr(a, "_grew", False)]
+        if judged:
+            DriftActivation.bulk_update(judged, fields=recent, batch_size=BULK)
 
     # -- periodic job ----------------------------------------------------------------
 

@@ -87,6 +87,7 @@ def watch_window(
         act._base = WindowStats.pool([base, new])
         act.baseline = json.dumps(act._base.to_dict())
         act.baseline_ids = json.dumps([*ids, row.id])
+        act._grew = True  # its baseline columns need writing too
         return WatchResult()
     j = compare(base, new, watch_settings(settings))
     if j.verdict == "not_judged":
