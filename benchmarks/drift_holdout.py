@@ -203,6 +203,20 @@ def sweep(cache: Path, s: Settings, variant: str = "broken_scaling:4") -> dict:
                     "ratio_max": round(max(ratios), 3) if ratios else None,
                 }
             out[f"{video}/{W}f/{B}b"] = row
+        # The two models on the same frames, box by box (the shadow comparison's measure).
+        from flowfleet.agent.shadow import match_boxes
+        from flowfleet.contract_shadow import agreement_of
+
+        n = min(len(good), len(bad))
+        a = sum(len(f.dets) for f in good[:n])
+        b = sum(len(f.dets) for f in bad[:n])
+        m = sum(match_boxes(x.dets, y.dets) for x, y in zip(good[:n], bad[:n], strict=True))
+        out[f"{video}/agreement"] = {
+            "frames": n,
+            "boxes_good": a,
+            "boxes_variant": b,
+            "agreement": agreement_of(m, a, b),
+        }
     return out
 
 
@@ -281,6 +295,9 @@ def print_result(result: dict) -> None:
     print("broken_scaling:4 by window size (step-3 frames), shipped defaults:")
     print("  (ratio: the largest statistic over its threshold; 1 is a breach)")
     for name, row in result["x4_sweep_defaults"].items():
+        if name.endswith("/agreement"):
+            print(f"  {name:<40} {row}")
+            continue
         g, v = row["good"], row["variant"]
         print(
             f"  {name:<40} good {g['breach']}/{g['judged']} ratio {g['ratio_median']}"
