@@ -28,11 +28,18 @@ working across a watch.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 
+from ..store.audit import audit
 from ..store.drift_tables import DriftActivation
+from .drift_baselines import insert_activations
 from .drift_stats import Judgement, Settings, WindowStats, compare, confirmed
 
+log = logging.getLogger(__name__)
+
+ACTOR = "drift-judge"
+_BULK = 200  # rows per bulk statement
 WATCHING = "watching"
 # After these states the camera's model is settled: watch it. (After ``rolled_back``
 # the camera is about to switch back: the next activation takes over.)
@@ -110,3 +117,109 @@ def watch_window(
         act.environment_at = None
         out.cleared = True
     return out
+
+
+_WATCH_FIELDS = (
+    "device",
+    "camera",
+    "model",
+    "previous_model",
+    "started_at",
+    "baseline",
+    "baseline_ids",
+    "state",
+    "recent",
+    "recent_ids",
+    "judged",
+    "created_at",
+)
+
+
+def judge_window(judge, act: DriftActivation, row, at: float) -> str | None:
+    """One window of a watched camera for ``judge`` (its `DriftJudge`: settings, options
+    and the pass's verdict rows); the verdict when judged, None while the baseline fills."""
+    r = watch_window(act, row, judge.settings, judge.options.baseline_windows, at)
+    j = r.judgement
+    if j is None:
+        return None
+    target = f"device:{row.device_id}/camera:{row.camera}"
+    if r.flagged:
+        if act.id is None:  # a watch made in this pass: its row first
+            act.save()
+        judge._verdict_rows.append(
+            {
+                "summary": row.id,
+                "activation": act.id,
+                "device": row.device_id,
+                "camera": row.camera,
+                "model": row.model,
+                "baseline_model": row.model,
+                "start": row.start,
+                "end": row.end,
+                "verdict": j.verdict,
+                "statistics": json.dumps(j.statistics),
+                "thresholds": json.dumps(j.thresholds),
+                "breaches": json.dumps(j.breaches),
+                "reason": j.reason,
+                "created_at": at,
+            }
+        )
+    if r.alert or r.cleared:
+        if act.id is None:
+            act.save()
+        act.save(only=[DriftActivation.environment_at])
+    if r.alert:
+        audit(
+            ACTOR,
+            "drift.environment",
+            target,
+            j.reason,
+            model=row.model,
+            previous_model=row.model,
+            watch=True,
+            environment=j.environment,
+            windows=json.loads(act.recent_ids),
+            baseline_windows=json.loads(act.baseline_ids),
+            activation=act.id,
+            statistics=j.statistics,
+            thresholds=j.thresholds,
+            breaches=j.breaches,
+        )
+        log.warning("drift: %s %s", target, j.reason)
+    elif r.cleared:
+        audit(
+            ACTOR,
+            "drift.environment_cleared",
+            target,
+            f"{judge.settings.n} windows in a row like the camera's baseline again",
+            model=row.model,
+            watch=True,
+            windows=json.loads(act.recent_ids),
+            activation=act.id,
+        )
+    return j.verdict
+
+
+def save_watches(db, watched, cams, changed) -> None:
+    """Write the pass's watches: new ones in bulk (and point their cameras at
+    them), the others' baseline and recent flags as one CASE statement per batch."""
+    fresh = [a for a in watched.values() if a.id is None]
+    old = [a for a in watched.values() if a.id is not None]
+    made = insert_activations(db, [{k: a.__data__[k] for k in _WATCH_FIELDS} for a in fresh])
+    for key, act in {**watched, **made}.items():
+        cam = cams[key]
+        if cam.activation_id != act.id:  # a new watch (its id known only now)
+            cam.activation = act
+            if cam.id is not None:
+                changed[key] = cam
+    recent = [DriftActivation.recent, DriftActivation.recent_ids, DriftActivation.judged]
+    grown = [a for a in old if getattr(a, "_grew", False)]
+    if grown:  # baselines still filling: their (larger) baseline columns too
+        DriftActivation.bulk_update(
+            grown,
+            fields=[DriftActivation.baseline, DriftActivation.baseline_ids, *recent],
+            batch_size=_BULK,
+        )
+    judged = [a for a in old if not getattr(a, "_grew", False)]
+    if judged:
+        DriftActivation.bulk_update(judged, fields=recent, batch_size=_BULK)
