@@ -23,14 +23,17 @@ import numpy as np
 
 from flowfleet.contract_shadow import (
     IOU_THRESHOLD,
+    ShadowDrift,
     ShadowLineCount,
     ShadowModel,
     ShadowWindow,
+    ShadowZoneCount,
     agreement_of,
 )
 
-from .counting import LineCounter, StationaryFilter
+from .counting import LineCounter, StationaryFilter, ZoneCounter
 from .detections import Detections
+from .drift import DriftWindow, RecordingDetector
 from .labels import ClassFilter
 from .pipeline import CameraPipeline, FrameResult, calibrator_for
 
@@ -77,15 +80,27 @@ def match_boxes(a: Detections, b: Detections, iou_threshold: float = IOU_THRESHO
 
 def candidate_pipeline(config, detector, fps: float, stride: int) -> CameraPipeline:
     """A counting pipeline for ``detector`` with the camera's own classes, lines,
-    anchor, stationary filter and tracker settings (zones and speed are left out:
-    the comparison reports line counts). Raises ValueError if the model cannot
+    zones, anchor, stationary filter and tracker settings (speed is left out: the
+    comparison reports line and zone counts). Raises ValueError if the model cannot
     count the camera's classes."""
     class_filter = ClassFilter(config.classes, detector.labels)
     lines = [
         LineCounter(s.name, s.points[0], s.points[1], hysteresis=s.hysteresis, anchor=config.anchor)
         for s in config.lines
     ]
-    tracker_config = config.tracker.config(max(fps / stride, 0.1))
+    seen_fps = max(fps / stride, 0.1)
+    tracker_config = config.tracker.config(seen_fps)
+    # As the camera's own pipeline: an exit once a track is unseen as long as the
+    # tracker keeps lost tracks (at the frame rate the candidate sees).
+    zones = [
+        ZoneCounter(
+            z.name,
+            list(z.points),
+            anchor=config.anchor,
+            exit_after_s=tracker_config.lost_buffer / seen_fps,
+        )
+        for z in config.zones
+    ]
     stationary = (
         None
         if config.stationary is None
@@ -96,7 +111,7 @@ def candidate_pipeline(config, detector, fps: float, stride: int) -> CameraPipel
         detector,
         class_filter,
         lines,
-        [],
+        zones,
         tracker_config,
         stationary=stationary,
         # The candidate sets its own score thresholds from its own scores, as the
@@ -125,6 +140,11 @@ class ShadowRunner:
         self.stride = stride_for(share)
         self.active = active
         self.candidate = candidate
+        # The candidate's raw output (before class filtering) is binned as the agent's
+        # drift summaries are, so the registry can judge it against the candidate's
+        # own drift baseline: "the previous model shows the same change".
+        if not isinstance(pipeline.detector, RecordingDetector):
+            pipeline.detector = RecordingDetector(pipeline.detector)
         self._lock = threading.Lock()
         self._seen = 0  # frames since the runner started (picks the compared ones)
         self._reset(time.time() if start is None else start)
@@ -137,13 +157,29 @@ class ShadowRunner:
         self.boxes_candidate = 0
         self.matched = 0
         self.lines: dict[tuple[str, str], list[int]] = {}
+        # (zone, class) -> [active entries, candidate entries, active occupancy sum,
+        # candidate occupancy sum] (occupancy summed over the compared frames)
+        self.zones: dict[tuple[str, str], list[float]] = {}
         self.ms_active: list[float] = []
         self.ms_candidate: list[float] = []
+        self.drift = DriftWindow(self.camera, None, start)
 
     def _tally(self, crossings, offset: int) -> None:
         for c in crossings:
             row = self.lines.setdefault((c.line, c.class_name), [0, 0, 0, 0])
             row[offset + (0 if c.direction == "in" else 1)] += 1
+
+    def _zone_row(self, zone: str, cls: str) -> list[float]:
+        return self.zones.setdefault((zone, cls), [0, 0, 0.0, 0.0])
+
+    def _tally_zones(self, result: FrameResult, side: int, occupancy: bool) -> None:
+        for e in result.zone_events:
+            if e.kind == "entry":
+                self._zone_row(e.zone, e.class_name)[side] += 1
+        if occupancy:
+            for zone, by_class in result.occupancy.items():
+                for cls, n in by_class.items():
+                    self._zone_row(zone, cls)[2 + side] += n
 
     def on_frame(self, image: np.ndarray, ts: float, active: FrameResult) -> bool:
         """Account one frame the active pipeline processed; run the candidate on it if
@@ -155,12 +191,15 @@ class ShadowRunner:
         with self._lock:
             self.frames += 1
             self._tally(active.crossings, 0)
+            self._tally_zones(active, 0, occupancy=result is not None)
             if result is None:
                 return False
             self.compared += 1
             self._tally(result.crossings, 2)
+            self._tally_zones(result, 1, occupancy=True)
             self.boxes_active += len(active.detections)
             self.boxes_candidate += len(result.detections)
+            self.drift.add(self.pipeline.detector.last, image, result.inference_s)
             self.matched += match_boxes(active.detections, result.detections)
             if len(self.ms_active) < MAX_LATENCIES:
                 self.ms_active.append(1000.0 * active.inference_s)
@@ -168,11 +207,14 @@ class ShadowRunner:
         return True
 
     def declare_lines(self, classes) -> None:
-        """Rows of zeros for every line and counted class (a quiet line reports 0)."""
+        """Rows of zeros for every line and zone and counted class (a quiet one reports 0)."""
         with self._lock:
             for line in self.pipeline.lines:
                 for cls in classes:
                     self.lines.setdefault((line.name, cls), [0, 0, 0, 0])
+            for zone in self.pipeline.zones:
+                for cls in classes:
+                    self._zone_row(zone.name, cls)
 
     def take(self, device: str, end: float) -> ShadowWindow | None:
         """The window's comparison (seq placeholder 1), and start the next; None when
@@ -182,6 +224,7 @@ class ShadowRunner:
                 self.start = end
                 return None
             n = max(1, self.compared)
+            raw = self.drift.take("shadow", end)
             window = ShadowWindow(
                 device=device,
                 seq=1,
@@ -204,6 +247,17 @@ class ShadowRunner:
                     )
                     for (line, cls), v in sorted(self.lines.items())
                 ),
+                zones=tuple(
+                    ShadowZoneCount(
+                        zone=zone,
+                        class_=cls,
+                        active_entries=int(v[0]),
+                        candidate_entries=int(v[1]),
+                        active_occupancy=round(v[2] / n, 4),
+                        candidate_occupancy=round(v[3] / n, 4),
+                    )
+                    for (zone, cls), v in sorted(self.zones.items())
+                ),
                 detections_per_frame_active=round(self.boxes_active / n, 4),
                 detections_per_frame_candidate=round(self.boxes_candidate / n, 4),
                 boxes_active=self.boxes_active,
@@ -212,6 +266,14 @@ class ShadowRunner:
                 agreement=agreement_of(self.matched, self.boxes_active, self.boxes_candidate),
                 latency_ms_active=_median(self.ms_active),
                 latency_ms_candidate=_median(self.ms_candidate),
+                candidate_drift=None
+                if raw is None
+                else ShadowDrift(
+                    frames=raw.frames,
+                    detections=raw.detections,
+                    confidence_hist=raw.confidence_hist,
+                    class_mix=raw.class_mix,
+                ),
             )
             self._reset(end)
             return window

@@ -257,17 +257,26 @@ def load(args) -> dict:
     with stack:
         # Side by side in one run: activations one camera at a time (the code the bulk
         # path replaced), then in bulk (the judge's default).
-        modes = {"one_at_a_time": False, "bulk": True}
-        if args.mode != "both":
+        # And the environment watch (cameras whose model did not change) off and on.
+        modes = {
+            "one_at_a_time": (False, True),
+            "bulk": (True, True),
+            "bulk_without_watch": (True, False),
+        }
+        if args.mode == "watch":
+            modes = {k: modes[k] for k in ("bulk_without_watch", "bulk")}
+        elif args.mode == "both":
+            modes = {k: modes[k] for k in ("one_at_a_time", "bulk")}
+        else:
             modes = {args.mode: modes[args.mode]}
-        runs = {name: _load(args, url, bulk) for name, bulk in modes.items()}
+        runs = {name: _load(args, url, *flags) for name, flags in modes.items()}
     first = next(iter(runs.values()))
     return {k: first[k] for k in ("database", "devices", "cameras")} | {
         "modes": {name: r["rounds"] for name, r in runs.items()}
     }
 
 
-def _load(args, url: str, bulk: bool = True) -> dict:
+def _load(args, url: str, bulk: bool = True, watch: bool = True) -> dict:
     from flowfleet.registry.fleet.drift import DriftJudge, JudgeOptions
     from flowfleet.registry.store import db as regdb
     from flowfleet.registry.testing import reset_database
@@ -282,7 +291,11 @@ def _load(args, url: str, bulk: bool = True) -> dict:
     t0 = 1_780_000_000.0
     seq = {d: 0 for d in devices}
     judge = DriftJudge(
-        db, None, Settings(), JudgeOptions(batch=5000, bulk_activations=bulk), name="bench"
+        db,
+        None,
+        Settings(),
+        JudgeOptions(batch=5000, bulk_activations=bulk, watch=watch),
+        name="bench",
     )
     rounds = []
 
@@ -388,9 +401,10 @@ def main() -> None:
     )
     ld.add_argument(
         "--mode",
-        choices=("both", "bulk", "one_at_a_time"),
+        choices=("both", "bulk", "one_at_a_time", "bulk_without_watch", "watch"),
         default="both",
-        help="how activations read baselines and create rows (both: side by side)",
+        help="how activations read baselines and create rows (both: side by side); "
+        "watch: the environment watch off, then on, side by side",
     )
     ld.add_argument("--json", type=Path, default=Path("benchmarks/results/drift.json"))
     args = ap.parse_args()

@@ -17,8 +17,9 @@ Model variants, all built honestly from the real file:
   maps a pixel to the model's input value is built for pixels ``gain`` times too
   large (a wrong ``/255`` normalisation), so the input is saturated.
 
-Frame transforms: ``none``, ``dark`` (every frame multiplied by 0.35: night or a
-dirty lens; applied to whichever model runs).
+Frame transforms: ``none``, ``dark`` (every frame multiplied by 0.35: dusk or a
+dirty lens), ``night`` (x0.12: dark enough that the detector's own output moves);
+applied to whichever model runs.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ from flowfleet.agent.detectors.yolo import quantize
 from flowfleet.contract import DriftSummary
 
 DARK_FACTOR = 0.35
+NIGHT_FACTOR = 0.12  # darker still: the detector's output itself moves
 BROKEN_GAIN = 4.0  # input values four times what the model was trained on
-TRANSFORMS = ("none", "dark")
+TRANSFORMS = ("none", "dark", "night")
 T0 = 1_780_000_000.0  # windows are stamped from here on (video time)
 
 
@@ -105,8 +107,9 @@ def read_frames(video: Path, transform: str = "none", *, step: int = 1, limit: i
             if not ok:
                 break
             if i % step == 0:
-                if transform == "dark":
-                    frame = cv2.convertScaleAbs(frame, alpha=DARK_FACTOR)
+                if transform in ("dark", "night"):
+                    factor = DARK_FACTOR if transform == "dark" else NIGHT_FACTOR
+                    frame = cv2.convertScaleAbs(frame, alpha=factor)
                 yield i / fps, frame
                 n += 1
             i += 1

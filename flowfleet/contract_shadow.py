@@ -51,6 +51,32 @@ class ShadowLineCount(_c._Row):
     candidate_out: _c.Count
 
 
+class ShadowZoneCount(_c._Row):
+    """One zone and class in the window: entries by each model (the active model's
+    over every frame, the candidate's over its frames) and the mean occupancy of
+    each over the compared frames."""
+
+    zone: _c.Name
+    class_: _c.ClassName = Field(alias="class")
+    active_entries: _c.Count
+    candidate_entries: _c.Count
+    active_occupancy: Annotated[float, Field(ge=0, le=_c.MAX_DETECTIONS_PER_FRAME)]
+    candidate_occupancy: Annotated[float, Field(ge=0, le=_c.MAX_DETECTIONS_PER_FRAME)]
+
+
+class ShadowDrift(_c._Model):
+    """One model's raw output on the compared frames, binned as in a drift summary
+    (`flowfleet.contract.DriftSummary`: before class filtering, the same confidence
+    bins), so the registry can judge it against that model's own drift baseline."""
+
+    frames: _c.Frames
+    detections: _c.Detections
+    confidence_hist: tuple[_c.Detections, ...] = Field(min_length=10, max_length=10)
+    class_mix: Annotated[dict[_c.ClassName, _c.Detections], Field(max_length=_c.MAX_CLASS_MIX)] = (
+        Field(default_factory=dict)
+    )
+
+
 class ShadowWindow(_c._Payload):
     """One camera's shadow comparison over the window [start, end).
 
@@ -71,6 +97,7 @@ class ShadowWindow(_c._Payload):
     frames: _c.Frames
     frames_compared: _c.Frames
     lines: Annotated[tuple[ShadowLineCount, ...], Field(max_length=MAX_SHADOW_ROWS)] = ()
+    zones: Annotated[tuple[ShadowZoneCount, ...], Field(max_length=MAX_SHADOW_ROWS)] = ()
     detections_per_frame_active: PerFrame
     detections_per_frame_candidate: PerFrame
     boxes_active: _c.Detections
@@ -79,6 +106,9 @@ class ShadowWindow(_c._Payload):
     agreement: Ratio | None = None
     latency_ms_active: _c.Millis | None = Field(None, description="median, compared frames")
     latency_ms_candidate: _c.Millis | None = Field(None, description="median, compared frames")
+    candidate_drift: ShadowDrift | None = Field(
+        None, description="the candidate's raw output on the compared frames (drift bins)"
+    )
 
     _end = field_validator("end")(_c._window)
 
@@ -90,14 +120,15 @@ class ShadowWindow(_c._Payload):
             raise ValueError(f"frames_compared {n} is more than frames {frames}")
         return n
 
-    @field_validator("lines")
+    @field_validator("lines", "zones")
     @classmethod
-    def _one_row_per_key(cls, rows: tuple) -> tuple:
+    def _one_row_per_key(cls, rows: tuple, info: ValidationInfo) -> tuple:
         seen = set()
         for row in rows:
-            if (row.line, row.class_) in seen:
-                raise ValueError(f"lines has {(row.line, row.class_)} more than once")
-            seen.add((row.line, row.class_))
+            key = (getattr(row, "line", None) or row.zone, row.class_)
+            if key in seen:
+                raise ValueError(f"{info.field_name} has {key} more than once")
+            seen.add(key)
         return rows
 
     @model_validator(mode="after")
@@ -107,6 +138,11 @@ class ShadowWindow(_c._Payload):
             raise ValueError(f"matched {self.matched} is more than the boxes of a model {boxes}")
         if (self.agreement is None) != (sum(boxes) == 0):
             raise ValueError("agreement is given exactly when either model found a box")
+        d = self.candidate_drift
+        if d is not None and d.frames != self.frames_compared:
+            raise ValueError(
+                f"candidate_drift.frames {d.frames} is not frames_compared {self.frames_compared}"
+            )
         return self
 
 

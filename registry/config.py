@@ -320,6 +320,9 @@ class DriftSection(Strict):
         description="windows younger than this wait for the next pass (an ingest "
         "transaction still in flight on PostgreSQL)",
     )
+    watch: bool = Field(
+        True, description="judge cameras whose model did not change for scene changes"
+    )
 
     @model_validator(mode="after")
     def _k_of_n(self):
@@ -341,6 +344,7 @@ class DriftSection(Strict):
             baseline_windows=self.baseline_windows,
             judge_windows=self.judge_windows,
             settle_s=self.settle_s,
+            watch=self.watch,
         )
 
 

@@ -316,6 +316,12 @@ def shadow_window(
         "agreement": None if a + c == 0 else round(2 * matched / (a + c), 4),
         "latency_ms_active": 14.1,
         "latency_ms_candidate": 21.9,
+        "candidate_drift": {
+            "frames": 150,
+            "detections": c,
+            "confidence_hist": [0, 0, 0, 0, 0, 0, 0, c, 0, 0],
+            "class_mix": {"person": c} if c else {},
+        },
         **changes,
     }
 

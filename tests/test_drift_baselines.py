@@ -76,7 +76,8 @@ def windows(pass_no: int) -> list[dict]:
 def judge_both_passes(bulk: bool) -> tuple[list, list]:
     judge = DriftJudge(
         DriftSummary._meta.database,
-        options=JudgeOptions(baseline_windows=2, bulk_activations=bulk),
+        # Activations only: the environment watch (test_drift_judge) makes its own rows.
+        options=JudgeOptions(baseline_windows=2, bulk_activations=bulk, watch=False),
     )
     Device.insert_many([{"id": d, "first_seen": T0} for d in DEVICES]).execute()
     for pass_no in (0, 1):

@@ -23,13 +23,16 @@ from pathlib import Path
 
 import pytest
 
+from flowfleet.agent.shadow import match_boxes
 from flowfleet.cli import main as cli_main
 from flowfleet.configfile import ConfigError
 from flowfleet.contract import Topics
+from flowfleet.contract_shadow import ShadowDrift, ShadowModel, ShadowWindow, agreement_of
 from flowfleet.registry.config import load_registry_config
 from flowfleet.registry.fleet.drift import DriftJudge, JudgeOptions, model_version, verdicts
 from flowfleet.registry.fleet.drift_stats import Settings
 from flowfleet.registry.fleet.ingest import Ingestor
+from flowfleet.registry.fleet.shadow import drift_shadow_source
 from flowfleet.registry.http import auth
 from flowfleet.registry.http.web import create_app
 from flowfleet.registry.store.db import AuditEntry, Command, Deployment
@@ -64,7 +67,12 @@ def real_frames(data):
             limit=FRAMES,
             cache=Path(cache) if cache else None,
         )
-        for variant, transform in (("good", "none"), (WORSE, "none"), ("good", "dark"))
+        for variant, transform in (
+            ("good", "none"),
+            (WORSE, "none"),
+            ("good", "dark"),
+            ("good", "night"),
+        )
     }
 
 
@@ -117,18 +125,27 @@ class Device:
 POLICIES = ("distribution", "confidence_variance", "agreement")
 
 
-def judge(registry, **settings) -> DriftJudge:
+def judge(registry, shadow=None, **settings) -> DriftJudge:
     return DriftJudge(
         registry.db,
         registry,
         Settings(**{"policies": POLICIES, **settings}),
         JudgeOptions(baseline_windows=10, judge_windows=60),
         topics=Topics(),
+        shadow=shadow,
     )
 
 
 def audits(action: str) -> list[AuditEntry]:
     return list(AuditEntry.select().where(AuditEntry.action == action).order_by(AuditEntry.id))
+
+
+def activation_states(device: str) -> list[str]:
+    """The device's activations' states, oldest first, its environment watches apart."""
+    q = DriftActivation.select().where(
+        (DriftActivation.device == device) & (DriftActivation.state != "watching")
+    )
+    return [a.state for a in q.order_by(DriftActivation.id)]
 
 
 def verdict_counts(device: str) -> dict[str, int]:
@@ -191,7 +208,9 @@ def test_worse_model_rolled_back_on_that_device_only(fleet, real_frames):
     (dep,) = Deployment.select()
     assert (dep.device, dep.camera, dep.model, dep.version) == ("cam-bad", "cam", "people", 1)
     assert Command.select().where(Command.device == "cam-bad").count() == 1
-    act = DriftActivation.get(DriftActivation.device == "cam-bad")
+    act = DriftActivation.get(
+        (DriftActivation.device == "cam-bad") & (DriftActivation.state != "watching")
+    )
     assert act.state == "rolled_back"
 
     # More bad windows before the device switches back: no second rollback; then
@@ -200,9 +219,9 @@ def test_worse_model_rolled_back_on_that_device_only(fleet, real_frames):
     bad.send(windows(good, files[1], 6, first=22))
     judge(registry).run_once()
     assert len(audits("drift.rollback")) == 1
-    assert DriftActivation.select().where(DriftActivation.device == "cam-bad").count() == 2
-    last = DriftActivation.select().order_by(DriftActivation.id.desc()).first()
-    assert last.state == "restored"
+    assert activation_states("cam-bad") == ["rolled_back", "restored"]
+    # Back on v1, the camera's own windows start its environment watch.
+    assert DriftActivation.select().order_by(DriftActivation.id.desc()).first().state == "watching"
     assert sum(verdict_counts("cam-bad").values()) == sum(counts.values())
 
 
@@ -216,13 +235,7 @@ def test_back_on_the_previous_model_is_not_judged(fleet, real_frames):
     dev.send(windows(worse, files[2], 2, first=10))
     dev.send(windows(good, files[1], 6, first=12))
     judge(registry).run_once()
-    states = [
-        a.state
-        for a in DriftActivation.select()
-        .where(DriftActivation.device == "cam-probation")
-        .order_by(DriftActivation.id)
-    ]
-    assert states == ["judging", "restored"]
+    assert activation_states("cam-probation") == ["judging", "restored"]
     assert sum(verdict_counts("cam-probation").values()) == 2  # v2's two windows only
     assert not audits("drift.rollback")
 
@@ -243,6 +256,131 @@ def test_darkened_frames_environment_not_rollback(fleet, real_frames):
     assert entry.target == "device:cam-night/camera:cam"
     assert "brightness" in json.loads(entry.details)["environment"]
     assert not audits("drift.rollback") and not Deployment.select().count()
+
+
+def test_unchanged_model_watched_for_the_scene(fleet, real_frames):
+    """No activation at all: the camera's own first windows are its watch's baseline.
+    30 more windows of the same model and scene raise nothing; then the frames darken
+    (night, a dirty lens): an environment alert, never a rollback; the scene comes
+    back: the alert is cleared."""
+    registry, files = fleet
+    good, dark = real_frames[("good", "none")], real_frames[("good", "dark")]
+    dev = Device(registry, "cam-watch")
+    dev.send(windows(good, files[1], 40))
+    assert judge(registry).run_once() == {"watch_ok": 30}  # after 10 baseline windows
+    (watch,) = DriftActivation.select().where(DriftActivation.device == "cam-watch")
+    assert (watch.state, watch.judged, watch.recent) == ("watching", 30, "oooo")
+    assert len(json.loads(watch.baseline_ids)) == 10
+    assert not DriftVerdict.select().where(DriftVerdict.device == "cam-watch").count()
+
+    dev.send(windows(dark, files[1], 5, first=40))
+    done = judge(registry).run_once()
+    assert done == {"watch_environment": 5}
+    assert verdict_counts("cam-watch") == {"environment": 5}
+    (entry,) = audits("drift.environment")
+    assert entry.target == "device:cam-watch/camera:cam"
+    details = json.loads(entry.details)
+    assert details["watch"] is True and "brightness" in details["environment"]
+    assert details["statistics"]["brightness_shift"] < -0.25
+    assert len(details["windows"]) == 4 and len(details["baseline_windows"]) == 10
+    assert not audits("drift.rollback") and not Deployment.select().count()
+
+    dev.send(windows(good, files[1], 4, first=45))
+    assert judge(registry).run_once() == {"watch_ok": 4}
+    (cleared,) = audits("drift.environment_cleared")
+    assert cleared.target == "device:cam-watch/camera:cam"
+    assert DriftActivation.get_by_id(watch.id).environment_at is None
+
+
+def window_frames(frames, i):
+    """The frames of window ``i`` as `windows` (make_windows, stride 7) chose them."""
+    return [frames[(i * STRIDE + j) % len(frames)] for j in range(WINDOW)]
+
+
+def send_with_shadow(dev, files, active, previous, count, first, *, with_shadow=True):
+    """``count`` windows of v2 on ``active`` frames; with each, the shadow window of the
+    same frames with v1 (the previous model) as the candidate on ``previous`` frames:
+    boxes matched by the agent's own `match_boxes`, v1's raw output binned by the
+    agent's `DriftWindow` (`make_windows`)."""
+    ws = windows(active, files[2], count, first=first)
+    cand = windows(previous, files[1], count, first=first)
+    start = dev.t
+    dev.send(ws)
+    if not with_shadow:
+        return
+    items = []
+    for k, (w, c) in enumerate(zip(ws, cand, strict=True)):
+        a_frames, c_frames = window_frames(active, first + k), window_frames(previous, first + k)
+        boxes_a = sum(len(f.dets) for f in a_frames)
+        boxes_c = sum(len(f.dets) for f in c_frames)
+        matched = sum(match_boxes(x.dets, y.dets) for x, y in zip(a_frames, c_frames, strict=True))
+        span = w.end - w.start
+        body = ShadowWindow(
+            device=dev.name,
+            seq=k + 1 + first,
+            camera="cam",
+            start=start + k * span,
+            end=start + (k + 1) * span,
+            active=ShadowModel(file=files[2], model="people", version=2),
+            candidate=ShadowModel(file=files[1], model="people", version=1),
+            share=1.0,
+            frames=WINDOW,
+            frames_compared=WINDOW,
+            detections_per_frame_active=round(boxes_a / WINDOW, 4),
+            detections_per_frame_candidate=round(boxes_c / WINDOW, 4),
+            boxes_active=boxes_a,
+            boxes_candidate=boxes_c,
+            matched=matched,
+            agreement=agreement_of(matched, boxes_a, boxes_c),
+            candidate_drift=ShadowDrift(
+                frames=c.frames,
+                detections=c.detections,
+                confidence_hist=c.confidence_hist,
+                class_mix=c.class_mix,
+            ),
+        )
+        items.append((Topics().shadow(dev.name), body.to_json(), time.time() - 60))
+    assert set(dev.ingest.handle_batch(items)) == {"stored"}
+
+
+# Brightness and blur left wide: the scene change shows in the models' output only
+# (a fogged lens, say), so only the shadow comparison can tell it from a model drift.
+FIGURES_SILENT = {"brightness_shift_max": 10.0, "blur_ratio_max": 100.0}
+
+
+def test_previous_model_in_shadow_shows_the_same_change(fleet, real_frames):
+    """Night frames (x0.12) for both models as v2 arrives: v2's confidences move
+    (psi, ks breached). With the shadow comparison, v1 on the same frames moves the
+    same way against its own baseline: an environment alert, no rollback. The same
+    windows without shadow data are a model drift (rolled back), and a really worse
+    v2 beside an unchanged v1 is rolled back with the shadow data too."""
+    registry, files = fleet
+    good, night = real_frames[("good", "none")], real_frames[("good", "night")]
+    worse = real_frames[(WORSE, "none")]
+    lit, unlit, bad = (Device(registry, n) for n in ("cam-shadow", "cam-no-shadow", "cam-worse"))
+    for dev in (lit, unlit, bad):
+        dev.send(windows(good, files[1], 10))
+    send_with_shadow(lit, files, night, night, 8, 10)
+    send_with_shadow(unlit, files, night, night, 8, 10, with_shadow=False)
+    send_with_shadow(bad, files, worse, good, 8, 10)
+    judge(registry, shadow=drift_shadow_source(), **FIGURES_SILENT).run_once()
+
+    counts = verdict_counts("cam-shadow")
+    assert "model_drift" not in counts and "breach" not in counts, counts
+    assert counts.get("environment", 0) >= 3, counts
+    (env,) = audits("drift.environment")
+    details = json.loads(env.details)
+    assert env.target == "device:cam-shadow/camera:cam"
+    assert details["environment"] == ["previous_model_same_change"]
+    assert {"psi", "ks"} & set(details["breaches"])
+    assert details["statistics"]["agreement"] == 1.0  # the same network's boxes
+
+    assert verdict_counts("cam-no-shadow").get("model_drift") == 1
+    assert verdict_counts("cam-worse").get("model_drift") == 1
+    rolled = {e.target for e in audits("drift.rollback")}
+    assert rolled == {"device:cam-no-shadow/camera:cam", "device:cam-worse/camera:cam"}
+    worse_entry = next(e for e in audits("drift.rollback") if "cam-worse" in e.target)
+    assert json.loads(worse_entry.details)["statistics"]["agreement"] < 0.7
 
 
 def test_small_windows_not_judged(fleet, real_frames):

@@ -235,3 +235,99 @@ def test_a_sidecar_with_target_hardware_and_a_device_group_deploys_to_the_group(
         assert json.loads(v.metadata)["target"] == ["jetson-orin", "rpi5"]
         assert '"target":["jetson-orin","rpi5"]' in v.manifest  # signed
         assert registry.version_dict(v)["target"] == ["jetson-orin", "rpi5"]
+
+
+ROLLOUT_SIDECAR = """
+camera = "door"
+reason = "night model"
+[targets]
+groups = ["lobby"]
+[plan]
+waves = 2
+soak_s = 120
+canary = { count = 1 }
+"""
+
+
+def test_a_rollout_sidecar_creates_a_staged_rollout(registry, folder, data):
+    """``door.tflite.rollout.toml`` asks for a rollout of the version it brings: the
+    version is registered and a rollout of it created with that plan (the registry's
+    rollout job moves it on); both sidecars move with the file."""
+    from flowfleet.registry.fleet import groups, rollouts
+    from flowfleet.registry.store.db import AuditEntry
+
+    with registry.db.connection_context():
+        groups.set_group(registry.db, "lobby", ["cam-a", "cam-b", "cam-c"], actor="t")
+    folder.mkdir()
+    (folder / "door.tflite.json").write_text(json.dumps({"name": "door"}))
+    (folder / "door.tflite.rollout.toml").write_text(ROLLOUT_SIDECAR)
+    with watcher(registry, folder):
+        (folder / "door.tflite").write_bytes((data / "models" / TFLITE).read_bytes())
+        wait_for(lambda: "door.tflite" in names(folder / "processed"), what="processed")
+    assert names(folder / "processed") == {
+        "door.tflite",
+        "door.tflite.json",
+        "door.tflite.rollout.toml",
+    }
+    assert [v[:2] for v in versions(registry)] == [("door", 1)]
+    with registry.db.connection_context():
+        (r,) = rollouts.list_rollouts()
+        full = rollouts.get_rollout(r["id"])
+        assert (full["model"], full["version"], full["camera"]) == ("door", 1, "door")
+        assert full["plan"]["waves"] == 2 and full["plan"]["soak_s"] == 120
+        assert full["plan"]["canary"] == {"devices": None, "count": 1, "percent": None}
+        assert full["targets"] == {"groups": ["lobby"]}
+        assert sum(len(w["devices"]) for w in full["waves"]) == 3
+        assert len(full["waves"][0]["devices"]) == 1  # the canary
+        entry = AuditEntry.get(AuditEntry.action == "rollout.create")
+        assert (entry.actor, entry.reason) == ("watch-folder", "night model")
+
+
+@pytest.mark.parametrize(
+    ("toml", "json_sidecar", "reason"),
+    [
+        ("camera = 'door'\n[targets]\nall = true\nwaves = 3\n", None, "targets.waves"),
+        ("camera = 'door'\ncolour = 'red'\n[targets]\nall = true\n", None, "unknown key(s) colour"),
+        ("[targets]\ngroups = ['lobby']\n", None, "'camera' is required"),
+        ("camera = 'door'\n", None, "'targets' is required"),
+        (
+            "camera = 'door'\n[targets]\ngroups = ['lobby']\n[plan]\nsoak_s = -1\n",
+            None,
+            "plan.soak_s",
+        ),
+        (
+            "camera = 'door'\n[targets]\ngroups = ['lobby']\n"
+            "[plan.canary]\ncount = 1\npercent = 5\n",
+            None,
+            "plan.canary",
+        ),
+        ("camera = 'door'\n[targets]\ngroups = ['nowhere']\n", None, "nowhere"),
+        ("camera = 'door'\n[targets]\ntags = ['unused-tag']\n", None, "name no device"),
+        ("camera = 'a b'\n[targets]\ngroups = ['lobby']\n", None, "camera"),
+        ("camera = = 'door'\n", None, "not valid TOML"),
+        (ROLLOUT_SIDECAR, {"group": "lobby", "camera": "door"}, "give one of them"),
+    ],
+)
+def test_a_bad_rollout_sidecar_is_refused_naming_the_file_and_key(
+    registry, folder, data, toml, json_sidecar, reason
+):
+    """Validated before anything is registered: the file goes to failed/ with an
+    error naming the sidecar and the key; no version, no rollout."""
+    from flowfleet.registry.fleet import groups, rollouts
+
+    with registry.db.connection_context():
+        groups.set_group(registry.db, "lobby", ["cam-a"], actor="t")
+    folder.mkdir()
+    (folder / "ok.tflite.rollout.toml").write_text(toml)
+    if json_sidecar is not None:
+        (folder / "ok.tflite.json").write_text(json.dumps(json_sidecar))
+    with watcher(registry, folder):
+        (folder / "ok.tflite").write_bytes((data / "models" / TFLITE).read_bytes())
+        wait_for(lambda: "ok.tflite.error.txt" in names(folder / "failed"), what="failed")
+    error = (folder / "failed" / "ok.tflite.error.txt").read_text()
+    assert reason in error, error
+    assert "ok.tflite.rollout.toml" in error or "ok.tflite.json" in error
+    assert "ok.tflite.rollout.toml" in names(folder / "failed")
+    assert versions(registry) == []
+    with registry.db.connection_context():
+        assert rollouts.list_rollouts() == []

@@ -25,6 +25,7 @@ from flowfleet.contract_shadow import ShadowModel
 FULL = "yolov8n_full_integer_quant.tflite"
 DYN = "yolov8n_int8_dynamic.tflite"
 GANTRY = {"name": "gantry", "points": [[480, 280], [480, 540]]}
+ROAD = {"name": "road", "points": [[250, 250], [750, 250], [750, 620], [250, 620]]}
 NAMES = ("person", "car", "truck")
 
 
@@ -87,7 +88,7 @@ def road_camera(data, model=FULL, **extra) -> CameraConfig:
 @pytest.fixture(scope="module")
 def comparisons(data):
     """share -> candidate file -> the window of one pass over the clip."""
-    cam = road_camera(data)
+    cam = road_camera(data, zones=[ROAD])
     return {
         (name, share): compare_video(cam, data / "models" / name, share=share).window
         for name, share in ((FULL, 1.0), (DYN, 1.0), (DYN, 0.25))
@@ -126,6 +127,36 @@ def test_a_share_of_frames_runs_the_candidate_on_every_kth_frame(comparisons):
     assert w.boxes_active < comparisons[(DYN, 1.0)].boxes_active  # compared frames only
     car = {(r.line, r.class_): r for r in w.lines}[("gantry", "car")]
     assert car.active_in == 2, "the active model counts every frame"
+
+
+def test_the_candidates_raw_output_is_binned_like_a_drift_summary(comparisons):
+    """The registry judges the candidate (normally the previous model) against its
+    own drift baseline with this: its raw detections on the compared frames."""
+    for key, compared in (((FULL, 1.0), 20), ((DYN, 0.25), 5)):
+        w = comparisons[key]
+        d = w.candidate_drift
+        assert d is not None and d.frames == w.frames_compared == compared
+        assert sum(d.confidence_hist) == d.detections == sum(d.class_mix.values())
+        # Raw output, before the camera's class filter: at least the counted boxes.
+        assert d.detections >= w.boxes_candidate > 0
+    same = comparisons[(FULL, 1.0)].candidate_drift
+    assert same.class_mix.get("car", 0) > 0
+
+
+def test_zones_are_compared_entries_and_occupancy(comparisons):
+    same, other = comparisons[(FULL, 1.0)], comparisons[(DYN, 0.25)]
+    rows = {(z.zone, z.class_): z for z in same.zones}
+    assert {c for _, c in rows} >= {"person", "car", "truck"}, "zeros are declared"
+    car = rows[("road", "car")]
+    assert car.active_entries == car.candidate_entries > 0
+    assert car.active_occupancy == car.candidate_occupancy > 0
+    for z in same.zones:  # the same model on the same frames: the same zone figures
+        assert (z.candidate_entries, z.candidate_occupancy) == (
+            z.active_entries,
+            z.active_occupancy,
+        )
+    car = {(z.zone, z.class_): z for z in other.zones}[("road", "car")]
+    assert car.active_entries > 0 and car.active_occupancy > 0
 
 
 class Listener:

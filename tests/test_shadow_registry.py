@@ -96,6 +96,12 @@ MALFORMED = [
     ("agreement range", {"agreement": 1.5}, "agreement"),
     ("lines", {"lines": [{"line": "door", "class": "car"}]}, "lines.0"),
     ("end", {"end": T0 - 1}, "before start"),
+    (
+        "candidate_drift",
+        {"candidate_drift": {"frames": 149, "detections": 0, "confidence_hist": [0] * 10}},
+        "candidate_drift.frames 149 is not frames_compared 150",
+    ),
+    ("candidate_drift bins", {"candidate_drift": {"frames": 150, "detections": 0}}, "confidence"),
 ]
 
 

@@ -20,7 +20,30 @@ group must exist and have devices before anything is registered, and a deploymen
 that fails part-way moves the file to ``failed/`` with the devices that did not get
 it (the version stays registered; drop the file again to retry).
 
-Then the file (and its sidecar) moves to ``processed/``, or to ``failed/`` next to
+A **rollout sidecar** ``<file>.rollout.toml`` asks for a staged rollout of the
+version instead of a deployment at once (docs/registry.md, "Staged rollouts"):
+
+```toml
+camera = "door"               # required: the camera to move on each target
+reason = "new night model"    # optional
+[targets]                     # required: devices, groups, tags, or all = true
+groups = ["lobby"]
+[plan]                        # optional: the rollout plan (defaults otherwise)
+waves = 2
+soak_s = 600
+canary = { count = 1 }
+```
+
+It is validated before anything is registered (unknown keys, a bad plan or
+targets, targets naming no device, and a JSON sidecar that also names a ``group``
+are refused, the error naming the file and the key, for example
+``door.tflite.rollout.toml: plan.soak_s: ...``); then the version is registered and
+the rollout created (audited as ``rollout.create`` by ``watch-folder``); the
+registry's rollout job moves it on. A rollout refused at creation (a camera already
+in an active rollout) moves the file to ``failed/`` with the reason; the version
+stays registered.
+
+Then the file (and its sidecars) moves to ``processed/``, or to ``failed/`` next to
 ``<file>.error.txt`` saying why. Bytes already registered count as processed (the
 registry keeps one version). State lives only in the folder, so a registry restart
 mid-copy simply sees the file again and waits for it to settle; the same file dropped
@@ -44,11 +67,12 @@ from pathlib import Path
 from typing import Any
 
 import peewee as pw
+import tomllib
 
 from flowfleet.contract import Topics
 
 from ..errors import RegistryError, check_name
-from ..fleet import groups
+from ..fleet import groups, rollout_plan, rollouts
 from ..fleet.commands import CommandPublisher
 from .modelreg import ModelRegistry
 
@@ -58,6 +82,8 @@ ACTOR = "watch-folder"
 PG_WATCH_LOCK = 0x666C6F78
 IGNORED_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload", ".filepart", ".error.txt")
 SIDECAR_KEYS = {"name", "notes", "tags", "target", "alias", "reason", "group", "camera"}
+ROLLOUT_SIDECAR = ".rollout.toml"
+ROLLOUT_KEYS = {"camera", "reason", "targets", "plan"}
 
 
 @dataclass
@@ -198,7 +224,11 @@ class WatchFolder:
             name = entry.name
             if not entry.is_file(follow_symlinks=False):
                 continue
-            if name.startswith(".") or name.endswith(IGNORED_SUFFIXES) or name.endswith(".json"):
+            if (
+                name.startswith(".")
+                or name.endswith(IGNORED_SUFFIXES)
+                or name.endswith((".json", ROLLOUT_SIDECAR))
+            ):
                 continue
             out.append(Path(entry.path))
         return sorted(out)
@@ -233,8 +263,15 @@ class WatchFolder:
 
     def _take(self, path: Path) -> str:
         sidecar = path.with_name(path.name + ".json")
+        rollout_file = path.with_name(path.name + ROLLOUT_SIDECAR)
         try:
             options = self._read_sidecar(sidecar)
+            rollout = read_rollout_sidecar(rollout_file)
+            if rollout is not None and "group" in options:
+                raise ValueError(
+                    f"{sidecar.name} names a group (deploy at once) and {rollout_file.name} "
+                    "asks for a rollout: give one of them"
+                )
             reason = options.get("reason") or f"dropped into {self.folder}"
             if "group" in options:
                 self._check_group(options)
@@ -251,6 +288,8 @@ class WatchFolder:
             )
             if "group" in options:
                 self._deploy(version, options, reason)
+            if rollout is not None:
+                self._start_rollout(version, rollout, rollout_file.name, reason)
         except (RegistryError, ValueError, OSError) as exc:
             message = exc.message if isinstance(exc, RegistryError) else str(exc)
             log.warning("watch folder: %s refused: %s", path.name, message)
@@ -310,6 +349,31 @@ class WatchFolder:
             options["group"],
         )
 
+    def _start_rollout(self, version, rollout: dict[str, Any], file: str, reason: str) -> None:
+        try:
+            r = rollouts.create_rollout(
+                self.registry,
+                model=version.model.name,
+                ref=version.version,
+                camera=rollout["camera"],
+                targets=rollout["targets"],
+                plan=rollout.get("plan"),
+                actor=ACTOR,
+                reason=rollout.get("reason") or reason,
+            )
+        except RegistryError as exc:
+            raise ValueError(
+                f"{file}: registered as {version.model.name} version {version.version}, but "
+                f"the rollout was refused: {exc.message}"
+            ) from None
+        log.info(
+            "watch folder: rollout %s of %s version %d to camera %s created",
+            r["id"],
+            version.model.name,
+            version.version,
+            rollout["camera"],
+        )
+
     @staticmethod
     def _read_sidecar(sidecar: Path) -> dict[str, Any]:
         if not sidecar.exists():
@@ -345,9 +409,46 @@ class WatchFolder:
         shutil.move(str(path), target)
         if sidecar.exists():
             shutil.move(str(sidecar), target.with_name(target.name + ".json"))
+        rollout_file = path.with_name(path.name + ROLLOUT_SIDECAR)
+        if rollout_file.exists():
+            shutil.move(str(rollout_file), target.with_name(target.name + ROLLOUT_SIDECAR))
         with self._lock:
             self._seen.pop(path.name, None)
         return target
+
+
+def read_rollout_sidecar(path: Path) -> dict[str, Any] | None:
+    """The rollout a ``<file>.rollout.toml`` asks for, validated (targets resolved to
+    at least one device, the plan parsed), or None without one. ValueError naming
+    the file and the key otherwise."""
+    if not path.exists():
+        return None
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path.name}: not valid TOML ({exc})") from None
+    unknown = set(data) - ROLLOUT_KEYS
+    if unknown:
+        raise ValueError(
+            f"{path.name}: unknown key(s) {', '.join(sorted(unknown))} "
+            f"(allowed: {', '.join(sorted(ROLLOUT_KEYS))})"
+        )
+    for key in ("camera", "targets"):
+        if key not in data:
+            raise ValueError(f"{path.name}: {key!r} is required")
+    for key in ("camera", "reason"):
+        if key in data and not isinstance(data[key], str):
+            raise ValueError(f"{path.name}: {key!r} must be a string")
+    for key in ("targets", "plan"):
+        if key in data and not isinstance(data[key], dict):
+            raise ValueError(f"{path.name}: {key!r} must be a table ([{key}])")
+    try:
+        check_name(data["camera"], "camera", "camera name")
+        rollout_plan.parse_plan(data.get("plan"))
+        rollout_plan.resolve(rollout_plan.parse_targets(data["targets"]))
+    except RegistryError as exc:
+        raise ValueError(f"{path.name}: {exc.message}") from None
+    return data
 
 
 def _name_from(path: Path) -> str:

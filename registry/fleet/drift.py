@@ -25,9 +25,9 @@ judge one window twice. Per device and camera:
 A camera that goes back to the model it ran before (after our rollback, or the
 agent's own probation rollback) is not judged against the model it replaced.
 
-Shadow comparison hook: ``shadow(summary_row)`` may return the previous model's
-window over the same frames (and the agreement share); it is None until the agent
-reports shadow windows.
+Shadow comparison hook: ``shadow(summary_row, previous_model)`` may return the
+previous model's output over the same frames (pooled from the agent's shadow windows
+that ran it as the candidate) and the agreement share.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from ..store.audit import audit
 from ..store.db import DriftSummary, ModelVersion, now
 from ..store.drift_tables import DriftActivation, DriftCamera, DriftCursor, DriftVerdict
 from ..store.locks import exclusive
-from . import drift_baselines
+from . import drift_baselines, drift_watch
 from .drift_stats import Settings, WindowStats, compare, confirmed
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ class Shadow:
     agreement: float | None = None
 
 
-ShadowSource = Callable[[DriftSummary], Shadow | None]
+# (the new model's window, the previous model's file) -> the shadow data, or None
+ShadowSource = Callable[[DriftSummary, str | None], Shadow | None]
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class JudgeOptions:
     # Read the baselines and create the activations of a pass in bulk
     # (`drift_baselines`); False: one camera at a time (the benchmark's comparison).
     bulk_activations: bool = True
+    # Watch cameras whose model did not change for scene changes (`drift_watch`).
+    watch: bool = True
 
 
 def model_version(model_file: str | None) -> tuple[str, int] | None:
@@ -175,6 +178,7 @@ class DriftJudge:
         new_cams: list[DriftCamera] = []
         changed: dict[tuple[str, str], DriftCamera] = {}
         judged_acts: dict[int, DriftActivation] = {}
+        watched: dict[tuple[str, str], DriftActivation] = {}  # by camera: the watch now
         self._verdict_rows: list[dict] = []
         rolled = False
         rows.sort(key=lambda r: (r.device_id, r.camera, r.start, r.id))
@@ -192,11 +196,15 @@ class DriftJudge:
                     updated_at=at,
                 )
                 new_cams.append(cam)
+                if self.options.watch:  # and the first window of its watch's baseline
+                    cam.activation = watched[key] = drift_watch.new_watch(*key, row, None, at)
                 continue
             act = cam.activation
             if row.start < cam.last_start or (act is not None and row.start < act.started_at):
                 continue  # a late window from before what we know: its model is history
             if row.model != cam.model:
+                if key in watched and watched[key].id is None:
+                    del watched[key]  # a watch made in this pass, never written: moot
                 # The camera row changes only here (an activation), not per window.
                 made = premade.pop(key, None)
                 act = made[1] if made is not None and made[0] == row.id else None
@@ -210,10 +218,21 @@ class DriftJudge:
                 judged_acts[act.id] = act
                 out[verdict] = out.get(verdict, 0) + 1
                 rolled = rolled or verdict == "model_drift"
+            elif self.options.watch and (act is None or act.state in drift_watch.WATCH_AFTER):
+                # The model is settled: its own windows become a watch's baseline.
+                cam.activation = watched[key] = drift_watch.new_watch(*key, row, act, at)
+                if cam.id is not None:
+                    changed[key] = cam
+            elif act is not None and act.state == drift_watch.WATCHING:
+                watched[key] = act
+                verdict = self._watch(act, row, at)
+                if verdict is not None:
+                    out[f"watch_{verdict}"] = out.get(f"watch_{verdict}", 0) + 1
         if premade:  # never met (the scan mirrors the loop, so this is a safety net)
             DriftActivation.delete().where(
                 DriftActivation.id.in_([a.id for _, a in premade.values()])
             ).execute()
+        self._save_watches(watched, cams, changed)
         # Written in bulk: a pass over a fleet's windows is a handful of statements.
         for i in range(0, len(self._verdict_rows), BULK):
             DriftVerdict.insert_many(self._verdict_rows[i : i + BULK]).execute()
@@ -329,7 +348,7 @@ class DriftJudge:
         if base is None:  # parsed once per pass, not per window
             base = act._base = WindowStats(**json.loads(act.baseline))
         new = WindowStats.from_summary(json.loads(row.payload))
-        shadow = self.shadow(row) if self.shadow is not None else None
+        shadow = self.shadow(row, act.previous_model) if self.shadow is not None else None
         j = compare(
             base,
             new,
@@ -442,6 +461,14 @@ class DriftJudge:
         else:
             audit(ACTOR, "drift.rollback_failed", target, f"{reason}; {problem}", **details)
             log.error("drift: %s needs a rollback but %s", target, problem)
+
+    # -- the environment watch (a camera whose model did not change) -------------------
+
+    def _watch(self, act: DriftActivation, row: DriftSummary, at: float) -> str | None:
+        return drift_watch.judge_window(self, act, row, at)
+
+    def _save_watches(self, watched, cams, changed) -> None:
+        drift_watch.save_watches(self.db, watched, cams, changed)
 
     # -- periodic job ----------------------------------------------------------------
 

@@ -302,26 +302,26 @@ def agreement_source(min_boxes: int = GATE_MIN_BOXES):
 
 
 def drift_shadow_source(min_boxes: int = GATE_MIN_BOXES):
-    """The drift judge's shadow hook (`drift.ShadowSource`): for a drift window, the
-    pooled agreement of the camera's shadow windows that overlap it and ran the same
-    active model (the new model; the candidate is the one an operator asked it to run
-    beside it, normally the previous model). None (the agreement policy is not judged)
-    without such windows or with fewer than ``min_boxes`` boxes.
+    """The drift judge's shadow hook (`drift.ShadowSource`): for a drift window of a
+    new model (and the model it replaced), the camera's shadow windows that overlap
+    it and ran that new model as the active one:
 
-    The shadow window carries no confidence histogram of the candidate, so the hook's
-    ``previous_window`` stays None: only the agreement policy is fed.
+    * ``agreement``: their pooled agreement (with whatever candidate an operator asked
+      for, normally the previous model); None (the agreement policy is not judged)
+      without such windows or with fewer than ``min_boxes`` boxes;
+    * ``previous_window``: when the candidate of those windows is the previous model
+      and they carry its raw output (``candidate_drift``), that output pooled: the
+      previous model on the same frames, which the judge compares with the previous
+      model's own baseline; the same breach there means the scene changed.
     """
     from .drift import Shadow, model_version
+    from .drift_stats import WindowStats
 
-    def source(row) -> Shadow | None:
+    def source(row, previous: str | None = None) -> Shadow | None:
         active = model_version(row.model)
         if active is None:
             return None
-        q = ShadowWindow.select(
-            pw.fn.SUM(ShadowWindow.boxes_active),
-            pw.fn.SUM(ShadowWindow.boxes_candidate),
-            pw.fn.SUM(ShadowWindow.matched),
-        ).where(
+        overlapping = (
             (ShadowWindow.device == row.device_id)
             & (ShadowWindow.camera == row.camera)
             & (ShadowWindow.start < row.end)
@@ -329,9 +329,35 @@ def drift_shadow_source(min_boxes: int = GATE_MIN_BOXES):
             & (ShadowWindow.active_model == active[0])
             & (ShadowWindow.active_version == active[1])
         )
+        q = ShadowWindow.select(
+            pw.fn.SUM(ShadowWindow.boxes_active),
+            pw.fn.SUM(ShadowWindow.boxes_candidate),
+            pw.fn.SUM(ShadowWindow.matched),
+        ).where(overlapping)
         a, c, m = (int(x or 0) for x in q.tuples().get())
-        if a + c < min_boxes:
+        agreement = agreement_of(m, a, c) if a + c >= min_boxes else None
+        prev = model_version(previous) if previous else None
+        window = None
+        if prev is not None:
+            rows = ShadowWindow.select(ShadowWindow.payload).where(
+                overlapping
+                & (ShadowWindow.candidate_model == prev[0])
+                & (ShadowWindow.candidate_version == prev[1])
+            )
+            raw = [json.loads(r.payload).get("candidate_drift") for r in rows]
+            raw = [d for d in raw if d]
+            if raw:
+                window = WindowStats.pool(
+                    WindowStats(
+                        frames=d["frames"],
+                        detections=d["detections"],
+                        confidence_hist=tuple(d["confidence_hist"]),
+                        class_mix=d["class_mix"],
+                    )
+                    for d in raw
+                )
+        if agreement is None and window is None:
             return None
-        return Shadow(agreement=agreement_of(m, a, c))
+        return Shadow(previous_window=window, agreement=agreement)
 
     return source
