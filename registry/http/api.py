@@ -28,6 +28,7 @@ from ..store.db import Deployment
 from .access import install_auth, requires  # noqa: F401  (install_auth: re-exported)
 from .auth import Principal
 from .openapi import openapi_document
+from .queries import _paged
 
 MAX_VERSION = 2**31 - 1
 bp = Blueprint("models_api", __name__, url_prefix="/api")
@@ -103,17 +104,6 @@ def _page(args: dict[str, str]) -> tuple[int, int]:
         int_arg(args, "limit", DEFAULT_PAGE, 1, MAX_PAGE),
         int_arg(args, "offset", 0, 0, 2**31 - 1),
     )
-
-
-def _paged(key: str, items: list, total: int, limit: int, offset: int) -> dict[str, Any]:
-    nxt = offset + len(items)
-    return {
-        key: items,
-        "total": total,
-        "limit": limit,
-        "offset": offset,
-        "next_offset": nxt if nxt < total else None,
-    }
 
 
 def _json_body(allowed: dict[str, type], required: tuple[str, ...] = ()) -> dict[str, Any]:
