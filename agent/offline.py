@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from .detections import Detections
-from .pipeline import build_pipeline
+from .pipeline import CameraPipeline, build_pipeline
 from .sources import SourceError, open_source, source_kind
 from .tally import Tally, ZoneAgg
 
@@ -156,12 +157,18 @@ def count_video(
     fps: float = 10.0,
     start_frame: int = 0,
     tracker=None,
+    between_frames: Callable[[CameraPipeline, int], bool | None] | None = None,
 ) -> CountReport:
     """Count a video file or image folder end to end.
 
     ``speed`` (a `SpeedSpec`) adds ground speeds; ``stationary`` (a `StationarySpec`)
     keeps parked objects out of the counts; ``tracker`` (a `TrackerSpec`) changes the
     tracker's settings; ``fps`` stamps image-folder frames.
+    ``between_frames(pipeline, frames_so_far)`` is called after each counted frame
+    and its time is left out of ``elapsed_s``; when it returns True, counting stops
+    there (the report covers the frames counted so far). `benchmarks/bench_count.py`
+    runs the raw model on the pipeline's own interpreter there, interleaved with the
+    counting.
     Raises SourceError / ModelError / ValueError.
     """
     if source_kind(str(video)) not in ("file", "folder"):
@@ -201,6 +208,7 @@ def count_video(
     start = time.perf_counter()
     frames = 0
     first_frame_s = 0.0
+    paused = 0.0  # in between_frames
     last_ts = 0.0
 
     def take(result) -> None:
@@ -222,6 +230,13 @@ def count_video(
         last_ts = frame.ts
         if bar is not None:
             bar.update(1)
+        if between_frames is not None:
+            t0 = time.perf_counter()
+            stop = between_frames(pipeline, frames)
+            paused += time.perf_counter() - t0
+            if stop:
+                source.stop()
+                break
     rest = pipeline.finish(last_ts)  # a video shorter than the threshold warm-up
     if rest is not None:
         rest = replace(rest, detections=rest.detections[:0])  # already in `scores`
@@ -230,7 +245,7 @@ def count_video(
         tally.add_zone_event(CAMERA, ev)
     for ev in pipeline.flush_speeds(last_ts):
         tally.add_speed(CAMERA, ev)
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - start - paused
     if bar is not None:
         bar.close()
     pipeline.detector.close()

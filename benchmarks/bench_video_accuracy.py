@@ -52,6 +52,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import mot15  # noqa: E402
+from video_versus import line_by_line, print_line_by_line  # noqa: E402
 
 from flowfleet.agent.counting import LineCounter, count_lines  # noqa: E402
 from flowfleet.agent.detections import Detections  # noqa: E402
@@ -504,6 +505,10 @@ def main(argv: list[str] | None = None) -> int:
         "more_held_out": errors(oracle_counts[2], gt_counts[2]),
     }
     print_table(rows, trackers, gt_counts, float(np.median(infer_s)) * 1000, spec, oracle_row)
+    versus = None
+    if "peer" in rows:
+        versus = line_by_line(rows["ours"], rows["peer"])
+        print_line_by_line(versus, rows["ours"], rows["peer"], [n for n, _, _ in LINES])
     out = {
         "benchmark": "video_accuracy",
         "video": VIDEO,
@@ -521,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "processor": platform.processor()},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "results": {t: {k: v for k, v in rows[t].items()} for t in trackers},
+        "ours_vs_peer_per_line": versus,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=1))

@@ -45,3 +45,29 @@ def test_the_two_summaries_are_kept_apart():
         "detections": {"n": 0},
         "tracked": {"n": 1, "p10": 0.7, "p50": 0.7, "p90": 0.7},
     }
+
+
+def test_between_frames_sees_every_frame_and_can_stop_the_count(data, int8_model):
+    """The benchmarks' hook (bench_count.py interleaves raw invokes there): called
+    after each counted frame with the pipeline; returning True stops the count
+    there, and the report covers exactly the frames counted."""
+    from flowfleet.agent.config import parse_line
+    from flowfleet.agent.offline import count_video
+
+    seen = []
+
+    def hook(pipeline, frames):
+        seen.append((frames, pipeline.stats.frames))
+        pipeline.detector.invoke_raw()  # what the benchmark does there
+        return frames == 7
+
+    report = count_video(
+        data / "videos" / "traffic_frames.mp4",
+        int8_model,
+        lines=[parse_line("gantry:480,280,480,540")],
+        progress=False,
+        between_frames=hook,
+    )
+    assert seen == [(n, n) for n in range(1, 8)]
+    assert report.frames == 7
+    assert report.to_dict()["frames"] == 7
