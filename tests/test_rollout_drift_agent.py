@@ -5,7 +5,7 @@ outbox, HTTP API, drift judge, rollout job) on SQLite, and a `flowfleet agent`
 process counting the person clip at 10 fps with the real int8 detector. The
 registry first deploys the good model (yolo v1); a staged rollout then moves the
 camera to yolo v2, the same network with broken input scaling
-(tests/model_variants.py): it loads, passes the agent's health gate and probation,
+(flowfleet/model_variants.py): it loads, passes the agent's health gate and probation,
 and finds nothing. The drift judge compares its windows with v1's baseline
 windows, confirms the drift (k of n windows) and deploys v1 again; the rollout
 counts the device as drifted and aborts; the agent receives the new desired state
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from flowfleet.model_variants import broken_input_scaling
 from flowfleet.mqtt import BrokerAddress
 from flowfleet.registry.catalog.modelreg import RegistryConfig
 from flowfleet.registry.config import DriftSection, RolloutsSection, WebhooksSection
@@ -35,7 +36,6 @@ from flowfleet.registry.store.db import AuditEntry, DriftSummary, Event, Reporte
 from flowfleet.registry.store.drift_tables import DriftVerdict
 from flowfleet.registry.store.rollout_tables import Rollout, RolloutDevice
 from flowfleet.registry.testing import fresh_registry, temporary_database
-from tests.model_variants import broken_input_scaling
 
 pytestmark = pytest.mark.slow
 
