@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from flowfleet.cliutil import EXIT_USAGE, CliError, setup_logging
@@ -251,10 +251,8 @@ def run_demo(
     workdir.mkdir(parents=True, exist_ok=True)
     next_model = None
     if rollout:  # the really worse version the scripted rollout uploads
-        from flowfleet.model_variants import broken_input_scaling
-
         try:
-            next_model = broken_input_scaling(model, workdir / BAD_MODEL)
+            next_model = new_bad_model(model, workdir)
         except (ImportError, ValueError) as exc:
             log.warning("no scripted rollout: cannot make the bad model: %s", exc)
             rollout = False
@@ -468,12 +466,34 @@ def rollout_again(workdir: Path) -> None:
         raise DemoError(f"no demo in {workdir} ({exc}); start one with flowfleet demo") from None
     if not story.next_model:
         raise DemoError(f"the demo in {workdir} runs without a model to roll out (see its log)")
+    from flowfleet.models.catalog import CatalogError, default_entry, resolve
+
+    try:  # a bad release no earlier play uploaded (see new_bad_model)
+        bad = new_bad_model(resolve(default_entry().name), workdir)
+    except (CatalogError, ImportError, ValueError) as exc:
+        raise DemoError(f"cannot make the bad model: {exc}") from None
     try:
-        play_rollout(story, token)
+        play_rollout(replace(story, next_model=str(bad)), token)
     except StoryError as exc:
         raise DemoError(str(exc)) from None
     except OSError as exc:
         raise DemoError(f"the demo registry at {story.url} does not answer ({exc})") from None
+
+
+def new_bad_model(model: Path, workdir: Path) -> Path:
+    """Write a bad release of ``model`` into ``workdir`` that no earlier play of the
+    story made: the n-th has its input scale divided by 128 * 2**(n-1)
+    (`flowfleet.model_variants`), so its bytes, and its registry version, are new.
+    Replaying the same version would not be judged: the drift judge counts a camera's
+    move to the model its last activation replaced as "restored" (never judged)."""
+    from flowfleet.model_variants import broken_input_scaling
+
+    stem, suffix = BAD_MODEL.rsplit(".", 1)
+    n = 1
+    while (workdir / (BAD_MODEL if n == 1 else f"{stem}-{n}.{suffix}")).exists():
+        n += 1
+    dst = workdir / (BAD_MODEL if n == 1 else f"{stem}-{n}.{suffix}")
+    return broken_input_scaling(model, dst, gain=128.0 * 2 ** (n - 1))
 
 
 def _spawn(args: list[str], log_path: Path) -> subprocess.Popen:

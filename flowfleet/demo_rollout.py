@@ -254,9 +254,10 @@ def run_story(
         f"{cli} models audit --target {target})"
     )
     if state["rollout"] == "succeeded":
+        kept = sorted(d for d, st in seen.items() if st == "succeeded")
         say(
             f"[3/4] The rollout succeeded: the drift judge did not confirm drift on {canary} "
-            f"within the {soak_s:g} s soak, so every device now runs {new}."
+            f"within the {soak_s:g} s soak; {', '.join(kept) or 'no device'} kept {new}."
         )
         say(look)
         return StoryResult(rid, version, "succeeded", moved, (), _actions(api, rid), evidence)

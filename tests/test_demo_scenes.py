@@ -170,3 +170,16 @@ def test_the_demo_configs_load_with_drift_windows_and_the_judge_sized_for_them(t
     agent = load_agent_config(tmp_path / "agent.toml")
     assert agent.drift_seconds == DRIFT_SECONDS
     assert agent.registry is not None and agent.registry.probation_frames == 30
+
+
+def test_each_play_of_the_story_gets_a_bad_release_of_its_own(tmp_path, data):
+    """The judge never judges a camera's move back to the model it rolled back from,
+    so each play uploads new bytes: a new version, judged afresh."""
+    from flowfleet.demo import BAD_MODEL, new_bad_model
+
+    model = data / "models" / default_entry().file
+    first, second = new_bad_model(model, tmp_path), new_bad_model(model, tmp_path)
+    assert (first.name, second.name) == (BAD_MODEL, "yolov8n_broken_input-2.tflite")
+    blobs = {model.read_bytes(), first.read_bytes(), second.read_bytes()}
+    assert len(blobs) == 3  # three different files, so three registry versions
+    assert abs(first.stat().st_size - model.stat().st_size) < 4096  # same network
