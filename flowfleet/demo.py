@@ -3,7 +3,10 @@
 Starts a private Mosquitto (unless ``--broker`` names one), the registry, and one
 agent process per sample video in $FLOWFLEET_DATA/videos, each looping its video
 in real time like a camera, with lines (and zones) drawn where they make sense for
-that scene. Ctrl-C (or SIGTERM) stops the agents, the registry and the broker.
+that scene. Unless ``--no-rollout``, a staged rollout then sends a really worse
+model version (`flowfleet.demo_rollout`): the registry's drift judge takes the canary
+back by itself and the rollout aborts before any other device moves. Ctrl-C (or
+SIGTERM) stops the agents, the registry and the broker.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import sys
 import threading
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from flowfleet.cliutil import EXIT_USAGE, CliError, setup_logging
@@ -52,9 +55,21 @@ class Scene:
 # Every demo device has one camera of this name, so one rollout covers the fleet
 # (a rollout moves one camera name).
 CAMERA = "main"
-CANARY = "demo-lobby"
-# The catalog entry the scripted rollout uploads as the next version of the model.
-NEXT_MODEL = "yolov8n-dynamic-tflite"
+# The rollout's canary: the plaza has several people in every frame, so each short
+# drift window holds enough detections for the judge (the lobby's one person may not).
+CANARY = "demo-plaza"
+# The "next version" the scripted rollout uploads: the first model with its input
+# scaling broken (flowfleet/model_variants.py), written into the work folder. It loads
+# and passes the agent's own gates; only the registry's drift judge can tell.
+BAD_MODEL = "yolov8n_broken_input.tflite"
+# Drift windows: the agents send one every DRIFT_SECONDS; the judge needs
+# BASELINE_WINDOWS of the old model (MIN_DETECTIONS detections at least) before the
+# rollout, then k of n (3 of 4) windows of the new one. Sized for a loaded machine
+# (an agent may manage 1 frame a second): MIN_FRAMES per window is judged.
+DRIFT_SECONDS = 6.0
+BASELINE_WINDOWS = 5
+MIN_DETECTIONS = 20
+MIN_FRAMES = 4
 
 # Lines follow each scene's traffic: cars cross the lane of the top-down parking
 # view vertically; people walk from the camera up to a table ("approach", in) and
@@ -122,6 +137,7 @@ def _agent_toml(
         f'state_dir = "{state}"',
         f"bin_seconds = {bin_seconds}",
         f"health_seconds = {max(bin_seconds, 5.0)}",
+        f"drift_seconds = {DRIFT_SECONDS}  # drift windows for the registry's judge",
         "",
         "[broker]",
         f'host = "{host}"',
@@ -135,6 +151,9 @@ def _agent_toml(
         "# Three cameras share this machine's cores, so inference times vary more",
         "# than on a device of its own: a wider latency budget for the health gate.",
         "gate_latency_factor = 20.0",
+        "# A shorter probation (default 100 frames), so a loaded machine's few frames a",
+        "# second still activate a new model within the demo's time.",
+        "probation_frames = 30",
         "",
         "[[cameras]]",
         f'name = "{CAMERA}"',
@@ -169,6 +188,16 @@ def _registry_toml(db: Path, host: str, port: int, http_port: int) -> str:
             "[rollouts]",
             "tick_s = 1   # step rollouts every second, so the demo's waves move briskly",
             "",
+            "# The drift judge, sized for the demo's short windows (default thresholds).",
+            "# Latency is left out: three agents share this machine's cores.",
+            "[drift]",
+            "interval_s = 2",
+            "settle_s = 1",
+            f"min_detections = {MIN_DETECTIONS}",
+            f"min_frames = {MIN_FRAMES}",
+            f"baseline_windows = {BASELINE_WINDOWS}",
+            'policies = ["distribution", "confidence_variance"]',
+            "",
         ]
     )
 
@@ -195,7 +224,7 @@ def run_demo(
     duration: float | None = None,
     rollout: bool = True,
     rollout_delay: float = 30.0,
-    soak_s: float = 20.0,
+    soak_s: float = 120.0,
 ) -> None:
     """Run the whole demo until Ctrl-C, SIGTERM or ``duration`` (see the module docstring)."""
     from flowfleet.demo_setup import DeviceRecord, prepare_registry
@@ -212,13 +241,6 @@ def run_demo(
         model = resolve(default_entry().name)
     except CatalogError as exc:
         raise DemoError(str(exc)) from None
-    next_model = None
-    try:  # the version the scripted rollout uploads (downloaded if not in the data)
-        next_model = resolve(NEXT_MODEL)
-    except CatalogError as exc:
-        log.warning("no scripted rollout: %s", exc)
-        rollout = False
-
     if broker:  # checked before anything is written
         host, _, port_s = broker.rpartition(":")
         if not host or not port_s.isdigit():
@@ -227,6 +249,13 @@ def run_demo(
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    next_model = None
+    if rollout:  # the really worse version the scripted rollout uploads
+        try:
+            next_model = new_bad_model(model, workdir)
+        except (ImportError, ValueError) as exc:
+            log.warning("no scripted rollout: cannot make the bad model: %s", exc)
+            rollout = False
     db_path = workdir / "registry.sqlite"
     url = f"http://127.0.0.1:{http_port}/"
     records = [
@@ -313,7 +342,10 @@ def run_demo(
         )
         if rollout:
             print(
-                f"A staged rollout of a new model version starts in {rollout_delay:g} s "
+                f"In {rollout_delay:g} s or more (once the drift judge has "
+                f"{BASELINE_WINDOWS} windows of {prepared.model} v{prepared.first_version} "
+                f"from {story.canary}), a staged rollout sends a really worse model "
+                "version to the fleet; watch the registry stop it by itself "
                 f"(play it again later: flowfleet demo --rollout --workdir {workdir}).",
                 flush=True,
             )
@@ -385,6 +417,8 @@ def play_rollout(story: StorySettings, token: str, stop: threading.Event | None 
         devices=story.devices,
         groups=story.groups,
         soak_s=story.soak_s,
+        baseline_windows=BASELINE_WINDOWS,
+        min_detections=MIN_DETECTIONS,
         say=_say,
         stop=stop,
         cli=f"flowfleet registry --config {story.registry_config}",
@@ -432,12 +466,34 @@ def rollout_again(workdir: Path) -> None:
         raise DemoError(f"no demo in {workdir} ({exc}); start one with flowfleet demo") from None
     if not story.next_model:
         raise DemoError(f"the demo in {workdir} runs without a model to roll out (see its log)")
+    from flowfleet.models.catalog import CatalogError, default_entry, resolve
+
+    try:  # a bad release no earlier play uploaded (see new_bad_model)
+        bad = new_bad_model(resolve(default_entry().name), workdir)
+    except (CatalogError, ImportError, ValueError) as exc:
+        raise DemoError(f"cannot make the bad model: {exc}") from None
     try:
-        play_rollout(story, token)
+        play_rollout(replace(story, next_model=str(bad)), token)
     except StoryError as exc:
         raise DemoError(str(exc)) from None
     except OSError as exc:
         raise DemoError(f"the demo registry at {story.url} does not answer ({exc})") from None
+
+
+def new_bad_model(model: Path, workdir: Path) -> Path:
+    """Write a bad release of ``model`` into ``workdir`` that no earlier play of the
+    story made: the n-th has its input scale divided by 128 * 2**(n-1)
+    (`flowfleet.model_variants`), so its bytes, and its registry version, are new.
+    Replaying the same version would not be judged: the drift judge counts a camera's
+    move to the model its last activation replaced as "restored" (never judged)."""
+    from flowfleet.model_variants import broken_input_scaling
+
+    stem, suffix = BAD_MODEL.rsplit(".", 1)
+    n = 1
+    while (workdir / (BAD_MODEL if n == 1 else f"{stem}-{n}.{suffix}")).exists():
+        n += 1
+    dst = workdir / (BAD_MODEL if n == 1 else f"{stem}-{n}.{suffix}")
+    return broken_input_scaling(model, dst, gain=128.0 * 2 ** (n - 1))
 
 
 def _spawn(args: list[str], log_path: Path) -> subprocess.Popen:
@@ -488,10 +544,11 @@ def register(sub) -> None:
     p.add_argument(
         "--soak",
         type=float,
-        default=20.0,
+        default=120.0,
         metavar="SECONDS",
-        help="how long the rollout watches each device before the next moves (default 20; "
-        "keep it above the health beat interval, max(bin seconds, 5))",
+        help="how long the rollout watches each device before the next moves; the drift "
+        "judge must confirm within it (default 120; keep it above the health beat "
+        "interval, max(bin seconds, 5))",
     )
     p.add_argument(
         "--rollout",

@@ -1,20 +1,24 @@
-"""The demo's scripted rollout: a new model moves through the fleet, then is taken back.
+"""The demo's scripted rollout: a really worse model goes out and the registry takes it back.
 
 Everything goes through the registry's REST API with the demo operator's token, as
 an operator's own script would:
 
-1. upload the next model version (the registry signs it);
-2. start a staged rollout: a canary device first, then one wave per remaining device,
+1. wait until the drift judge has a baseline: ``baseline_windows`` drift windows of
+   the model the canary runs now; then upload the next version (the registry signs
+   it). In the demo that version is the same network with its input scaling broken
+   (`flowfleet.model_variants`): it loads and passes the agent's health gate and
+   probation, but finds almost nothing;
+2. start a staged rollout: the canary first, then one wave per remaining device,
    each watched for ``soak_s`` seconds (health beats, no probation rollback, no
    drift alarm) before the next one moves;
-3. once every device runs the new version, abort it, as an operator who does not
-   like what they see would: the registry puts every device it moved back on the
-   version it ran before (if the rollout aborts by itself first, say a device failed
-   its health gate, that is the rollback shown instead);
-4. wait until every device reports the previous version again and print the audit
-   trail's story.
+3. nobody intervenes: the drift judge compares the canary's windows on the new
+   version with the baseline, confirms the drift (k of n windows) and deploys the
+   previous version again; the rollout counts the canary as drifted and aborts, so
+   no other device is moved;
+4. wait until the canary reports the previous version again and print the evidence
+   (the judge's statistics) and the audit trail's story.
 
-Each step is printed in plain words; the equivalent CLI commands are printed too.
+Each step is printed in plain words, with the equivalent CLI commands.
 """
 
 from __future__ import annotations
@@ -29,8 +33,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-ABORT_REASON = "demo: the operator wants the new model's counts checked first"
-
 # How each device state of a rollout reads to an operator.
 STATE_WORDS = {
     "moving": "told to run {new}; downloading it and checking its signature",
@@ -39,7 +41,7 @@ STATE_WORDS = {
     "failed": "failed on {new}",
     "rolled_back": "went back to its old model by itself (probation)",
     "timed_out": "did not report {new} in time",
-    "drifted": "drift alarm on {new}",
+    "drifted": "the drift judge found {new} worse than {old} and put it back on {old}",
     "reverted": "told to go back to {old}",
     "shadowing": "running {new} in shadow beside its current model",
 }
@@ -59,6 +61,7 @@ class StoryResult:
     moved: tuple[str, ...]  # devices that reported running the new version
     back: tuple[str, ...]  # devices that reported the previous version again
     audit: tuple[str, ...]  # the rollout's audit actions, oldest first
+    evidence: dict | None = None  # the drift judge's rollback details (its audit entry)
 
 
 class Api:
@@ -118,6 +121,10 @@ def wait_until(check: Callable[[], bool], timeout: float, stop: threading.Event,
         stop.wait(0.5)
 
 
+def _percent(change) -> str:
+    return "?" if change is None else f"{change:+.0%}"
+
+
 def run_story(
     api: Api,
     *,
@@ -128,6 +135,8 @@ def run_story(
     devices: list[str],
     groups: list[str],
     soak_s: float,
+    baseline_windows: int = 5,
+    min_detections: int = 1,
     say: Callable[[str], None] = print,
     stop: threading.Event | None = None,
     timeout: float = 600.0,
@@ -137,15 +146,39 @@ def run_story(
     stop = stop or threading.Event()
     before = api.running()
     old_versions = {d: before.get(d, {}).get(camera, (None, None))[1] for d in devices}
-    old = f"{model} v{max((v for v in old_versions.values() if v), default=1)}"
+    old_v = old_versions.get(canary) or max((v for v in old_versions.values() if v), default=1)
+    old = f"{model} v{old_v}"
+    # The agents name a registry model's file "<model>-v<version>-<file>" in their windows.
+    prefix = f"{model}-v{old_v}-"
+    base: dict = {}
 
-    up = api.upload(model, model_file, "the demo's next model: float I/O, dynamic-range int8")
+    def has_baseline() -> bool:
+        got = api.call(
+            "GET", f"/api/drift?device={canary}&camera={camera}&limit={4 * baseline_windows}"
+        )["drift"]
+        mine = [w for w in got if str(w.get("model") or "").startswith(prefix)]
+        mine = mine[:baseline_windows]
+        base.update(
+            windows=len(mine),
+            detections=sum(w["detections"] for w in mine),
+            frames=sum(w["frames"] for w in mine),
+        )
+        return len(mine) >= baseline_windows and base["detections"] >= min_detections
+
+    wait_until(has_baseline, timeout, stop, f"{canary} sent {baseline_windows} drift windows")
+    say(
+        f"[1/4] The drift judge has its baseline: {base['windows']} windows of {old} on "
+        f"{canary}, {base['detections']} detections in {base['frames']} frames."
+    )
+    up = api.upload(model, model_file, "the demo's bad release: input scaling broken")
     version = up["version"]
     new = f"{model} v{version}"
-    if up.get("created", True):
-        say(f"[1/4] Uploaded {model_file.name} as {new}; the registry signed it with its key.")
-    else:
-        say(f"[1/4] {model_file.name} is registered already, as {new} (signed); using it.")
+    how = "Uploaded" if up.get("created", True) else "Registered already:"
+    say(
+        f"      {how} {model_file.name} as {new}, signed by the registry. It is {old} "
+        "with its input scaling broken, as a faulty export makes it: it loads and passes "
+        "the agent's own checks, but sees almost nothing."
+    )
     say(f"      (CLI: {cli} models add {model_file} --name {model})")
 
     others = [d for d in devices if d != canary]
@@ -164,13 +197,13 @@ def run_story(
         "plan": plan,
         "reason": "demo: try the new model on the fleet",
     }
-    r = api.call("POST", "/api/rollouts", body)
-    rid = r["id"]
+    rid = api.call("POST", "/api/rollouts", body)["id"]
     rest = f", then {' and '.join(others)}, one per wave" if others else ""
     say(
         f"[2/4] Rollout {rid} started: {new} goes to the canary {canary} first{rest}. "
-        f"Each device must report {new} running and stay healthy for {soak_s:g} s "
-        "before the next one moves."
+        f"Each device must run {new} healthy, with no drift alarm, for {soak_s:g} s "
+        f"before the next one moves. Nobody steps in: the drift judge compares "
+        f"{canary}'s windows on {new} with the baseline."
     )
     say(
         f"      (CLI: {cli} rollouts create {model} {version} --camera {camera} "
@@ -180,7 +213,7 @@ def run_story(
 
     seen: dict[str, str] = {}
     activated: set[str] = set()  # devices the rollout saw report the new version active
-    state = {"rollout": "running", "devices": {}}
+    state = {"rollout": "running", "reason": None}
 
     def poll() -> dict:
         got = api.call("GET", f"/api/rollouts/{rid}")
@@ -198,59 +231,68 @@ def run_story(
                     old_versions[name] = dev["previous"]["version"]
         if got["state"] != state["rollout"]:
             say(f"      rollout {rid} is now {got['state']}")
-        state["rollout"] = got["state"]
-        state["devices"] = seen
+        state["rollout"], state["reason"] = got["state"], got.get("reason")
         return got
 
-    def all_moved_or_over() -> bool:
-        got = poll()
-        if got["state"] not in ("running", "paused"):
-            return True
-        # Every device moved and judged or being judged (a failed one is put back
-        # at once by the registry; the others go on).
-        waiting = ("pending", "moving", "shadowing")
-        return len(seen) == len(devices) and not any(s in waiting for s in seen.values())
-
-    wait_until(all_moved_or_over, timeout, stop, f"every device runs {new}")
-    if state["rollout"] in ("running", "paused"):
-        running_new = sum(1 for s in seen.values() if s in ("soaking", "succeeded"))
-        say(
-            f"[3/4] {running_new} of {len(devices)} devices now count with {new}. The demo "
-            f"plays the operator who wants to check its counts first: abort. The registry "
-            f"puts every device the rollout moved back on {old}."
-        )
-        say(f'      (CLI: {cli} rollouts abort {rid} --reason "...")')
-        try:
-            api.call("POST", f"/api/rollouts/{rid}/abort", {"reason": ABORT_REASON})
-        except StoryError as exc:  # it finished between the look and the abort
-            say(f"      the abort came too late: {exc}")
-    else:
-        say(f"[3/4] The rollout stopped by itself ({state['rollout']}); the registry rolls back.")
-
-    def settled() -> bool:
-        got = poll()
-        return got["state"] in ("aborted", "succeeded")
-
-    wait_until(settled, timeout, stop, f"rollout {rid} finished rolling back")
+    # The rollout ends by itself: aborted (a gate failed, say the canary drifted) or
+    # succeeded (every wave soaked clean).
+    wait_until(
+        lambda: poll()["state"] in ("aborted", "succeeded"),
+        timeout,
+        stop,
+        f"rollout {rid} ended",
+    )
     moved = tuple(sorted(activated))
-    entries = api.call("GET", f"/api/audit?target=rollout:{rid}&limit=100")["entries"]
-    actions = tuple(e["action"] for e in sorted(entries, key=lambda e: (e["ts"], e["id"])))
+    evidence = None
+    target = f"device:{canary}/camera:{camera}"
+    for e in api.call("GET", f"/api/audit?target={target}&limit=100")["entries"]:
+        if e["action"] == "drift.rollback" and e["details"].get("version") == version:
+            evidence = e["details"]
+            break  # newest first
+    look = (
+        f"      (the evidence: {cli} drift verdicts --device {canary} --camera {camera}; "
+        f"{cli} models audit --target {target})"
+    )
     if state["rollout"] == "succeeded":
+        kept = sorted(d for d, st in seen.items() if st == "succeeded")
         say(
-            f"[4/4] The rollout succeeded before it could be aborted: the fleet runs {new}. "
-            f"The audit trail of rollout {rid}: {', '.join(actions)}."
+            f"[3/4] The rollout succeeded: the drift judge did not confirm drift on {canary} "
+            f"within the {soak_s:g} s soak; {', '.join(kept) or 'no device'} kept {new}."
         )
-        return StoryResult(rid, version, state["rollout"], moved, (), actions)
+        say(look)
+        return StoryResult(rid, version, "succeeded", moved, (), _actions(api, rid), evidence)
+    if evidence is not None:
+        stats = evidence.get("statistics") or {}
+        say(
+            f"[3/4] The drift judge found {new} worse on {canary}: "
+            f"{stats.get('detections', '?')} detections in {stats.get('frames', '?')} frames, "
+            f"{_percent(stats.get('dpf_change'))} detections per frame against {old}'s "
+            f"baseline (breached: {', '.join(evidence.get('breaches') or ())}; drift in "
+            f"{evidence['k']} of the last {evidence['n']} windows). It deployed {old} again by "
+            f"itself; the rollout counted the canary as drifted and aborted "
+            f"({state['reason']}). No other device was moved."
+        )
+    else:
+        say(f"[3/4] The rollout aborted by itself: {state['reason']}.")
+    say(look)
 
     def all_back() -> bool:
         now = api.running()
         return all(now.get(d, {}).get(camera, (None, None))[1] == old_versions[d] for d in moved)
 
     wait_until(all_back, timeout, stop, f"the moved devices report {old} again")
-    back = moved
+    actions = _actions(api, rid)
+    untouched = len(devices) - len(moved)
     say(
-        f"[4/4] Done: {len(moved)} device(s) ran {new} and are back on {old}. "
-        f"The audit trail of rollout {rid}: {', '.join(actions)}."
+        f"[4/4] Done: {', '.join(moved) or 'no device'} ran {new} and counts with {old} "
+        f"again; {untouched} other device(s) never left {old}. The audit trail of rollout "
+        f"{rid}: {', '.join(actions)}."
     )
-    say(f"      (CLI: {cli} models audit --target rollout:{rid}; per device: --target device:ID)")
-    return StoryResult(rid, version, state["rollout"], moved, back, actions)
+    say(f"      (CLI: {cli} models audit --target rollout:{rid})")
+    return StoryResult(rid, version, state["rollout"], moved, moved, actions, evidence)
+
+
+def _actions(api: Api, rid: int) -> tuple[str, ...]:
+    """The rollout's audit actions, oldest first."""
+    entries = api.call("GET", f"/api/audit?target=rollout:{rid}&limit=100")["entries"]
+    return tuple(e["action"] for e in sorted(entries, key=lambda e: (e["ts"], e["id"])))

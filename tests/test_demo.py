@@ -1,11 +1,14 @@
 """`flowfleet demo` shows the whole loop, with real processes.
 
 One demo run (broker, registry, three agents on the sample videos) is checked for:
-counts rise on every camera; the devices are on the map (locations) and in groups;
-the sign-in it prints works; its agents take the registry's signed model; the
-scripted rollout moves a new version through the fleet (every agent reports it
-active) and the abort puts every device back, visible in the audit trail and the
-device events; Ctrl-C stops everything.
+counts rise on the people cameras; the devices are on the map (locations) and in
+groups; the sign-in it prints works; its agents take the registry's signed model;
+the scripted rollout sends a really worse version to the canary, the drift judge
+takes it back by itself, the rollout aborts and no other device moves, visible in
+the audit trail and the device events; Ctrl-C stops everything.
+
+The test waits on the conditions it checks, with generous deadlines, never on the
+story's timing: on a loaded machine an agent may infer one frame a second.
 """
 
 from __future__ import annotations
@@ -88,6 +91,26 @@ def sign_in(base: str, user: str, password: str) -> urllib.request.OpenerDirecto
     return opener
 
 
+def wait_for(check, timeout: float, what: str, proc, out: Output):
+    """Poll ``check`` every second until it returns something true; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        if proc.poll() is not None:
+            break
+        time.sleep(1)
+    pytest.fail(f"timed out waiting for {what}; the demo's output:\n{out.text()[-4000:]}")
+
+
+def activations(base: str, token: str, device: str) -> list:
+    """The versions a device's agent reported activating, oldest first."""
+    events = get(base + f"/api/events?device={device}&limit=200", token)["events"]
+    return [e["data"].get("version") for e in reversed(events) if e["type"] == "model_activated"]
+
+
+@pytest.mark.timeout(1200)
 def test_demo_shows_the_whole_loop_and_ctrl_c_stops_everything(tmp_path, data):
     port = free_port()
     started = time.monotonic()
@@ -105,8 +128,10 @@ def test_demo_shows_the_whole_loop_and_ctrl_c_stops_everything(tmp_path, data):
             "2",
             "--rollout-delay",
             "0",
+            # Long: the drift judge ends the canary's soak (on a loaded machine it may
+            # need a few minutes); the rollout never soaks that long.
             "--soak",
-            "7",
+            "600",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -115,7 +140,7 @@ def test_demo_shows_the_whole_loop_and_ctrl_c_stops_everything(tmp_path, data):
     out = Output(proc)
     try:
         base = f"http://127.0.0.1:{port}"
-        login = out.wait_for(r"sign in as (\S+) / (\S+) \(operator", 60, proc)
+        login = out.wait_for(r"sign in as (\S+) / (\S+) \(operator", 120, proc)
         user, password = login.group(1), login.group(2)
         token = (tmp_path / "operator.token").read_text().strip()
 
@@ -139,57 +164,72 @@ def test_demo_shows_the_whole_loop_and_ctrl_c_stops_everything(tmp_path, data):
         groups = {g["name"]: g for g in get(base + "/api/groups", token)["groups"]}
         assert set(groups) == {"indoor", "outdoor"}
 
-        # Counts rise while the rollout plays.
+        # Counts rise, on the lobby and the plaza at least (whatever the story does).
         seen: list[int] = []
-        cameras_counting: set[str] = set()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+
+        def counting() -> bool:
             lines = get(base + "/api/totals")["lines"]
             total = sum(r["in"] + r["out"] for r in lines)
-            cameras_counting = {r["device"] for r in lines if r["in"] + r["out"]}
             if total:
                 seen.append(total)
-            if "[4/4] Done" in out.text() and len(seen) >= 2 and seen[-1] > seen[0]:
-                break
-            time.sleep(1)
-        assert len(seen) >= 2 and seen[-1] > seen[0], f"counts did not rise: {seen}"
-        assert {"demo-lobby", "demo-plaza"} <= cameras_counting, lines
-        out.wait_for(r"\[4/4\] Done: 3 device\(s\) ran yolov8n v2", 5, proc)
+            cams = {r["device"] for r in lines if r["in"] + r["out"]}
+            return bool(seen) and {"demo-lobby", "demo-plaza"} <= cams and seen[-1] > seen[0]
 
-        # The rollout moved every device to v2 and the abort put each back on v1.
+        wait_for(counting, 600, f"the lobby and the plaza to count (totals {seen})", proc, out)
+
+        # The story: the canary takes v2, the drift judge takes it back by itself.
+        out.wait_for(r"\[4/4\] Done: demo-plaza ran yolov8n v2", 900, proc)
+        text = out.text()
+        assert "The drift judge found yolov8n v2 worse on demo-plaza" in text, text[-4000:]
+        assert "drift verdicts --device demo-plaza --camera main" in text  # the evidence
+
         rollout = get(base + "/api/rollouts/1", token)
         assert rollout["state"] == "aborted", rollout
-        moved = [d for w in rollout["waves"] for d in w["devices"]]
-        assert {d["device"] for d in moved} == DEVICES
-        assert all(d["activated_at"] and d["state"] == "reverted" for d in moved), moved
+        assert rollout["reason"].startswith("canary failed"), rollout
         assert [w["canary"] for w in rollout["waves"]] == [True, False, False]
-        devices = get(base + "/api/devices", token)["devices"]
-        for d in devices:
-            assert d["state"] == "online" and d["gaps"] == 0, d
-            (cam,) = d["reported"]["cameras"]
-            assert (cam["camera"], cam["model"], cam["version"]) == ("main", "yolov8n", 1), d
-        for device in DEVICES:  # the agents' own story: v1, then v2, then v1 again
-            activated: list = []
-            deadline = time.monotonic() + 15  # events travel through the outbox
-            while activated[-3:] != [1, 2, 1] and time.monotonic() < deadline:
-                events = get(base + f"/api/events?device={device}&limit=200", token)["events"]
-                activated = [
-                    e["data"].get("version")
-                    for e in reversed(events)
-                    if e["type"] == "model_activated"
-                ]
-                time.sleep(0.3)
-            assert activated[-3:] == [1, 2, 1], (device, activated)
-        audit = get(base + "/api/audit?target=rollout:1&limit=100", token)["entries"]
-        actions = {e["action"] for e in audit}
+        rows = {d["device"]: d for w in rollout["waves"] for d in w["devices"]}
+        assert set(rows) == DEVICES
+        canary = rows.pop("demo-plaza")
+        assert canary["activated_at"] and canary["state"] == "drifted", canary
+        assert "drift alarm by drift-judge" in canary["reason"], canary
+        assert all(d["activated_at"] is None for d in rows.values()), rows  # nobody else
+
+        audit = get(base + "/api/audit?target=device:demo-plaza/camera:main&limit=100", token)
+        (rollback,) = [e for e in audit["entries"] if e["action"] == "drift.rollback"]
+        assert rollback["actor"] == "drift-judge", rollback
+        details = rollback["details"]
+        assert (details["version"], details["previous_version"]) == (2, 1), details
+        assert "dpf_log_ratio" in details["breaches"], details
+        entries = get(base + "/api/audit?target=rollout:1", token)["entries"]
+        actions = {e["action"] for e in entries}
         assert {"rollout.create", "rollout.abort", "rollout.aborted"} <= actions, actions
-        reverts = get(base + "/api/audit?target=device:demo-plaza&limit=100", token)["entries"]
-        assert any(
-            e["action"] == "deployment.set"
-            and e["actor"] == "rollout:1"
-            and e["details"]["version"] == 1
-            for e in reverts
-        ), reverts
+        # Nobody aborted it by hand: the rollout job did, on the canary's drift.
+        aborts = [e for e in entries if e["action"].startswith("rollout.abort")]
+        assert {e["actor"] for e in aborts} == {"rollout-job"}, aborts
+
+        # Every device runs v1 again; only the canary's agent ever ran v2.
+        def all_on_v1():
+            now = get(base + "/api/devices", token)["devices"]
+            return all(
+                [(c["camera"], c["model"], c["version"]) for c in d["reported"]["cameras"]]
+                == [("main", "yolov8n", 1)]
+                for d in now
+            )
+
+        wait_for(all_on_v1, 120, "every device to report yolov8n v1", proc, out)
+        for d in get(base + "/api/devices", token)["devices"]:
+            assert d["state"] == "online" and d["gaps"] == 0, d
+        wait_for(
+            lambda: activations(base, token, "demo-plaza")[-3:] == [1, 2, 1],
+            120,
+            "the canary's events: v1, v2, v1",
+            proc,
+            out,
+        )
+        for device in DEVICES - {"demo-plaza"}:
+            got = activations(base, token, device)
+            assert 1 in got and 2 not in got, (device, got)
+        print(out.text())  # the story as a user sees it (pytest -s)
         print(f"demo loop checked in {time.monotonic() - started:.1f} s")
     finally:
         proc.send_signal(signal.SIGINT)

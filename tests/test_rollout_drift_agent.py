@@ -5,12 +5,16 @@ outbox, HTTP API, drift judge, rollout job) on SQLite, and a `flowfleet agent`
 process counting the person clip at 10 fps with the real int8 detector. The
 registry first deploys the good model (yolo v1); a staged rollout then moves the
 camera to yolo v2, the same network with broken input scaling
-(tests/model_variants.py): it loads, passes the agent's health gate and probation,
+(flowfleet/model_variants.py): it loads, passes the agent's health gate and probation,
 and finds nothing. The drift judge compares its windows with v1's baseline
 windows, confirms the drift (k of n windows) and deploys v1 again; the rollout
 counts the device as drifted and aborts; the agent receives the new desired state
 and reports v1 active again. The judge's thresholds are the defaults; only the
-sample sizes (3 s windows) and the job intervals are shortened.
+sample sizes (6 s windows) and the job intervals are shortened.
+
+The test waits on conditions with generous deadlines: on a loaded machine (several
+test files at once on 2 cores) the agent may infer one frame a second, so a window
+holds few frames; the judge's minimums are sized for that.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from flowfleet.model_variants import broken_input_scaling
 from flowfleet.mqtt import BrokerAddress
 from flowfleet.registry.catalog.modelreg import RegistryConfig
 from flowfleet.registry.config import DriftSection, RolloutsSection, WebhooksSection
@@ -35,7 +40,6 @@ from flowfleet.registry.store.db import AuditEntry, DriftSummary, Event, Reporte
 from flowfleet.registry.store.drift_tables import DriftVerdict
 from flowfleet.registry.store.rollout_tables import Rollout, RolloutDevice
 from flowfleet.registry.testing import fresh_registry, temporary_database
-from tests.model_variants import broken_input_scaling
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +90,7 @@ device_id = "{DEVICE}"
 state_dir = "{tmp_path / "agent-state"}"
 bin_seconds = 5
 health_seconds = 1
-drift_seconds = 3
+drift_seconds = 6
 
 [broker]
 host = "{broker.host}"
@@ -148,13 +152,15 @@ def service(tmp_path, broker, int8_model):
                     ),
                     raw_retention_days=None,
                     webhooks=WebhooksSection(enabled=False),
-                    # Default thresholds; 3 s windows hold ~70 detections of the good
-                    # model, so min_detections is sized down to them. Latency is left
-                    # out: on a shared test machine it follows the other processes.
+                    # Default thresholds; 6 s windows hold ~140 detections of the good
+                    # model at 10 fps, but ~14 at the 1 fps of a loaded machine, so
+                    # min_detections and min_frames are sized down to that. Latency is
+                    # left out: on a shared test machine it follows the other processes.
                     drift=DriftSection(
                         interval_s=1.0,
                         settle_s=0.5,
-                        min_detections=20,
+                        min_detections=10,
+                        min_frames=5,
                         baseline_windows=5,
                         policies=("distribution", "confidence_variance"),
                     ),
@@ -188,6 +194,7 @@ def api(base: str, token: str, method: str, path: str, body: dict | None = None)
         return json.loads(resp.read())
 
 
+@pytest.mark.timeout(1200)
 def test_a_really_worse_model_is_rolled_back_and_the_agent_runs_the_old_one_again(
     tmp_path, broker, service, person_clip, int8_model
 ):
@@ -202,15 +209,16 @@ def test_a_really_worse_model_is_rolled_back_and_the_agent_runs_the_old_one_agai
     )
     try:
         # The retained desired state puts the agent on yolo v1 as it starts.
-        wait_for(lambda: runs(DEVICE, 1), 40, "the agent to run yolo v1", log_path)
+        wait_for(lambda: runs(DEVICE, 1), 180, "the agent to run yolo v1", log_path)
 
         def v1_baseline() -> bool:
             rows = DriftSummary.select().where(
                 (DriftSummary.device == DEVICE) & DriftSummary.model.startswith("yolo-v1-")
             )
-            return sum(json.loads(r.payload)["detections"] for r in rows) >= 60
+            # The judge's baseline: baseline_windows (5) of v1's windows.
+            return len(rows) >= 5 and sum(json.loads(r.payload)["detections"] for r in rows) >= 30
 
-        wait_for(v1_baseline, 30, "drift windows of yolo v1", log_path)
+        wait_for(v1_baseline, 240, "drift windows of yolo v1", log_path)
 
         created = api(
             base,
@@ -225,22 +233,22 @@ def test_a_really_worse_model_is_rolled_back_and_the_agent_runs_the_old_one_agai
                 "plan": {
                     "canary": {"devices": [DEVICE]},
                     "waves": 1,
-                    "soak_s": 300,
-                    "timeout_s": 60,
-                    "beat_timeout_s": 30,
+                    "soak_s": 900,
+                    "timeout_s": 300,
+                    "beat_timeout_s": 120,
                 },
                 "reason": "e2e: a model that is really worse",
             },
         )
         rid = created["id"]
         # The rollout moves the camera; the agent activates v2 (it passes the gates).
-        wait_for(lambda: runs(DEVICE, 2), 30, "the agent to activate yolo v2", log_path)
+        wait_for(lambda: runs(DEVICE, 2), 180, "the agent to activate yolo v2", log_path)
 
         def aborted():
             r = Rollout.get_by_id(rid)
             return r if r.state == "aborted" else None
 
-        rollout = wait_for(aborted, 45, "the drift judge to stop the rollout", log_path)
+        rollout = wait_for(aborted, 300, "the drift judge to stop the rollout", log_path)
         rollback = (
             AuditEntry.select()
             .where(
@@ -253,7 +261,7 @@ def test_a_really_worse_model_is_rolled_back_and_the_agent_runs_the_old_one_agai
         # The agent receives that desired state and runs the good model again.
         wait_for(
             lambda: runs(DEVICE, 1, applied=details["desired_version"]),
-            30,
+            180,
             "the agent to report yolo v1 active again",
             log_path,
         )

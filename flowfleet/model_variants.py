@@ -1,4 +1,6 @@
-"""Really worse model files, made from the reference model (for drift and rollout tests).
+"""Really worse model files, made from a good one: the demo's bad release, and the
+drift and rollout tests' (`flowfleet demo` rolls one out and watches the registry's
+drift judge take it back).
 
 `broken_input_scaling` writes a copy of an int8 TFLite model whose input tensor
 declares a quantisation scale ``gain`` times too small: the mistake of an export
@@ -8,6 +10,9 @@ clipped flat. It still loads, warms up and passes the agent's health gate and
 probation (same size, same speed), so only the registry's drift judge can tell it
 is worse: with ``gain`` 128 it found no object in 60 frames sampled across the
 person clip (the good model: 145).
+
+It needs the TFLite schema of ``ai-edge-litert`` (the ``tflite`` extra) and
+``flatbuffers``; both are imported only when a variant is made.
 """
 
 from __future__ import annotations
