@@ -483,9 +483,8 @@ def rollout_again(workdir: Path) -> None:
 def new_bad_model(model: Path, workdir: Path) -> Path:
     """Write a bad release of ``model`` into ``workdir`` that no earlier play of the
     story made: the n-th has its input scale divided by 128 * 2**(n-1)
-    (`flowfleet.model_variants`), so its bytes, and its registry version, are new.
-    Replaying the same version would not be judged: the drift judge counts a camera's
-    move to the model its last activation replaced as "restored" (never judged)."""
+    (`flowfleet.model_variants`), so its bytes, and its registry version, are new
+    and each play of the story is the rollout of its own release."""
     from flowfleet.model_variants import broken_input_scaling
 
     stem, suffix = BAD_MODEL.rsplit(".", 1)

@@ -121,11 +121,12 @@ def test_bulk_activations_equal_one_at_a_time(db_url, monkeypatch):
     # What each case is there for happened.
     assert by_camera[("d1", "mid-pass")] == [("a", "b", "judging")]
     assert by_camera[("d1", "new-camera")] == [("a", "b", "judging")]
-    # a -> b, back to a (restored: the model it replaced), then b again (restored too:
-    # the model the restored activation replaced); the last two in the one-camera way.
+    # a -> b, back to a (restored: the model it replaced), then b again (judged again:
+    # a model the camera was taken back from is a new activation, not a return); the
+    # last two in the one-camera way.
     assert sorted(by_camera[("d2", "twice")]) == [
         ("a", "b", "judging"),
-        ("a", "b", "restored"),
+        ("a", "b", "judging"),
         ("b", "a", "restored"),
     ]
     assert by_camera[("d2", "no-name")] == [(None, "b", "judging")]

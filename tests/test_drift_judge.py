@@ -477,3 +477,22 @@ def test_verdicts_api_cli_and_config(fleet, real_frames, db_url, tmp_path, capsy
         with pytest.raises(ConfigError, match=re.escape(key)) as err:
             load_registry_config(cfg, check=False)
         assert "registry.toml" in str(err.value)
+
+
+def test_a_rejected_model_deployed_again_is_judged_again(fleet, real_frames):
+    """Back on v1 after a rollback, an operator (or a rollout) moves the camera to the
+    same bad v2 again: that is a new activation, judged and rolled back again, not a
+    'return to the model it ran before'."""
+    registry, files = fleet
+    good, worse = real_frames[("good", "none")], real_frames[(WORSE, "none")]
+    dev = Device(registry, "cam-again")
+    dev.send(windows(good, files[1], 10))
+    dev.send(windows(worse, files[2], 6, first=10))
+    judge(registry).run_once()
+    dev.send(windows(good, files[1], 10, first=16))
+    judge(registry).run_once()
+    assert activation_states("cam-again") == ["rolled_back", "restored"]
+    dev.send(windows(worse, files[2], 6, first=26))
+    judge(registry).run_once()
+    assert activation_states("cam-again") == ["rolled_back", "restored", "rolled_back"]
+    assert len(audits("drift.rollback")) == 2

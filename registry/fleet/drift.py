@@ -320,9 +320,11 @@ class DriftJudge:
             if base_rows
             else None
         )
-        if prior is not None and row.model == prior.previous_model:
+        if prior is not None and prior.state != "restored" and row.model == prior.previous_model:
             # Back on the model it ran before (our rollback, or the agent's own
-            # probation): never judged against the model it replaced.
+            # probation): never judged against the model it replaced. Not after a
+            # restore: moving again to the model it was taken back from is a new
+            # activation (a rejected version deployed again), judged like any other.
             state = "restored"
         elif pooled is None or pooled.detections < self.settings.min_detections:
             state = "no_baseline"

@@ -21,8 +21,9 @@ otherwise add one row per camera and minute, forever); the clean ones are counte
 the watch's ``judged`` and ``recent``.
 
 ``previous_model`` of a watch is that of the activation it follows (None for a camera
-first seen), so the judge's rule "back on the model it ran before: restored" keeps
-working across a watch.
+first seen, or one restored to its model), so the judge's rule "back on the model it
+ran before: restored" keeps working across a watch, and a model the camera was taken
+back from is judged again if it is deployed again.
 """
 
 from __future__ import annotations
@@ -58,7 +59,13 @@ def new_watch(device: str, camera: str, row, previous: DriftActivation | None, a
         device=device,
         camera=camera,
         model=row.model,
-        previous_model=previous.previous_model if previous is not None else None,
+        # After a restore, the model it was taken back from is no "previous model" to
+        # return to unjudged (see the module docstring).
+        previous_model=(
+            previous.previous_model
+            if previous is not None and previous.state != "restored"
+            else None
+        ),
         started_at=row.start,
         baseline=json.dumps(stats.to_dict()),
         baseline_ids=json.dumps([row.id]),
